@@ -1,0 +1,176 @@
+//! Records and wire types shared by edge, waker, store and provisioner.
+
+use crate::lifecycle::{EraseReason, Phase, State};
+use crate::Millis;
+use serde::{Deserialize, Serialize};
+
+/// A project: a repository whose refs get previews.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Project {
+    /// Random, stable id (part of every preview hash).
+    pub id: String,
+    /// DNS-safe short name, unique.
+    pub name: String,
+    /// Any URL git can fetch from: file://, https://, git://.
+    pub git_url: String,
+    /// Default TTL of its previews.
+    pub ttl_hours: f64,
+    /// A running preview with no activity for this long is put to sleep.
+    pub idle_timeout_secs: u64,
+    pub created_at: Millis,
+}
+
+/// One preview: a project at a ref, with its lifecycle state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Preview {
+    pub id: String,
+    pub project_id: String,
+    pub project: String,
+    pub git_ref: String,
+    /// The one DNS label under the preview base.
+    pub label: String,
+    pub state: State,
+    pub state_since: Millis,
+    pub created_at: Millis,
+    /// When the current (or last) version was requested; the TTL counts from here.
+    pub built_at: Millis,
+    /// Per-preview TTL override in hours.
+    pub ttl_hours: Option<f64>,
+    pub pinned: bool,
+    /// The last failure that did not change the state (a failed redeploy).
+    pub last_error: Option<String>,
+}
+
+impl Preview {
+    /// The TTL in force: the override, else the project's.
+    pub fn effective_ttl_hours(&self, project: &Project) -> f64 {
+        self.ttl_hours.unwrap_or(project.ttl_hours)
+    }
+
+    /// When the TTL erases this preview; `None` when pinned or nothing is left to erase.
+    pub fn expires_at(&self, project: &Project) -> Option<Millis> {
+        if self.pinned
+            || matches!(
+                self.state,
+                State::Erased { .. } | State::Erasing { .. } | State::Gone
+            )
+        {
+            return None;
+        }
+        Some(crate::ttl::expires_at(
+            self.built_at,
+            self.effective_ttl_hours(project),
+        ))
+    }
+}
+
+/// What the edge routes on, as waker sends it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRecord {
+    pub preview_id: String,
+    pub project: String,
+    pub git_ref: String,
+    pub status: RouteStatus,
+    /// The record's version: status long-polls wait for a newer one.
+    pub version: u64,
+    /// TTL remaining in ms; absent when pinned or erased.
+    pub ttl_remaining_ms: Option<Millis>,
+    pub pinned: bool,
+}
+
+/// The part of a preview's state the edge needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum RouteStatus {
+    Running {
+        origin: String,
+    },
+    /// `origin` is set during a redeploy: the old version still serves.
+    Building {
+        phase: Phase,
+        origin: Option<String>,
+    },
+    Sleeping,
+    Waking,
+    Failed {
+        phase: Phase,
+        reason: String,
+    },
+    Erased {
+        reason: EraseReason,
+        rebuildable: bool,
+    },
+    Gone,
+}
+
+impl RouteStatus {
+    /// The edge's view of a lifecycle state. `rebuildable` says whether the ref exists.
+    pub fn from_state(state: &State, rebuildable: bool) -> RouteStatus {
+        match state {
+            State::Running { origin, .. } => RouteStatus::Running {
+                origin: origin.clone(),
+            },
+            State::Building { phase, serving, .. } => RouteStatus::Building {
+                phase: *phase,
+                origin: serving.as_ref().map(|s| s.origin.clone()),
+            },
+            State::Sleeping { .. } => RouteStatus::Sleeping,
+            // a stop under way is about to be asleep; a wake asked for now is remembered
+            State::Stopping {
+                wake_after: false, ..
+            } => RouteStatus::Sleeping,
+            State::Stopping {
+                wake_after: true, ..
+            }
+            | State::Waking { .. } => RouteStatus::Waking,
+            State::Failed { phase, reason } => RouteStatus::Failed {
+                phase: *phase,
+                reason: reason.clone(),
+            },
+            State::Erasing { reason, .. } | State::Erased { reason } => RouteStatus::Erased {
+                reason: *reason,
+                rebuildable,
+            },
+            State::Gone => RouteStatus::Gone,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RouteStatus::Running { .. } => "running",
+            RouteStatus::Building { .. } => "building",
+            RouteStatus::Sleeping => "sleeping",
+            RouteStatus::Waking => "waking",
+            RouteStatus::Failed { .. } => "failed",
+            RouteStatus::Erased { .. } => "erased",
+            RouteStatus::Gone => "gone",
+        }
+    }
+
+    /// The origin that serves now, if any.
+    pub fn origin(&self) -> Option<&str> {
+        match self {
+            RouteStatus::Running { origin } => Some(origin),
+            RouteStatus::Building { origin, .. } => origin.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// Body of the edge's wake and rebuild calls.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRequest {
+    pub host: String,
+    /// The visitor's address, for per-IP limits (rebuild).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<String>,
+}
+
+/// Body of the edge's batched activity report: hosts that saw traffic since the last one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityBatch {
+    pub hosts: Vec<String>,
+}
+
+/// Longest body waker accepts.
+pub const MAX_API_BODY: usize = 64 * 1024;

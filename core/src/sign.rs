@@ -1,0 +1,350 @@
+//! HMAC-SHA256 request signing and CSRF tokens.
+//!
+//! A signed request carries `x-wakegate-signature: t=<ms>,n=<nonce>,s=<hex>` where `s`
+//! is `HMAC(key, METHOD \n path?query \n hex(sha256(body)) \n t \n n)`. The verifier
+//! checks the MAC in constant time and the clock skew; the caller remembers nonces for
+//! the skew window to refuse replays (see [`ReplayGuard`]).
+//!
+//! A CSRF token is `<expiry ms>.<hex HMAC(key, "csrf" \n host \n expiry)>`: stateless,
+//! bound to one host, expiring.
+
+use crate::Millis;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashSet};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Header carrying the edge → waker signature.
+pub const SIGNATURE_HEADER: &str = "x-wakegate-signature";
+/// Header carrying the edge → origin signature.
+pub const ORIGIN_SIGNATURE_HEADER: &str = "x-wakegate-origin-signature";
+/// Body digest used when the body is streamed and not covered (origin requests).
+pub const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
+/// Largest accepted difference between signer and verifier clocks.
+pub const MAX_SKEW_MS: Millis = 60_000;
+/// How long a CSRF token from a splash page stays valid.
+pub const CSRF_TTL_MS: Millis = 3_600_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignError {
+    #[error("missing signature")]
+    Missing,
+    #[error("malformed signature header")]
+    Malformed,
+    #[error("signature timestamp is outside the allowed clock skew")]
+    Skew,
+    #[error("signature does not match")]
+    Mismatch,
+    #[error("signature was already used")]
+    Replay,
+}
+
+/// A shared secret for HMAC.
+#[derive(Clone)]
+pub struct Key(Vec<u8>);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(…)")
+    }
+}
+
+impl Key {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Key {
+        Key(bytes.into())
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length")
+    }
+}
+
+/// Lowercase hex SHA-256 of a body.
+pub fn body_digest(body: &[u8]) -> String {
+    hex::encode(Sha256::digest(body))
+}
+
+fn canonical(method: &str, path: &str, digest: &str, t: Millis, nonce: &str) -> String {
+    format!(
+        "{}\n{}\n{}\n{}\n{}",
+        method.to_ascii_uppercase(),
+        path,
+        digest,
+        t,
+        nonce
+    )
+}
+
+/// Signs a request; returns the header value.
+pub fn sign(key: &Key, method: &str, path: &str, digest: &str, t: Millis, nonce: &str) -> String {
+    let mut mac = key.mac();
+    mac.update(canonical(method, path, digest, t, nonce).as_bytes());
+    format!(
+        "t={t},n={nonce},s={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
+}
+
+/// A verified signature's timestamp and nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    pub t: Millis,
+    pub nonce: String,
+}
+
+/// Verifies a header value made by [`sign`]. Replays are the caller's to refuse.
+pub fn verify(
+    key: &Key,
+    header: Option<&str>,
+    method: &str,
+    path: &str,
+    digest: &str,
+    now: Millis,
+) -> Result<Signed, SignError> {
+    let header = header.ok_or(SignError::Missing)?;
+    let (mut t, mut n, mut s) = (None, None, None);
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", v)) => t = Some(v.parse::<Millis>().map_err(|_| SignError::Malformed)?),
+            Some(("n", v))
+                if !v.is_empty()
+                    && v.len() <= 64
+                    && v.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+            {
+                n = Some(v)
+            }
+            Some(("s", v)) => s = Some(hex::decode(v).map_err(|_| SignError::Malformed)?),
+            _ => return Err(SignError::Malformed),
+        }
+    }
+    let (t, n, s) = match (t, n, s) {
+        (Some(t), Some(n), Some(s)) => (t, n, s),
+        _ => return Err(SignError::Malformed),
+    };
+    if t.abs_diff(now) > MAX_SKEW_MS {
+        return Err(SignError::Skew);
+    }
+    let mut mac = key.mac();
+    mac.update(canonical(method, path, digest, t, n).as_bytes());
+    mac.verify_slice(&s).map_err(|_| SignError::Mismatch)?;
+    Ok(Signed {
+        t,
+        nonce: n.to_string(),
+    })
+}
+
+/// Remembers nonces seen within the skew window so a captured request cannot be sent
+/// twice. Memory is bounded by the request rate over two skew windows.
+#[derive(Default, Debug)]
+pub struct ReplayGuard {
+    by_time: BTreeMap<Millis, Vec<String>>,
+    seen: HashSet<String>,
+}
+
+impl ReplayGuard {
+    /// Records a verified signature; refuses one seen before.
+    pub fn check(&mut self, signed: &Signed, now: Millis) -> Result<(), SignError> {
+        let horizon = now.saturating_sub(2 * MAX_SKEW_MS);
+        while let Some(entry) = self.by_time.first_entry() {
+            if *entry.key() >= horizon {
+                break;
+            }
+            for n in entry.remove() {
+                self.seen.remove(&n);
+            }
+        }
+        if !self.seen.insert(signed.nonce.clone()) {
+            return Err(SignError::Replay);
+        }
+        self.by_time
+            .entry(signed.t)
+            .or_default()
+            .push(signed.nonce.clone());
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CsrfError {
+    #[error("missing CSRF token")]
+    Missing,
+    #[error("malformed CSRF token")]
+    Malformed,
+    #[error("CSRF token expired")]
+    Expired,
+    #[error("CSRF token does not match")]
+    Mismatch,
+}
+
+fn csrf_mac(key: &Key, host: &str, expires: Millis) -> HmacSha256 {
+    let mut mac = key.mac();
+    mac.update(format!("csrf\n{host}\n{expires}").as_bytes());
+    mac
+}
+
+/// A token for forms on `host`, valid until `now + CSRF_TTL_MS`.
+pub fn csrf_token(key: &Key, host: &str, now: Millis) -> String {
+    let expires = now + CSRF_TTL_MS;
+    format!(
+        "{expires}.{}",
+        hex::encode(csrf_mac(key, host, expires).finalize().into_bytes())
+    )
+}
+
+/// Checks a token made by [`csrf_token`] for the same host.
+pub fn verify_csrf(
+    key: &Key,
+    host: &str,
+    token: Option<&str>,
+    now: Millis,
+) -> Result<(), CsrfError> {
+    let token = token.filter(|t| !t.is_empty()).ok_or(CsrfError::Missing)?;
+    let (exp, sig) = token.split_once('.').ok_or(CsrfError::Malformed)?;
+    let expires: Millis = exp.parse().map_err(|_| CsrfError::Malformed)?;
+    let sig = hex::decode(sig).map_err(|_| CsrfError::Malformed)?;
+    csrf_mac(key, host, expires)
+        .verify_slice(&sig)
+        .map_err(|_| CsrfError::Mismatch)?;
+    if now > expires {
+        return Err(CsrfError::Expired);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Key {
+        Key::new(b"k".to_vec())
+    }
+
+    #[test]
+    fn round_trip_and_tamper() {
+        let d = body_digest(b"{}");
+        let h = sign(&key(), "POST", "/v1/edge/wake", &d, 1_000_000, "abc");
+        let ok = verify(&key(), Some(&h), "post", "/v1/edge/wake", &d, 1_000_500).unwrap();
+        assert_eq!(
+            ok,
+            Signed {
+                t: 1_000_000,
+                nonce: "abc".into()
+            }
+        );
+        assert_eq!(
+            verify(&key(), Some(&h), "POST", "/v1/edge/rebuild", &d, 1_000_000),
+            Err(SignError::Mismatch)
+        );
+        assert_eq!(
+            verify(
+                &key(),
+                Some(&h),
+                "POST",
+                "/v1/edge/wake",
+                &body_digest(b"{ }"),
+                1_000_000
+            ),
+            Err(SignError::Mismatch)
+        );
+        assert_eq!(
+            verify(
+                &Key::new(b"other".to_vec()),
+                Some(&h),
+                "POST",
+                "/v1/edge/wake",
+                &d,
+                1_000_000
+            ),
+            Err(SignError::Mismatch)
+        );
+        assert_eq!(
+            verify(
+                &key(),
+                Some(&h),
+                "POST",
+                "/v1/edge/wake",
+                &d,
+                1_000_000 + MAX_SKEW_MS + 1
+            ),
+            Err(SignError::Skew)
+        );
+        assert_eq!(
+            verify(&key(), None, "POST", "/", &d, 0),
+            Err(SignError::Missing)
+        );
+        for bad in [
+            "",
+            "t=1",
+            "t=x,n=a,s=00",
+            "t=1,n=a,s=zz",
+            "t=1,n=a b,s=00",
+            "q=1,t=1,n=a,s=00",
+        ] {
+            assert_eq!(
+                verify(&key(), Some(bad), "POST", "/", &d, 1),
+                Err(SignError::Malformed),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn replays_refused_and_forgotten_later() {
+        let mut g = ReplayGuard::default();
+        let s = Signed {
+            t: 1_000_000,
+            nonce: "n1".into(),
+        };
+        g.check(&s, 1_000_000).unwrap();
+        assert_eq!(g.check(&s, 1_000_001), Err(SignError::Replay));
+        g.check(
+            &Signed {
+                t: 1_000_000 + 3 * MAX_SKEW_MS,
+                nonce: "n2".into(),
+            },
+            1_000_000 + 3 * MAX_SKEW_MS,
+        )
+        .unwrap();
+        assert_eq!(g.len(), 1);
+    }
+
+    #[test]
+    fn csrf() {
+        let t = csrf_token(&key(), "a.localhost", 1000);
+        verify_csrf(&key(), "a.localhost", Some(&t), 2000).unwrap();
+        assert_eq!(
+            verify_csrf(&key(), "b.localhost", Some(&t), 2000),
+            Err(CsrfError::Mismatch)
+        );
+        assert_eq!(
+            verify_csrf(&key(), "a.localhost", Some(&t), 1000 + CSRF_TTL_MS + 1),
+            Err(CsrfError::Expired)
+        );
+        assert_eq!(
+            verify_csrf(&key(), "a.localhost", None, 0),
+            Err(CsrfError::Missing)
+        );
+        assert_eq!(
+            verify_csrf(&key(), "a.localhost", Some("nope"), 0),
+            Err(CsrfError::Malformed)
+        );
+        let forged = format!(
+            "{}.{}",
+            1000 + CSRF_TTL_MS * 100,
+            t.split_once('.').unwrap().1
+        );
+        assert_eq!(
+            verify_csrf(&key(), "a.localhost", Some(&forged), 2000),
+            Err(CsrfError::Mismatch)
+        );
+    }
+}
