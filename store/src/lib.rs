@@ -1,1 +1,165 @@
+//! Wakegate's store: everything waker and provisioner share.
+//!
+//! * [`Store`] — the one trait: projects, preview records with versions and
+//!   compare-and-set, the host index, TTL and activity indexes, an idempotent job queue
+//!   with leases, and status waits (a long-poll on a record's version);
+//! * [`embedded::EmbeddedStore`] — one process, memory plus an append-only file
+//!   (`wakegate dev`, small installs);
+//! * [`redis_store::RedisStore`] — Redis for several replicas: Lua scripts for CAS,
+//!   a stream with a consumer group for jobs (leases are pending entries, reclaimed with
+//!   `XAUTOCLAIM`), sorted sets for TTL and activity, pub/sub for status;
+//! * [`conformance`] — the suite both must pass.
+#![forbid(unsafe_code)]
 
+pub mod conformance;
+pub mod embedded;
+pub mod redis_store;
+
+use async_trait::async_trait;
+use std::sync::Arc;
+use std::time::Duration;
+use wakegate_core::lifecycle::JobKind;
+use wakegate_core::route::{Preview, Project};
+use wakegate_core::Millis;
+
+pub use embedded::EmbeddedStore;
+pub use redis_store::RedisStore;
+
+/// A value with the version it was read at. Versions start at 1 and grow by one a write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned<T> {
+    pub version: u64,
+    pub value: T,
+}
+
+/// The answer to an enqueue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enqueued {
+    pub job_id: String,
+    /// False when a job of this kind was already pending or running for the preview.
+    pub created: bool,
+}
+
+/// A job claimed by a worker until the lease runs out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub job_id: String,
+    pub preview_id: String,
+    pub kind: JobKind,
+    pub worker: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The record changed since it was read: read again and retry.
+    #[error("version conflict")]
+    Conflict,
+    #[error("{0} already exists")]
+    Exists(String),
+    /// The job's lease ran out and another worker may have it.
+    #[error("lease on job {0} was lost")]
+    LeaseLost(String),
+    #[error("corrupt record {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    /// The backend failed; retrying may help.
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    /// Whether trying again later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Conflict | StoreError::Backend(_))
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The shared state of a Wakegate installation.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates a project; its name must be unused.
+    async fn create_project(&self, project: &Project) -> Result<()>;
+    async fn get_project(&self, id: &str) -> Result<Option<Project>>;
+    async fn project_by_name(&self, name: &str) -> Result<Option<Project>>;
+    async fn list_projects(&self) -> Result<Vec<Project>>;
+
+    async fn get_preview(&self, id: &str) -> Result<Option<Versioned<Preview>>>;
+    /// Writes a preview if its stored version is `expected` (`None`: must not exist).
+    /// Returns the new version and wakes status waiters.
+    async fn put_preview(&self, preview: &Preview, expected: Option<u64>) -> Result<u64>;
+    async fn list_previews(&self) -> Result<Vec<Versioned<Preview>>>;
+
+    /// Points a normalized host at a preview. A host bound to another preview is `Exists`.
+    async fn bind_host(&self, host: &str, preview_id: &str) -> Result<()>;
+    async fn resolve_host(&self, host: &str) -> Result<Option<String>>;
+
+    /// Sets or clears when a preview's TTL runs out.
+    async fn set_expiry(&self, preview_id: &str, at: Option<Millis>) -> Result<()>;
+    /// Previews whose expiry is at or before `now`, soonest first.
+    async fn due_expiries(&self, now: Millis, limit: usize) -> Result<Vec<String>>;
+
+    /// Records activity; a later time wins.
+    async fn touch(&self, preview_ids: &[String], at: Millis) -> Result<()>;
+    async fn last_activity(&self, preview_id: &str) -> Result<Option<Millis>>;
+    /// Previews whose last activity is before `before`, oldest first.
+    async fn idle_before(&self, before: Millis, limit: usize) -> Result<Vec<(String, Millis)>>;
+
+    /// Adds a job unless one of this kind is already pending or leased for the preview.
+    async fn enqueue(&self, preview_id: &str, kind: JobKind) -> Result<Enqueued>;
+    /// Takes the oldest job that is unleased or whose lease ran out.
+    async fn claim(&self, worker: &str, lease: Duration, now: Millis) -> Result<Option<Lease>>;
+    /// Extends a lease; `LeaseLost` if another worker took the job.
+    async fn renew(&self, lease: &Lease, duration: Duration, now: Millis) -> Result<()>;
+    /// Removes a finished job, freeing its (preview, kind) slot.
+    async fn complete(&self, lease: &Lease) -> Result<()>;
+    /// Jobs pending or leased, as (preview, kind).
+    async fn jobs(&self) -> Result<Vec<(String, JobKind)>>;
+
+    /// Waits until the preview's version exceeds `after` or the timeout passes; returns
+    /// the record as it is then.
+    async fn wait_preview(
+        &self,
+        id: &str,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<Option<Versioned<Preview>>>;
+}
+
+pub type SharedStore = Arc<dyn Store>;
+
+/// Long-polls shared by both implementations: check, then wait for a change signal or a
+/// short tick (so a lost notification only delays, never hangs), until the deadline.
+pub(crate) async fn wait_with<S: Store + ?Sized>(
+    store: &S,
+    notify: &tokio::sync::Notify,
+    id: &str,
+    after: u64,
+    timeout: Duration,
+) -> Result<Option<Versioned<Preview>>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let current = store.get_preview(id).await?;
+        match &current {
+            Some(v) if v.version > after => return Ok(current),
+            None => return Ok(None),
+            _ => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(current);
+        }
+        let tick = (deadline - now).min(Duration::from_millis(500));
+        let _ = tokio::time::timeout(tick, notified).await;
+    }
+}
+
+/// A random id: 16 hex chars with a prefix.
+pub fn new_id(prefix: &str) -> String {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("OS randomness");
+    format!("{prefix}{}", hex::encode(b))
+}

@@ -1,1 +1,60 @@
+//! Test support for Wakegate: real parts on 127.0.0.1.
+//!
+//! * [`redis::RedisServer`] — a private `redis-server` on a free port, killed on drop;
+//! * [`git`] — real repositories made with the `git` command;
+//! * [`http`] — a small HTTP/1.1 client that sets `Host` (so `*.localhost` previews can
+//!   be reached through one listening socket);
+//! * [`browser::Browser`] — headless Chromium driven through chromedriver (WebDriver).
+//!
+//! Every process started here is stopped by PID when its handle drops.
 
+pub mod browser;
+pub mod git;
+pub mod http;
+pub mod redis;
+
+use std::path::PathBuf;
+
+/// A fresh directory under the system temp dir (not removed, so failures can be read).
+pub fn tempdir(tag: &str) -> PathBuf {
+    let mut b = [0u8; 6];
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (std::process::id() as u8)
+            .wrapping_mul(31)
+            .wrapping_add(i as u8);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!("wakegate-{tag}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: std::time::Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

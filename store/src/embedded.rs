@@ -1,0 +1,516 @@
+//! The embedded store: state in memory, every change appended to one JSON-lines file
+//! and replayed at start. The file is rewritten compactly when it has grown to several
+//! times the live state. One process owns the file.
+
+use crate::{Enqueued, Lease, Result, Store, StoreError, Versioned};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::Notify;
+use wakegate_core::lifecycle::JobKind;
+use wakegate_core::route::{Preview, Project};
+use wakegate_core::Millis;
+
+/// Rewrite the log once it holds this many more entries than the live state needs.
+const COMPACT_SLACK: usize = 10_000;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Op {
+    Project { project: Project },
+    Preview { version: u64, preview: Preview },
+    Host { host: String, preview: String },
+    Expiry { preview: String, at: Option<Millis> },
+    Touch { preview: String, at: Millis },
+    Job { job: Job },
+    JobDone { id: u64 },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Job {
+    id: u64,
+    preview: String,
+    kind: JobKind,
+    worker: Option<String>,
+    lease_until: Millis,
+}
+
+#[derive(Default)]
+struct State {
+    projects: BTreeMap<String, Project>,
+    previews: BTreeMap<String, Versioned<Preview>>,
+    hosts: HashMap<String, String>,
+    expiry_of: HashMap<String, Millis>,
+    expiry: BTreeSet<(Millis, String)>,
+    activity_of: HashMap<String, Millis>,
+    activity: BTreeSet<(Millis, String)>,
+    jobs: BTreeMap<u64, Job>,
+    job_keys: HashMap<(String, JobKind), u64>,
+    next_job: u64,
+}
+
+impl State {
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Project { project } => {
+                self.projects.insert(project.id.clone(), project);
+            }
+            Op::Preview { version, preview } => {
+                self.previews.insert(
+                    preview.id.clone(),
+                    Versioned {
+                        version,
+                        value: preview,
+                    },
+                );
+            }
+            Op::Host { host, preview } => {
+                self.hosts.insert(host, preview);
+            }
+            Op::Expiry { preview, at } => {
+                if let Some(old) = self.expiry_of.remove(&preview) {
+                    self.expiry.remove(&(old, preview.clone()));
+                }
+                if let Some(at) = at {
+                    self.expiry.insert((at, preview.clone()));
+                    self.expiry_of.insert(preview, at);
+                }
+            }
+            Op::Touch { preview, at } => {
+                let old = self.activity_of.get(&preview).copied();
+                if old.is_some_and(|old| old >= at) {
+                    return;
+                }
+                if let Some(old) = old {
+                    self.activity.remove(&(old, preview.clone()));
+                }
+                self.activity.insert((at, preview.clone()));
+                self.activity_of.insert(preview, at);
+            }
+            Op::Job { job } => {
+                self.next_job = self.next_job.max(job.id + 1);
+                self.job_keys
+                    .insert((job.preview.clone(), job.kind), job.id);
+                self.jobs.insert(job.id, job);
+            }
+            Op::JobDone { id } => {
+                if let Some(job) = self.jobs.remove(&id) {
+                    if self.job_keys.get(&(job.preview.clone(), job.kind)) == Some(&id) {
+                        self.job_keys.remove(&(job.preview, job.kind));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The ops that rebuild this state.
+    fn snapshot(&self) -> Vec<Op> {
+        let mut ops = Vec::new();
+        ops.extend(
+            self.projects
+                .values()
+                .map(|p| Op::Project { project: p.clone() }),
+        );
+        ops.extend(self.previews.values().map(|v| Op::Preview {
+            version: v.version,
+            preview: v.value.clone(),
+        }));
+        ops.extend(self.hosts.iter().map(|(h, p)| Op::Host {
+            host: h.clone(),
+            preview: p.clone(),
+        }));
+        ops.extend(self.expiry_of.iter().map(|(p, at)| Op::Expiry {
+            preview: p.clone(),
+            at: Some(*at),
+        }));
+        ops.extend(self.activity_of.iter().map(|(p, at)| Op::Touch {
+            preview: p.clone(),
+            at: *at,
+        }));
+        ops.extend(self.jobs.values().map(|j| Op::Job { job: j.clone() }));
+        ops
+    }
+}
+
+struct Log {
+    path: Option<PathBuf>,
+    file: Option<std::fs::File>,
+    entries: usize,
+}
+
+/// Memory plus an append-only file. `open(None)` keeps everything in memory only.
+pub struct EmbeddedStore {
+    inner: Mutex<(State, Log)>,
+    notify: Notify,
+}
+
+fn io_err(e: std::io::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// A store that lives in memory only.
+    pub fn in_memory() -> EmbeddedStore {
+        EmbeddedStore {
+            inner: Mutex::new((
+                State::default(),
+                Log {
+                    path: None,
+                    file: None,
+                    entries: 0,
+                },
+            )),
+            notify: Notify::new(),
+        }
+    }
+
+    /// Opens (or creates) the store file at `path`, replaying it. A torn last line (a
+    /// crash mid-write) is dropped; any other bad line is an error naming it.
+    pub fn open(path: &Path) -> Result<EmbeddedStore> {
+        let mut state = State::default();
+        let mut entries = 0;
+        if path.exists() {
+            let f = std::fs::File::open(path).map_err(io_err)?;
+            let lines: Vec<String> = std::io::BufReader::new(f)
+                .lines()
+                .collect::<std::io::Result<_>>()
+                .map_err(io_err)?;
+            let n = lines.len();
+            for (i, line) in lines.into_iter().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<Op>(&line) {
+                    Ok(op) => {
+                        state.apply(op);
+                        entries += 1;
+                    }
+                    Err(_) if i + 1 == n => {
+                        tracing::warn!(path = %path.display(), "dropping torn last line of the store log")
+                    }
+                    Err(e) => {
+                        return Err(StoreError::Corrupt {
+                            key: format!("{}:{}", path.display(), i + 1),
+                            reason: e.to_string(),
+                        })
+                    }
+                }
+            }
+        } else if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err)?;
+        }
+        let store = EmbeddedStore {
+            inner: Mutex::new((
+                state,
+                Log {
+                    path: Some(path.to_path_buf()),
+                    file: None,
+                    entries,
+                },
+            )),
+            notify: Notify::new(),
+        };
+        store.compact()?;
+        Ok(store)
+    }
+
+    /// Rewrites the file from the live state (write to a temporary file, fsync, rename).
+    fn compact(&self) -> Result<()> {
+        let mut guard = self.inner.lock().unwrap();
+        let (state, log) = &mut *guard;
+        let Some(path) = log.path.clone() else {
+            return Ok(());
+        };
+        let tmp = path.with_extension("tmp");
+        let ops = state.snapshot();
+        {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io_err)?);
+            for op in &ops {
+                serde_json::to_writer(&mut f, op)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                f.write_all(b"\n").map_err(io_err)?;
+            }
+            f.into_inner()
+                .map_err(|e| io_err(e.into_error()))?
+                .sync_all()
+                .map_err(io_err)?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io_err)?;
+        log.file = Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(io_err)?,
+        );
+        log.entries = ops.len();
+        Ok(())
+    }
+
+    /// Applies ops in memory and appends them to the file, under one lock.
+    fn commit<T>(&self, f: impl FnOnce(&mut State) -> Result<(Vec<Op>, T)>) -> Result<T> {
+        let mut guard = self.inner.lock().unwrap();
+        let (state, log) = &mut *guard;
+        let (ops, out) = f(state)?;
+        if ops.is_empty() {
+            return Ok(out);
+        }
+        if let Some(file) = log.file.as_mut() {
+            let mut buf = Vec::new();
+            for op in &ops {
+                serde_json::to_writer(&mut buf, op)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                buf.push(b'\n');
+            }
+            file.write_all(&buf).map_err(io_err)?;
+            log.entries += ops.len();
+        }
+        for op in ops {
+            state.apply(op);
+        }
+        let live =
+            state.previews.len() + state.projects.len() + state.jobs.len() + state.hosts.len();
+        let needs_compaction = log.file.is_some() && log.entries > 4 * live + COMPACT_SLACK;
+        drop(guard);
+        if needs_compaction {
+            self.compact()?;
+        }
+        Ok(out)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.inner.lock().unwrap().0)
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn create_project(&self, project: &Project) -> Result<()> {
+        self.commit(|s| {
+            if s.projects.contains_key(&project.id)
+                || s.projects.values().any(|p| p.name == project.name)
+            {
+                return Err(StoreError::Exists(format!("project {}", project.name)));
+            }
+            Ok((
+                vec![Op::Project {
+                    project: project.clone(),
+                }],
+                (),
+            ))
+        })
+    }
+
+    async fn get_project(&self, id: &str) -> Result<Option<Project>> {
+        Ok(self.read(|s| s.projects.get(id).cloned()))
+    }
+
+    async fn project_by_name(&self, name: &str) -> Result<Option<Project>> {
+        Ok(self.read(|s| s.projects.values().find(|p| p.name == name).cloned()))
+    }
+
+    async fn list_projects(&self) -> Result<Vec<Project>> {
+        Ok(self.read(|s| s.projects.values().cloned().collect()))
+    }
+
+    async fn get_preview(&self, id: &str) -> Result<Option<Versioned<Preview>>> {
+        Ok(self.read(|s| s.previews.get(id).cloned()))
+    }
+
+    async fn put_preview(&self, preview: &Preview, expected: Option<u64>) -> Result<u64> {
+        let v = self.commit(|s| {
+            let current = s.previews.get(&preview.id).map(|v| v.version);
+            if current != expected {
+                return Err(StoreError::Conflict);
+            }
+            let version = current.unwrap_or(0) + 1;
+            Ok((
+                vec![Op::Preview {
+                    version,
+                    preview: preview.clone(),
+                }],
+                version,
+            ))
+        })?;
+        self.notify.notify_waiters();
+        Ok(v)
+    }
+
+    async fn list_previews(&self) -> Result<Vec<Versioned<Preview>>> {
+        Ok(self.read(|s| s.previews.values().cloned().collect()))
+    }
+
+    async fn bind_host(&self, host: &str, preview_id: &str) -> Result<()> {
+        self.commit(|s| match s.hosts.get(host) {
+            Some(p) if p == preview_id => Ok((vec![], ())),
+            Some(_) => Err(StoreError::Exists(format!("host {host}"))),
+            None => Ok((
+                vec![Op::Host {
+                    host: host.to_string(),
+                    preview: preview_id.to_string(),
+                }],
+                (),
+            )),
+        })
+    }
+
+    async fn resolve_host(&self, host: &str) -> Result<Option<String>> {
+        Ok(self.read(|s| s.hosts.get(host).cloned()))
+    }
+
+    async fn set_expiry(&self, preview_id: &str, at: Option<Millis>) -> Result<()> {
+        self.commit(|s| {
+            if s.expiry_of.get(preview_id).copied() == at {
+                return Ok((vec![], ()));
+            }
+            Ok((
+                vec![Op::Expiry {
+                    preview: preview_id.to_string(),
+                    at,
+                }],
+                (),
+            ))
+        })
+    }
+
+    async fn due_expiries(&self, now: Millis, limit: usize) -> Result<Vec<String>> {
+        Ok(self.read(|s| {
+            s.expiry
+                .iter()
+                .take_while(|(at, _)| *at <= now)
+                .take(limit)
+                .map(|(_, p)| p.clone())
+                .collect()
+        }))
+    }
+
+    async fn touch(&self, preview_ids: &[String], at: Millis) -> Result<()> {
+        self.commit(|s| {
+            let ops = preview_ids
+                .iter()
+                .filter(|p| s.activity_of.get(*p).is_none_or(|old| *old < at))
+                .map(|p| Op::Touch {
+                    preview: p.clone(),
+                    at,
+                })
+                .collect();
+            Ok((ops, ()))
+        })
+    }
+
+    async fn last_activity(&self, preview_id: &str) -> Result<Option<Millis>> {
+        Ok(self.read(|s| s.activity_of.get(preview_id).copied()))
+    }
+
+    async fn idle_before(&self, before: Millis, limit: usize) -> Result<Vec<(String, Millis)>> {
+        Ok(self.read(|s| {
+            s.activity
+                .iter()
+                .take_while(|(at, _)| *at < before)
+                .take(limit)
+                .map(|(at, p)| (p.clone(), *at))
+                .collect()
+        }))
+    }
+
+    async fn enqueue(&self, preview_id: &str, kind: JobKind) -> Result<Enqueued> {
+        self.commit(|s| {
+            if let Some(id) = s.job_keys.get(&(preview_id.to_string(), kind)) {
+                return Ok((
+                    vec![],
+                    Enqueued {
+                        job_id: id.to_string(),
+                        created: false,
+                    },
+                ));
+            }
+            let id = s.next_job.max(1);
+            let job = Job {
+                id,
+                preview: preview_id.to_string(),
+                kind,
+                worker: None,
+                lease_until: 0,
+            };
+            Ok((
+                vec![Op::Job { job }],
+                Enqueued {
+                    job_id: id.to_string(),
+                    created: true,
+                },
+            ))
+        })
+    }
+
+    async fn claim(&self, worker: &str, lease: Duration, now: Millis) -> Result<Option<Lease>> {
+        self.commit(|s| {
+            let Some(job) = s
+                .jobs
+                .values()
+                .find(|j| j.worker.is_none() || j.lease_until <= now)
+            else {
+                return Ok((vec![], None));
+            };
+            let mut job = job.clone();
+            job.worker = Some(worker.to_string());
+            job.lease_until = now + lease.as_millis() as Millis;
+            let lease = Lease {
+                job_id: job.id.to_string(),
+                preview_id: job.preview.clone(),
+                kind: job.kind,
+                worker: worker.to_string(),
+            };
+            Ok((vec![Op::Job { job }], Some(lease)))
+        })
+    }
+
+    async fn renew(&self, lease: &Lease, duration: Duration, now: Millis) -> Result<()> {
+        let id: u64 = lease
+            .job_id
+            .parse()
+            .map_err(|_| StoreError::LeaseLost(lease.job_id.clone()))?;
+        self.commit(|s| match s.jobs.get(&id) {
+            Some(job) if job.worker.as_deref() == Some(lease.worker.as_str()) => {
+                let mut job = job.clone();
+                job.lease_until = now + duration.as_millis() as Millis;
+                Ok((vec![Op::Job { job }], ()))
+            }
+            _ => Err(StoreError::LeaseLost(lease.job_id.clone())),
+        })
+    }
+
+    async fn complete(&self, lease: &Lease) -> Result<()> {
+        let id: u64 = lease
+            .job_id
+            .parse()
+            .map_err(|_| StoreError::LeaseLost(lease.job_id.clone()))?;
+        self.commit(|s| {
+            if s.jobs.contains_key(&id) {
+                Ok((vec![Op::JobDone { id }], ()))
+            } else {
+                Ok((vec![], ()))
+            }
+        })
+    }
+
+    async fn jobs(&self) -> Result<Vec<(String, JobKind)>> {
+        Ok(self.read(|s| {
+            s.jobs
+                .values()
+                .map(|j| (j.preview.clone(), j.kind))
+                .collect()
+        }))
+    }
+
+    async fn wait_preview(
+        &self,
+        id: &str,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<Option<Versioned<Preview>>> {
+        crate::wait_with(self, &self.notify, id, after, timeout).await
+    }
+}

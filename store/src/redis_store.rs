@@ -1,0 +1,502 @@
+//! The Redis store, for several waker and provisioner replicas.
+//!
+//! Layout (all keys under a prefix, `wg:` by default):
+//! * `project:{id}` JSON, `project-name:{name}` → id, `projects` set;
+//! * `preview:{id}` hash `{v, d}`, written only by the CAS script, which also publishes
+//!   the new version on `status:{id}`; `previews` set;
+//! * `host:{host}` → preview id;
+//! * `expiry`, `activity` sorted sets (score = ms);
+//! * `jobs` stream with consumer group `workers`; `jobkey:{preview}:{kind}` → entry id
+//!   makes enqueue idempotent. A claimed job is a pending entry; one idle longer than
+//!   the lease is taken over by the next claim (its worker died).
+
+use crate::{Enqueued, Lease, Result, Store, StoreError, Versioned};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncCommands, Script, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use wakegate_core::lifecycle::JobKind;
+use wakegate_core::route::{Preview, Project};
+use wakegate_core::Millis;
+
+const GROUP: &str = "workers";
+
+const CAS: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'v')
+if ARGV[1] == '' then
+  if cur then return -1 end
+elseif cur ~= ARGV[1] then
+  return -1
+end
+local nv = (tonumber(cur) or 0) + 1
+redis.call('HSET', KEYS[1], 'v', nv, 'd', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('PUBLISH', KEYS[3], nv)
+return nv
+"#;
+
+const ENQUEUE: &str = r#"
+local existing = redis.call('GET', KEYS[1])
+if existing then return {existing, 0} end
+local id = redis.call('XADD', KEYS[2], '*', 'preview', ARGV[1], 'kind', ARGV[2])
+redis.call('SET', KEYS[1], id)
+return {id, 1}
+"#;
+
+const CLAIM: &str = r#"
+local p = redis.call('XPENDING', KEYS[1], 'workers', 'IDLE', ARGV[2], '-', '+', 1)
+if #p > 0 then
+  local id = p[1][1]
+  local c = redis.call('XCLAIM', KEYS[1], 'workers', ARGV[1], ARGV[2], id)
+  if #c > 0 and c[1] then return {c[1][1], c[1][2]} end
+  redis.call('XACK', KEYS[1], 'workers', id)
+end
+local r = redis.call('XREADGROUP', 'GROUP', 'workers', ARGV[1], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+if r and r[1] and r[1][2][1] then
+  local e = r[1][2][1]
+  return {e[1], e[2]}
+end
+return false
+"#;
+
+const RENEW: &str = r#"
+local p = redis.call('XPENDING', KEYS[1], 'workers', ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[1] then return 0 end
+redis.call('XCLAIM', KEYS[1], 'workers', ARGV[1], 0, ARGV[2], 'JUSTID')
+return 1
+"#;
+
+const COMPLETE: &str = r#"
+redis.call('XACK', KEYS[1], 'workers', ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"#;
+
+const CREATE_PROJECT: &str = r#"
+if redis.call('SETNX', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+"#;
+
+const TOUCH: &str = r#"
+for i, k in ipairs(ARGV) do
+  if i > 1 then redis.call('ZADD', KEYS[1], 'GT', ARGV[1], k) end
+end
+return 1
+"#;
+
+/// Redis-backed [`Store`].
+pub struct RedisStore {
+    conn: MultiplexedConnection,
+    prefix: String,
+    notify: Arc<Notify>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+fn be(e: redis::RedisError) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// Parses `{id, {field, value, ...}}` as returned by the claim script.
+fn parse_entry(v: &Value) -> Option<(String, String, JobKind)> {
+    let Value::Array(parts) = v else { return None };
+    let id = as_string(parts.first()?)?;
+    let Value::Array(fields) = parts.get(1)? else {
+        return None;
+    };
+    let (mut preview, mut kind) = (None, None);
+    for pair in fields.chunks(2) {
+        match (
+            pair.first().and_then(as_string).as_deref(),
+            pair.get(1).and_then(as_string),
+        ) {
+            (Some("preview"), Some(p)) => preview = Some(p),
+            (Some("kind"), Some(k)) => kind = JobKind::parse(&k),
+            _ => {}
+        }
+    }
+    Some((id, preview?, kind?))
+}
+
+impl RedisStore {
+    /// Connects, creates the job group if needed and starts the status listener.
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisStore> {
+        let client = redis::Client::open(url).map_err(be)?;
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(be)?;
+        let stream = format!("{prefix}jobs");
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = created {
+            if e.code() != Some("BUSYGROUP") {
+                return Err(be(e));
+            }
+        }
+        let notify = Arc::new(Notify::new());
+        let pattern = format!("{prefix}status:*");
+        let listener = tokio::spawn(listen(client, pattern, notify.clone()));
+        Ok(RedisStore {
+            conn,
+            prefix: prefix.to_string(),
+            notify,
+            listener,
+        })
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        k.push_str(&parts.join(":"));
+        k
+    }
+
+    fn conn(&self) -> MultiplexedConnection {
+        self.conn.clone()
+    }
+}
+
+/// Forwards status publications to local waiters; reconnects after errors. Waiters also
+/// poll on a short tick, so a gap here only delays them.
+async fn listen(client: redis::Client, pattern: String, notify: Arc<Notify>) {
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => {
+                if pubsub.psubscribe(&pattern).await.is_ok() {
+                    let mut messages = pubsub.on_message();
+                    while messages.next().await.is_some() {
+                        notify.notify_waiters();
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "status subscription failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn create_project(&self, project: &Project) -> Result<()> {
+        let json =
+            serde_json::to_string(project).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let created: i64 = Script::new(CREATE_PROJECT)
+            .key(self.key(&["project-name", &project.name]))
+            .key(self.key(&["project", &project.id]))
+            .key(self.key(&["projects"]))
+            .arg(&project.id)
+            .arg(json)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        if created == 0 {
+            return Err(StoreError::Exists(format!("project {}", project.name)));
+        }
+        Ok(())
+    }
+
+    async fn get_project(&self, id: &str) -> Result<Option<Project>> {
+        let key = self.key(&["project", id]);
+        let raw: Option<String> = self.conn().get(&key).await.map_err(be)?;
+        raw.map(|r| serde_json::from_str(&r).map_err(|e| corrupt(&key, e)))
+            .transpose()
+    }
+
+    async fn project_by_name(&self, name: &str) -> Result<Option<Project>> {
+        let id: Option<String> = self
+            .conn()
+            .get(self.key(&["project-name", name]))
+            .await
+            .map_err(be)?;
+        match id {
+            Some(id) => self.get_project(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn list_projects(&self) -> Result<Vec<Project>> {
+        let ids: Vec<String> = self
+            .conn()
+            .smembers(self.key(&["projects"]))
+            .await
+            .map_err(be)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(p) = self.get_project(&id).await? {
+                out.push(p);
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn get_preview(&self, id: &str) -> Result<Option<Versioned<Preview>>> {
+        let key = self.key(&["preview", id]);
+        let (v, d): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg("v")
+            .arg("d")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        match (v, d) {
+            (Some(version), Some(d)) => Ok(Some(Versioned {
+                version,
+                value: serde_json::from_str(&d).map_err(|e| corrupt(&key, e))?,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    async fn put_preview(&self, preview: &Preview, expected: Option<u64>) -> Result<u64> {
+        let json =
+            serde_json::to_string(preview).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let v: i64 = Script::new(CAS)
+            .key(self.key(&["preview", &preview.id]))
+            .key(self.key(&["previews"]))
+            .key(self.key(&["status", &preview.id]))
+            .arg(expected.map(|e| e.to_string()).unwrap_or_default())
+            .arg(json)
+            .arg(&preview.id)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        if v < 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(v as u64)
+    }
+
+    async fn list_previews(&self) -> Result<Vec<Versioned<Preview>>> {
+        let mut ids: Vec<String> = self
+            .conn()
+            .smembers(self.key(&["previews"]))
+            .await
+            .map_err(be)?;
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(256) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HMGET")
+                    .arg(self.key(&["preview", id]))
+                    .arg("v")
+                    .arg("d");
+            }
+            let rows: Vec<(Option<u64>, Option<String>)> =
+                pipe.query_async(&mut self.conn()).await.map_err(be)?;
+            for (id, row) in chunk.iter().zip(rows) {
+                if let (Some(version), Some(d)) = row {
+                    let value = serde_json::from_str(&d).map_err(|e| corrupt(id, e))?;
+                    out.push(Versioned { version, value });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn bind_host(&self, host: &str, preview_id: &str) -> Result<()> {
+        let key = self.key(&["host", host]);
+        let set: bool = self.conn().set_nx(&key, preview_id).await.map_err(be)?;
+        if set {
+            return Ok(());
+        }
+        let current: Option<String> = self.conn().get(&key).await.map_err(be)?;
+        if current.as_deref() == Some(preview_id) {
+            Ok(())
+        } else {
+            Err(StoreError::Exists(format!("host {host}")))
+        }
+    }
+
+    async fn resolve_host(&self, host: &str) -> Result<Option<String>> {
+        self.conn().get(self.key(&["host", host])).await.map_err(be)
+    }
+
+    async fn set_expiry(&self, preview_id: &str, at: Option<Millis>) -> Result<()> {
+        let key = self.key(&["expiry"]);
+        match at {
+            Some(at) => self
+                .conn()
+                .zadd::<_, _, _, ()>(key, preview_id, at)
+                .await
+                .map_err(be),
+            None => self
+                .conn()
+                .zrem::<_, _, ()>(key, preview_id)
+                .await
+                .map_err(be),
+        }
+    }
+
+    async fn due_expiries(&self, now: Millis, limit: usize) -> Result<Vec<String>> {
+        self.conn()
+            .zrangebyscore_limit(self.key(&["expiry"]), "-inf", now, 0, limit as isize)
+            .await
+            .map_err(be)
+    }
+
+    async fn touch(&self, preview_ids: &[String], at: Millis) -> Result<()> {
+        if preview_ids.is_empty() {
+            return Ok(());
+        }
+        let script = Script::new(TOUCH);
+        let mut invocation = script.key(self.key(&["activity"]));
+        invocation.arg(at);
+        for id in preview_ids {
+            invocation.arg(id);
+        }
+        invocation
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map_err(be)?;
+        Ok(())
+    }
+
+    async fn last_activity(&self, preview_id: &str) -> Result<Option<Millis>> {
+        let score: Option<f64> = self
+            .conn()
+            .zscore(self.key(&["activity"]), preview_id)
+            .await
+            .map_err(be)?;
+        Ok(score.map(|s| s as Millis))
+    }
+
+    async fn idle_before(&self, before: Millis, limit: usize) -> Result<Vec<(String, Millis)>> {
+        let rows: Vec<(String, f64)> = self
+            .conn()
+            .zrangebyscore_limit_withscores(
+                self.key(&["activity"]),
+                "-inf",
+                format!("({before}"),
+                0,
+                limit as isize,
+            )
+            .await
+            .map_err(be)?;
+        Ok(rows.into_iter().map(|(id, s)| (id, s as Millis)).collect())
+    }
+
+    async fn enqueue(&self, preview_id: &str, kind: JobKind) -> Result<Enqueued> {
+        let (job_id, created): (String, i64) = Script::new(ENQUEUE)
+            .key(self.key(&["jobkey", preview_id, kind.as_str()]))
+            .key(self.key(&["jobs"]))
+            .arg(preview_id)
+            .arg(kind.as_str())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        Ok(Enqueued {
+            job_id,
+            created: created == 1,
+        })
+    }
+
+    async fn claim(&self, worker: &str, lease: Duration, _now: Millis) -> Result<Option<Lease>> {
+        // lease expiry is Redis's own idle time of the pending entry, on Redis's clock
+        let v: Value = Script::new(CLAIM)
+            .key(self.key(&["jobs"]))
+            .arg(worker)
+            .arg(lease.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        if matches!(v, Value::Nil) {
+            return Ok(None);
+        }
+        let (job_id, preview_id, kind) =
+            parse_entry(&v).ok_or_else(|| corrupt("jobs", format!("{v:?}")))?;
+        Ok(Some(Lease {
+            job_id,
+            preview_id,
+            kind,
+            worker: worker.to_string(),
+        }))
+    }
+
+    async fn renew(&self, lease: &Lease, _duration: Duration, _now: Millis) -> Result<()> {
+        let ok: i64 = Script::new(RENEW)
+            .key(self.key(&["jobs"]))
+            .arg(&lease.worker)
+            .arg(&lease.job_id)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        if ok == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost(lease.job_id.clone()))
+        }
+    }
+
+    async fn complete(&self, lease: &Lease) -> Result<()> {
+        Script::new(COMPLETE)
+            .key(self.key(&["jobs"]))
+            .key(self.key(&["jobkey", &lease.preview_id, lease.kind.as_str()]))
+            .arg(&lease.job_id)
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map_err(be)?;
+        Ok(())
+    }
+
+    async fn jobs(&self) -> Result<Vec<(String, JobKind)>> {
+        let v: Value = redis::cmd("XRANGE")
+            .arg(self.key(&["jobs"]))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        let Value::Array(entries) = v else {
+            return Ok(vec![]);
+        };
+        Ok(entries
+            .iter()
+            .filter_map(parse_entry)
+            .map(|(_, p, k)| (p, k))
+            .collect())
+    }
+
+    async fn wait_preview(
+        &self,
+        id: &str,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<Option<Versioned<Preview>>> {
+        crate::wait_with(self, &self.notify, id, after, timeout).await
+    }
+}
