@@ -1,1 +1,57 @@
+//! Wakegate's provisioner: it carries out what the lifecycle schedules.
+//!
+//! * [`cloud`] — the [`cloud::Cloud`] trait machines are made through, and
+//!   [`local::LocalCloud`], where a machine is a working directory plus a child process
+//!   on 127.0.0.1 running the project's own commands from its `wakegate.toml`;
+//! * [`runner`] — claims jobs (build, wake, sleep, erase) from the store, keeps their
+//!   leases alive, and reports progress as lifecycle events;
+//! * [`sweep`] — the TTL sweeper, the idle sweeper and the reconciler (re-enqueues the
+//!   job a transitional state waits on; reaps machines no record references; marks
+//!   previews whose machine vanished as failed);
+//! * [`git`] — `git ls-remote` / fetch helpers ("does the ref still exist?").
+#![forbid(unsafe_code)]
 
+pub mod cloud;
+pub mod git;
+pub mod local;
+pub mod manifest;
+pub mod runner;
+pub mod sweep;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use wakegate_core::Millis;
+
+/// Wall-clock now in ms. Only drivers read the clock; `core` never does.
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// Tunables, with production defaults.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How long a claimed job is ours without renewal.
+    pub lease: Duration,
+    /// How often the job loop looks for work when idle.
+    pub poll: Duration,
+    /// How often the TTL and idle sweepers and the reconciler run.
+    pub sweep_every: Duration,
+    /// A machine no record references is deleted once it is this old.
+    pub orphan_grace: Duration,
+    /// The base of preview URLs, e.g. `http://{label}.localhost:8080`, for `PREVIEW_URL`.
+    pub preview_url_template: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            lease: Duration::from_secs(30),
+            poll: Duration::from_millis(200),
+            sweep_every: Duration::from_secs(5),
+            orphan_grace: Duration::from_secs(120),
+            preview_url_template: "http://{label}.localhost".into(),
+        }
+    }
+}

@@ -1,1 +1,258 @@
+//! Every page the Wakegate edge shows, rendered by one askama template.
+//!
+//! [`render`] is pure: a [`Page`] plus the [`Context`] of the preview in, HTML out. Pages
+//! that wait (waking, building) poll `/_wakegate/status` and reload themselves into the
+//! app; pages that offer a rebuild carry a POST form with a CSRF token (GET never
+//! rebuilds). Builds for wasm32 so the Worker renders the same pages.
+#![forbid(unsafe_code)]
 
+use askama::Template;
+use wakegate_core::lifecycle::Phase;
+
+/// Which page, with what it needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Page {
+    /// Asleep or waking: the wake runs, the page reloads when the app answers.
+    Waking,
+    /// A build is under way, at this phase.
+    Building { phase: Phase },
+    /// Erased, branch still there: one button rebuilds.
+    ConfirmRebuild { csrf: String },
+    /// The last build or wake failed.
+    Failed {
+        phase: Phase,
+        reason: String,
+        csrf: String,
+    },
+    /// The branch or merge request is gone (410).
+    Gone,
+    /// No preview has this hostname (404).
+    NotFound { host: String },
+    /// The request itself was bad (400), e.g. a malformed host.
+    BadRequest { reason: String },
+}
+
+impl Page {
+    /// The HTTP status the edge sends with this page.
+    pub fn status(&self) -> u16 {
+        match self {
+            Page::Waking | Page::Building { .. } | Page::Failed { .. } => 503,
+            Page::ConfirmRebuild { .. } => 200,
+            Page::Gone => 410,
+            Page::NotFound { .. } => 404,
+            Page::BadRequest { .. } => 400,
+        }
+    }
+}
+
+/// What the page says about the preview.
+#[derive(Clone, Debug, Default)]
+pub struct Context<'a> {
+    pub project: &'a str,
+    pub git_ref: &'a str,
+    /// The record version the status poll starts after.
+    pub version: u64,
+    /// Where the form returns the visitor after a rebuild starts.
+    pub return_to: &'a str,
+    pub ttl_remaining: Option<String>,
+}
+
+struct Form {
+    csrf: String,
+    return_to: String,
+    button: &'static str,
+}
+
+#[derive(Template)]
+#[template(path = "page.html")]
+struct Html<'a> {
+    title: &'a str,
+    heading: String,
+    message: String,
+    detail: Option<String>,
+    project: &'a str,
+    git_ref: &'a str,
+    poll: bool,
+    phase_text: &'a str,
+    version: u64,
+    form: Option<Form>,
+    ttl: Option<String>,
+}
+
+/// Renders a page.
+pub fn render(page: &Page, cx: &Context<'_>) -> String {
+    let git_ref = wakegate_core::host::short_ref(cx.git_ref);
+    let form = |csrf: &str, button| {
+        Some(Form {
+            csrf: csrf.to_string(),
+            return_to: safe_return(cx.return_to),
+            button,
+        })
+    };
+    let (title, heading, message, detail, poll, phase_text, form) = match page {
+        Page::Waking => (
+            "Waking up",
+            "Waking this preview".to_string(),
+            "It was asleep to save resources. This page turns into the app as soon as it answers.".to_string(),
+            None,
+            true,
+            "Starting the app",
+            None,
+        ),
+        Page::Building { phase } => (
+            "Building",
+            "Building this preview".to_string(),
+            "This page turns into the app when the build is done.".to_string(),
+            None,
+            true,
+            phase.label(),
+            None,
+        ),
+        Page::ConfirmRebuild { csrf } => (
+            "Preview erased",
+            "This preview was erased".to_string(),
+            format!(
+                "Previews are erased after their time is up. The branch {git_ref} still exists, so it can be rebuilt; this tab becomes the preview when it is ready."
+            ),
+            None,
+            false,
+            "",
+            form(csrf, "Rebuild this preview"),
+        ),
+        Page::Failed { phase, reason, csrf } => (
+            "Preview failed",
+            "This preview failed to start".to_string(),
+            format!("It stopped at: {}.", phase.label()),
+            Some(reason.clone()),
+            false,
+            "",
+            form(csrf, "Try again"),
+        ),
+        Page::Gone => (
+            "Preview gone",
+            "This preview is gone".to_string(),
+            format!("The branch or merge request {git_ref} no longer exists, so there is nothing to rebuild."),
+            None,
+            false,
+            "",
+            None,
+        ),
+        Page::NotFound { host } => (
+            "Not found",
+            "No preview here".to_string(),
+            format!("Nothing is configured for {host}. Check the link, or ask for a fresh one."),
+            None,
+            false,
+            "",
+            None,
+        ),
+        Page::BadRequest { reason } => {
+            ("Bad request", "That request was not understood".to_string(), reason.clone(), None, false, "", None)
+        }
+    };
+    let project = if cx.project.is_empty() {
+        "Wakegate"
+    } else {
+        cx.project
+    };
+    Html {
+        title,
+        heading,
+        message,
+        detail,
+        project,
+        git_ref,
+        poll,
+        phase_text,
+        version: cx.version,
+        form,
+        ttl: cx.ttl_remaining.clone(),
+    }
+    .render()
+    .unwrap_or_else(|e| format!("<!doctype html><title>Wakegate</title><p>page error: {e}</p>"))
+}
+
+/// Only same-site paths are allowed as a return target.
+fn safe_return(path: &str) -> String {
+    if path.starts_with('/') && !path.starts_with("//") && !path.starts_with("/\\") {
+        path.to_string()
+    } else {
+        "/".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cx() -> Context<'static> {
+        Context {
+            project: "web",
+            git_ref: "refs/heads/feature/<b>",
+            version: 7,
+            return_to: "/cart?x=1",
+            ttl_remaining: None,
+        }
+    }
+
+    #[test]
+    fn confirm_page_has_a_post_form_with_token() {
+        let html = render(
+            &Page::ConfirmRebuild {
+                csrf: "123.abc".into(),
+            },
+            &cx(),
+        );
+        assert!(html.contains(r#"<form method="post" action="/_wakegate/rebuild">"#));
+        assert!(html.contains(r#"name="csrf" value="123.abc""#));
+        assert!(html.contains(r#"name="return_to" value="/cart?x=1""#));
+        assert!(
+            !html.contains("feature/<b>") && html.contains("feature/&#60;b&#62;"),
+            "ref is escaped"
+        );
+        assert!(!html.contains("<script>"), "nothing to poll");
+    }
+
+    #[test]
+    fn waiting_pages_poll_from_their_version() {
+        let html = render(
+            &Page::Building {
+                phase: Phase::Build,
+            },
+            &cx(),
+        );
+        assert!(html.contains("var version = 7;"));
+        assert!(html.contains("/_wakegate/status?after="));
+        assert!(html.contains(r#"role="status""#));
+        assert_eq!(
+            Page::Building {
+                phase: Phase::Build
+            }
+            .status(),
+            503
+        );
+    }
+
+    #[test]
+    fn escapes_and_statuses() {
+        let html = render(
+            &Page::NotFound {
+                host: "<x>.localhost".into(),
+            },
+            &Context::default(),
+        );
+        assert!(!html.contains("<x>") && html.contains("&#60;x&#62;.localhost"));
+        assert_eq!(Page::Gone.status(), 410);
+        assert_eq!(safe_return("//evil.example"), "/");
+        assert_eq!(safe_return("https://evil.example"), "/");
+        let failed = render(
+            &Page::Failed {
+                phase: Phase::Build,
+                reason: "exit 2".into(),
+                csrf: "t".into(),
+            },
+            &cx(),
+        );
+        assert!(failed.contains("exit 2") && failed.contains("Try again"));
+    }
+}

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conformance;
+pub mod driver;
 pub mod embedded;
 pub mod redis_store;
 

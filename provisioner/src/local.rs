@@ -1,0 +1,387 @@
+//! The local backend: a machine is a directory `<root>/<machine id>/` holding
+//!
+//! * `owner` — the preview id (the equivalent of a cloud label), written first;
+//! * `src/` — the checkout of the preview's ref;
+//! * `machine.json` — the manifest and port, so the app can start again after sleep;
+//! * `build.pid`, `app.pid` — process-group ids of what runs there, so a provisioner
+//!   that restarts after a crash can stop what an earlier one started;
+//! * `build.log`, `app.log`.
+//!
+//! Processes run in their own process group on 127.0.0.1 with `PORT` and `PREVIEW_URL`
+//! set; stopping sends SIGTERM to the group, then SIGKILL.
+
+use crate::cloud::{Cloud, CloudError, DeploySpec, MachineInfo, Progress};
+use crate::manifest::Manifest;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wakegate_core::lifecycle::{MachineId, Phase};
+
+#[derive(Serialize, Deserialize)]
+struct MachineFile {
+    manifest: Manifest,
+    port: u16,
+    preview_url: String,
+}
+
+pub struct LocalCloud {
+    root: PathBuf,
+}
+
+fn backend(e: impl std::fmt::Display) -> CloudError {
+    CloudError::Backend(e.to_string())
+}
+
+impl LocalCloud {
+    pub fn new(root: impl Into<PathBuf>) -> std::io::Result<LocalCloud> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)?;
+        Ok(LocalCloud { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir(&self, machine: &MachineId) -> Result<PathBuf, CloudError> {
+        if machine.is_empty()
+            || !machine
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(CloudError::NotFound(machine.clone()));
+        }
+        Ok(self.root.join(machine))
+    }
+
+    async fn spawn(
+        &self,
+        dir: &Path,
+        command: &str,
+        pidfile: &str,
+        log: &str,
+        env: &[(String, String)],
+    ) -> Result<tokio::process::Child, CloudError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(log))
+            .map_err(backend)?;
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(command)
+            .current_dir(dir.join("src"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(backend)?)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(false);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| CloudError::Failed(format!("cannot start `{command}`: {e}")))?;
+        let pid = child.id().ok_or_else(|| backend("child has no pid"))?;
+        tokio::fs::write(dir.join(pidfile), pid.to_string())
+            .await
+            .map_err(backend)?;
+        Ok(child)
+    }
+
+    async fn start_app(
+        &self,
+        machine: &MachineId,
+        dir: &Path,
+        mf: &MachineFile,
+    ) -> Result<String, CloudError> {
+        stop_group(dir, "app.pid").await;
+        let env = app_env(mf);
+        let mut child = self
+            .spawn(dir, &mf.manifest.run, "app.pid", "app.log", &env)
+            .await?;
+        let origin = format!("http://127.0.0.1:{}", mf.port);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(mf.manifest.start_timeout_secs);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = log_tail(dir, "app.log").await;
+                return Err(CloudError::Failed(format!(
+                    "the app exited ({status}) before answering:\n{tail}"
+                )));
+            }
+            if health_ok(mf.port, &mf.manifest.health).await {
+                // reap the child whenever it ends; we track it by its pid file from now on
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                });
+                tracing::info!(machine = %machine, %origin, "app healthy");
+                return Ok(origin);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                stop_group(dir, "app.pid").await;
+                let tail = log_tail(dir, "app.log").await;
+                return Err(CloudError::Failed(format!(
+                    "GET {} did not answer within {}s:\n{tail}",
+                    mf.manifest.health, mf.manifest.start_timeout_secs
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn app_env(mf: &MachineFile) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = mf
+        .manifest
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    env.push(("PORT".into(), mf.port.to_string()));
+    env.push(("HOST".into(), "127.0.0.1".into()));
+    env.push(("PREVIEW_URL".into(), mf.preview_url.clone()));
+    env
+}
+
+fn free_port() -> Result<u16, CloudError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(backend)?
+        .local_addr()
+        .map_err(backend)?
+        .port())
+}
+
+async fn health_ok(port: u16, path: &str) -> bool {
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    else {
+        return false;
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nUser-Agent: wakegate-health\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    match tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await {
+        Ok(Ok(_)) => buf.starts_with(b"HTTP/1.") && (buf[9] == b'2' || buf[9] == b'3'),
+        _ => false,
+    }
+}
+
+async fn log_tail(dir: &Path, log: &str) -> String {
+    let text = tokio::fs::read_to_string(dir.join(log))
+        .await
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+async fn kill(signal: &str, pgid: u32) -> bool {
+    tokio::process::Command::new("kill")
+        .args([signal, "--", &format!("-{pgid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Stops the process group recorded in `dir/pidfile`, if any; waits up to 5 s for it.
+async fn stop_group(dir: &Path, pidfile: &str) {
+    let Ok(text) = tokio::fs::read_to_string(dir.join(pidfile)).await else {
+        return;
+    };
+    let Ok(pgid) = text.trim().parse::<u32>() else {
+        return;
+    };
+    if pgid > 1 && kill("-TERM", pgid).await {
+        for _ in 0..50 {
+            if !kill("-0", pgid).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        kill("-KILL", pgid).await;
+    }
+    let _ = tokio::fs::remove_file(dir.join(pidfile)).await;
+}
+
+/// Whether the process group in `dir/pidfile` is alive.
+pub async fn group_alive(dir: &Path, pidfile: &str) -> bool {
+    match tokio::fs::read_to_string(dir.join(pidfile))
+        .await
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+    {
+        Some(pgid) if pgid > 1 => kill("-0", pgid).await,
+        _ => false,
+    }
+}
+
+#[async_trait]
+impl Cloud for LocalCloud {
+    async fn create(&self, preview_id: &str) -> Result<MachineId, CloudError> {
+        let mut b = [0u8; 6];
+        getrandom::fill(&mut b).map_err(backend)?;
+        let id = format!("m-{}", hex::encode(b));
+        let dir = self.dir(&id)?;
+        tokio::fs::create_dir_all(&dir).await.map_err(backend)?;
+        tokio::fs::write(dir.join("owner"), preview_id)
+            .await
+            .map_err(backend)?;
+        Ok(id)
+    }
+
+    async fn deploy(
+        &self,
+        machine: &MachineId,
+        spec: &DeploySpec,
+        progress: &dyn Progress,
+    ) -> Result<String, CloudError> {
+        let dir = self.dir(machine)?;
+        if !dir.exists() {
+            return Err(CloudError::NotFound(machine.clone()));
+        }
+        if !progress.phase(Phase::Checkout).await {
+            return Err(CloudError::Failed("cancelled".into()));
+        }
+        crate::git::checkout(&spec.git_url, &spec.git_ref, &dir.join("src"))
+            .await
+            .map_err(CloudError::Failed)?;
+        let text = tokio::fs::read_to_string(dir.join("src").join(crate::manifest::FILE))
+            .await
+            .map_err(|_| {
+                CloudError::Failed(format!(
+                    "the repository has no {} at its root",
+                    crate::manifest::FILE
+                ))
+            })?;
+        let manifest = Manifest::parse(&text).map_err(CloudError::Failed)?;
+        let mf = MachineFile {
+            manifest,
+            port: free_port()?,
+            preview_url: spec.preview_url.clone(),
+        };
+        tokio::fs::write(
+            dir.join("machine.json"),
+            serde_json::to_vec_pretty(&mf).map_err(backend)?,
+        )
+        .await
+        .map_err(backend)?;
+
+        if let Some(build) = mf.manifest.build.clone() {
+            if !progress.phase(Phase::Build).await {
+                return Err(CloudError::Failed("cancelled".into()));
+            }
+            let mut child = self
+                .spawn(&dir, &build, "build.pid", "build.log", &app_env(&mf))
+                .await?;
+            let status = match tokio::time::timeout(
+                Duration::from_secs(mf.manifest.build_timeout_secs),
+                child.wait(),
+            )
+            .await
+            {
+                Ok(status) => status.map_err(backend)?,
+                Err(_) => {
+                    stop_group(&dir, "build.pid").await;
+                    return Err(CloudError::Failed(format!(
+                        "build timed out after {}s",
+                        mf.manifest.build_timeout_secs
+                    )));
+                }
+            };
+            let _ = tokio::fs::remove_file(dir.join("build.pid")).await;
+            if !status.success() {
+                let tail = log_tail(&dir, "build.log").await;
+                return Err(CloudError::Failed(format!(
+                    "build failed ({status}):\n{tail}"
+                )));
+            }
+        }
+        if !progress.phase(Phase::Start).await {
+            return Err(CloudError::Failed("cancelled".into()));
+        }
+        // health checking is part of starting; report it as its own phase
+        let _ = progress.phase(Phase::Health).await;
+        self.start_app(machine, &dir, &mf).await
+    }
+
+    async fn start(&self, machine: &MachineId) -> Result<String, CloudError> {
+        let dir = self.dir(machine)?;
+        let raw = tokio::fs::read(dir.join("machine.json"))
+            .await
+            .map_err(|_| CloudError::NotFound(machine.clone()))?;
+        let mut mf: MachineFile = serde_json::from_slice(&raw).map_err(backend)?;
+        if std::net::TcpListener::bind(("127.0.0.1", mf.port)).is_err()
+            && !group_alive(&dir, "app.pid").await
+        {
+            // someone else took the port while we slept
+            mf.port = free_port()?;
+            tokio::fs::write(
+                dir.join("machine.json"),
+                serde_json::to_vec_pretty(&mf).map_err(backend)?,
+            )
+            .await
+            .map_err(backend)?;
+        }
+        self.start_app(machine, &dir, &mf).await
+    }
+
+    async fn stop(&self, machine: &MachineId) -> Result<(), CloudError> {
+        let dir = self.dir(machine)?;
+        if !dir.exists() {
+            return Err(CloudError::NotFound(machine.clone()));
+        }
+        stop_group(&dir, "app.pid").await;
+        Ok(())
+    }
+
+    async fn delete(&self, machine: &MachineId) -> Result<(), CloudError> {
+        let dir = self.dir(machine)?;
+        if !dir.exists() {
+            return Ok(());
+        }
+        stop_group(&dir, "build.pid").await;
+        stop_group(&dir, "app.pid").await;
+        tokio::fs::remove_dir_all(&dir).await.map_err(backend)?;
+        tracing::info!(%machine, "machine deleted");
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<MachineInfo>, CloudError> {
+        let mut out = Vec::new();
+        let mut rd = tokio::fs::read_dir(&self.root).await.map_err(backend)?;
+        while let Some(entry) = rd.next_entry().await.map_err(backend)? {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if !id.starts_with("m-") {
+                continue;
+            }
+            let meta = entry.metadata().await.map_err(backend)?;
+            let created_at = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let preview_id = tokio::fs::read_to_string(entry.path().join("owner"))
+                .await
+                .unwrap_or_default();
+            out.push(MachineInfo {
+                id,
+                preview_id,
+                created_at,
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}
