@@ -15,6 +15,7 @@
 //! Time is always an argument ([`Millis`], milliseconds since the Unix epoch).
 #![forbid(unsafe_code)]
 
+pub mod form;
 pub mod host;
 pub mod lifecycle;
 pub mod route;

@@ -12,7 +12,9 @@ use tokio::net::TcpListener;
 /// Serves the API on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, waker: Arc<Waker>) {
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let waker = waker.clone();
         tokio::spawn(async move {
@@ -27,12 +29,25 @@ pub async fn serve(listener: TcpListener, waker: Arc<Waker>) {
     }
 }
 
-async fn handle(waker: &Waker, req: Request<Incoming>, _peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
+async fn handle(
+    waker: &Waker,
+    req: Request<Incoming>,
+    _peer: std::net::SocketAddr,
+) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, wakegate_core::route::MAX_API_BODY).collect().await {
+    let body = match Limited::new(body, wakegate_core::route::MAX_API_BODY)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
         Err(_) => {
-            return crate::api::json_error(413, &format!("body larger than {} bytes", wakegate_core::route::MAX_API_BODY))
+            return crate::api::json_error(
+                413,
+                &format!(
+                    "body larger than {} bytes",
+                    wakegate_core::route::MAX_API_BODY
+                ),
+            )
         }
     };
     waker.handle(&parts, body).await
