@@ -45,6 +45,7 @@ pub async fn apply(
         let t = transition(&current.value.state, event, now)?;
         let changed = t.state != current.value.state;
         let mut next = current.value.clone();
+        next.state = t.state.clone();
         let mut delete = Vec::new();
         for effect in &t.effects {
             match effect {

@@ -1,0 +1,228 @@
+//! Settings from a source of strings.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use wakegate_core::sign::Key;
+
+pub const DEFAULT_EDGE_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_WAKER_ADDR: &str = "127.0.0.1:7001";
+pub const DEFAULT_DATA_DIR: &str = ".wakegate";
+pub const DEFAULT_PREVIEW_BASE: &str = "localhost";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("{0} is required")]
+    Missing(&'static str),
+}
+
+/// Where settings come from.
+pub trait Source {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct Env;
+
+impl Source for Env {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Source for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+}
+
+/// Every setting of every part.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub edge_addr: SocketAddr,
+    pub waker_addr: SocketAddr,
+    /// How the edge reaches waker.
+    pub waker_url: String,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub preview_base: String,
+    /// `{label}` is replaced; default `http://{label}.<base>:<edge port>`.
+    pub preview_url_template: Option<String>,
+    pub edge_key: Option<Key>,
+    pub csrf_key: Option<Key>,
+    pub origin_key: Option<Key>,
+    pub operator_token: Option<String>,
+    pub sweep_every: Duration,
+    pub lease: Duration,
+    pub orphan_grace: Duration,
+    pub route_ttl: Duration,
+    pub hold_timeout: Duration,
+    pub activity_every: Duration,
+}
+
+fn parse<T: std::str::FromStr>(
+    src: &dyn Source,
+    key: &'static str,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match src.get(key) {
+        Some(v) => v.parse().map_err(|e: T::Err| ConfigError::Invalid {
+            key,
+            reason: format!("{v:?}: {e}"),
+        }),
+        None => Ok(default),
+    }
+}
+
+fn secs(src: &dyn Source, key: &'static str, default: f64) -> Result<Duration, ConfigError> {
+    let v: f64 = parse(src, key, default)?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: "must be a positive number of seconds".into(),
+        });
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// A secret from `KEY` or from the file named by `KEY_FILE`.
+fn secret(
+    src: &dyn Source,
+    key: &'static str,
+    file_key: &'static str,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(v) = src.get(key) {
+        return Ok(Some(v));
+    }
+    match src.get(file_key) {
+        Some(path) => std::fs::read_to_string(&path)
+            .map(|s| Some(s.trim().to_string()))
+            .map_err(|e| ConfigError::Invalid {
+                key: file_key,
+                reason: format!("{path}: {e}"),
+            }),
+        None => Ok(None),
+    }
+}
+
+fn key(
+    src: &dyn Source,
+    name: &'static str,
+    file: &'static str,
+) -> Result<Option<Key>, ConfigError> {
+    match secret(src, name, file)? {
+        Some(s) if s.len() < 16 => Err(ConfigError::Invalid {
+            key: name,
+            reason: "must be at least 16 characters".into(),
+        }),
+        Some(s) => Ok(Some(Key::new(s.into_bytes()))),
+        None => Ok(None),
+    }
+}
+
+impl Config {
+    pub fn from_source(src: &dyn Source) -> Result<Config, ConfigError> {
+        let waker_addr: SocketAddr = parse(
+            src,
+            "WAKEGATE_WAKER_ADDR",
+            DEFAULT_WAKER_ADDR.parse().expect("valid default"),
+        )?;
+        let base = src
+            .get("WAKEGATE_PREVIEW_BASE")
+            .unwrap_or_else(|| DEFAULT_PREVIEW_BASE.into());
+        let base = wakegate_core::host::normalize_host(&base)
+            .map_err(|e| ConfigError::Invalid {
+                key: "WAKEGATE_PREVIEW_BASE",
+                reason: e.to_string(),
+            })?
+            .to_string();
+        Ok(Config {
+            data_dir: src
+                .get("WAKEGATE_DATA")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            edge_addr: parse(
+                src,
+                "WAKEGATE_EDGE_ADDR",
+                DEFAULT_EDGE_ADDR.parse().expect("valid default"),
+            )?,
+            waker_addr,
+            waker_url: src
+                .get("WAKEGATE_WAKER_URL")
+                .unwrap_or_else(|| format!("http://{waker_addr}")),
+            redis_url: src.get("WAKEGATE_REDIS_URL"),
+            redis_prefix: src
+                .get("WAKEGATE_REDIS_PREFIX")
+                .unwrap_or_else(|| "wg:".into()),
+            preview_base: base,
+            preview_url_template: src.get("WAKEGATE_PREVIEW_URL"),
+            edge_key: key(src, "WAKEGATE_EDGE_KEY", "WAKEGATE_EDGE_KEY_FILE")?,
+            csrf_key: key(src, "WAKEGATE_CSRF_KEY", "WAKEGATE_CSRF_KEY_FILE")?,
+            origin_key: key(src, "WAKEGATE_ORIGIN_KEY", "WAKEGATE_ORIGIN_KEY_FILE")?,
+            operator_token: secret(
+                src,
+                "WAKEGATE_OPERATOR_TOKEN",
+                "WAKEGATE_OPERATOR_TOKEN_FILE",
+            )?,
+            sweep_every: secs(src, "WAKEGATE_SWEEP_SECS", 5.0)?,
+            lease: secs(src, "WAKEGATE_LEASE_SECS", 30.0)?,
+            orphan_grace: secs(src, "WAKEGATE_ORPHAN_GRACE_SECS", 120.0)?,
+            route_ttl: secs(src, "WAKEGATE_ROUTE_CACHE_SECS", 2.0)?,
+            hold_timeout: secs(src, "WAKEGATE_HOLD_SECS", 30.0)?,
+            activity_every: secs(src, "WAKEGATE_ACTIVITY_SECS", 1.0)?,
+        })
+    }
+
+    pub fn require_key(k: &Option<Key>, name: &'static str) -> Result<Key, ConfigError> {
+        k.clone().ok_or(ConfigError::Missing(name))
+    }
+
+    pub fn preview_url(&self, edge_port: u16) -> String {
+        self.preview_url_template
+            .clone()
+            .unwrap_or_else(|| format!("http://{{label}}.{}:{edge_port}", self.preview_base))
+    }
+}
+
+/// 32 random bytes as hex: for dev-mode keys and tokens.
+pub fn random_secret() -> String {
+    wakegate_store::new_id("")
+        + &wakegate_store::new_id("")
+        + &wakegate_store::new_id("")
+        + &wakegate_store::new_id("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_and_errors_name_the_key() {
+        let c = Config::from_source(&src(&[])).unwrap();
+        assert_eq!(c.edge_addr.to_string(), DEFAULT_EDGE_ADDR);
+        assert_eq!(c.waker_url, "http://127.0.0.1:7001");
+        assert_eq!(c.preview_url(8080), "http://{label}.localhost:8080");
+        let e = Config::from_source(&src(&[("WAKEGATE_LEASE_SECS", "-1")])).unwrap_err();
+        assert!(e.to_string().starts_with("WAKEGATE_LEASE_SECS"), "{e}");
+        let e = Config::from_source(&src(&[("WAKEGATE_EDGE_KEY", "short")])).unwrap_err();
+        assert!(e.to_string().contains("WAKEGATE_EDGE_KEY"));
+        let e = Config::from_source(&src(&[("WAKEGATE_PREVIEW_BASE", "bad_base!")])).unwrap_err();
+        assert!(e.to_string().contains("WAKEGATE_PREVIEW_BASE"));
+        let e = Config::from_source(&src(&[("WAKEGATE_EDGE_ADDR", "nope")])).unwrap_err();
+        assert!(e.to_string().contains("WAKEGATE_EDGE_ADDR"));
+    }
+}

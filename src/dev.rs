@@ -1,0 +1,169 @@
+//! Everything in one process: what `wakegate dev` runs and the end-to-end tests drive.
+
+use crate::config::{random_secret, Config};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use wakegate_core::lifecycle::{Event, State};
+use wakegate_core::sign::Key;
+use wakegate_edge::native::{Edge, EdgeConfig};
+use wakegate_provisioner::cloud::Cloud;
+use wakegate_provisioner::local::LocalCloud;
+use wakegate_provisioner::runner::Provisioner;
+use wakegate_provisioner::{now_ms, Settings};
+use wakegate_store::driver::apply;
+use wakegate_store::SharedStore;
+use wakegate_waker::{refs::GitRefs, Waker, WakerConfig};
+
+/// A running edge + waker + provisioner.
+pub struct Dev {
+    pub edge_addr: SocketAddr,
+    pub waker_addr: SocketAddr,
+    pub store: SharedStore,
+    pub provisioner: Arc<Provisioner>,
+    pub machines_dir: PathBuf,
+    pub operator_token: String,
+    /// `http://{label}.localhost:<edge port>`
+    pub preview_url_template: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn key_or_random(k: &Option<Key>) -> Key {
+    k.clone()
+        .unwrap_or_else(|| Key::new(random_secret().into_bytes()))
+}
+
+impl Dev {
+    /// Binds the edge and waker (ports from `cfg`, 0 for any), starts everything on
+    /// `store` with the local backend under `<data>/machines`.
+    pub async fn start(cfg: &Config, store: SharedStore) -> anyhow::Result<Dev> {
+        let edge_listener = TcpListener::bind(cfg.edge_addr).await?;
+        let waker_listener = TcpListener::bind(cfg.waker_addr).await?;
+        let edge_addr = edge_listener.local_addr()?;
+        let waker_addr = waker_listener.local_addr()?;
+        let edge_key = key_or_random(&cfg.edge_key);
+        let operator_token = cfg.operator_token.clone().unwrap_or_else(random_secret);
+        let preview_url_template = cfg.preview_url(edge_addr.port());
+
+        let waker = Arc::new(Waker::new(
+            store.clone(),
+            WakerConfig {
+                edge_key: edge_key.clone(),
+                operator_token: operator_token.clone(),
+                preview_base: cfg.preview_base.clone(),
+                preview_url_template: preview_url_template.clone(),
+            },
+            Arc::new(GitRefs::new(Duration::from_secs(2))),
+        ));
+        let edge = Edge::new(EdgeConfig {
+            waker_url: format!("http://{waker_addr}"),
+            edge_key,
+            csrf_key: key_or_random(&cfg.csrf_key),
+            origin_key: key_or_random(&cfg.origin_key),
+            route_ttl: cfg.route_ttl,
+            hold_timeout: cfg.hold_timeout,
+            activity_every: cfg.activity_every,
+            scheme: "http",
+        });
+        let machines_dir = std::path::absolute(cfg.data_dir.join("machines"))?;
+        let cloud: Arc<dyn Cloud> = Arc::new(LocalCloud::new(&machines_dir)?);
+        let provisioner = Arc::new(Provisioner::new(
+            store.clone(),
+            cloud,
+            Settings {
+                lease: cfg.lease,
+                poll: Duration::from_millis(100),
+                sweep_every: cfg.sweep_every,
+                orphan_grace: cfg.orphan_grace,
+                preview_url_template: preview_url_template.clone(),
+            },
+        ));
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let tasks = vec![
+            tokio::spawn(wakegate_waker::serve(waker_listener, waker)),
+            tokio::spawn(wakegate_edge::native::serve(edge_listener, edge)),
+            tokio::spawn(provisioner.clone().run_jobs(stop_rx.clone())),
+            tokio::spawn(provisioner.clone().run_sweeps(stop_rx)),
+        ];
+        Ok(Dev {
+            edge_addr,
+            waker_addr,
+            store,
+            provisioner,
+            machines_dir,
+            operator_token,
+            preview_url_template,
+            stop,
+            tasks,
+        })
+    }
+
+    /// The URL of a preview label.
+    pub fn url(&self, label: &str) -> String {
+        self.preview_url_template.replace("{label}", label)
+    }
+
+    /// Stops cleanly: running previews are put to sleep (a later start wakes them on
+    /// the first visit), then the tasks end.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Ok(previews) = self.store.list_previews().await {
+            for p in previews {
+                if let State::Running { machine, .. } = &p.value.state {
+                    if apply(
+                        self.store.as_ref(),
+                        &p.value.id,
+                        &Event::SleepRequested,
+                        now_ms(),
+                    )
+                    .await
+                    .is_ok()
+                        && self.provisioner.cloud.stop(machine).await.is_ok()
+                    {
+                        let _ = apply(self.store.as_ref(), &p.value.id, &Event::Stopped, now_ms())
+                            .await;
+                    }
+                }
+            }
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        kill_all(&self.machines_dir);
+    }
+}
+
+/// Stops every process a machine directory records (synchronously: also used on drop).
+fn kill_all(machines_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(machines_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        for pidfile in ["build.pid", "app.pid"] {
+            if let Some(pgid) = std::fs::read_to_string(e.path().join(pidfile))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            {
+                if pgid > 1 {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-KILL", "--", &format!("-{pgid}")])
+                        .status();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if !self.tasks.is_empty() {
+            kill_all(&self.machines_dir);
+        }
+    }
+}

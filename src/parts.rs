@@ -1,0 +1,88 @@
+//! `wakegate waker | edge | provisioner`: one part per process, sharing Redis.
+
+use crate::config::{Config, ConfigError};
+use anyhow::Context;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use wakegate_edge::native::{Edge, EdgeConfig};
+use wakegate_provisioner::local::LocalCloud;
+use wakegate_provisioner::runner::Provisioner;
+use wakegate_provisioner::Settings;
+use wakegate_store::{RedisStore, SharedStore};
+use wakegate_waker::{refs::GitRefs, Waker, WakerConfig};
+
+async fn redis(cfg: &Config) -> anyhow::Result<SharedStore> {
+    let url = cfg
+        .redis_url
+        .as_deref()
+        .ok_or(ConfigError::Missing("WAKEGATE_REDIS_URL"))?;
+    Ok(Arc::new(
+        RedisStore::connect(url, &cfg.redis_prefix)
+            .await
+            .with_context(|| format!("connecting to {url}"))?,
+    ))
+}
+
+pub async fn waker(cfg: Config) -> anyhow::Result<()> {
+    let store = redis(&cfg).await?;
+    let token = cfg
+        .operator_token
+        .clone()
+        .ok_or(ConfigError::Missing("WAKEGATE_OPERATOR_TOKEN"))?;
+    let waker = Arc::new(Waker::new(
+        store,
+        WakerConfig {
+            edge_key: Config::require_key(&cfg.edge_key, "WAKEGATE_EDGE_KEY")?,
+            operator_token: token,
+            preview_base: cfg.preview_base.clone(),
+            preview_url_template: cfg.preview_url(cfg.edge_addr.port()),
+        },
+        Arc::new(GitRefs::new(Duration::from_secs(5))),
+    ));
+    let listener = TcpListener::bind(cfg.waker_addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "waker listening");
+    wakegate_waker::serve(listener, waker).await;
+    Ok(())
+}
+
+pub async fn edge(cfg: Config) -> anyhow::Result<()> {
+    let edge = Edge::new(EdgeConfig {
+        waker_url: cfg.waker_url.clone(),
+        edge_key: Config::require_key(&cfg.edge_key, "WAKEGATE_EDGE_KEY")?,
+        csrf_key: Config::require_key(&cfg.csrf_key, "WAKEGATE_CSRF_KEY")?,
+        origin_key: Config::require_key(&cfg.origin_key, "WAKEGATE_ORIGIN_KEY")?,
+        route_ttl: cfg.route_ttl,
+        hold_timeout: cfg.hold_timeout,
+        activity_every: cfg.activity_every,
+        scheme: "http",
+    });
+    let listener = TcpListener::bind(cfg.edge_addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, waker = %cfg.waker_url, "edge listening");
+    wakegate_edge::native::serve(listener, edge).await;
+    Ok(())
+}
+
+pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
+    let store = redis(&cfg).await?;
+    let cloud = Arc::new(LocalCloud::new(std::path::absolute(
+        cfg.data_dir.join("machines"),
+    )?)?);
+    let p = Arc::new(Provisioner::new(
+        store,
+        cloud,
+        Settings {
+            lease: cfg.lease,
+            poll: Duration::from_millis(100),
+            sweep_every: cfg.sweep_every,
+            orphan_grace: cfg.orphan_grace,
+            preview_url_template: cfg.preview_url(cfg.edge_addr.port()),
+        },
+    ));
+    tracing::info!(worker = %p.worker, "provisioner running");
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let sweeps = tokio::spawn(p.clone().run_sweeps(rx.clone()));
+    p.run_jobs(rx).await;
+    sweeps.abort();
+    Ok(())
+}
