@@ -150,6 +150,7 @@ fn kill_all(machines_dir: &std::path::Path) {
                 if pgid > 1 {
                     let _ = std::process::Command::new("kill")
                         .args(["-KILL", "--", &format!("-{pgid}")])
+                        .stderr(std::process::Stdio::null())
                         .status();
                 }
             }

@@ -1,0 +1,214 @@
+//! The world the end-to-end tests run in: `Dev` (the composition `wakegate dev` runs) on
+//! the embedded store, with a real git repository holding the demo app on two branches.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use wakegate::config::Config;
+use wakegate::dev::Dev;
+use wakegate_testkit::git::Repo;
+use wakegate_testkit::http::{self, Response};
+
+pub const APP: &str = include_str!("../../examples/demo-app/app.py");
+pub const MANIFEST: &str = include_str!("../../examples/demo-app/wakegate.toml");
+pub const MAIN: &str = include_str!("../../examples/demo-app/content.html");
+pub const BLUE: &str = include_str!("../../examples/demo-app/content-blue.html");
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub struct World {
+    pub dev: Dev,
+    pub repo: Repo,
+    pub data: std::path::PathBuf,
+}
+
+pub fn settings(data: &std::path::Path, extra: &[(&str, &str)]) -> Config {
+    let mut m: HashMap<String, String> = [
+        ("WAKEGATE_DATA", data.to_str().unwrap()),
+        ("WAKEGATE_EDGE_ADDR", "127.0.0.1:0"),
+        ("WAKEGATE_WAKER_ADDR", "127.0.0.1:0"),
+        ("WAKEGATE_SWEEP_SECS", "0.2"),
+        ("WAKEGATE_ORPHAN_GRACE_SECS", "2"),
+        ("WAKEGATE_ROUTE_CACHE_SECS", "0.5"),
+        ("WAKEGATE_ACTIVITY_SECS", "0.2"),
+        ("WAKEGATE_HOLD_SECS", "30"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in extra {
+        m.insert(k.to_string(), v.to_string());
+    }
+    Config::from_source(&m).unwrap()
+}
+
+/// A repository with the demo app on `main` and `feature/blue`.
+pub fn demo_repo() -> Repo {
+    let repo = Repo::new(&[
+        ("app.py", APP),
+        ("wakegate.toml", MANIFEST),
+        ("content.html", MAIN),
+    ]);
+    repo.branch("feature/blue", &[("content.html", BLUE)]);
+    repo
+}
+
+impl World {
+    pub async fn start() -> World {
+        Self::start_with(&[], 600).await
+    }
+
+    pub async fn start_with(extra: &[(&str, &str)], idle_timeout_secs: u64) -> World {
+        let data = wakegate_testkit::tempdir("e2e");
+        let cfg = settings(&data, extra);
+        let store = Arc::new(wakegate_store::EmbeddedStore::open(&data.join("store.log")).unwrap());
+        let dev = Dev::start(&cfg, store).await.unwrap();
+        let repo = demo_repo();
+        let w = World { dev, repo, data };
+        let (s, body) = w
+            .op("POST", "/v1/projects", Some(json!({"name": "demo", "git_url": w.repo.url(), "ttl_hours": 24, "idle_timeout_secs": idle_timeout_secs})))
+            .await;
+        assert_eq!(s, 201, "{body}");
+        w
+    }
+
+    pub async fn op(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        wakegate::operator::call(
+            self.dev.waker_addr,
+            &self.dev.operator_token,
+            method,
+            path,
+            body,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Creates a preview for `git_ref` and returns its view.
+    pub async fn preview(&self, git_ref: &str) -> Value {
+        let (s, v) = self
+            .op(
+                "POST",
+                "/v1/projects/demo/previews",
+                Some(json!({ "ref": git_ref })),
+            )
+            .await;
+        assert!(s == 201 || s == 200, "{s} {v}");
+        v
+    }
+
+    pub async fn show(&self, id: &str) -> Value {
+        let (s, v) = self.op("GET", &format!("/v1/previews/{id}"), None).await;
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    pub async fn wait_state(&self, id: &str, state: &str) -> Value {
+        wakegate_testkit::eventually(WAIT, &format!("{id} to be {state}"), || async {
+            let v = self.show(id).await;
+            if v["state"] == "failed" && state != "failed" {
+                panic!("preview failed: {v}");
+            }
+            (v["state"] == state).then_some(v)
+        })
+        .await
+    }
+
+    /// `<label>.localhost:<edge port>`
+    pub fn host(&self, preview: &Value) -> String {
+        format!(
+            "{}.localhost:{}",
+            preview["label"].as_str().unwrap(),
+            self.dev.edge_addr.port()
+        )
+    }
+
+    pub async fn visit(&self, preview: &Value, path: &str) -> Response {
+        http::get_html(self.dev.edge_addr, &self.host(preview), path)
+            .await
+            .unwrap()
+    }
+
+    pub async fn api(&self, preview: &Value, path: &str, headers: &[(&str, &str)]) -> Response {
+        let mut h = vec![("accept", "application/json"), ("user-agent", "curl/8.5.0")];
+        h.extend_from_slice(headers);
+        http::send(self.dev.edge_addr, "GET", &self.host(preview), path, &h, "")
+            .await
+            .unwrap()
+    }
+
+    /// A running preview.
+    pub async fn running(&self, git_ref: &str) -> Value {
+        let p = self.preview(git_ref).await;
+        self.wait_state(p["id"].as_str().unwrap(), "running").await
+    }
+
+    pub async fn machine_of(&self, id: &str) -> String {
+        let p = self.dev.store.get_preview(id).await.unwrap().unwrap();
+        p.value
+            .state
+            .machines()
+            .first()
+            .map(|m| m.to_string())
+            .expect("preview has a machine")
+    }
+
+    /// How many times the app on this machine started (its log says so once a start).
+    pub fn app_starts(&self, machine: &str) -> usize {
+        let log = std::fs::read_to_string(self.dev.machines_dir.join(machine).join("app.log"))
+            .unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("demo app listening"))
+            .count()
+    }
+
+    pub fn machine_dirs(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.dev.machines_dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub async fn stop(self) {
+        self.dev.shutdown().await;
+    }
+}
+
+/// The CSRF token in a confirm page.
+pub fn csrf_of(page: &str) -> String {
+    let at = page
+        .find(r#"name="csrf" value=""#)
+        .expect("page has a CSRF field")
+        + r#"name="csrf" value=""#.len();
+    page[at..].split('"').next().unwrap().to_string()
+}
+
+pub async fn post_form(w: &World, preview: &Value, body: &str, extra: &[(&str, &str)]) -> Response {
+    let mut h = vec![
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("accept", "text/html"),
+    ];
+    if !extra
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("user-agent"))
+    {
+        h.push(("user-agent", http::BROWSER_UA));
+    }
+    h.extend_from_slice(extra);
+    http::send(
+        w.dev.edge_addr,
+        "POST",
+        &w.host(preview),
+        "/_wakegate/rebuild",
+        &h,
+        body.to_string(),
+    )
+    .await
+    .unwrap()
+}
