@@ -1,0 +1,488 @@
+//! The waker API against its OpenAPI document, and its security: every documented
+//! operation is called on the live server; each answer's status must be documented and
+//! its body must match the schema. Forged signatures, replays, clock skew, missing
+//! tokens and oversized bodies are refused.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use wakegate_core::sign::{self, Key};
+use wakegate_testkit::http;
+
+const EDGE_KEY: &str = "edge-key-for-the-api-tests-0123456789";
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn signed(
+    w: &World,
+    method: &str,
+    path: &str,
+    body: &str,
+    t: u64,
+    nonce: &str,
+) -> http::Response {
+    let sig = sign::sign(
+        &Key::new(EDGE_KEY.as_bytes().to_vec()),
+        method,
+        path,
+        &sign::body_digest(body.as_bytes()),
+        t,
+        nonce,
+    );
+    let host = w.dev.waker_addr.to_string();
+    http::send(
+        w.dev.waker_addr,
+        method,
+        &host,
+        path,
+        &[
+            (sign::SIGNATURE_HEADER, &sig),
+            ("content-type", "application/json"),
+        ],
+        body.to_string(),
+    )
+    .await
+    .unwrap()
+}
+
+async fn operator(
+    w: &World,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> http::Response {
+    let host = w.dev.waker_addr.to_string();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut h = vec![("content-type", "application/json")];
+    if let Some(a) = &auth {
+        h.push(("authorization", a.as_str()));
+    }
+    http::send(w.dev.waker_addr, method, &host, path, &h, body.to_string())
+        .await
+        .unwrap()
+}
+
+fn resolve<'a>(spec: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let name = r.rsplit('/').next().unwrap();
+            let kind = if r.contains("/responses/") {
+                "responses"
+            } else {
+                "schemas"
+            };
+            &spec["components"][kind][name]
+        }
+        None => schema,
+    }
+}
+
+/// A validator for the part of JSON Schema the document uses.
+fn validate(spec: &Value, schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>) {
+    let schema = resolve(spec, schema);
+    if let Some(t) = schema.get("type") {
+        let types: Vec<&str> = match t {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        };
+        let ok = types.iter().any(|t| match *t {
+            "object" => v.is_object(),
+            "array" => v.is_array(),
+            "string" => v.is_string(),
+            "integer" => v.is_u64() || v.is_i64(),
+            "number" => v.is_number(),
+            "boolean" => v.is_boolean(),
+            "null" => v.is_null(),
+            _ => false,
+        });
+        if !ok {
+            errors.push(format!("{at}: expected {types:?}, got {v}"));
+            return;
+        }
+    }
+    if let Some(e) = schema.get("enum").and_then(Value::as_array) {
+        if !e.contains(v) {
+            errors.push(format!("{at}: {v} not in {e:?}"));
+        }
+    }
+    if let (Some(obj), Some(props)) = (
+        v.as_object(),
+        schema.get("properties").and_then(Value::as_object),
+    ) {
+        for r in schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if !obj.contains_key(r.as_str().unwrap()) {
+                errors.push(format!("{at}: missing {r}"));
+            }
+        }
+        for (k, val) in obj {
+            match props.get(k) {
+                Some(s) => validate(spec, s, val, &format!("{at}.{k}"), errors),
+                None if schema.get("additionalProperties") == Some(&Value::Bool(false)) => {
+                    errors.push(format!("{at}: undocumented property {k}"))
+                }
+                None => {}
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (schema.get("items"), v.as_array()) {
+        for (i, x) in arr.iter().enumerate() {
+            validate(spec, items, x, &format!("{at}[{i}]"), errors);
+        }
+    }
+}
+
+fn operation<'a>(spec: &'a Value, method: &str, path: &str) -> Option<(String, &'a Value)> {
+    let path = path.split('?').next().unwrap();
+    let segs: Vec<&str> = path.split('/').collect();
+    for (template, ops) in spec["paths"].as_object().unwrap() {
+        let t: Vec<&str> = template.split('/').collect();
+        if t.len() == segs.len()
+            && t.iter()
+                .zip(&segs)
+                .all(|(a, b)| a.starts_with('{') || a == b)
+        {
+            if let Some(op) = ops.get(method.to_ascii_lowercase()) {
+                return Some((format!("{method} {template}"), op));
+            }
+        }
+    }
+    None
+}
+
+fn check(spec: &Value, method: &str, path: &str, r: &http::Response, seen: &mut BTreeSet<String>) {
+    let (name, op) = operation(spec, method, path)
+        .unwrap_or_else(|| panic!("{method} {path} is not in the OpenAPI document"));
+    seen.insert(name.clone());
+    let status = r.status.to_string();
+    let resp = op["responses"]
+        .get(&status)
+        .unwrap_or_else(|| panic!("{name}: status {status} is not documented ({})", r.body));
+    let resp = resolve(spec, resp);
+    if let Some(schema) = resp.pointer("/content/application~1json/schema") {
+        let mut errors = Vec::new();
+        validate(spec, schema, &r.json(), &name, &mut errors);
+        assert!(errors.is_empty(), "{name} {status}: {errors:?}\n{}", r.body);
+    } else {
+        assert!(
+            r.body.is_empty(),
+            "{name} {status}: undocumented body {}",
+            r.body
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_matches_its_openapi_document() {
+    let w = World::start_with(&[("WAKEGATE_EDGE_KEY", EDGE_KEY)], 600).await;
+    let spec: Value = serde_json::from_str(wakegate_waker::OPENAPI).unwrap();
+    let tok = Some(w.dev.operator_token.as_str());
+    let mut seen = BTreeSet::new();
+
+    let served: Value = operator(&w, "GET", "/openapi.json", "", None).await.json();
+    assert_eq!(
+        served, spec,
+        "the server serves the document in the repository"
+    );
+
+    let p = w.running("main").await;
+    let id = p["id"].as_str().unwrap().to_string();
+    let host = p["host"].as_str().unwrap().to_string();
+    let mut n = 0;
+    let mut nonce = || {
+        n += 1;
+        format!("n{n}")
+    };
+
+    // (method, path, body, operator?)
+    let operator_calls: Vec<(&str, String, String)> = vec![
+        ("GET", "/healthz".into(), String::new()),
+        ("GET", "/openapi.json".into(), String::new()),
+        ("GET", "/v1/projects".into(), String::new()),
+        (
+            "POST",
+            "/v1/projects".into(),
+            json!({"name": "other", "git_url": w.repo.url(), "ttl_hours": 0.5}).to_string(),
+        ),
+        (
+            "POST",
+            "/v1/projects".into(),
+            json!({"name": "other", "git_url": w.repo.url()}).to_string(),
+        ),
+        (
+            "POST",
+            "/v1/projects".into(),
+            json!({"name": "Bad Name", "git_url": "x"}).to_string(),
+        ),
+        (
+            "POST",
+            "/v1/projects".into(),
+            json!({"name": "x", "git_url": "x", "ttl_hours": 9000}).to_string(),
+        ),
+        ("POST", "/v1/projects".into(), "{not json".into()),
+        ("POST", "/v1/projects".into(), "x".repeat(70 * 1024)),
+        ("GET", "/v1/projects/demo".into(), String::new()),
+        ("GET", "/v1/projects/nope".into(), String::new()),
+        (
+            "POST",
+            "/v1/projects/demo/previews".into(),
+            json!({"ref": "main"}).to_string(),
+        ),
+        (
+            "POST",
+            "/v1/projects/demo/previews".into(),
+            json!({"ref": "--upload-pack=evil"}).to_string(),
+        ),
+        (
+            "POST",
+            "/v1/projects/demo/previews".into(),
+            json!({"ref": "missing"}).to_string(),
+        ),
+        (
+            "POST",
+            "/v1/projects/nope/previews".into(),
+            json!({"ref": "main"}).to_string(),
+        ),
+        ("GET", "/v1/previews".into(), String::new()),
+        ("GET", format!("/v1/previews/{id}"), String::new()),
+        ("GET", "/v1/previews/nope".into(), String::new()),
+        ("POST", format!("/v1/previews/{id}/pin"), String::new()),
+        ("POST", format!("/v1/previews/{id}/unpin"), String::new()),
+        (
+            "PUT",
+            format!("/v1/previews/{id}/ttl"),
+            json!({"ttl_hours": 2.5}).to_string(),
+        ),
+        (
+            "PUT",
+            format!("/v1/previews/{id}/ttl"),
+            json!({"ttl_hours": null}).to_string(),
+        ),
+        (
+            "PUT",
+            format!("/v1/previews/{id}/ttl"),
+            json!({"ttl_hours": 0}).to_string(),
+        ),
+        ("POST", format!("/v1/previews/{id}/rebuild"), String::new()),
+    ];
+    for (m, path, body) in &operator_calls {
+        let r = operator(&w, m, path, body, tok).await;
+        check(&spec, m, path, &r, &mut seen);
+    }
+    w.wait_state(&id, "running").await;
+    for (m, path) in [
+        ("POST", format!("/v1/previews/{id}/sleep")),
+        ("POST", format!("/v1/previews/{id}/wake")),
+    ] {
+        let r = operator(&w, m, &path, "", tok).await;
+        check(&spec, m, &path, &r, &mut seen);
+        if path.ends_with("sleep") {
+            w.wait_state(&id, "sleeping").await;
+        }
+    }
+    w.wait_state(&id, "running").await;
+    // missing or wrong token
+    for t in [None, Some("wrong")] {
+        let r = operator(&w, "GET", "/v1/previews", "", t).await;
+        assert_eq!(r.status, 401);
+        check(&spec, "GET", "/v1/previews", &r, &mut seen);
+    }
+
+    let edge_calls: Vec<(&str, String, String)> = vec![
+        ("GET", format!("/v1/edge/route?host={host}"), String::new()),
+        (
+            "GET",
+            "/v1/edge/route?host=nope.localhost".into(),
+            String::new(),
+        ),
+        ("GET", "/v1/edge/route?host=bad_host!".into(), String::new()),
+        (
+            "GET",
+            format!("/v1/edge/status?host={host}&after=0&wait=100"),
+            String::new(),
+        ),
+        (
+            "POST",
+            "/v1/edge/wake".into(),
+            json!({"host": host}).to_string(),
+        ),
+        (
+            "POST",
+            "/v1/edge/wake".into(),
+            json!({"host": "nope.localhost"}).to_string(),
+        ),
+        (
+            "POST",
+            "/v1/edge/activity".into(),
+            json!({"hosts": [host, "nope.localhost", "bad_host!"]}).to_string(),
+        ),
+        (
+            "POST",
+            "/v1/edge/activity".into(),
+            json!({"hosts": "nope"}).to_string(),
+        ),
+        (
+            "POST",
+            "/v1/edge/rebuild".into(),
+            json!({"host": host, "client_ip": "127.0.0.1"}).to_string(),
+        ),
+    ];
+    for (m, path, body) in &edge_calls {
+        let r = signed(&w, m, path, body, now(), &nonce()).await;
+        check(&spec, m, path, &r, &mut seen);
+    }
+    let (_, erase) = w
+        .op("POST", &format!("/v1/previews/{id}/erase"), None)
+        .await;
+    check(
+        &spec,
+        "POST",
+        &format!("/v1/previews/{id}/erase"),
+        &http::Response {
+            status: 202,
+            headers: Default::default(),
+            body: erase.to_string(),
+        },
+        &mut seen,
+    );
+    w.wait_state(&id, "erased").await;
+    let r = signed(
+        &w,
+        "POST",
+        "/v1/edge/rebuild",
+        &json!({"host": host, "client_ip": "127.0.0.1"}).to_string(),
+        now(),
+        &nonce(),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    check(&spec, "POST", "/v1/edge/rebuild", &r, &mut seen);
+
+    let documented: BTreeSet<String> = spec["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(p, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| format!("{} {p}", m.to_ascii_uppercase()))
+        })
+        .collect();
+    let missed: Vec<_> = documented.difference(&seen).collect();
+    assert!(missed.is_empty(), "operations never exercised: {missed:?}");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn edge_calls_refuse_forgery_replay_and_skew() {
+    let w = World::start_with(&[("WAKEGATE_EDGE_KEY", EDGE_KEY)], 600).await;
+    let p = w.running("main").await;
+    let id = p["id"].as_str().unwrap();
+    w.op("POST", &format!("/v1/previews/{id}/sleep"), None)
+        .await;
+    w.wait_state(id, "sleeping").await;
+    let path = format!("/v1/edge/route?host={}", p["host"].as_str().unwrap());
+    let t = now();
+
+    let ok = signed(&w, "GET", &path, "", t, "abc1").await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let replay = signed(&w, "GET", &path, "", t, "abc1").await;
+    assert_eq!(
+        (replay.status, replay.json()["error"].clone()),
+        (401, json!("signature was already used"))
+    );
+    let skewed = signed(&w, "GET", &path, "", t - 120_000, "abc2").await;
+    assert_eq!(
+        skewed.json()["error"],
+        "signature timestamp is outside the allowed clock skew"
+    );
+    let future = signed(&w, "GET", &path, "", t + 120_000, "abc3").await;
+    assert_eq!(future.status, 401);
+
+    // a signature for one request does not carry over to another
+    let sig = sign::sign(
+        &Key::new(EDGE_KEY.as_bytes().to_vec()),
+        "GET",
+        &path,
+        &sign::body_digest(b""),
+        t,
+        "abc4",
+    );
+    let host = w.dev.waker_addr.to_string();
+    let body = json!({"host": p["host"]}).to_string();
+    let r = http::send(
+        w.dev.waker_addr,
+        "POST",
+        &host,
+        "/v1/edge/wake",
+        &[(sign::SIGNATURE_HEADER, &sig)],
+        body.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (401, json!("signature does not match"))
+    );
+    let forged = sign::sign(
+        &Key::new(b"not-the-edge-key-at-all".to_vec()),
+        "POST",
+        "/v1/edge/wake",
+        &sign::body_digest(body.as_bytes()),
+        t,
+        "abc5",
+    );
+    let r = http::send(
+        w.dev.waker_addr,
+        "POST",
+        &host,
+        "/v1/edge/wake",
+        &[(sign::SIGNATURE_HEADER, &forged)],
+        body.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 401);
+    let r = http::send(w.dev.waker_addr, "POST", &host, "/v1/edge/wake", &[], body)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (401, json!("missing signature"))
+    );
+    let r = http::send(
+        w.dev.waker_addr,
+        "POST",
+        &host,
+        "/v1/edge/wake",
+        &[(sign::SIGNATURE_HEADER, "garbage")],
+        "{}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (401, json!("malformed signature header"))
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        w.show(id).await["state"],
+        "sleeping",
+        "refused wake calls woke nothing"
+    );
+    w.stop().await;
+}
