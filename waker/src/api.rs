@@ -92,17 +92,38 @@ pub(crate) fn json_error(status: u16, message: &str) -> Resp {
     json_response(status, &json!({ "error": message }))
 }
 
+/// An error answer: its status and message. Becomes JSON in [`ApiError::response`].
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: u16,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: u16, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into() }
+    }
+
+    fn store(e: StoreError) -> ApiError {
+        warn!(error = %e, "store error");
+        match e {
+            StoreError::Exists(what) => ApiError::new(409, format!("{what} already exists")),
+            StoreError::Conflict => ApiError::new(409, "concurrent update, try again"),
+            e => ApiError::new(503, format!("store unavailable: {e}")),
+        }
+    }
+
+    fn response(self) -> Resp {
+        json_error(self.status, &self.message)
+    }
+}
+
 fn ok<T: Serialize>(status: u16, v: &T) -> Resp {
     json_response(status, &serde_json::to_value(v).unwrap_or_default())
 }
 
 fn store_error(e: StoreError) -> Resp {
-    warn!(error = %e, "store error");
-    match e {
-        StoreError::Exists(what) => json_error(409, &format!("{what} already exists")),
-        StoreError::Conflict => json_error(409, "concurrent update, try again"),
-        e => json_error(503, &format!("store unavailable: {e}")),
-    }
+    ApiError::store(e).response()
 }
 
 fn apply_error(e: ApplyError) -> Resp {
@@ -120,8 +141,8 @@ fn query(parts: &Parts) -> HashMap<String, String> {
         .collect()
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Resp> {
-    serde_json::from_slice(body).map_err(|e| json_error(400, &format!("invalid JSON body: {e}")))
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::new(400, format!("invalid JSON body: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -174,8 +195,8 @@ impl Waker {
                 .body(Full::new(Bytes::from_static(crate::OPENAPI.as_bytes())))
                 .expect("valid response"),
             (_, ["v1", "edge", ..]) => {
-                if let Err(r) = self.verify_edge(parts, &body) {
-                    return r;
+                if let Err(e) = self.verify_edge(parts, &body) {
+                    return e.response();
                 }
                 match (&parts.method, &segs[2..]) {
                     (&Method::GET, ["route"]) => self.route(parts).await,
@@ -224,7 +245,7 @@ impl Waker {
         }
     }
 
-    fn verify_edge(&self, parts: &Parts, body: &[u8]) -> Result<(), Resp> {
+    fn verify_edge(&self, parts: &Parts, body: &[u8]) -> Result<(), ApiError> {
         let header = parts
             .headers
             .get(sign::SIGNATURE_HEADER)
@@ -243,42 +264,42 @@ impl Waker {
             &sign::body_digest(body),
             now,
         )
-        .map_err(|e| json_error(401, &e.to_string()))?;
+        .map_err(|e| ApiError::new(401, e.to_string()))?;
         self.replay
             .lock()
             .unwrap()
             .check(&signed, now)
-            .map_err(|e| json_error(401, &e.to_string()))
+            .map_err(|e| ApiError::new(401, e.to_string()))
     }
 
     fn host_of(&self, label: &str) -> String {
         format!("{label}.{}", self.config.preview_base)
     }
 
-    async fn find_by_host(&self, raw: &str) -> Result<(Versioned<Preview>, Project), Resp> {
-        let host = normalize_host(raw).map_err(|e| json_error(400, &format!("bad host: {e}")))?;
+    async fn find_by_host(&self, raw: &str) -> Result<(Versioned<Preview>, Project), ApiError> {
+        let host = normalize_host(raw).map_err(|e| ApiError::new(400, format!("bad host: {e}")))?;
         let id = self
             .store
             .resolve_host(host.as_str())
             .await
-            .map_err(store_error)?;
-        let id = id.ok_or_else(|| json_error(404, &format!("no preview at {host}")))?;
+            .map_err(ApiError::store)?;
+        let id = id.ok_or_else(|| ApiError::new(404, format!("no preview at {host}")))?;
         self.load(&id).await
     }
 
-    async fn load(&self, id: &str) -> Result<(Versioned<Preview>, Project), Resp> {
+    async fn load(&self, id: &str) -> Result<(Versioned<Preview>, Project), ApiError> {
         let p = self
             .store
             .get_preview(id)
             .await
-            .map_err(store_error)?
-            .ok_or_else(|| json_error(404, &format!("no preview {id}")))?;
+            .map_err(ApiError::store)?
+            .ok_or_else(|| ApiError::new(404, format!("no preview {id}")))?;
         let project = self
             .store
             .get_project(&p.value.project_id)
             .await
-            .map_err(store_error)?
-            .ok_or_else(|| json_error(404, "the preview's project is gone"))?;
+            .map_err(ApiError::store)?
+            .ok_or_else(|| ApiError::new(404, "the preview's project is gone"))?;
         Ok((p, project))
     }
 
@@ -337,7 +358,7 @@ impl Waker {
         };
         match self.find_by_host(host).await {
             Ok((p, project)) => ok(200, &self.record(p, &project).await),
-            Err(r) => r,
+            Err(e) => e.response(),
         }
     }
 
@@ -354,7 +375,7 @@ impl Waker {
             .min(MAX_WAIT_MS);
         let (p, project) = match self.find_by_host(host).await {
             Ok(x) => x,
-            Err(r) => return r,
+            Err(e) => return e.response(),
         };
         let p = if p.version <= after && wait > 0 {
             match self
@@ -375,11 +396,11 @@ impl Waker {
     async fn wake(&self, body: &[u8]) -> Resp {
         let req: HostRequest = match parse(body) {
             Ok(r) => r,
-            Err(r) => return r,
+            Err(e) => return e.response(),
         };
         let (p, _) = match self.find_by_host(&req.host).await {
             Ok(x) => x,
-            Err(r) => return r,
+            Err(e) => return e.response(),
         };
         match apply(
             self.store.as_ref(),
@@ -418,11 +439,11 @@ impl Waker {
     async fn rebuild_from_edge(&self, body: &[u8]) -> Resp {
         let req: HostRequest = match parse(body) {
             Ok(r) => r,
-            Err(r) => return r,
+            Err(e) => return e.response(),
         };
         let (p, project) = match self.find_by_host(&req.host).await {
             Ok(x) => x,
-            Err(r) => return r,
+            Err(e) => return e.response(),
         };
         if !matches!(p.value.state, State::Erased { .. } | State::Failed { .. }) {
             // already building or running: single flight, nothing new to do
@@ -479,7 +500,7 @@ impl Waker {
     async fn activity(&self, body: &[u8]) -> Resp {
         let batch: ActivityBatch = match parse(body) {
             Ok(b) => b,
-            Err(r) => return r,
+            Err(e) => return e.response(),
         };
         if batch.hosts.len() > 10_000 {
             return json_error(413, "at most 10000 hosts a batch");
@@ -505,7 +526,7 @@ impl Waker {
     async fn create_project(&self, body: &[u8]) -> Resp {
         let req: NewProject = match parse(body) {
             Ok(r) => r,
-            Err(r) => return r,
+            Err(e) => return e.response(),
         };
         let name = wakegate_core::host::slugify(&req.name, 20);
         if name != req.name || name.is_empty() {
@@ -574,7 +595,7 @@ impl Waker {
     async fn create_preview(&self, project_name: &str, body: &[u8]) -> Resp {
         let req: NewPreview = match parse(body) {
             Ok(r) => r,
-            Err(r) => return r,
+            Err(e) => return e.response(),
         };
         let git_ref = req.git_ref.trim().to_string();
         if git_ref.is_empty()
@@ -680,7 +701,7 @@ impl Waker {
     async fn show(&self, id: &str) -> Resp {
         match self.load(id).await {
             Ok((p, project)) => ok(200, &self.view(&p, &project)),
-            Err(r) => r,
+            Err(e) => e.response(),
         }
     }
 
@@ -688,7 +709,7 @@ impl Waker {
         for _ in 0..16 {
             let (p, project) = match self.load(id).await {
                 Ok(x) => x,
-                Err(r) => return r,
+                Err(e) => return e.response(),
             };
             let mut next = p.value.clone();
             f(&mut next);
@@ -725,7 +746,7 @@ impl Waker {
             "rebuild" => {
                 return match self.load(id).await {
                     Ok((p, project)) => self.rebuild(p, &project).await,
-                    Err(r) => r,
+                    Err(e) => e.response(),
                 }
             }
             _ => return json_error(404, &format!("no action {action}")),
@@ -743,7 +764,7 @@ impl Waker {
     async fn set_ttl(&self, id: &str, body: &[u8]) -> Resp {
         let req: SetTtl = match parse(body) {
             Ok(r) => r,
-            Err(r) => return r,
+            Err(e) => return e.response(),
         };
         if let Some(h) = req.ttl_hours {
             if let Err(e) = ttl::validate_hours(h) {
