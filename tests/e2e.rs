@@ -389,7 +389,10 @@ async fn fractional_hour_ttl_erases_and_pinned_previews_stay() {
     assert!(page.body.contains("This preview was erased"));
     assert_eq!(w.show(pid).await["state"], "running");
     // the erased preview's machine is deleted right after the tombstone is written
-    wakegate_testkit::eventually(WAIT, "the erased machine to be deleted", || async { (w.machine_dirs().len() == 1).then_some(()) }).await;
+    wakegate_testkit::eventually(WAIT, "the erased machine to be deleted", || async {
+        (w.machine_dirs().len() == 1).then_some(())
+    })
+    .await;
     w.stop().await;
 }
 

@@ -101,7 +101,10 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     fn new(status: u16, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into() }
+        ApiError {
+            status,
+            message: message.into(),
+        }
     }
 
     fn store(e: StoreError) -> ApiError {
