@@ -64,19 +64,12 @@ pub struct Config {
     pub activity_every: Duration,
 }
 
-fn parse<T: std::str::FromStr>(
-    src: &dyn Source,
-    key: &'static str,
-    default: T,
-) -> Result<T, ConfigError>
+fn parse<T: std::str::FromStr>(src: &dyn Source, key: &'static str, default: T) -> Result<T, ConfigError>
 where
     T::Err: std::fmt::Display,
 {
     match src.get(key) {
-        Some(v) => v.parse().map_err(|e: T::Err| ConfigError::Invalid {
-            key,
-            reason: format!("{v:?}: {e}"),
-        }),
+        Some(v) => v.parse().map_err(|e: T::Err| ConfigError::Invalid { key, reason: format!("{v:?}: {e}") }),
         None => Ok(default),
     }
 }
@@ -84,44 +77,29 @@ where
 fn secs(src: &dyn Source, key: &'static str, default: f64) -> Result<Duration, ConfigError> {
     let v: f64 = parse(src, key, default)?;
     if !(v.is_finite() && v > 0.0) {
-        return Err(ConfigError::Invalid {
-            key,
-            reason: "must be a positive number of seconds".into(),
-        });
+        return Err(ConfigError::Invalid { key, reason: "must be a positive number of seconds".into() });
     }
     Ok(Duration::from_secs_f64(v))
 }
 
 /// A secret from `KEY` or from the file named by `KEY_FILE`.
-fn secret(
-    src: &dyn Source,
-    key: &'static str,
-    file_key: &'static str,
-) -> Result<Option<String>, ConfigError> {
+fn secret(src: &dyn Source, key: &'static str, file_key: &'static str) -> Result<Option<String>, ConfigError> {
     if let Some(v) = src.get(key) {
         return Ok(Some(v));
     }
     match src.get(file_key) {
         Some(path) => std::fs::read_to_string(&path)
             .map(|s| Some(s.trim().to_string()))
-            .map_err(|e| ConfigError::Invalid {
-                key: file_key,
-                reason: format!("{path}: {e}"),
-            }),
+            .map_err(|e| ConfigError::Invalid { key: file_key, reason: format!("{path}: {e}") }),
         None => Ok(None),
     }
 }
 
-fn key(
-    src: &dyn Source,
-    name: &'static str,
-    file: &'static str,
-) -> Result<Option<Key>, ConfigError> {
+fn key(src: &dyn Source, name: &'static str, file: &'static str) -> Result<Option<Key>, ConfigError> {
     match secret(src, name, file)? {
-        Some(s) if s.len() < 16 => Err(ConfigError::Invalid {
-            key: name,
-            reason: "must be at least 16 characters".into(),
-        }),
+        Some(s) if s.len() < 16 => {
+            Err(ConfigError::Invalid { key: name, reason: "must be at least 16 characters".into() })
+        }
         Some(s) => Ok(Some(Key::new(s.into_bytes()))),
         None => Ok(None),
     }
@@ -129,48 +107,25 @@ fn key(
 
 impl Config {
     pub fn from_source(src: &dyn Source) -> Result<Config, ConfigError> {
-        let waker_addr: SocketAddr = parse(
-            src,
-            "WAKEGATE_WAKER_ADDR",
-            DEFAULT_WAKER_ADDR.parse().expect("valid default"),
-        )?;
-        let base = src
-            .get("WAKEGATE_PREVIEW_BASE")
-            .unwrap_or_else(|| DEFAULT_PREVIEW_BASE.into());
+        let waker_addr: SocketAddr =
+            parse(src, "WAKEGATE_WAKER_ADDR", DEFAULT_WAKER_ADDR.parse().expect("valid default"))?;
+        let base = src.get("WAKEGATE_PREVIEW_BASE").unwrap_or_else(|| DEFAULT_PREVIEW_BASE.into());
         let base = wakegate_core::host::normalize_host(&base)
-            .map_err(|e| ConfigError::Invalid {
-                key: "WAKEGATE_PREVIEW_BASE",
-                reason: e.to_string(),
-            })?
+            .map_err(|e| ConfigError::Invalid { key: "WAKEGATE_PREVIEW_BASE", reason: e.to_string() })?
             .to_string();
         Ok(Config {
-            data_dir: src
-                .get("WAKEGATE_DATA")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
-            edge_addr: parse(
-                src,
-                "WAKEGATE_EDGE_ADDR",
-                DEFAULT_EDGE_ADDR.parse().expect("valid default"),
-            )?,
+            data_dir: src.get("WAKEGATE_DATA").map(PathBuf::from).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            edge_addr: parse(src, "WAKEGATE_EDGE_ADDR", DEFAULT_EDGE_ADDR.parse().expect("valid default"))?,
             waker_addr,
-            waker_url: src
-                .get("WAKEGATE_WAKER_URL")
-                .unwrap_or_else(|| format!("http://{waker_addr}")),
+            waker_url: src.get("WAKEGATE_WAKER_URL").unwrap_or_else(|| format!("http://{waker_addr}")),
             redis_url: src.get("WAKEGATE_REDIS_URL"),
-            redis_prefix: src
-                .get("WAKEGATE_REDIS_PREFIX")
-                .unwrap_or_else(|| "wg:".into()),
+            redis_prefix: src.get("WAKEGATE_REDIS_PREFIX").unwrap_or_else(|| "wg:".into()),
             preview_base: base,
             preview_url_template: src.get("WAKEGATE_PREVIEW_URL"),
             edge_key: key(src, "WAKEGATE_EDGE_KEY", "WAKEGATE_EDGE_KEY_FILE")?,
             csrf_key: key(src, "WAKEGATE_CSRF_KEY", "WAKEGATE_CSRF_KEY_FILE")?,
             origin_key: key(src, "WAKEGATE_ORIGIN_KEY", "WAKEGATE_ORIGIN_KEY_FILE")?,
-            operator_token: secret(
-                src,
-                "WAKEGATE_OPERATOR_TOKEN",
-                "WAKEGATE_OPERATOR_TOKEN_FILE",
-            )?,
+            operator_token: secret(src, "WAKEGATE_OPERATOR_TOKEN", "WAKEGATE_OPERATOR_TOKEN_FILE")?,
             sweep_every: secs(src, "WAKEGATE_SWEEP_SECS", 5.0)?,
             lease: secs(src, "WAKEGATE_LEASE_SECS", 30.0)?,
             orphan_grace: secs(src, "WAKEGATE_ORPHAN_GRACE_SECS", 120.0)?,
@@ -193,10 +148,7 @@ impl Config {
 
 /// 32 random bytes as hex: for dev-mode keys and tokens.
 pub fn random_secret() -> String {
-    wakegate_store::new_id("")
-        + &wakegate_store::new_id("")
-        + &wakegate_store::new_id("")
-        + &wakegate_store::new_id("")
+    wakegate_store::new_id("") + &wakegate_store::new_id("") + &wakegate_store::new_id("") + &wakegate_store::new_id("")
 }
 
 #[cfg(test)]
@@ -204,10 +156,7 @@ mod tests {
     use super::*;
 
     fn src(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]

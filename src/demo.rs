@@ -27,11 +27,7 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
         .args(args)
         .output()
         .context("running git")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    anyhow::ensure!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
 

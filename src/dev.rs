@@ -32,8 +32,7 @@ pub struct Dev {
 }
 
 fn key_or_random(k: &Option<Key>) -> Key {
-    k.clone()
-        .unwrap_or_else(|| Key::new(random_secret().into_bytes()))
+    k.clone().unwrap_or_else(|| Key::new(random_secret().into_bytes()))
 }
 
 impl Dev {
@@ -113,18 +112,10 @@ impl Dev {
         if let Ok(previews) = self.store.list_previews().await {
             for p in previews {
                 if let State::Running { machine, .. } = &p.value.state {
-                    if apply(
-                        self.store.as_ref(),
-                        &p.value.id,
-                        &Event::SleepRequested,
-                        now_ms(),
-                    )
-                    .await
-                    .is_ok()
+                    if apply(self.store.as_ref(), &p.value.id, &Event::SleepRequested, now_ms()).await.is_ok()
                         && self.provisioner.cloud.stop(machine).await.is_ok()
                     {
-                        let _ = apply(self.store.as_ref(), &p.value.id, &Event::Stopped, now_ms())
-                            .await;
+                        let _ = apply(self.store.as_ref(), &p.value.id, &Event::Stopped, now_ms()).await;
                     }
                 }
             }
@@ -143,9 +134,8 @@ fn kill_all(machines_dir: &std::path::Path) {
     };
     for e in entries.flatten() {
         for pidfile in ["build.pid", "app.pid"] {
-            if let Some(pgid) = std::fs::read_to_string(e.path().join(pidfile))
-                .ok()
-                .and_then(|s| s.trim().parse::<u32>().ok())
+            if let Some(pgid) =
+                std::fs::read_to_string(e.path().join(pidfile)).ok().and_then(|s| s.trim().parse::<u32>().ok())
             {
                 if pgid > 1 {
                     let _ = std::process::Command::new("kill")

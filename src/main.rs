@@ -18,21 +18,14 @@ usage:
 settings come from WAKEGATE_* environment variables; see README.md.";
 
 fn init_tracing() {
-    let level = match std::env::var("RUST_LOG")
-        .unwrap_or_default()
-        .to_ascii_lowercase()
-        .as_str()
-    {
+    let level = match std::env::var("RUST_LOG").unwrap_or_default().to_ascii_lowercase().as_str() {
         "trace" => tracing::Level::TRACE,
         "debug" => tracing::Level::DEBUG,
         "warn" => tracing::Level::WARN,
         "error" => tracing::Level::ERROR,
         _ => tracing::Level::INFO,
     };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_max_level(level).with_target(false).init();
 }
 
 #[tokio::main]
@@ -54,11 +47,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn dev(cfg: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let store = Arc::new(wakegate_store::EmbeddedStore::open(
-        &cfg.data_dir.join("store.log"),
-    )?);
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let store = Arc::new(wakegate_store::EmbeddedStore::open(&cfg.data_dir.join("store.log"))?);
     let dev = Dev::start(&cfg, store).await?;
     let repo = wakegate::demo::ensure_repo(&cfg.data_dir)?;
     let token = dev.operator_token.clone();
@@ -67,37 +57,20 @@ async fn dev(cfg: Config) -> anyhow::Result<()> {
         let addr = dev.waker_addr;
         async move { wakegate::operator::call(addr, &token, method, &path, Some(body)).await }
     };
-    let (status, body) = call("POST", "/v1/projects".into(), serde_json::json!({"name": "demo", "git_url": repo, "ttl_hours": 24, "idle_timeout_secs": 600})).await?;
-    anyhow::ensure!(
-        status == 201 || status == 409,
-        "creating the demo project: {status} {body}"
-    );
-    println!(
-        "\nWakegate is running (embedded store, local backend, data in {}).\n",
-        cfg.data_dir.display()
-    );
+    let (status, body) = call(
+        "POST",
+        "/v1/projects".into(),
+        serde_json::json!({"name": "demo", "git_url": repo, "ttl_hours": 24, "idle_timeout_secs": 600}),
+    )
+    .await?;
+    anyhow::ensure!(status == 201 || status == 409, "creating the demo project: {status} {body}");
+    println!("\nWakegate is running (embedded store, local backend, data in {}).\n", cfg.data_dir.display());
     for branch in wakegate::demo::BRANCHES {
-        let (status, p) = call(
-            "POST",
-            "/v1/projects/demo/previews".into(),
-            serde_json::json!({"ref": branch}),
-        )
-        .await?;
-        anyhow::ensure!(
-            status == 200 || status == 201,
-            "creating the {branch} preview: {status} {p}"
-        );
-        println!(
-            "  {:<14} {}   ({})",
-            branch,
-            p["url"].as_str().unwrap_or(""),
-            p["state"].as_str().unwrap_or("")
-        );
+        let (status, p) = call("POST", "/v1/projects/demo/previews".into(), serde_json::json!({"ref": branch})).await?;
+        anyhow::ensure!(status == 200 || status == 201, "creating the {branch} preview: {status} {p}");
+        println!("  {:<14} {}   ({})", branch, p["url"].as_str().unwrap_or(""), p["state"].as_str().unwrap_or(""));
     }
-    println!(
-        "\nOperator API: http://{}/v1/previews  (Authorization: Bearer {})",
-        dev.waker_addr, dev.operator_token
-    );
+    println!("\nOperator API: http://{}/v1/previews  (Authorization: Bearer {})", dev.waker_addr, dev.operator_token);
     println!("Stop with Ctrl-C: running previews are put to sleep and wake on the next visit.\n");
     tokio::signal::ctrl_c().await?;
     println!("stopping…");

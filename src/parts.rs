@@ -13,23 +13,13 @@ use wakegate_store::{RedisStore, SharedStore};
 use wakegate_waker::{refs::GitRefs, Waker, WakerConfig};
 
 async fn redis(cfg: &Config) -> anyhow::Result<SharedStore> {
-    let url = cfg
-        .redis_url
-        .as_deref()
-        .ok_or(ConfigError::Missing("WAKEGATE_REDIS_URL"))?;
-    Ok(Arc::new(
-        RedisStore::connect(url, &cfg.redis_prefix)
-            .await
-            .with_context(|| format!("connecting to {url}"))?,
-    ))
+    let url = cfg.redis_url.as_deref().ok_or(ConfigError::Missing("WAKEGATE_REDIS_URL"))?;
+    Ok(Arc::new(RedisStore::connect(url, &cfg.redis_prefix).await.with_context(|| format!("connecting to {url}"))?))
 }
 
 pub async fn waker(cfg: Config) -> anyhow::Result<()> {
     let store = redis(&cfg).await?;
-    let token = cfg
-        .operator_token
-        .clone()
-        .ok_or(ConfigError::Missing("WAKEGATE_OPERATOR_TOKEN"))?;
+    let token = cfg.operator_token.clone().ok_or(ConfigError::Missing("WAKEGATE_OPERATOR_TOKEN"))?;
     let waker = Arc::new(Waker::new(
         store,
         WakerConfig {
@@ -65,9 +55,7 @@ pub async fn edge(cfg: Config) -> anyhow::Result<()> {
 
 pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
     let store = redis(&cfg).await?;
-    let cloud = Arc::new(LocalCloud::new(std::path::absolute(
-        cfg.data_dir.join("machines"),
-    )?)?);
+    let cloud = Arc::new(LocalCloud::new(std::path::absolute(cfg.data_dir.join("machines"))?)?);
     let p = Arc::new(Provisioner::new(
         store,
         cloud,

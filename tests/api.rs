@@ -14,20 +14,10 @@ use wakegate_testkit::http;
 const EDGE_KEY: &str = "edge-key-for-the-api-tests-0123456789";
 
 fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
-async fn signed(
-    w: &World,
-    method: &str,
-    path: &str,
-    body: &str,
-    t: u64,
-    nonce: &str,
-) -> http::Response {
+async fn signed(w: &World, method: &str, path: &str, body: &str, t: u64, nonce: &str) -> http::Response {
     let sig = sign::sign(
         &Key::new(EDGE_KEY.as_bytes().to_vec()),
         method,
@@ -42,43 +32,28 @@ async fn signed(
         method,
         &host,
         path,
-        &[
-            (sign::SIGNATURE_HEADER, &sig),
-            ("content-type", "application/json"),
-        ],
+        &[(sign::SIGNATURE_HEADER, &sig), ("content-type", "application/json")],
         body.to_string(),
     )
     .await
     .unwrap()
 }
 
-async fn operator(
-    w: &World,
-    method: &str,
-    path: &str,
-    body: &str,
-    token: Option<&str>,
-) -> http::Response {
+async fn operator(w: &World, method: &str, path: &str, body: &str, token: Option<&str>) -> http::Response {
     let host = w.dev.waker_addr.to_string();
     let auth = token.map(|t| format!("Bearer {t}"));
     let mut h = vec![("content-type", "application/json")];
     if let Some(a) = &auth {
         h.push(("authorization", a.as_str()));
     }
-    http::send(w.dev.waker_addr, method, &host, path, &h, body.to_string())
-        .await
-        .unwrap()
+    http::send(w.dev.waker_addr, method, &host, path, &h, body.to_string()).await.unwrap()
 }
 
 fn resolve<'a>(spec: &'a Value, schema: &'a Value) -> &'a Value {
     match schema.get("$ref").and_then(Value::as_str) {
         Some(r) => {
             let name = r.rsplit('/').next().unwrap();
-            let kind = if r.contains("/responses/") {
-                "responses"
-            } else {
-                "schemas"
-            };
+            let kind = if r.contains("/responses/") { "responses" } else { "schemas" };
             &spec["components"][kind][name]
         }
         None => schema,
@@ -114,16 +89,8 @@ fn validate(spec: &Value, schema: &Value, v: &Value, at: &str, errors: &mut Vec<
             errors.push(format!("{at}: {v} not in {e:?}"));
         }
     }
-    if let (Some(obj), Some(props)) = (
-        v.as_object(),
-        schema.get("properties").and_then(Value::as_object),
-    ) {
-        for r in schema
-            .get("required")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+    if let (Some(obj), Some(props)) = (v.as_object(), schema.get("properties").and_then(Value::as_object)) {
+        for r in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
             if !obj.contains_key(r.as_str().unwrap()) {
                 errors.push(format!("{at}: missing {r}"));
             }
@@ -150,11 +117,7 @@ fn operation<'a>(spec: &'a Value, method: &str, path: &str) -> Option<(String, &
     let segs: Vec<&str> = path.split('/').collect();
     for (template, ops) in spec["paths"].as_object().unwrap() {
         let t: Vec<&str> = template.split('/').collect();
-        if t.len() == segs.len()
-            && t.iter()
-                .zip(&segs)
-                .all(|(a, b)| a.starts_with('{') || a == b)
-        {
+        if t.len() == segs.len() && t.iter().zip(&segs).all(|(a, b)| a.starts_with('{') || a == b) {
             if let Some(op) = ops.get(method.to_ascii_lowercase()) {
                 return Some((format!("{method} {template}"), op));
             }
@@ -164,8 +127,8 @@ fn operation<'a>(spec: &'a Value, method: &str, path: &str) -> Option<(String, &
 }
 
 fn check(spec: &Value, method: &str, path: &str, r: &http::Response, seen: &mut BTreeSet<String>) {
-    let (name, op) = operation(spec, method, path)
-        .unwrap_or_else(|| panic!("{method} {path} is not in the OpenAPI document"));
+    let (name, op) =
+        operation(spec, method, path).unwrap_or_else(|| panic!("{method} {path} is not in the OpenAPI document"));
     seen.insert(name.clone());
     let status = r.status.to_string();
     let resp = op["responses"]
@@ -177,11 +140,7 @@ fn check(spec: &Value, method: &str, path: &str, r: &http::Response, seen: &mut 
         validate(spec, schema, &r.json(), &name, &mut errors);
         assert!(errors.is_empty(), "{name} {status}: {errors:?}\n{}", r.body);
     } else {
-        assert!(
-            r.body.is_empty(),
-            "{name} {status}: undocumented body {}",
-            r.body
-        );
+        assert!(r.body.is_empty(), "{name} {status}: undocumented body {}", r.body);
     }
 }
 
@@ -193,10 +152,7 @@ async fn server_matches_its_openapi_document() {
     let mut seen = BTreeSet::new();
 
     let served: Value = operator(&w, "GET", "/openapi.json", "", None).await.json();
-    assert_eq!(
-        served, spec,
-        "the server serves the document in the repository"
-    );
+    assert_eq!(served, spec, "the server serves the document in the repository");
 
     let p = w.running("main").await;
     let id = p["id"].as_str().unwrap().to_string();
@@ -217,65 +173,25 @@ async fn server_matches_its_openapi_document() {
             "/v1/projects".into(),
             json!({"name": "other", "git_url": w.repo.url(), "ttl_hours": 0.5}).to_string(),
         ),
-        (
-            "POST",
-            "/v1/projects".into(),
-            json!({"name": "other", "git_url": w.repo.url()}).to_string(),
-        ),
-        (
-            "POST",
-            "/v1/projects".into(),
-            json!({"name": "Bad Name", "git_url": "x"}).to_string(),
-        ),
-        (
-            "POST",
-            "/v1/projects".into(),
-            json!({"name": "x", "git_url": "x", "ttl_hours": 9000}).to_string(),
-        ),
+        ("POST", "/v1/projects".into(), json!({"name": "other", "git_url": w.repo.url()}).to_string()),
+        ("POST", "/v1/projects".into(), json!({"name": "Bad Name", "git_url": "x"}).to_string()),
+        ("POST", "/v1/projects".into(), json!({"name": "x", "git_url": "x", "ttl_hours": 9000}).to_string()),
         ("POST", "/v1/projects".into(), "{not json".into()),
         ("POST", "/v1/projects".into(), "x".repeat(70 * 1024)),
         ("GET", "/v1/projects/demo".into(), String::new()),
         ("GET", "/v1/projects/nope".into(), String::new()),
-        (
-            "POST",
-            "/v1/projects/demo/previews".into(),
-            json!({"ref": "main"}).to_string(),
-        ),
-        (
-            "POST",
-            "/v1/projects/demo/previews".into(),
-            json!({"ref": "--upload-pack=evil"}).to_string(),
-        ),
-        (
-            "POST",
-            "/v1/projects/demo/previews".into(),
-            json!({"ref": "missing"}).to_string(),
-        ),
-        (
-            "POST",
-            "/v1/projects/nope/previews".into(),
-            json!({"ref": "main"}).to_string(),
-        ),
+        ("POST", "/v1/projects/demo/previews".into(), json!({"ref": "main"}).to_string()),
+        ("POST", "/v1/projects/demo/previews".into(), json!({"ref": "--upload-pack=evil"}).to_string()),
+        ("POST", "/v1/projects/demo/previews".into(), json!({"ref": "missing"}).to_string()),
+        ("POST", "/v1/projects/nope/previews".into(), json!({"ref": "main"}).to_string()),
         ("GET", "/v1/previews".into(), String::new()),
         ("GET", format!("/v1/previews/{id}"), String::new()),
         ("GET", "/v1/previews/nope".into(), String::new()),
         ("POST", format!("/v1/previews/{id}/pin"), String::new()),
         ("POST", format!("/v1/previews/{id}/unpin"), String::new()),
-        (
-            "PUT",
-            format!("/v1/previews/{id}/ttl"),
-            json!({"ttl_hours": 2.5}).to_string(),
-        ),
-        (
-            "PUT",
-            format!("/v1/previews/{id}/ttl"),
-            json!({"ttl_hours": null}).to_string(),
-        ),
-        (
-            "PUT",
-            format!("/v1/previews/{id}/ttl"),
-            json!({"ttl_hours": 0}).to_string(),
-        ),
+        ("PUT", format!("/v1/previews/{id}/ttl"), json!({"ttl_hours": 2.5}).to_string()),
+        ("PUT", format!("/v1/previews/{id}/ttl"), json!({"ttl_hours": null}).to_string()),
+        ("PUT", format!("/v1/previews/{id}/ttl"), json!({"ttl_hours": 0}).to_string()),
         ("POST", format!("/v1/previews/{id}/rebuild"), String::new()),
     ];
     for (m, path, body) in &operator_calls {
@@ -283,10 +199,7 @@ async fn server_matches_its_openapi_document() {
         check(&spec, m, path, &r, &mut seen);
     }
     w.wait_state(&id, "running").await;
-    for (m, path) in [
-        ("POST", format!("/v1/previews/{id}/sleep")),
-        ("POST", format!("/v1/previews/{id}/wake")),
-    ] {
+    for (m, path) in [("POST", format!("/v1/previews/{id}/sleep")), ("POST", format!("/v1/previews/{id}/wake"))] {
         let r = operator(&w, m, &path, "", tok).await;
         check(&spec, m, &path, &r, &mut seen);
         if path.ends_with("sleep") {
@@ -303,59 +216,25 @@ async fn server_matches_its_openapi_document() {
 
     let edge_calls: Vec<(&str, String, String)> = vec![
         ("GET", format!("/v1/edge/route?host={host}"), String::new()),
-        (
-            "GET",
-            "/v1/edge/route?host=nope.localhost".into(),
-            String::new(),
-        ),
+        ("GET", "/v1/edge/route?host=nope.localhost".into(), String::new()),
         ("GET", "/v1/edge/route?host=bad_host!".into(), String::new()),
-        (
-            "GET",
-            format!("/v1/edge/status?host={host}&after=0&wait=100"),
-            String::new(),
-        ),
-        (
-            "POST",
-            "/v1/edge/wake".into(),
-            json!({"host": host}).to_string(),
-        ),
-        (
-            "POST",
-            "/v1/edge/wake".into(),
-            json!({"host": "nope.localhost"}).to_string(),
-        ),
-        (
-            "POST",
-            "/v1/edge/activity".into(),
-            json!({"hosts": [host, "nope.localhost", "bad_host!"]}).to_string(),
-        ),
-        (
-            "POST",
-            "/v1/edge/activity".into(),
-            json!({"hosts": "nope"}).to_string(),
-        ),
-        (
-            "POST",
-            "/v1/edge/rebuild".into(),
-            json!({"host": host, "client_ip": "127.0.0.1"}).to_string(),
-        ),
+        ("GET", format!("/v1/edge/status?host={host}&after=0&wait=100"), String::new()),
+        ("POST", "/v1/edge/wake".into(), json!({"host": host}).to_string()),
+        ("POST", "/v1/edge/wake".into(), json!({"host": "nope.localhost"}).to_string()),
+        ("POST", "/v1/edge/activity".into(), json!({"hosts": [host, "nope.localhost", "bad_host!"]}).to_string()),
+        ("POST", "/v1/edge/activity".into(), json!({"hosts": "nope"}).to_string()),
+        ("POST", "/v1/edge/rebuild".into(), json!({"host": host, "client_ip": "127.0.0.1"}).to_string()),
     ];
     for (m, path, body) in &edge_calls {
         let r = signed(&w, m, path, body, now(), &nonce()).await;
         check(&spec, m, path, &r, &mut seen);
     }
-    let (_, erase) = w
-        .op("POST", &format!("/v1/previews/{id}/erase"), None)
-        .await;
+    let (_, erase) = w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
     check(
         &spec,
         "POST",
         &format!("/v1/previews/{id}/erase"),
-        &http::Response {
-            status: 202,
-            headers: Default::default(),
-            body: erase.to_string(),
-        },
+        &http::Response { status: 202, headers: Default::default(), body: erase.to_string() },
         &mut seen,
     );
     w.wait_state(&id, "erased").await;
@@ -375,12 +254,7 @@ async fn server_matches_its_openapi_document() {
         .as_object()
         .unwrap()
         .iter()
-        .flat_map(|(p, ops)| {
-            ops.as_object()
-                .unwrap()
-                .keys()
-                .map(move |m| format!("{} {p}", m.to_ascii_uppercase()))
-        })
+        .flat_map(|(p, ops)| ops.as_object().unwrap().keys().map(move |m| format!("{} {p}", m.to_ascii_uppercase())))
         .collect();
     let missed: Vec<_> = documented.difference(&seen).collect();
     assert!(missed.is_empty(), "operations never exercised: {missed:?}");
@@ -392,8 +266,7 @@ async fn edge_calls_refuse_forgery_replay_and_skew() {
     let w = World::start_with(&[("WAKEGATE_EDGE_KEY", EDGE_KEY)], 600).await;
     let p = w.running("main").await;
     let id = p["id"].as_str().unwrap();
-    w.op("POST", &format!("/v1/previews/{id}/sleep"), None)
-        .await;
+    w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
     w.wait_state(id, "sleeping").await;
     let path = format!("/v1/edge/route?host={}", p["host"].as_str().unwrap());
     let t = now();
@@ -401,43 +274,21 @@ async fn edge_calls_refuse_forgery_replay_and_skew() {
     let ok = signed(&w, "GET", &path, "", t, "abc1").await;
     assert_eq!(ok.status, 200, "{}", ok.body);
     let replay = signed(&w, "GET", &path, "", t, "abc1").await;
-    assert_eq!(
-        (replay.status, replay.json()["error"].clone()),
-        (401, json!("signature was already used"))
-    );
+    assert_eq!((replay.status, replay.json()["error"].clone()), (401, json!("signature was already used")));
     let skewed = signed(&w, "GET", &path, "", t - 120_000, "abc2").await;
-    assert_eq!(
-        skewed.json()["error"],
-        "signature timestamp is outside the allowed clock skew"
-    );
+    assert_eq!(skewed.json()["error"], "signature timestamp is outside the allowed clock skew");
     let future = signed(&w, "GET", &path, "", t + 120_000, "abc3").await;
     assert_eq!(future.status, 401);
 
     // a signature for one request does not carry over to another
-    let sig = sign::sign(
-        &Key::new(EDGE_KEY.as_bytes().to_vec()),
-        "GET",
-        &path,
-        &sign::body_digest(b""),
-        t,
-        "abc4",
-    );
+    let sig = sign::sign(&Key::new(EDGE_KEY.as_bytes().to_vec()), "GET", &path, &sign::body_digest(b""), t, "abc4");
     let host = w.dev.waker_addr.to_string();
     let body = json!({"host": p["host"]}).to_string();
-    let r = http::send(
-        w.dev.waker_addr,
-        "POST",
-        &host,
-        "/v1/edge/wake",
-        &[(sign::SIGNATURE_HEADER, &sig)],
-        body.clone(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        (r.status, r.json()["error"].clone()),
-        (401, json!("signature does not match"))
-    );
+    let r =
+        http::send(w.dev.waker_addr, "POST", &host, "/v1/edge/wake", &[(sign::SIGNATURE_HEADER, &sig)], body.clone())
+            .await
+            .unwrap();
+    assert_eq!((r.status, r.json()["error"].clone()), (401, json!("signature does not match")));
     let forged = sign::sign(
         &Key::new(b"not-the-edge-key-at-all".to_vec()),
         "POST",
@@ -457,32 +308,13 @@ async fn edge_calls_refuse_forgery_replay_and_skew() {
     .await
     .unwrap();
     assert_eq!(r.status, 401);
-    let r = http::send(w.dev.waker_addr, "POST", &host, "/v1/edge/wake", &[], body)
+    let r = http::send(w.dev.waker_addr, "POST", &host, "/v1/edge/wake", &[], body).await.unwrap();
+    assert_eq!((r.status, r.json()["error"].clone()), (401, json!("missing signature")));
+    let r = http::send(w.dev.waker_addr, "POST", &host, "/v1/edge/wake", &[(sign::SIGNATURE_HEADER, "garbage")], "{}")
         .await
         .unwrap();
-    assert_eq!(
-        (r.status, r.json()["error"].clone()),
-        (401, json!("missing signature"))
-    );
-    let r = http::send(
-        w.dev.waker_addr,
-        "POST",
-        &host,
-        "/v1/edge/wake",
-        &[(sign::SIGNATURE_HEADER, "garbage")],
-        "{}",
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        (r.status, r.json()["error"].clone()),
-        (401, json!("malformed signature header"))
-    );
+    assert_eq!((r.status, r.json()["error"].clone()), (401, json!("malformed signature header")));
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert_eq!(
-        w.show(id).await["state"],
-        "sleeping",
-        "refused wake calls woke nothing"
-    );
+    assert_eq!(w.show(id).await["state"], "sleeping", "refused wake calls woke nothing");
     w.stop().await;
 }

@@ -12,13 +12,10 @@ async fn confirm_to_rebuild_in_chromium() {
     let w = World::start().await;
     let p = w.running("feature/blue").await;
     let id = p["id"].as_str().unwrap();
-    w.op("POST", &format!("/v1/previews/{id}/erase"), None)
-        .await;
+    w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
     w.wait_state(id, "erased").await;
 
-    let browser = Browser::start()
-        .await
-        .expect("chromium and chromedriver are installed (scripts/test installs them)");
+    let browser = Browser::start().await.expect("chromium and chromedriver are installed (scripts/test installs them)");
     let url = format!("http://{}/", w.host(&p));
     browser.goto(&url).await.unwrap();
     assert_eq!(browser.title().await.unwrap(), "Preview erased · demo");
@@ -28,22 +25,13 @@ async fn confirm_to_rebuild_in_chromium() {
 
     browser.click("#confirm").await.unwrap();
     // no further action: the building page polls and reloads itself into the app
-    let source = wakegate_testkit::eventually(
-        Duration::from_secs(90),
-        "the tab to show the app",
-        || async {
-            let s = browser.page_source().await.ok()?;
-            s.contains("Hello from the feature/blue branch")
-                .then_some(s)
-        },
-    )
+    let source = wakegate_testkit::eventually(Duration::from_secs(90), "the tab to show the app", || async {
+        let s = browser.page_source().await.ok()?;
+        s.contains("Hello from the feature/blue branch").then_some(s)
+    })
     .await;
     assert!(source.contains(r#"id="app""#));
-    assert_eq!(
-        browser.current_url().await.unwrap(),
-        url,
-        "same tab, same URL"
-    );
+    assert_eq!(browser.current_url().await.unwrap(), url, "same tab, same URL");
     assert_eq!(w.show(id).await["state"], "running");
     drop(browser);
     w.stop().await;

@@ -40,12 +40,7 @@ fn provisioner(redis: &str, data: &std::path::Path) -> Proc {
 }
 
 fn group_alive(pgid: u32) -> bool {
-    Command::new("kill")
-        .args(["-0", "--", &format!("-{pgid}")])
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success()
+    Command::new("kill").args(["-0", "--", &format!("-{pgid}")]).stderr(Stdio::null()).status().unwrap().success()
 }
 
 fn read_pid(path: &std::path::Path) -> Option<u32> {
@@ -74,68 +69,40 @@ async fn provisioner_killed_mid_build_recovers_without_leaks() {
     let server = tokio::spawn(wakegate_waker::serve(listener, waker));
 
     let slow = "build = \"sleep 4\"\nrun = \"exec python3 app.py\"\nhealth = \"/health\"\n";
-    let repo = wakegate_testkit::git::Repo::new(&[
-        ("app.py", APP),
-        ("wakegate.toml", slow),
-        ("content.html", MAIN),
-    ]);
+    let repo = wakegate_testkit::git::Repo::new(&[("app.py", APP), ("wakegate.toml", slow), ("content.html", MAIN)]);
     let op = |method: &'static str, path: String, body: Option<serde_json::Value>| async move {
-        wakegate::operator::call(waker_addr, token, method, &path, body)
-            .await
-            .unwrap()
+        wakegate::operator::call(waker_addr, token, method, &path, body).await.unwrap()
     };
-    let (s, _) = op(
-        "POST",
-        "/v1/projects".into(),
-        Some(json!({"name": "slow", "git_url": repo.url()})),
-    )
-    .await;
+    let (s, _) = op("POST", "/v1/projects".into(), Some(json!({"name": "slow", "git_url": repo.url()}))).await;
     assert_eq!(s, 201);
-    let (s, p) = op(
-        "POST",
-        "/v1/projects/slow/previews".into(),
-        Some(json!({"ref": "main"})),
-    )
-    .await;
+    let (s, p) = op("POST", "/v1/projects/slow/previews".into(), Some(json!({"ref": "main"}))).await;
     assert_eq!(s, 201);
     let id = p["id"].as_str().unwrap().to_string();
 
     let first = provisioner(&redis.url(), &data);
     // wait until the build command runs on a machine
-    let (machine, build_pgid) =
-        wakegate_testkit::eventually(WAIT, "the build to start", || async {
-            let p = store.get_preview(&id).await.ok()??;
-            let State::Building {
-                machine: Some(m), ..
-            } = &p.value.state
-            else {
-                return None;
-            };
-            let pgid = read_pid(&machines.join(m).join("build.pid"))?;
-            Some((m.clone(), pgid))
-        })
-        .await;
+    let (machine, build_pgid) = wakegate_testkit::eventually(WAIT, "the build to start", || async {
+        let p = store.get_preview(&id).await.ok()??;
+        let State::Building { machine: Some(m), .. } = &p.value.state else {
+            return None;
+        };
+        let pgid = read_pid(&machines.join(m).join("build.pid"))?;
+        Some((m.clone(), pgid))
+    })
+    .await;
     assert!(group_alive(build_pgid));
     drop(first); // SIGKILL: no cleanup of any kind
 
     let _second = provisioner(&redis.url(), &data);
-    let done =
-        wakegate_testkit::eventually(WAIT, "the build to finish after the restart", || async {
-            let p = store.get_preview(&id).await.ok()??;
-            matches!(p.value.state, State::Running { .. } | State::Failed { .. }).then_some(p)
-        })
-        .await;
-    let State::Running {
-        machine: now_serving,
-        ..
-    } = &done.value.state
-    else {
+    let done = wakegate_testkit::eventually(WAIT, "the build to finish after the restart", || async {
+        let p = store.get_preview(&id).await.ok()??;
+        matches!(p.value.state, State::Running { .. } | State::Failed { .. }).then_some(p)
+    })
+    .await;
+    let State::Running { machine: now_serving, .. } = &done.value.state else {
         panic!("expected running: {:?}", done.value.state)
     };
-    assert_ne!(
-        now_serving, &machine,
-        "the interrupted machine was replaced"
-    );
+    assert_ne!(now_serving, &machine, "the interrupted machine was replaced");
 
     // nothing unreferenced is left: one machine directory, the one the record names;
     // the interrupted build's processes are gone
@@ -148,17 +115,12 @@ async fn provisioner_killed_mid_build_recovers_without_leaks() {
         (dirs == vec![now_serving.clone()]).then_some(())
     })
     .await;
-    assert!(
-        !group_alive(build_pgid),
-        "the interrupted build's process group was stopped"
-    );
+    assert!(!group_alive(build_pgid), "the interrupted build's process group was stopped");
     assert!(store.jobs().await.unwrap().is_empty());
 
     // stop the app we started, by its recorded process group
     if let Some(pgid) = read_pid(&machines.join(now_serving).join("app.pid")) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{pgid}")])
-            .status();
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status();
     }
     server.abort();
 }

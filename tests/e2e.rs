@@ -15,24 +15,13 @@ async fn branches_serve_their_own_content_streams_and_websockets() {
     let main = w.running("main").await;
     let blue = w.running("feature/blue").await;
     assert_ne!(main["url"], blue["url"]);
-    assert!(main["url"]
-        .as_str()
-        .unwrap()
-        .starts_with("http://demo-main-"));
+    assert!(main["url"].as_str().unwrap().starts_with("http://demo-main-"));
 
     let page = w.visit(&main, "/").await;
     assert_eq!(page.status, 200);
-    assert!(
-        page.body.contains("Hello from the main branch"),
-        "{}",
-        page.body
-    );
+    assert!(page.body.contains("Hello from the main branch"), "{}", page.body);
     let page = w.visit(&blue, "/").await;
-    assert!(
-        page.body.contains("Hello from the feature/blue branch"),
-        "{}",
-        page.body
-    );
+    assert!(page.body.contains("Hello from the feature/blue branch"), "{}", page.body);
 
     // streamed response passes through chunk by chunk
     let s = w.api(&main, "/stream", &[]).await;
@@ -58,33 +47,18 @@ async fn branches_serve_their_own_content_streams_and_websockets() {
         .api(
             &main,
             "/headers",
-            &[
-                ("connection", "keep-alive, x-secret-hop"),
-                ("x-secret-hop", "1"),
-                ("te", "trailers"),
-            ],
+            &[("connection", "keep-alive, x-secret-hop"), ("x-secret-hop", "1"), ("te", "trailers")],
         )
         .await
         .json();
-    assert_eq!(
-        h["x-forwarded-host"],
-        w.host(&main).split(':').next().unwrap()
-    );
+    assert_eq!(h["x-forwarded-host"], w.host(&main).split(':').next().unwrap());
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
-    assert!(h["x-wakegate-origin-signature"]
-        .as_str()
-        .unwrap()
-        .starts_with("t="));
-    assert!(
-        h.get("x-secret-hop").is_none() && h.get("te").is_none(),
-        "{h}"
-    );
+    assert!(h["x-wakegate-origin-signature"].as_str().unwrap().starts_with("t="));
+    assert!(h.get("x-secret-hop").is_none() && h.get("te").is_none(), "{h}");
 
     // a WebSocket echo through the edge
-    let mut s = tokio::net::TcpStream::connect(w.dev.edge_addr)
-        .await
-        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(w.dev.edge_addr).await.unwrap();
     let req = format!(
         "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         w.host(&main)
@@ -98,11 +72,7 @@ async fn branches_serve_their_own_content_streams_and_websockets() {
     }
     let head = String::from_utf8_lossy(&head);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
-        "{head}"
-    );
+    assert!(head.to_ascii_lowercase().contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
     let mask = [1u8, 2, 3, 4];
     let msg = b"hello through wakegate";
     let mut frame = vec![0x81, 0x80 | msg.len() as u8];
@@ -117,18 +87,10 @@ async fn branches_serve_their_own_content_streams_and_websockets() {
     assert_eq!(echoed, msg);
 
     // unknown and malformed hosts
-    let r = http::get_html(
-        w.dev.edge_addr,
-        &format!("nope.localhost:{}", w.dev.edge_addr.port()),
-        "/",
-    )
-    .await
-    .unwrap();
+    let r = http::get_html(w.dev.edge_addr, &format!("nope.localhost:{}", w.dev.edge_addr.port()), "/").await.unwrap();
     assert_eq!(r.status, 404);
     assert!(r.body.contains("No preview here"));
-    let r = http::get_html(w.dev.edge_addr, "bad_host!", "/")
-        .await
-        .unwrap();
+    let r = http::get_html(w.dev.edge_addr, "bad_host!", "/").await.unwrap();
     assert_eq!(r.status, 400);
     w.stop().await;
 }
@@ -138,70 +100,29 @@ async fn erased_preview_confirm_to_rebuild() {
     let w = World::start().await;
     let p = w.running("main").await;
     let id = p["id"].as_str().unwrap();
-    let (s, _) = w
-        .op("POST", &format!("/v1/previews/{id}/erase"), None)
-        .await;
+    let (s, _) = w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
     assert_eq!(s, 202);
     w.wait_state(id, "erased").await;
 
     let page = w.visit(&p, "/some/page?x=1").await;
     assert_eq!(page.status, 200);
-    assert!(
-        page.body.contains("This preview was erased"),
-        "{}",
-        page.body
-    );
-    assert!(page
-        .body
-        .contains(r#"<form method="post" action="/_wakegate/rebuild">"#));
-    assert!(page
-        .body
-        .contains(r#"name="return_to" value="/some/page?x=1""#));
+    assert!(page.body.contains("This preview was erased"), "{}", page.body);
+    assert!(page.body.contains(r#"<form method="post" action="/_wakegate/rebuild">"#));
+    assert!(page.body.contains(r#"name="return_to" value="/some/page?x=1""#));
     assert_eq!(page.header("x-robots-tag"), Some("noindex"));
     let token = csrf_of(&page.body);
 
     // GET never rebuilds; POST without a token, with a forged one, or from another origin: 403
     assert_eq!(w.api(&p, "/_wakegate/rebuild", &[]).await.status, 404);
     assert_eq!(post_form(&w, &p, "", &[]).await.status, 403);
-    assert_eq!(
-        post_form(&w, &p, "csrf=123.deadbeef", &[]).await.status,
-        403
-    );
+    assert_eq!(post_form(&w, &p, "csrf=123.deadbeef", &[]).await.status, 403);
     let forged = format!("{}.{}", u64::MAX / 2, token.split_once('.').unwrap().1);
-    assert_eq!(
-        post_form(&w, &p, &format!("csrf={forged}"), &[])
-            .await
-            .status,
-        403
-    );
-    assert_eq!(
-        post_form(
-            &w,
-            &p,
-            &format!("csrf={token}"),
-            &[("origin", "http://evil.example")]
-        )
-        .await
-        .status,
-        403
-    );
-    assert_eq!(
-        post_form(
-            &w,
-            &p,
-            &format!("csrf={token}"),
-            &[("user-agent", "Slackbot 1.0")]
-        )
-        .await
-        .status,
-        403
-    );
+    assert_eq!(post_form(&w, &p, &format!("csrf={forged}"), &[]).await.status, 403);
+    assert_eq!(post_form(&w, &p, &format!("csrf={token}"), &[("origin", "http://evil.example")]).await.status, 403);
+    assert_eq!(post_form(&w, &p, &format!("csrf={token}"), &[("user-agent", "Slackbot 1.0")]).await.status, 403);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(w.show(id).await["state"], "erased", "nothing was built");
-    assert!(
-        w.dev.store.jobs().await.unwrap().is_empty(),
-        "no job was queued"
-    );
+    assert!(w.dev.store.jobs().await.unwrap().is_empty(), "no job was queued");
 
     // with the token: 303 back to the page, the build runs, the URL serves the app
     let r = post_form(
@@ -216,11 +137,7 @@ async fn erased_preview_confirm_to_rebuild() {
     let page = w.visit(&p, "/").await;
     assert!(page.status == 503 || page.status == 200, "{}", page.status);
     w.wait_state(id, "running").await;
-    assert!(w
-        .visit(&p, "/")
-        .await
-        .body
-        .contains("Hello from the main branch"));
+    assert!(w.visit(&p, "/").await.body.contains("Hello from the main branch"));
     w.stop().await;
 }
 
@@ -232,8 +149,7 @@ async fn sleeping_preview_wakes_once_for_200_visits_and_holds_api_clients() {
     let machine = w.machine_of(&id).await;
     assert_eq!(w.app_starts(&machine), 1);
 
-    w.op("POST", &format!("/v1/previews/{id}/sleep"), None)
-        .await;
+    w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
     w.wait_state(&id, "sleeping").await;
 
     // 200 browsers at once: all get the waking page; one wake
@@ -241,9 +157,7 @@ async fn sleeping_preview_wakes_once_for_200_visits_and_holds_api_clients() {
     for _ in 0..200 {
         let addr = w.dev.edge_addr;
         let host = w.host(&p);
-        tasks.push(tokio::spawn(async move {
-            http::get_html(addr, &host, "/").await.unwrap()
-        }));
+        tasks.push(tokio::spawn(async move { http::get_html(addr, &host, "/").await.unwrap() }));
     }
     let mut statuses = std::collections::BTreeMap::new();
     for t in tasks {
@@ -256,25 +170,16 @@ async fn sleeping_preview_wakes_once_for_200_visits_and_holds_api_clients() {
     }
     assert!(statuses.get(&503).copied().unwrap_or(0) > 0, "{statuses:?}");
     w.wait_state(&id, "running").await;
-    assert!(w
-        .visit(&p, "/")
-        .await
-        .body
-        .contains("Hello from the main branch"));
+    assert!(w.visit(&p, "/").await.body.contains("Hello from the main branch"));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        w.app_starts(&machine),
-        2,
-        "exactly one wake: the build's start plus one"
-    );
+    assert_eq!(w.app_starts(&machine), 2, "exactly one wake: the build's start plus one");
 
     // the status endpoint the page polls
     let st = w.api(&p, "/_wakegate/status?after=0", &[]).await.json();
     assert_eq!(st["state"], "running");
 
     // an API client is held until the app answers
-    w.op("POST", &format!("/v1/previews/{id}/sleep"), None)
-        .await;
+    w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
     w.wait_state(&id, "sleeping").await;
     let r = w.api(&p, "/api/hello", &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -288,37 +193,19 @@ async fn bots_and_probes_never_wake_nor_count() {
     let w = World::start().await;
     let p = w.running("main").await;
     let id = p["id"].as_str().unwrap().to_string();
-    w.op("POST", &format!("/v1/previews/{id}/sleep"), None)
-        .await;
+    w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
     w.wait_state(&id, "sleeping").await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let before = w.dev.store.last_activity(&id).await.unwrap();
-    for ua in [
-        "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)",
-        "UptimeRobot/2.0",
-        "facebookexternalhit/1.1",
-    ] {
-        let r = http::send(
-            w.dev.edge_addr,
-            "GET",
-            &w.host(&p),
-            "/",
-            &[("accept", "text/html"), ("user-agent", ua)],
-            "",
-        )
-        .await
-        .unwrap();
+    for ua in
+        ["Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", "UptimeRobot/2.0", "facebookexternalhit/1.1"]
+    {
+        let r =
+            http::send(w.dev.edge_addr, "GET", &w.host(&p), "/", &[("accept", "text/html"), ("user-agent", ua)], "")
+                .await
+                .unwrap();
         assert_eq!(r.status, 503, "{ua}");
-        let r = http::send(
-            w.dev.edge_addr,
-            "GET",
-            &w.host(&p),
-            "/",
-            &[("user-agent", ua)],
-            "",
-        )
-        .await
-        .unwrap();
+        let r = http::send(w.dev.edge_addr, "GET", &w.host(&p), "/", &[("user-agent", ua)], "").await.unwrap();
         assert_eq!(r.status, 503, "{ua}");
         assert!(r.header("retry-after").is_some());
     }
@@ -327,11 +214,7 @@ async fn bots_and_probes_never_wake_nor_count() {
         "GET",
         &w.host(&p),
         "/",
-        &[
-            ("accept", "text/html"),
-            ("user-agent", http::BROWSER_UA),
-            ("sec-purpose", "prefetch"),
-        ],
+        &[("accept", "text/html"), ("user-agent", http::BROWSER_UA), ("sec-purpose", "prefetch")],
         "",
     )
     .await
@@ -339,11 +222,7 @@ async fn bots_and_probes_never_wake_nor_count() {
     assert_eq!(r.status, 503);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(w.show(&id).await["state"], "sleeping");
-    assert_eq!(
-        w.dev.store.last_activity(&id).await.unwrap(),
-        before,
-        "bots are not activity"
-    );
+    assert_eq!(w.dev.store.last_activity(&id).await.unwrap(), before, "bots are not activity");
     w.stop().await;
 }
 
@@ -358,29 +237,14 @@ async fn fractional_hour_ttl_erases_and_pinned_previews_stay() {
 
     // bad TTLs are refused with a clear error
     for bad in [json!(0), json!(-1), json!(8761), json!("x")] {
-        let (s, body) = w
-            .op(
-                "PUT",
-                &format!("/v1/previews/{id}/ttl"),
-                Some(json!({ "ttl_hours": bad })),
-            )
-            .await;
+        let (s, body) = w.op("PUT", &format!("/v1/previews/{id}/ttl"), Some(json!({ "ttl_hours": bad }))).await;
         assert_eq!(s, 400, "{bad}: {body}");
     }
     let (s, v) = w.op("POST", &format!("/v1/previews/{pid}/pin"), None).await;
     assert_eq!((s, v["pinned"].clone()), (200, json!(true)));
-    assert!(
-        v["ttl_remaining_ms"].is_null(),
-        "pinned previews do not expire"
-    );
+    assert!(v["ttl_remaining_ms"].is_null(), "pinned previews do not expire");
     for target in [id, pid] {
-        let (s, v) = w
-            .op(
-                "PUT",
-                &format!("/v1/previews/{target}/ttl"),
-                Some(json!({ "ttl_hours": 0.001 })),
-            )
-            .await;
+        let (s, v) = w.op("PUT", &format!("/v1/previews/{target}/ttl"), Some(json!({ "ttl_hours": 0.001 }))).await;
         assert_eq!(s, 200, "{v}");
     }
     let erased = w.wait_state(id, "erased").await;
@@ -401,8 +265,7 @@ async fn deleted_branch_is_gone() {
     let w = World::start().await;
     let p = w.running("feature/blue").await;
     let id = p["id"].as_str().unwrap();
-    w.op("POST", &format!("/v1/previews/{id}/erase"), None)
-        .await;
+    w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
     w.wait_state(id, "erased").await;
     w.repo.delete_branch("feature/blue");
     let page = wakegate_testkit::eventually(WAIT, "the gone page", || async {
@@ -415,13 +278,7 @@ async fn deleted_branch_is_gone() {
     assert_eq!(w.show(id).await["state"], "gone");
     assert_eq!(w.api(&p, "/", &[]).await.status, 410);
     // a preview for a ref that does not exist is refused
-    let (s, _) = w
-        .op(
-            "POST",
-            "/v1/projects/demo/previews",
-            Some(json!({"ref": "no-such-branch"})),
-        )
-        .await;
+    let (s, _) = w.op("POST", "/v1/projects/demo/previews", Some(json!({"ref": "no-such-branch"}))).await;
     assert_eq!(s, 422);
     w.stop().await;
 }
@@ -440,16 +297,11 @@ async fn failed_redeploy_keeps_the_previous_version_serving() {
     let p = w.running("main").await;
     let id = p["id"].as_str().unwrap();
     w.repo.commit(
-        &[(
-            "wakegate.toml",
-            "build = \"echo broken >&2; exit 3\"\nrun = \"python3 app.py\"\n",
-        )],
+        &[("wakegate.toml", "build = \"echo broken >&2; exit 3\"\nrun = \"python3 app.py\"\n")],
         "break the build",
     );
     wakegate_testkit::git::git(&w.repo.work, &["push", "-q", "origin", "main"]);
-    let (s, v) = w
-        .op("POST", &format!("/v1/previews/{id}/rebuild"), None)
-        .await;
+    let (s, v) = w.op("POST", &format!("/v1/previews/{id}/rebuild"), None).await;
     assert_eq!(s, 202, "{v}");
     let v = wakegate_testkit::eventually(WAIT, "the redeploy to fail", || async {
         let v = w.show(id).await;
@@ -457,48 +309,22 @@ async fn failed_redeploy_keeps_the_previous_version_serving() {
     })
     .await;
     assert!(v["last_error"].as_str().unwrap().contains("broken"), "{v}");
-    assert!(w
-        .visit(&p, "/")
-        .await
-        .body
-        .contains("Hello from the main branch"));
-    assert_eq!(
-        w.machine_dirs().len(),
-        1,
-        "the failed build's machine is deleted"
-    );
+    assert!(w.visit(&p, "/").await.body.contains("Hello from the main branch"));
+    assert_eq!(w.machine_dirs().len(), 1, "the failed build's machine is deleted");
 
     // a first build that fails shows the failed page with a retry button
-    let (_, blue) = w
-        .op(
-            "POST",
-            "/v1/projects/demo/previews",
-            Some(json!({"ref": "feature/blue"})),
-        )
-        .await;
+    let (_, blue) = w.op("POST", "/v1/projects/demo/previews", Some(json!({"ref": "feature/blue"}))).await;
     let blue = w.wait_state(blue["id"].as_str().unwrap(), "running").await;
     let bid = blue["id"].as_str().unwrap();
     wakegate_testkit::git::git(&w.repo.work, &["checkout", "-q", "feature/blue"]);
-    w.repo.commit(
-        &[(
-            "wakegate.toml",
-            "build = \"exit 4\"\nrun = \"python3 app.py\"\n",
-        )],
-        "break blue",
-    );
+    w.repo.commit(&[("wakegate.toml", "build = \"exit 4\"\nrun = \"python3 app.py\"\n")], "break blue");
     wakegate_testkit::git::git(&w.repo.work, &["push", "-q", "origin", "feature/blue"]);
-    w.op("POST", &format!("/v1/previews/{bid}/erase"), None)
-        .await;
+    w.op("POST", &format!("/v1/previews/{bid}/erase"), None).await;
     w.wait_state(bid, "erased").await;
-    w.op("POST", &format!("/v1/previews/{bid}/rebuild"), None)
-        .await;
+    w.op("POST", &format!("/v1/previews/{bid}/rebuild"), None).await;
     w.wait_state(bid, "failed").await;
     let page = w.visit(&blue, "/").await;
     assert_eq!(page.status, 503);
-    assert!(
-        page.body.contains("failed to start") && page.body.contains("Try again"),
-        "{}",
-        page.body
-    );
+    assert!(page.body.contains("failed to start") && page.body.contains("Try again"), "{}", page.body);
     w.stop().await;
 }

@@ -109,10 +109,7 @@ pub fn normalize_host(raw: &str) -> Result<Host, HostError> {
     for label in ascii.split('.') {
         check_label(label)?;
     }
-    if ascii
-        .split('.')
-        .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
-    {
+    if ascii.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit())) {
         return Err(HostError::IpLiteral);
     }
     Ok(Host(ascii))
@@ -122,10 +119,7 @@ fn check_label(label: &str) -> Result<(), HostError> {
     if label.is_empty() || label.len() > MAX_LABEL {
         return Err(HostError::LabelLength(label.to_string()));
     }
-    if !label
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
+    if !label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
         return Err(HostError::BadCharacter(label.to_string()));
     }
     if label.starts_with('-') || label.ends_with('-') {
@@ -175,10 +169,7 @@ pub fn ref_hash(project_id: &str, git_ref: &str) -> String {
 
 /// Strips the usual ref prefixes (`refs/heads/`, `refs/`) for display and slugs.
 pub fn short_ref(git_ref: &str) -> &str {
-    git_ref
-        .strip_prefix("refs/heads/")
-        .or_else(|| git_ref.strip_prefix("refs/"))
-        .unwrap_or(git_ref)
+    git_ref.strip_prefix("refs/heads/").or_else(|| git_ref.strip_prefix("refs/")).unwrap_or(git_ref)
 }
 
 /// The one-label name of a preview under the preview base:
@@ -188,11 +179,7 @@ pub fn preview_label(project_slug: &str, project_id: &str, git_ref: &str) -> Str
     // budget: label minus hash and two dashes
     let budget = MAX_LABEL - HASH_LEN - 2;
     let project = slugify(project_slug, 20);
-    let project = if project.is_empty() {
-        "p".to_string()
-    } else {
-        project
-    };
+    let project = if project.is_empty() { "p".to_string() } else { project };
     let ref_budget = budget - project.len();
     let slug = slugify(short_ref(git_ref), ref_budget);
     if slug.is_empty() {
@@ -206,11 +193,7 @@ pub fn preview_label(project_slug: &str, project_id: &str, git_ref: &str) -> Str
 /// the org chose to make these names readable). Truncated to 63 bytes.
 pub fn custom_label(project_slug: &str, git_ref: &str) -> String {
     let project = slugify(project_slug, 20);
-    let project = if project.is_empty() {
-        "p".to_string()
-    } else {
-        project
-    };
+    let project = if project.is_empty() { "p".to_string() } else { project };
     let slug = slugify(short_ref(git_ref), MAX_LABEL - project.len() - 1);
     if slug.is_empty() {
         project
@@ -225,36 +208,19 @@ mod tests {
 
     #[test]
     fn normalizes_case_port_and_trailing_dot() {
+        assert_eq!(normalize_host("App-Main.Preview.Example.COM:8443.").err(), Some(HostError::BadPort));
         assert_eq!(
-            normalize_host("App-Main.Preview.Example.COM:8443.").err(),
-            Some(HostError::BadPort)
-        );
-        assert_eq!(
-            normalize_host("App-Main.Preview.Example.COM.:8443")
-                .unwrap()
-                .as_str(),
+            normalize_host("App-Main.Preview.Example.COM.:8443").unwrap().as_str(),
             "app-main.preview.example.com"
         );
-        assert_eq!(
-            normalize_host("a.localhost:80").unwrap().as_str(),
-            "a.localhost"
-        );
-        assert_eq!(
-            normalize_host("a.localhost.").unwrap().as_str(),
-            "a.localhost"
-        );
+        assert_eq!(normalize_host("a.localhost:80").unwrap().as_str(), "a.localhost");
+        assert_eq!(normalize_host("a.localhost.").unwrap().as_str(), "a.localhost");
     }
 
     #[test]
     fn maps_idna() {
-        assert_eq!(
-            normalize_host("Bücher.example").unwrap().as_str(),
-            "xn--bcher-kva.example"
-        );
-        assert_eq!(
-            normalize_host("xn--bcher-kva.example").unwrap().as_str(),
-            "xn--bcher-kva.example"
-        );
+        assert_eq!(normalize_host("Bücher.example").unwrap().as_str(), "xn--bcher-kva.example");
+        assert_eq!(normalize_host("xn--bcher-kva.example").unwrap().as_str(), "xn--bcher-kva.example");
     }
 
     #[test]
@@ -282,10 +248,7 @@ mod tests {
             assert!(normalize_host(bad).is_err(), "{bad:?} should be rejected");
         }
         let long_label = format!("{}.com", "a".repeat(64));
-        assert!(matches!(
-            normalize_host(&long_label),
-            Err(HostError::LabelLength(_))
-        ));
+        assert!(matches!(normalize_host(&long_label), Err(HostError::LabelLength(_))));
         let long_host = vec!["a".repeat(60); 5].join(".");
         assert_eq!(normalize_host(&long_host), Err(HostError::HostLength));
         assert_eq!(normalize_host(&"a".repeat(2000)), Err(HostError::TooLong));
@@ -295,14 +258,8 @@ mod tests {
     fn labels_are_valid_and_deterministic() {
         let l = preview_label("Shop", "p_1", "refs/heads/feature/Add Cart!");
         assert!(l.starts_with("shop-feature-add-cart-"), "{l}");
-        assert_eq!(
-            l,
-            preview_label("Shop", "p_1", "refs/heads/feature/Add Cart!")
-        );
-        assert_ne!(
-            l,
-            preview_label("Shop", "p_2", "refs/heads/feature/Add Cart!")
-        );
+        assert_eq!(l, preview_label("Shop", "p_1", "refs/heads/feature/Add Cart!"));
+        assert_ne!(l, preview_label("Shop", "p_2", "refs/heads/feature/Add Cart!"));
         let long = preview_label(&"x".repeat(100), "p", &"y/".repeat(100));
         assert!(long.len() <= MAX_LABEL);
         normalize_host(&format!("{long}.example.com")).unwrap();

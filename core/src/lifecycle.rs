@@ -150,12 +150,7 @@ pub enum JobKind {
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 4] = [
-        JobKind::Build,
-        JobKind::Wake,
-        JobKind::Sleep,
-        JobKind::Erase,
-    ];
+    pub const ALL: [JobKind; 4] = [JobKind::Build, JobKind::Wake, JobKind::Sleep, JobKind::Erase];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -241,12 +236,9 @@ impl State {
     /// Every machine this state holds a reference to.
     pub fn machines(&self) -> Vec<&MachineId> {
         match self {
-            State::Building {
-                machine, serving, ..
-            } => machine
-                .iter()
-                .chain(serving.iter().map(|s| &s.machine))
-                .collect(),
+            State::Building { machine, serving, .. } => {
+                machine.iter().chain(serving.iter().map(|s| &s.machine)).collect()
+            }
             State::Running { machine, .. }
             | State::Stopping { machine, .. }
             | State::Sleeping { machine }
@@ -260,9 +252,7 @@ impl State {
     pub fn origin(&self) -> Option<&str> {
         match self {
             State::Running { origin, .. } => Some(origin),
-            State::Building {
-                serving: Some(s), ..
-            } => Some(&s.origin),
+            State::Building { serving: Some(s), .. } => Some(&s.origin),
             _ => None,
         }
     }
@@ -281,20 +271,12 @@ impl State {
 
     /// A fresh build from nothing.
     pub fn queued() -> State {
-        State::Building {
-            phase: Phase::Queued,
-            machine: None,
-            serving: None,
-        }
+        State::Building { phase: Phase::Queued, machine: None, serving: None }
     }
 }
 
 fn to(state: State, effects: Vec<Effect>) -> Result<Transition, Rejected> {
-    Ok(Transition {
-        state,
-        effects,
-        stale: false,
-    })
+    Ok(Transition { state, effects, stale: false })
 }
 
 fn same(state: &State) -> Result<Transition, Rejected> {
@@ -310,11 +292,7 @@ fn stale(state: &State, carried: Option<&MachineId>) -> Result<Transition, Rejec
         }
         _ => vec![],
     };
-    Ok(Transition {
-        state: state.clone(),
-        effects,
-        stale: true,
-    })
+    Ok(Transition { state: state.clone(), effects, stale: true })
 }
 
 fn schedule(job: JobKind) -> Effect {
@@ -322,33 +300,22 @@ fn schedule(job: JobKind) -> Effect {
 }
 
 fn delete(machine: &MachineId) -> Effect {
-    Effect::DeleteMachine {
-        machine: machine.clone(),
-    }
+    Effect::DeleteMachine { machine: machine.clone() }
 }
 
 /// The lifecycle. `now` is accepted so that time-dependent rules live here; the current
 /// rules need none, which keeps the table test exhaustive.
-pub fn transition(
-    state: &State,
-    event: &Event,
-    _now: crate::Millis,
-) -> Result<Transition, Rejected> {
+pub fn transition(state: &State, event: &Event, _now: crate::Millis) -> Result<Transition, Rejected> {
     use Event as E;
     use State as S;
     match (state, event) {
         // ---- requests ----
-        (S::Erased { .. } | S::Failed { .. }, E::BuildRequested) => {
-            to(State::queued(), vec![schedule(JobKind::Build)])
-        }
+        (S::Erased { .. } | S::Failed { .. }, E::BuildRequested) => to(State::queued(), vec![schedule(JobKind::Build)]),
         (S::Running { machine, origin }, E::BuildRequested) => to(
             S::Building {
                 phase: Phase::Queued,
                 machine: None,
-                serving: Some(Serving {
-                    machine: machine.clone(),
-                    origin: origin.clone(),
-                }),
+                serving: Some(Serving { machine: machine.clone(), origin: origin.clone() }),
             },
             vec![schedule(JobKind::Build)],
         ),
@@ -356,42 +323,23 @@ pub fn transition(
         (S::Gone, E::BuildRequested) => Err(Rejected::Gone),
         (_, E::BuildRequested) => Err(Rejected::Busy(state.as_str())),
 
-        (S::Sleeping { machine }, E::WakeRequested) => to(
-            S::Waking {
-                machine: machine.clone(),
-            },
-            vec![schedule(JobKind::Wake)],
-        ),
-        (S::Stopping { machine, .. }, E::WakeRequested) => to(
-            S::Stopping {
-                machine: machine.clone(),
-                wake_after: true,
-            },
-            vec![],
-        ),
-        (S::Running { .. } | S::Waking { .. } | S::Building { .. }, E::WakeRequested) => {
-            same(state)
+        (S::Sleeping { machine }, E::WakeRequested) => {
+            to(S::Waking { machine: machine.clone() }, vec![schedule(JobKind::Wake)])
         }
+        (S::Stopping { machine, .. }, E::WakeRequested) => {
+            to(S::Stopping { machine: machine.clone(), wake_after: true }, vec![])
+        }
+        (S::Running { .. } | S::Waking { .. } | S::Building { .. }, E::WakeRequested) => same(state),
         (S::Gone, E::WakeRequested) => Err(Rejected::Gone),
         (_, E::WakeRequested) => Err(Rejected::NotAsleep(state.as_str())),
 
-        (S::Running { machine, .. }, E::SleepRequested) => to(
-            S::Stopping {
-                machine: machine.clone(),
-                wake_after: false,
-            },
-            vec![schedule(JobKind::Sleep)],
-        ),
-        (S::Stopping { machine, .. }, E::SleepRequested) => to(
-            S::Stopping {
-                machine: machine.clone(),
-                wake_after: false,
-            },
-            vec![],
-        ),
-        (S::Building { .. } | S::Waking { .. }, E::SleepRequested) => {
-            Err(Rejected::Busy(state.as_str()))
+        (S::Running { machine, .. }, E::SleepRequested) => {
+            to(S::Stopping { machine: machine.clone(), wake_after: false }, vec![schedule(JobKind::Sleep)])
         }
+        (S::Stopping { machine, .. }, E::SleepRequested) => {
+            to(S::Stopping { machine: machine.clone(), wake_after: false }, vec![])
+        }
+        (S::Building { .. } | S::Waking { .. }, E::SleepRequested) => Err(Rejected::Busy(state.as_str())),
         (_, E::SleepRequested) => same(state),
 
         (S::Erasing { .. } | S::Erased { .. } | S::Gone, E::EraseRequested { .. }) => same(state),
@@ -400,23 +348,12 @@ pub fn transition(
             if machines.is_empty() {
                 to(S::Erased { reason: *reason }, vec![])
             } else {
-                to(
-                    S::Erasing {
-                        machines,
-                        reason: *reason,
-                    },
-                    vec![schedule(JobKind::Erase)],
-                )
+                to(S::Erasing { machines, reason: *reason }, vec![schedule(JobKind::Erase)])
             }
         }
 
         // ---- progress from jobs ----
-        (
-            S::Building {
-                machine, serving, ..
-            },
-            E::MachineAssigned { machine: m },
-        ) => {
+        (S::Building { machine, serving, .. }, E::MachineAssigned { machine: m }) => {
             let mut effects = Vec::new();
             if let Some(old) = machine.as_ref().filter(|old| *old != m) {
                 effects.push(delete(old));
@@ -425,176 +362,73 @@ pub fn transition(
                 // a build must never reuse the machine that serves the old version
                 return stale(state, None);
             }
-            to(
-                S::Building {
-                    phase: Phase::Acquiring,
-                    machine: Some(m.clone()),
-                    serving: serving.clone(),
-                },
-                effects,
-            )
+            to(S::Building { phase: Phase::Acquiring, machine: Some(m.clone()), serving: serving.clone() }, effects)
         }
         (_, E::MachineAssigned { machine }) => stale(state, Some(machine)),
 
-        (
-            S::Building {
-                machine: Some(m),
-                serving,
-                ..
-            },
-            E::PhaseReached { phase },
-        ) => to(
-            S::Building {
-                phase: *phase,
-                machine: Some(m.clone()),
-                serving: serving.clone(),
-            },
-            vec![],
-        ),
+        (S::Building { machine: Some(m), serving, .. }, E::PhaseReached { phase }) => {
+            to(S::Building { phase: *phase, machine: Some(m.clone()), serving: serving.clone() }, vec![])
+        }
         (_, E::PhaseReached { .. }) => stale(state, None),
 
-        (
-            S::Building {
-                machine: Some(built),
-                serving,
-                ..
-            },
-            E::Ready { machine, origin },
-        ) if built == machine => {
+        (S::Building { machine: Some(built), serving, .. }, E::Ready { machine, origin }) if built == machine => {
             let effects = match serving {
                 Some(old) => vec![delete(&old.machine)],
                 None => vec![],
             };
-            to(
-                S::Running {
-                    machine: machine.clone(),
-                    origin: origin.clone(),
-                },
-                effects,
-            )
+            to(S::Running { machine: machine.clone(), origin: origin.clone() }, effects)
         }
-        (S::Waking { machine: m }, E::Ready { machine, origin }) if m == machine => to(
-            S::Running {
-                machine: machine.clone(),
-                origin: origin.clone(),
-            },
-            vec![],
-        ),
+        (S::Waking { machine: m }, E::Ready { machine, origin }) if m == machine => {
+            to(S::Running { machine: machine.clone(), origin: origin.clone() }, vec![])
+        }
         (_, E::Ready { machine, .. }) => stale(state, Some(machine)),
 
-        (
-            S::Building {
-                phase,
-                machine,
-                serving,
-            },
-            E::BuildFailed { reason },
-        ) => {
+        (S::Building { phase, machine, serving }, E::BuildFailed { reason }) => {
             let effects: Vec<Effect> = machine.iter().map(delete).collect();
             match serving {
                 Some(s) => {
                     let mut effects = effects;
-                    effects.push(Effect::ReportFailure {
-                        phase: *phase,
-                        reason: reason.clone(),
-                    });
-                    to(
-                        S::Running {
-                            machine: s.machine.clone(),
-                            origin: s.origin.clone(),
-                        },
-                        effects,
-                    )
+                    effects.push(Effect::ReportFailure { phase: *phase, reason: reason.clone() });
+                    to(S::Running { machine: s.machine.clone(), origin: s.origin.clone() }, effects)
                 }
-                None => to(
-                    S::Failed {
-                        phase: *phase,
-                        reason: reason.clone(),
-                    },
-                    effects,
-                ),
+                None => to(S::Failed { phase: *phase, reason: reason.clone() }, effects),
             }
         }
-        (S::Waking { machine }, E::BuildFailed { reason }) => to(
-            S::Failed {
-                phase: Phase::Start,
-                reason: reason.clone(),
-            },
-            vec![delete(machine)],
-        ),
+        (S::Waking { machine }, E::BuildFailed { reason }) => {
+            to(S::Failed { phase: Phase::Start, reason: reason.clone() }, vec![delete(machine)])
+        }
         (_, E::BuildFailed { .. }) => stale(state, None),
 
-        (
-            S::Stopping {
-                machine,
-                wake_after: true,
-            },
-            E::Stopped,
-        ) => to(
-            S::Waking {
-                machine: machine.clone(),
-            },
-            vec![schedule(JobKind::Wake)],
-        ),
-        (
-            S::Stopping {
-                machine,
-                wake_after: false,
-            },
-            E::Stopped,
-        ) => to(
-            S::Sleeping {
-                machine: machine.clone(),
-            },
-            vec![],
-        ),
+        (S::Stopping { machine, wake_after: true }, E::Stopped) => {
+            to(S::Waking { machine: machine.clone() }, vec![schedule(JobKind::Wake)])
+        }
+        (S::Stopping { machine, wake_after: false }, E::Stopped) => {
+            to(S::Sleeping { machine: machine.clone() }, vec![])
+        }
         (_, E::Stopped) => stale(state, None),
 
         // the erase job persists `Erased` first, then performs these deletes; a crash in
         // between leaves machines no record references, which the orphan reaper removes
-        (S::Erasing { machines, reason }, E::MachinesDeleted) => to(
-            S::Erased { reason: *reason },
-            machines.iter().map(delete).collect(),
-        ),
+        (S::Erasing { machines, reason }, E::MachinesDeleted) => {
+            to(S::Erased { reason: *reason }, machines.iter().map(delete).collect())
+        }
         (_, E::MachinesDeleted) => stale(state, None),
 
         (S::Erased { .. } | S::Failed { .. }, E::RefDeleted) => to(S::Gone, vec![]),
         (_, E::RefDeleted) => same(state),
-        (S::Gone, E::RefRestored) => to(
-            S::Erased {
-                reason: EraseReason::Manual,
-            },
-            vec![],
-        ),
+        (S::Gone, E::RefRestored) => to(S::Erased { reason: EraseReason::Manual }, vec![]),
         (_, E::RefRestored) => same(state),
 
         (
-            S::Running { machine, .. }
-            | S::Stopping { machine, .. }
-            | S::Sleeping { machine }
-            | S::Waking { machine },
-            E::MachineLost {
-                machine: lost,
-                reason,
-            },
-        ) if machine == lost => to(
-            S::Failed {
-                phase: Phase::Start,
-                reason: reason.clone(),
-            },
-            vec![delete(machine)],
-        ),
-        (S::Erasing { machines, reason }, E::MachineLost { machine: lost, .. })
-            if machines.contains(lost) =>
-        {
+            S::Running { machine, .. } | S::Stopping { machine, .. } | S::Sleeping { machine } | S::Waking { machine },
+            E::MachineLost { machine: lost, reason },
+        ) if machine == lost => to(S::Failed { phase: Phase::Start, reason: reason.clone() }, vec![delete(machine)]),
+        (S::Erasing { machines, reason }, E::MachineLost { machine: lost, .. }) if machines.contains(lost) => {
             let rest: Vec<MachineId> = machines.iter().filter(|m| *m != lost).cloned().collect();
             let state = if rest.is_empty() {
                 S::Erased { reason: *reason }
             } else {
-                S::Erasing {
-                    machines: rest,
-                    reason: *reason,
-                }
+                S::Erasing { machines: rest, reason: *reason }
             };
             to(state, vec![delete(lost)])
         }
@@ -613,32 +447,14 @@ mod tests {
 
     fn sample_states() -> Vec<State> {
         vec![
-            State::Building {
-                phase: Phase::Build,
-                machine: Some(m("b")),
-                serving: None,
-            },
-            State::Running {
-                machine: m("a"),
-                origin: "http://127.0.0.1:1".into(),
-            },
-            State::Stopping {
-                machine: m("a"),
-                wake_after: false,
-            },
+            State::Building { phase: Phase::Build, machine: Some(m("b")), serving: None },
+            State::Running { machine: m("a"), origin: "http://127.0.0.1:1".into() },
+            State::Stopping { machine: m("a"), wake_after: false },
             State::Sleeping { machine: m("a") },
             State::Waking { machine: m("a") },
-            State::Failed {
-                phase: Phase::Build,
-                reason: "exit 1".into(),
-            },
-            State::Erasing {
-                machines: vec![m("a")],
-                reason: EraseReason::Ttl,
-            },
-            State::Erased {
-                reason: EraseReason::Ttl,
-            },
+            State::Failed { phase: Phase::Build, reason: "exit 1".into() },
+            State::Erasing { machines: vec![m("a")], reason: EraseReason::Ttl },
+            State::Erased { reason: EraseReason::Ttl },
             State::Gone,
         ]
     }
@@ -648,28 +464,16 @@ mod tests {
             Event::BuildRequested,
             Event::WakeRequested,
             Event::SleepRequested,
-            Event::EraseRequested {
-                reason: EraseReason::Manual,
-            },
+            Event::EraseRequested { reason: EraseReason::Manual },
             Event::MachineAssigned { machine: m("n") },
-            Event::PhaseReached {
-                phase: Phase::Health,
-            },
-            Event::Ready {
-                machine: m("a"),
-                origin: "http://127.0.0.1:2".into(),
-            },
-            Event::BuildFailed {
-                reason: "boom".into(),
-            },
+            Event::PhaseReached { phase: Phase::Health },
+            Event::Ready { machine: m("a"), origin: "http://127.0.0.1:2".into() },
+            Event::BuildFailed { reason: "boom".into() },
             Event::Stopped,
             Event::MachinesDeleted,
             Event::RefDeleted,
             Event::RefRestored,
-            Event::MachineLost {
-                machine: m("a"),
-                reason: "gone".into(),
-            },
+            Event::MachineLost { machine: m("a"), reason: "gone".into() },
         ]
     }
 
@@ -690,42 +494,30 @@ mod tests {
     #[test]
     fn table() {
         let expected: [[&str; 13]; 9] = [
+            ["=", "=", "busy!", "erasing", "building", "building", "stale", "failed", "stale", "stale", "=", "=", "="],
             [
-                "=", "=", "busy!", "erasing", "building", "building", "stale", "failed", "stale",
-                "stale", "=", "=", "=",
+                "building", "=", "stopping", "erasing", "stale", "stale", "stale", "stale", "stale", "stale", "=", "=",
+                "failed",
             ],
             [
-                "building", "=", "stopping", "erasing", "stale", "stale", "stale", "stale",
-                "stale", "stale", "=", "=", "failed",
+                "busy!", "stopping", "=", "erasing", "stale", "stale", "stale", "stale", "sleeping", "stale", "=", "=",
+                "failed",
             ],
             [
-                "busy!", "stopping", "=", "erasing", "stale", "stale", "stale", "stale",
-                "sleeping", "stale", "=", "=", "failed",
+                "busy!", "waking", "=", "erasing", "stale", "stale", "stale", "stale", "stale", "stale", "=", "=",
+                "failed",
             ],
             [
-                "busy!", "waking", "=", "erasing", "stale", "stale", "stale", "stale", "stale",
-                "stale", "=", "=", "failed",
+                "busy!", "=", "busy!", "erasing", "stale", "stale", "running", "failed", "stale", "stale", "=", "=",
+                "failed",
             ],
             [
-                "busy!", "=", "busy!", "erasing", "stale", "stale", "running", "failed", "stale",
-                "stale", "=", "=", "failed",
+                "building", "awake!", "=", "erased", "stale", "stale", "stale", "stale", "stale", "stale", "gone", "=",
+                "=",
             ],
-            [
-                "building", "awake!", "=", "erased", "stale", "stale", "stale", "stale", "stale",
-                "stale", "gone", "=", "=",
-            ],
-            [
-                "busy!", "awake!", "=", "=", "stale", "stale", "stale", "stale", "stale", "erased",
-                "=", "=", "erased",
-            ],
-            [
-                "building", "awake!", "=", "=", "stale", "stale", "stale", "stale", "stale",
-                "stale", "gone", "=", "=",
-            ],
-            [
-                "gone!", "gone!", "=", "=", "stale", "stale", "stale", "stale", "stale", "stale",
-                "=", "erased", "=",
-            ],
+            ["busy!", "awake!", "=", "=", "stale", "stale", "stale", "stale", "stale", "erased", "=", "=", "erased"],
+            ["building", "awake!", "=", "=", "stale", "stale", "stale", "stale", "stale", "stale", "gone", "=", "="],
+            ["gone!", "gone!", "=", "=", "stale", "stale", "stale", "stale", "stale", "stale", "=", "erased", "="],
         ];
         let states = sample_states();
         let events = sample_events();
@@ -734,13 +526,7 @@ mod tests {
             for (j, e) in events.iter().enumerate() {
                 let got = outcome(s, e);
                 if got != expected[i][j] {
-                    mismatches.push(format!(
-                        "{} × {:?}: expected {}, got {}",
-                        s.as_str(),
-                        e,
-                        expected[i][j],
-                        got
-                    ));
+                    mismatches.push(format!("{} × {:?}: expected {}, got {}", s.as_str(), e, expected[i][j], got));
                 }
             }
         }
@@ -749,58 +535,23 @@ mod tests {
 
     #[test]
     fn redeploy_keeps_serving_and_failure_restores_it() {
-        let running = State::Running {
-            machine: m("old"),
-            origin: "o1".into(),
-        };
+        let running = State::Running { machine: m("old"), origin: "o1".into() };
         let t = transition(&running, &Event::BuildRequested, 0).unwrap();
         assert_eq!(t.state.origin(), Some("o1"));
-        assert_eq!(
-            t.effects,
-            vec![Effect::Schedule {
-                job: JobKind::Build
-            }]
-        );
+        assert_eq!(t.effects, vec![Effect::Schedule { job: JobKind::Build }]);
         let t = transition(&t.state, &Event::MachineAssigned { machine: m("new") }, 0).unwrap();
         assert_eq!(t.state.origin(), Some("o1"));
         let failed = transition(&t.state, &Event::BuildFailed { reason: "x".into() }, 0).unwrap();
         assert_eq!(failed.state, running);
-        assert!(failed
-            .effects
-            .contains(&Effect::DeleteMachine { machine: m("new") }));
-        let ok = transition(
-            &t.state,
-            &Event::Ready {
-                machine: m("new"),
-                origin: "o2".into(),
-            },
-            0,
-        )
-        .unwrap();
-        assert_eq!(
-            ok.state,
-            State::Running {
-                machine: m("new"),
-                origin: "o2".into()
-            }
-        );
-        assert_eq!(
-            ok.effects,
-            vec![Effect::DeleteMachine { machine: m("old") }]
-        );
+        assert!(failed.effects.contains(&Effect::DeleteMachine { machine: m("new") }));
+        let ok = transition(&t.state, &Event::Ready { machine: m("new"), origin: "o2".into() }, 0).unwrap();
+        assert_eq!(ok.state, State::Running { machine: m("new"), origin: "o2".into() });
+        assert_eq!(ok.effects, vec![Effect::DeleteMachine { machine: m("old") }]);
     }
 
     #[test]
     fn wake_during_stop_is_remembered() {
-        let t = transition(
-            &State::Stopping {
-                machine: m("a"),
-                wake_after: false,
-            },
-            &Event::WakeRequested,
-            0,
-        )
-        .unwrap();
+        let t = transition(&State::Stopping { machine: m("a"), wake_after: false }, &Event::WakeRequested, 0).unwrap();
         let t = transition(&t.state, &Event::Stopped, 0).unwrap();
         assert_eq!(t.state, State::Waking { machine: m("a") });
         assert_eq!(t.effects, vec![Effect::Schedule { job: JobKind::Wake }]);
@@ -808,14 +559,9 @@ mod tests {
 
     #[test]
     fn late_machine_of_an_erased_build_is_deleted() {
-        let t = transition(
-            &State::Erased {
-                reason: EraseReason::Manual,
-            },
-            &Event::MachineAssigned { machine: m("x") },
-            0,
-        )
-        .unwrap();
+        let t =
+            transition(&State::Erased { reason: EraseReason::Manual }, &Event::MachineAssigned { machine: m("x") }, 0)
+                .unwrap();
         assert!(t.stale);
         assert_eq!(t.effects, vec![Effect::DeleteMachine { machine: m("x") }]);
     }
@@ -832,21 +578,15 @@ mod tests {
             prop_oneof![Just(EraseReason::Ttl), Just(EraseReason::Manual)]
                 .prop_map(|reason| Event::EraseRequested { reason }),
             arb_machine().prop_map(|machine| Event::MachineAssigned { machine }),
-            proptest::sample::select(Phase::ALL.to_vec())
-                .prop_map(|phase| Event::PhaseReached { phase }),
-            (arb_machine(), "[a-z]{1,4}").prop_map(|(machine, o)| Event::Ready {
-                machine,
-                origin: format!("http://{o}")
-            }),
+            proptest::sample::select(Phase::ALL.to_vec()).prop_map(|phase| Event::PhaseReached { phase }),
+            (arb_machine(), "[a-z]{1,4}")
+                .prop_map(|(machine, o)| Event::Ready { machine, origin: format!("http://{o}") }),
             Just(Event::BuildFailed { reason: "r".into() }),
             Just(Event::Stopped),
             Just(Event::MachinesDeleted),
             Just(Event::RefDeleted),
             Just(Event::RefRestored),
-            arb_machine().prop_map(|machine| Event::MachineLost {
-                machine,
-                reason: "lost".into()
-            }),
+            arb_machine().prop_map(|machine| Event::MachineLost { machine, reason: "lost".into() }),
         ]
     }
 

@@ -49,18 +49,10 @@ impl Preview {
 
     /// When the TTL erases this preview; `None` when pinned or nothing is left to erase.
     pub fn expires_at(&self, project: &Project) -> Option<Millis> {
-        if self.pinned
-            || matches!(
-                self.state,
-                State::Erased { .. } | State::Erasing { .. } | State::Gone
-            )
-        {
+        if self.pinned || matches!(self.state, State::Erased { .. } | State::Erasing { .. } | State::Gone) {
             return None;
         }
-        Some(crate::ttl::expires_at(
-            self.built_at,
-            self.effective_ttl_hours(project),
-        ))
+        Some(crate::ttl::expires_at(self.built_at, self.effective_ttl_hours(project)))
     }
 }
 
@@ -107,30 +99,18 @@ impl RouteStatus {
     /// The edge's view of a lifecycle state. `rebuildable` says whether the ref exists.
     pub fn from_state(state: &State, rebuildable: bool) -> RouteStatus {
         match state {
-            State::Running { origin, .. } => RouteStatus::Running {
-                origin: origin.clone(),
-            },
-            State::Building { phase, serving, .. } => RouteStatus::Building {
-                phase: *phase,
-                origin: serving.as_ref().map(|s| s.origin.clone()),
-            },
+            State::Running { origin, .. } => RouteStatus::Running { origin: origin.clone() },
+            State::Building { phase, serving, .. } => {
+                RouteStatus::Building { phase: *phase, origin: serving.as_ref().map(|s| s.origin.clone()) }
+            }
             State::Sleeping { .. } => RouteStatus::Sleeping,
             // a stop under way is about to be asleep; a wake asked for now is remembered
-            State::Stopping {
-                wake_after: false, ..
-            } => RouteStatus::Sleeping,
-            State::Stopping {
-                wake_after: true, ..
+            State::Stopping { wake_after: false, .. } => RouteStatus::Sleeping,
+            State::Stopping { wake_after: true, .. } | State::Waking { .. } => RouteStatus::Waking,
+            State::Failed { phase, reason } => RouteStatus::Failed { phase: *phase, reason: reason.clone() },
+            State::Erasing { reason, .. } | State::Erased { reason } => {
+                RouteStatus::Erased { reason: *reason, rebuildable }
             }
-            | State::Waking { .. } => RouteStatus::Waking,
-            State::Failed { phase, reason } => RouteStatus::Failed {
-                phase: *phase,
-                reason: reason.clone(),
-            },
-            State::Erasing { reason, .. } | State::Erased { reason } => RouteStatus::Erased {
-                reason: *reason,
-                rebuildable,
-            },
             State::Gone => RouteStatus::Gone,
         }
     }

@@ -66,24 +66,14 @@ pub fn body_digest(body: &[u8]) -> String {
 }
 
 fn canonical(method: &str, path: &str, digest: &str, t: Millis, nonce: &str) -> String {
-    format!(
-        "{}\n{}\n{}\n{}\n{}",
-        method.to_ascii_uppercase(),
-        path,
-        digest,
-        t,
-        nonce
-    )
+    format!("{}\n{}\n{}\n{}\n{}", method.to_ascii_uppercase(), path, digest, t, nonce)
 }
 
 /// Signs a request; returns the header value.
 pub fn sign(key: &Key, method: &str, path: &str, digest: &str, t: Millis, nonce: &str) -> String {
     let mut mac = key.mac();
     mac.update(canonical(method, path, digest, t, nonce).as_bytes());
-    format!(
-        "t={t},n={nonce},s={}",
-        hex::encode(mac.finalize().into_bytes())
-    )
+    format!("t={t},n={nonce},s={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 /// A verified signature's timestamp and nonce.
@@ -107,11 +97,7 @@ pub fn verify(
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", v)) => t = Some(v.parse::<Millis>().map_err(|_| SignError::Malformed)?),
-            Some(("n", v))
-                if !v.is_empty()
-                    && v.len() <= 64
-                    && v.bytes().all(|b| b.is_ascii_alphanumeric()) =>
-            {
+            Some(("n", v)) if !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric()) => {
                 n = Some(v)
             }
             Some(("s", v)) => s = Some(hex::decode(v).map_err(|_| SignError::Malformed)?),
@@ -128,10 +114,7 @@ pub fn verify(
     let mut mac = key.mac();
     mac.update(canonical(method, path, digest, t, n).as_bytes());
     mac.verify_slice(&s).map_err(|_| SignError::Mismatch)?;
-    Ok(Signed {
-        t,
-        nonce: n.to_string(),
-    })
+    Ok(Signed { t, nonce: n.to_string() })
 }
 
 /// Remembers nonces seen within the skew window so a captured request cannot be sent
@@ -157,10 +140,7 @@ impl ReplayGuard {
         if !self.seen.insert(signed.nonce.clone()) {
             return Err(SignError::Replay);
         }
-        self.by_time
-            .entry(signed.t)
-            .or_default()
-            .push(signed.nonce.clone());
+        self.by_time.entry(signed.t).or_default().push(signed.nonce.clone());
         Ok(())
     }
 
@@ -194,26 +174,16 @@ fn csrf_mac(key: &Key, host: &str, expires: Millis) -> HmacSha256 {
 /// A token for forms on `host`, valid until `now + CSRF_TTL_MS`.
 pub fn csrf_token(key: &Key, host: &str, now: Millis) -> String {
     let expires = now + CSRF_TTL_MS;
-    format!(
-        "{expires}.{}",
-        hex::encode(csrf_mac(key, host, expires).finalize().into_bytes())
-    )
+    format!("{expires}.{}", hex::encode(csrf_mac(key, host, expires).finalize().into_bytes()))
 }
 
 /// Checks a token made by [`csrf_token`] for the same host.
-pub fn verify_csrf(
-    key: &Key,
-    host: &str,
-    token: Option<&str>,
-    now: Millis,
-) -> Result<(), CsrfError> {
+pub fn verify_csrf(key: &Key, host: &str, token: Option<&str>, now: Millis) -> Result<(), CsrfError> {
     let token = token.filter(|t| !t.is_empty()).ok_or(CsrfError::Missing)?;
     let (exp, sig) = token.split_once('.').ok_or(CsrfError::Malformed)?;
     let expires: Millis = exp.parse().map_err(|_| CsrfError::Malformed)?;
     let sig = hex::decode(sig).map_err(|_| CsrfError::Malformed)?;
-    csrf_mac(key, host, expires)
-        .verify_slice(&sig)
-        .map_err(|_| CsrfError::Mismatch)?;
+    csrf_mac(key, host, expires).verify_slice(&sig).map_err(|_| CsrfError::Mismatch)?;
     if now > expires {
         return Err(CsrfError::Expired);
     }
@@ -233,87 +203,33 @@ mod tests {
         let d = body_digest(b"{}");
         let h = sign(&key(), "POST", "/v1/edge/wake", &d, 1_000_000, "abc");
         let ok = verify(&key(), Some(&h), "post", "/v1/edge/wake", &d, 1_000_500).unwrap();
+        assert_eq!(ok, Signed { t: 1_000_000, nonce: "abc".into() });
+        assert_eq!(verify(&key(), Some(&h), "POST", "/v1/edge/rebuild", &d, 1_000_000), Err(SignError::Mismatch));
         assert_eq!(
-            ok,
-            Signed {
-                t: 1_000_000,
-                nonce: "abc".into()
-            }
-        );
-        assert_eq!(
-            verify(&key(), Some(&h), "POST", "/v1/edge/rebuild", &d, 1_000_000),
+            verify(&key(), Some(&h), "POST", "/v1/edge/wake", &body_digest(b"{ }"), 1_000_000),
             Err(SignError::Mismatch)
         );
         assert_eq!(
-            verify(
-                &key(),
-                Some(&h),
-                "POST",
-                "/v1/edge/wake",
-                &body_digest(b"{ }"),
-                1_000_000
-            ),
+            verify(&Key::new(b"other".to_vec()), Some(&h), "POST", "/v1/edge/wake", &d, 1_000_000),
             Err(SignError::Mismatch)
         );
         assert_eq!(
-            verify(
-                &Key::new(b"other".to_vec()),
-                Some(&h),
-                "POST",
-                "/v1/edge/wake",
-                &d,
-                1_000_000
-            ),
-            Err(SignError::Mismatch)
-        );
-        assert_eq!(
-            verify(
-                &key(),
-                Some(&h),
-                "POST",
-                "/v1/edge/wake",
-                &d,
-                1_000_000 + MAX_SKEW_MS + 1
-            ),
+            verify(&key(), Some(&h), "POST", "/v1/edge/wake", &d, 1_000_000 + MAX_SKEW_MS + 1),
             Err(SignError::Skew)
         );
-        assert_eq!(
-            verify(&key(), None, "POST", "/", &d, 0),
-            Err(SignError::Missing)
-        );
-        for bad in [
-            "",
-            "t=1",
-            "t=x,n=a,s=00",
-            "t=1,n=a,s=zz",
-            "t=1,n=a b,s=00",
-            "q=1,t=1,n=a,s=00",
-        ] {
-            assert_eq!(
-                verify(&key(), Some(bad), "POST", "/", &d, 1),
-                Err(SignError::Malformed),
-                "{bad}"
-            );
+        assert_eq!(verify(&key(), None, "POST", "/", &d, 0), Err(SignError::Missing));
+        for bad in ["", "t=1", "t=x,n=a,s=00", "t=1,n=a,s=zz", "t=1,n=a b,s=00", "q=1,t=1,n=a,s=00"] {
+            assert_eq!(verify(&key(), Some(bad), "POST", "/", &d, 1), Err(SignError::Malformed), "{bad}");
         }
     }
 
     #[test]
     fn replays_refused_and_forgotten_later() {
         let mut g = ReplayGuard::default();
-        let s = Signed {
-            t: 1_000_000,
-            nonce: "n1".into(),
-        };
+        let s = Signed { t: 1_000_000, nonce: "n1".into() };
         g.check(&s, 1_000_000).unwrap();
         assert_eq!(g.check(&s, 1_000_001), Err(SignError::Replay));
-        g.check(
-            &Signed {
-                t: 1_000_000 + 3 * MAX_SKEW_MS,
-                nonce: "n2".into(),
-            },
-            1_000_000 + 3 * MAX_SKEW_MS,
-        )
-        .unwrap();
+        g.check(&Signed { t: 1_000_000 + 3 * MAX_SKEW_MS, nonce: "n2".into() }, 1_000_000 + 3 * MAX_SKEW_MS).unwrap();
         assert_eq!(g.len(), 1);
     }
 
@@ -321,30 +237,11 @@ mod tests {
     fn csrf() {
         let t = csrf_token(&key(), "a.localhost", 1000);
         verify_csrf(&key(), "a.localhost", Some(&t), 2000).unwrap();
-        assert_eq!(
-            verify_csrf(&key(), "b.localhost", Some(&t), 2000),
-            Err(CsrfError::Mismatch)
-        );
-        assert_eq!(
-            verify_csrf(&key(), "a.localhost", Some(&t), 1000 + CSRF_TTL_MS + 1),
-            Err(CsrfError::Expired)
-        );
-        assert_eq!(
-            verify_csrf(&key(), "a.localhost", None, 0),
-            Err(CsrfError::Missing)
-        );
-        assert_eq!(
-            verify_csrf(&key(), "a.localhost", Some("nope"), 0),
-            Err(CsrfError::Malformed)
-        );
-        let forged = format!(
-            "{}.{}",
-            1000 + CSRF_TTL_MS * 100,
-            t.split_once('.').unwrap().1
-        );
-        assert_eq!(
-            verify_csrf(&key(), "a.localhost", Some(&forged), 2000),
-            Err(CsrfError::Mismatch)
-        );
+        assert_eq!(verify_csrf(&key(), "b.localhost", Some(&t), 2000), Err(CsrfError::Mismatch));
+        assert_eq!(verify_csrf(&key(), "a.localhost", Some(&t), 1000 + CSRF_TTL_MS + 1), Err(CsrfError::Expired));
+        assert_eq!(verify_csrf(&key(), "a.localhost", None, 0), Err(CsrfError::Missing));
+        assert_eq!(verify_csrf(&key(), "a.localhost", Some("nope"), 0), Err(CsrfError::Malformed));
+        let forged = format!("{}.{}", 1000 + CSRF_TTL_MS * 100, t.split_once('.').unwrap().1);
+        assert_eq!(verify_csrf(&key(), "a.localhost", Some(&forged), 2000), Err(CsrfError::Mismatch));
     }
 }

@@ -1,6 +1,6 @@
 //! The routing decision.
 
-use wakegate_core::lifecycle::Phase;
+use wakegate_core::lifecycle::{EraseReason, Phase};
 use wakegate_core::route::{RouteRecord, RouteStatus};
 
 /// What the front door knows about a request.
@@ -16,9 +16,17 @@ pub struct RequestInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PageKind {
     Waking,
-    Building { phase: Phase },
-    ConfirmRebuild,
-    Failed { phase: Phase, reason: String },
+    Building {
+        phase: Phase,
+    },
+    /// `by_ttl`: erased because its time was up.
+    ConfirmRebuild {
+        by_ttl: bool,
+    },
+    Failed {
+        phase: Phase,
+        reason: String,
+    },
     Gone,
 }
 
@@ -32,87 +40,38 @@ pub enum Decision {
     /// An API client: (wake and) wait, bounded, until the preview runs.
     Hold { wake: bool },
     /// A plain answer for clients that do not want HTML.
-    Unavailable {
-        status: u16,
-        retry_after: Option<u32>,
-        state: &'static str,
-    },
+    Unavailable { status: u16, retry_after: Option<u32>, state: &'static str },
 }
 
 /// Decides what a request gets. Pure and total.
 pub fn decide(route: &RouteRecord, req: RequestInfo) -> Decision {
     if let Some(origin) = route.status.origin() {
-        return Decision::Proxy {
-            origin: origin.to_string(),
-        };
+        return Decision::Proxy { origin: origin.to_string() };
     }
     let state = route.status.as_str();
-    let unavailable = |status, retry_after| Decision::Unavailable {
-        status,
-        retry_after,
-        state,
-    };
+    let unavailable = |status, retry_after| Decision::Unavailable { status, retry_after, state };
     match (&route.status, req.wants_html) {
-        (RouteStatus::Sleeping, true) => Decision::Page {
-            page: PageKind::Waking,
-            wake: !req.is_bot,
-        },
+        (RouteStatus::Sleeping, true) => Decision::Page { page: PageKind::Waking, wake: !req.is_bot },
         (RouteStatus::Sleeping, false) if req.is_bot => unavailable(503, Some(30)),
         (RouteStatus::Sleeping, false) => Decision::Hold { wake: true },
-        (RouteStatus::Waking, true) => Decision::Page {
-            page: PageKind::Waking,
-            wake: false,
-        },
-        (RouteStatus::Building { phase, .. }, true) => Decision::Page {
-            page: PageKind::Building { phase: *phase },
-            wake: false,
-        },
-        (RouteStatus::Waking | RouteStatus::Building { .. }, false) if req.is_bot => {
-            unavailable(503, Some(30))
+        (RouteStatus::Waking, true) => Decision::Page { page: PageKind::Waking, wake: false },
+        (RouteStatus::Building { phase, .. }, true) => {
+            Decision::Page { page: PageKind::Building { phase: *phase }, wake: false }
         }
-        (RouteStatus::Waking | RouteStatus::Building { .. }, false) => {
-            Decision::Hold { wake: false }
+        (RouteStatus::Waking | RouteStatus::Building { .. }, false) if req.is_bot => unavailable(503, Some(30)),
+        (RouteStatus::Waking | RouteStatus::Building { .. }, false) => Decision::Hold { wake: false },
+        (RouteStatus::Failed { phase, reason }, true) => {
+            Decision::Page { page: PageKind::Failed { phase: *phase, reason: reason.clone() }, wake: false }
         }
-        (RouteStatus::Failed { phase, reason }, true) => Decision::Page {
-            page: PageKind::Failed {
-                phase: *phase,
-                reason: reason.clone(),
-            },
-            wake: false,
-        },
         (RouteStatus::Failed { .. }, false) => unavailable(503, None),
-        (
-            RouteStatus::Erased {
-                rebuildable: true, ..
-            },
-            true,
-        ) => Decision::Page {
-            page: PageKind::ConfirmRebuild,
-            wake: false,
-        },
-        (
-            RouteStatus::Erased {
-                rebuildable: true, ..
-            },
-            false,
-        ) => unavailable(404, None),
-        (
-            RouteStatus::Erased {
-                rebuildable: false, ..
-            }
-            | RouteStatus::Gone,
-            true,
-        ) => Decision::Page {
-            page: PageKind::Gone,
-            wake: false,
-        },
-        (
-            RouteStatus::Erased {
-                rebuildable: false, ..
-            }
-            | RouteStatus::Gone,
-            false,
-        ) => unavailable(410, None),
+        (RouteStatus::Erased { rebuildable: true, reason }, true) => {
+            Decision::Page { page: PageKind::ConfirmRebuild { by_ttl: *reason == EraseReason::Ttl }, wake: false }
+        }
+        (RouteStatus::Erased { rebuildable: true, .. }, false) => unavailable(404, None),
+        (RouteStatus::Erased { rebuildable: false, .. } | RouteStatus::Gone, true) => {
+            Decision::Page { page: PageKind::Gone, wake: false }
+        }
+        (RouteStatus::Erased { rebuildable: false, .. } | RouteStatus::Gone, false) => unavailable(410, None),
         // origin() covered these
         (RouteStatus::Running { .. }, _) => unavailable(502, Some(5)),
     }
@@ -121,7 +80,6 @@ pub fn decide(route: &RouteRecord, req: RequestInfo) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wakegate_core::lifecycle::EraseReason;
 
     fn route(status: RouteStatus) -> RouteRecord {
         RouteRecord {
@@ -135,144 +93,54 @@ mod tests {
         }
     }
 
-    const HTML: RequestInfo = RequestInfo {
-        wants_html: true,
-        is_bot: false,
-    };
-    const API: RequestInfo = RequestInfo {
-        wants_html: false,
-        is_bot: false,
-    };
-    const BOT_HTML: RequestInfo = RequestInfo {
-        wants_html: true,
-        is_bot: true,
-    };
-    const BOT_API: RequestInfo = RequestInfo {
-        wants_html: false,
-        is_bot: true,
-    };
+    const HTML: RequestInfo = RequestInfo { wants_html: true, is_bot: false };
+    const API: RequestInfo = RequestInfo { wants_html: false, is_bot: false };
+    const BOT_HTML: RequestInfo = RequestInfo { wants_html: true, is_bot: true };
+    const BOT_API: RequestInfo = RequestInfo { wants_html: false, is_bot: true };
 
     #[test]
     fn running_and_redeploying_proxy() {
-        let r = route(RouteStatus::Running {
-            origin: "http://127.0.0.1:9".into(),
-        });
+        let r = route(RouteStatus::Running { origin: "http://127.0.0.1:9".into() });
         for req in [HTML, API, BOT_HTML, BOT_API] {
-            assert_eq!(
-                decide(&r, req),
-                Decision::Proxy {
-                    origin: "http://127.0.0.1:9".into()
-                }
-            );
+            assert_eq!(decide(&r, req), Decision::Proxy { origin: "http://127.0.0.1:9".into() });
         }
-        let r = route(RouteStatus::Building {
-            phase: Phase::Build,
-            origin: Some("http://o".into()),
-        });
-        assert_eq!(
-            decide(&r, HTML),
-            Decision::Proxy {
-                origin: "http://o".into()
-            }
-        );
+        let r = route(RouteStatus::Building { phase: Phase::Build, origin: Some("http://o".into()) });
+        assert_eq!(decide(&r, HTML), Decision::Proxy { origin: "http://o".into() });
     }
 
     #[test]
     fn only_people_and_api_clients_wake() {
         let r = route(RouteStatus::Sleeping);
-        assert_eq!(
-            decide(&r, HTML),
-            Decision::Page {
-                page: PageKind::Waking,
-                wake: true
-            }
-        );
+        assert_eq!(decide(&r, HTML), Decision::Page { page: PageKind::Waking, wake: true });
         assert_eq!(decide(&r, API), Decision::Hold { wake: true });
-        assert_eq!(
-            decide(&r, BOT_HTML),
-            Decision::Page {
-                page: PageKind::Waking,
-                wake: false
-            }
-        );
-        assert!(matches!(
-            decide(&r, BOT_API),
-            Decision::Unavailable { status: 503, .. }
-        ));
+        assert_eq!(decide(&r, BOT_HTML), Decision::Page { page: PageKind::Waking, wake: false });
+        assert!(matches!(decide(&r, BOT_API), Decision::Unavailable { status: 503, .. }));
     }
 
     #[test]
     fn every_status_has_an_answer() {
         let statuses = [
             RouteStatus::Waking,
-            RouteStatus::Building {
-                phase: Phase::Checkout,
-                origin: None,
-            },
-            RouteStatus::Failed {
-                phase: Phase::Build,
-                reason: "x".into(),
-            },
-            RouteStatus::Erased {
-                reason: EraseReason::Ttl,
-                rebuildable: true,
-            },
-            RouteStatus::Erased {
-                reason: EraseReason::Ttl,
-                rebuildable: false,
-            },
+            RouteStatus::Building { phase: Phase::Checkout, origin: None },
+            RouteStatus::Failed { phase: Phase::Build, reason: "x".into() },
+            RouteStatus::Erased { reason: EraseReason::Ttl, rebuildable: true },
+            RouteStatus::Erased { reason: EraseReason::Ttl, rebuildable: false },
             RouteStatus::Gone,
         ];
         let expect_html = [
-            Decision::Page {
-                page: PageKind::Waking,
-                wake: false,
-            },
-            Decision::Page {
-                page: PageKind::Building {
-                    phase: Phase::Checkout,
-                },
-                wake: false,
-            },
-            Decision::Page {
-                page: PageKind::Failed {
-                    phase: Phase::Build,
-                    reason: "x".into(),
-                },
-                wake: false,
-            },
-            Decision::Page {
-                page: PageKind::ConfirmRebuild,
-                wake: false,
-            },
-            Decision::Page {
-                page: PageKind::Gone,
-                wake: false,
-            },
-            Decision::Page {
-                page: PageKind::Gone,
-                wake: false,
-            },
+            Decision::Page { page: PageKind::Waking, wake: false },
+            Decision::Page { page: PageKind::Building { phase: Phase::Checkout }, wake: false },
+            Decision::Page { page: PageKind::Failed { phase: Phase::Build, reason: "x".into() }, wake: false },
+            Decision::Page { page: PageKind::ConfirmRebuild { by_ttl: true }, wake: false },
+            Decision::Page { page: PageKind::Gone, wake: false },
+            Decision::Page { page: PageKind::Gone, wake: false },
         ];
         for (s, want) in statuses.iter().zip(expect_html) {
             assert_eq!(decide(&route(s.clone()), HTML), want, "{s:?}");
-            assert_eq!(
-                decide(&route(s.clone()), BOT_HTML),
-                want,
-                "bots see pages too, never wake: {s:?}"
-            );
+            assert_eq!(decide(&route(s.clone()), BOT_HTML), want, "bots see pages too, never wake: {s:?}");
         }
-        assert_eq!(
-            decide(&route(statuses[0].clone()), API),
-            Decision::Hold { wake: false }
-        );
-        assert!(matches!(
-            decide(&route(statuses[4].clone()), API),
-            Decision::Unavailable { status: 410, .. }
-        ));
-        assert!(matches!(
-            decide(&route(statuses[3].clone()), API),
-            Decision::Unavailable { status: 404, .. }
-        ));
+        assert_eq!(decide(&route(statuses[0].clone()), API), Decision::Hold { wake: false });
+        assert!(matches!(decide(&route(statuses[4].clone()), API), Decision::Unavailable { status: 410, .. }));
+        assert!(matches!(decide(&route(statuses[3].clone()), API), Decision::Unavailable { status: 404, .. }));
     }
 }

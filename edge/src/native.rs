@@ -66,10 +66,7 @@ pub enum EdgeError {
 }
 
 fn now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
 }
 
 fn nonce() -> String {
@@ -97,13 +94,8 @@ impl hyper::body::Body for AfterSent {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().inner)
-            .poll_frame(cx)
-            .map_err(|never| match never {})
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx).map_err(|never| match never {})
     }
 
     fn is_end_stream(&self) -> bool {
@@ -161,12 +153,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
-        && headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
 pub struct Edge {
@@ -185,12 +175,7 @@ impl Edge {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(connector);
-        Arc::new(Edge {
-            cfg,
-            client,
-            cache: RwLock::new(HashMap::new()),
-            active: Mutex::new(HashSet::new()),
-        })
+        Arc::new(Edge { cfg, client, cache: RwLock::new(HashMap::new()), active: Mutex::new(HashSet::new()) })
     }
 
     /// Number of cached routes (for memory accounting).
@@ -200,20 +185,8 @@ impl Edge {
 
     // ---------- waker calls ----------
 
-    async fn waker(
-        &self,
-        method: Method,
-        path: &str,
-        body: Vec<u8>,
-    ) -> Result<(u16, Bytes), EdgeError> {
-        let sig = sign::sign(
-            &self.cfg.edge_key,
-            method.as_str(),
-            path,
-            &sign::body_digest(&body),
-            now_ms(),
-            &nonce(),
-        );
+    async fn waker(&self, method: Method, path: &str, body: Vec<u8>) -> Result<(u16, Bytes), EdgeError> {
+        let sig = sign::sign(&self.cfg.edge_key, method.as_str(), path, &sign::body_digest(&body), now_ms(), &nonce());
         let req = Request::builder()
             .method(method)
             .uri(format!("{}{}", self.cfg.waker_url, path))
@@ -221,34 +194,21 @@ impl Edge {
             .header(header::CONTENT_TYPE, "application/json")
             .body(full(body))
             .map_err(|e| EdgeError::Waker(e.to_string()))?;
-        let resp = tokio::time::timeout(
-            Duration::from_millis(STATUS_WAIT_MS + 10_000),
-            self.client.request(req),
-        )
-        .await
-        .map_err(|_| EdgeError::Waker("timed out".into()))?
-        .map_err(|e| EdgeError::Waker(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let bytes = resp
-            .into_body()
-            .collect()
+        let resp = tokio::time::timeout(Duration::from_millis(STATUS_WAIT_MS + 10_000), self.client.request(req))
             .await
-            .map_err(|e| EdgeError::Waker(e.to_string()))?
-            .to_bytes();
+            .map_err(|_| EdgeError::Waker("timed out".into()))?
+            .map_err(|e| EdgeError::Waker(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.map_err(|e| EdgeError::Waker(e.to_string()))?.to_bytes();
         Ok((status, bytes))
     }
 
     async fn waker_record(&self, path: &str) -> Result<Option<RouteRecord>, EdgeError> {
         let (status, body) = self.waker(Method::GET, path, Vec::new()).await?;
         match status {
-            200 => serde_json::from_slice(&body)
-                .map(Some)
-                .map_err(|e| EdgeError::Waker(e.to_string())),
+            200 => serde_json::from_slice(&body).map(Some).map_err(|e| EdgeError::Waker(e.to_string())),
             404 => Ok(None),
-            s => Err(EdgeError::WakerStatus(
-                s,
-                String::from_utf8_lossy(&body).into_owned(),
-            )),
+            s => Err(EdgeError::WakerStatus(s, String::from_utf8_lossy(&body).into_owned())),
         }
     }
 
@@ -259,9 +219,7 @@ impl Edge {
                 return Ok(Some(r.clone()));
             }
         }
-        let record = self
-            .waker_record(&format!("/v1/edge/route?host={host}"))
-            .await?;
+        let record = self.waker_record(&format!("/v1/edge/route?host={host}")).await?;
         let mut cache = self.cache.write().unwrap();
         match &record {
             // only running routes are cached: everything else changes under the visitor
@@ -279,24 +237,12 @@ impl Edge {
         self.cache.write().unwrap().remove(host);
     }
 
-    async fn status(
-        &self,
-        host: &Host,
-        after: u64,
-        wait_ms: u64,
-    ) -> Result<Option<RouteRecord>, EdgeError> {
-        self.waker_record(&format!(
-            "/v1/edge/status?host={host}&after={after}&wait={wait_ms}"
-        ))
-        .await
+    async fn status(&self, host: &Host, after: u64, wait_ms: u64) -> Result<Option<RouteRecord>, EdgeError> {
+        self.waker_record(&format!("/v1/edge/status?host={host}&after={after}&wait={wait_ms}")).await
     }
 
     async fn wake(&self, host: &Host) {
-        let body = serde_json::to_vec(&HostRequest {
-            host: host.to_string(),
-            client_ip: None,
-        })
-        .unwrap_or_default();
+        let body = serde_json::to_vec(&HostRequest { host: host.to_string(), client_ip: None }).unwrap_or_default();
         match self.waker(Method::POST, "/v1/edge/wake", body).await {
             Ok((202, _)) => debug!(%host, "wake requested"),
             Ok((s, b)) => {
@@ -315,9 +261,7 @@ impl Edge {
 
     /// Sends the hosts that saw traffic since the last flush, in one call.
     pub async fn flush_activity(&self) {
-        let hosts: Vec<String> = std::mem::take(&mut *self.active.lock().unwrap())
-            .into_iter()
-            .collect();
+        let hosts: Vec<String> = std::mem::take(&mut *self.active.lock().unwrap()).into_iter().collect();
         if hosts.is_empty() {
             return;
         }
@@ -329,11 +273,7 @@ impl Edge {
 
     // ---------- request handling ----------
 
-    pub async fn handle(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<Body> {
+    pub async fn handle(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let raw = req
             .headers()
             .get(header::HOST)
@@ -345,9 +285,7 @@ impl Edge {
             Ok(h) => h,
             Err(e) => {
                 return page(
-                    &Page::BadRequest {
-                        reason: format!("The host name is not valid: {e}."),
-                    },
+                    &Page::BadRequest { reason: format!("The host name is not valid: {e}.") },
                     &Default::default(),
                 )
             }
@@ -358,12 +296,7 @@ impl Edge {
         let info = request_info(req.headers());
         match self.route(&host).await {
             Ok(Some(route)) => self.dispatch(req, host, route, info, peer).await,
-            Ok(None) => page(
-                &Page::NotFound {
-                    host: host.to_string(),
-                },
-                &Default::default(),
-            ),
+            Ok(None) => page(&Page::NotFound { host: host.to_string() }, &Default::default()),
             Err(e) => error_response(&e),
         }
     }
@@ -379,12 +312,7 @@ impl Edge {
         match decide(&route, info) {
             Decision::Proxy { origin } => self.proxy(req, &host, &origin, info, peer).await,
             Decision::Page { page: kind, wake } => {
-                let return_to = req
-                    .uri()
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/")
-                    .to_string();
+                let return_to = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
                 let p = self.page_for(&kind, &host);
                 let cx = context(&route, &return_to);
                 let mut resp = page(&p, &cx);
@@ -392,11 +320,7 @@ impl Edge {
                     // the page goes out first; the wake starts once it is written
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let html = render(&p, &cx);
-                    *resp.body_mut() = AfterSent {
-                        inner: Full::new(Bytes::from(html)),
-                        sent: Some(tx),
-                    }
-                    .boxed();
+                    *resp.body_mut() = AfterSent { inner: Full::new(Bytes::from(html)), sent: Some(tx) }.boxed();
                     let edge = self.clone();
                     tokio::spawn(async move {
                         let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
@@ -406,18 +330,10 @@ impl Edge {
                 resp
             }
             Decision::Hold { wake } => self.hold(req, host, route, wake, info, peer).await,
-            Decision::Unavailable {
-                status,
-                retry_after,
-                state,
-            } => {
-                let mut resp = json(
-                    status,
-                    &serde_json::json!({ "state": state, "preview": route.preview_id }),
-                );
+            Decision::Unavailable { status, retry_after, state } => {
+                let mut resp = json(status, &serde_json::json!({ "state": state, "preview": route.preview_id }));
                 if let Some(s) = retry_after {
-                    resp.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from(s));
+                    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
                 }
                 resp
             }
@@ -429,12 +345,8 @@ impl Edge {
         match kind {
             PageKind::Waking => Page::Waking,
             PageKind::Building { phase } => Page::Building { phase: *phase },
-            PageKind::ConfirmRebuild => Page::ConfirmRebuild { csrf: csrf() },
-            PageKind::Failed { phase, reason } => Page::Failed {
-                phase: *phase,
-                reason: reason.clone(),
-                csrf: csrf(),
-            },
+            PageKind::ConfirmRebuild { by_ttl } => Page::ConfirmRebuild { csrf: csrf(), by_ttl: *by_ttl },
+            PageKind::Failed { phase, reason } => Page::Failed { phase: *phase, reason: reason.clone(), csrf: csrf() },
             PageKind::Gone => Page::Gone,
         }
     }
@@ -454,10 +366,7 @@ impl Edge {
         }
         let deadline = Instant::now() + self.cfg.hold_timeout;
         let mut version = route.version;
-        while let Some(left) = deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-        {
+        while let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
             let wait = (left.as_millis() as u64).min(STATUS_WAIT_MS);
             match self.status(&host, version, wait).await {
                 Ok(Some(r)) => {
@@ -465,14 +374,8 @@ impl Edge {
                         let origin = origin.to_string();
                         return self.proxy(req, &host, &origin, info, peer).await;
                     }
-                    if matches!(
-                        r.status,
-                        RouteStatus::Failed { .. } | RouteStatus::Erased { .. } | RouteStatus::Gone
-                    ) {
-                        return json(
-                            503,
-                            &serde_json::json!({ "state": r.status.as_str(), "preview": r.preview_id }),
-                        );
+                    if matches!(r.status, RouteStatus::Failed { .. } | RouteStatus::Erased { .. } | RouteStatus::Gone) {
+                        return json(503, &serde_json::json!({ "state": r.status.as_str(), "preview": r.preview_id }));
                     }
                     version = r.version;
                 }
@@ -480,12 +383,8 @@ impl Edge {
                 Err(e) => return error_response(&e),
             }
         }
-        let mut resp = json(
-            503,
-            &serde_json::json!({ "state": "waking", "preview": route.preview_id }),
-        );
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        let mut resp = json(503, &serde_json::json!({ "state": "waking", "preview": route.preview_id }));
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         resp
     }
 
@@ -507,13 +406,8 @@ impl Edge {
         } else {
             None
         };
-        let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
-            && body.is_end_stream();
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
+        let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) && body.is_end_stream();
+        let pq = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
         let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers, upgrade);
         let peer_ip = peer.ip().to_string();
@@ -527,27 +421,15 @@ impl Edge {
         if let Ok(v) = HeaderValue::from_str(host.as_str()) {
             headers.insert("x-forwarded-host", v);
         }
-        headers.insert(
-            "x-forwarded-proto",
-            HeaderValue::from_static(self.cfg.scheme),
-        );
-        let sig = sign::sign(
-            &self.cfg.origin_key,
-            parts.method.as_str(),
-            &pq,
-            sign::UNSIGNED_PAYLOAD,
-            now_ms(),
-            &nonce(),
-        );
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(self.cfg.scheme));
+        let sig =
+            sign::sign(&self.cfg.origin_key, parts.method.as_str(), &pq, sign::UNSIGNED_PAYLOAD, now_ms(), &nonce());
         if let Ok(v) = HeaderValue::from_str(&sig) {
             headers.insert(sign::ORIGIN_SIGNATURE_HEADER, v);
         }
 
         let build = |origin: &str, body: Body| -> Result<Request<Body>, http::Error> {
-            let mut r = Request::builder()
-                .method(parts.method.clone())
-                .uri(format!("{origin}{pq}"))
-                .body(body)?;
+            let mut r = Request::builder().method(parts.method.clone()).uri(format!("{origin}{pq}")).body(body)?;
             *r.headers_mut() = headers.clone();
             Ok(r)
         };
@@ -574,18 +456,11 @@ impl Edge {
                             Some(_) => {}
                             None => {
                                 let return_to = pq.clone();
-                                if let Decision::Page { page: kind, .. } = decide(
-                                    &fresh,
-                                    RequestInfo {
-                                        wants_html: true,
-                                        is_bot: true,
-                                    },
-                                ) {
+                                if let Decision::Page { page: kind, .. } =
+                                    decide(&fresh, RequestInfo { wants_html: true, is_bot: true })
+                                {
                                     if info.wants_html {
-                                        return page(
-                                            &self.page_for(&kind, host),
-                                            &context(&fresh, &return_to),
-                                        );
+                                        return page(&self.page_for(&kind, host), &context(&fresh, &return_to));
                                     }
                                 }
                             }
@@ -614,8 +489,7 @@ impl Edge {
                 let edge = self.clone();
                 let host = host.clone();
                 tokio::spawn(async move {
-                    let (Ok(client), Ok(origin)) = (client_upgrade.await, origin_upgrade.await)
-                    else {
+                    let (Ok(client), Ok(origin)) = (client_upgrade.await, origin_upgrade.await) else {
                         return;
                     };
                     let mut client = TokioIo::new(client);
@@ -643,22 +517,12 @@ impl Edge {
         Response::from_parts(parts, body.boxed())
     }
 
-    async fn reserved(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
-        host: Host,
-        peer: SocketAddr,
-    ) -> Response<Body> {
+    async fn reserved(self: &Arc<Self>, req: Request<Incoming>, host: Host, peer: SocketAddr) -> Response<Body> {
         let path = req.uri().path().to_string();
-        match (
-            req.method().clone(),
-            path.trim_start_matches(RESERVED_PREFIX),
-        ) {
+        match (req.method().clone(), path.trim_start_matches(RESERVED_PREFIX)) {
             (Method::GET, "status") => {
                 let pairs = form::parse_pairs(req.uri().query().unwrap_or(""));
-                let after = form::get(&pairs, "after")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
+                let after = form::get(&pairs, "after").and_then(|v| v.parse().ok()).unwrap_or(0);
                 match self.status(&host, after, STATUS_WAIT_MS).await {
                     Ok(Some(r)) => json(200, &status_json(&r)),
                     Ok(None) => json(404, &serde_json::json!({ "error": "no such preview" })),
@@ -671,31 +535,17 @@ impl Edge {
     }
 
     /// The confirm-to-rebuild form: POST only, CSRF token bound to the host, same-origin.
-    async fn rebuild(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
-        host: Host,
-        peer: SocketAddr,
-    ) -> Response<Body> {
+    async fn rebuild(self: &Arc<Self>, req: Request<Incoming>, host: Host, peer: SocketAddr) -> Response<Body> {
         let info = request_info(req.headers());
         let forbidden = |why: &str| {
-            let mut r = page(
-                &Page::BadRequest {
-                    reason: why.to_string(),
-                },
-                &Default::default(),
-            );
+            let mut r = page(&Page::BadRequest { reason: why.to_string() }, &Default::default());
             *r.status_mut() = StatusCode::FORBIDDEN;
             r
         };
         if info.is_bot {
             return forbidden("Automated clients cannot rebuild previews.");
         }
-        if let Some(origin) = req
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
-        {
+        if let Some(origin) = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
             let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
             if normalize_host(origin_host).ok().as_ref() != Some(&host) {
                 return forbidden("This form can only be sent from the preview's own page.");
@@ -704,34 +554,23 @@ impl Edge {
         let body = match Limited::new(req.into_body(), MAX_FORM).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => {
-                let mut r = page(
-                    &Page::BadRequest {
-                        reason: "The form is too large.".into(),
-                    },
-                    &Default::default(),
-                );
+                let mut r = page(&Page::BadRequest { reason: "The form is too large.".into() }, &Default::default());
                 *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
                 return r;
             }
         };
         let pairs = form::parse_pairs(&String::from_utf8_lossy(&body));
-        if let Err(e) = sign::verify_csrf(
-            &self.cfg.csrf_key,
-            host.as_str(),
-            form::get(&pairs, "csrf"),
-            now_ms(),
-        ) {
-            return forbidden(&format!("The form has expired or was not sent from this page ({e}). Reload the page and try again."));
+        if let Err(e) = sign::verify_csrf(&self.cfg.csrf_key, host.as_str(), form::get(&pairs, "csrf"), now_ms()) {
+            return forbidden(&format!(
+                "The form has expired or was not sent from this page ({e}). Reload the page and try again."
+            ));
         }
         let return_to = form::get(&pairs, "return_to")
             .filter(|p| p.starts_with('/') && !p.starts_with("//"))
             .unwrap_or("/")
             .to_string();
-        let body = serde_json::to_vec(&HostRequest {
-            host: host.to_string(),
-            client_ip: Some(peer.ip().to_string()),
-        })
-        .unwrap_or_default();
+        let body = serde_json::to_vec(&HostRequest { host: host.to_string(), client_ip: Some(peer.ip().to_string()) })
+            .unwrap_or_default();
         self.forget(&host);
         match self.waker(Method::POST, "/v1/edge/rebuild", body).await {
             Ok((202, _)) => Response::builder()
@@ -743,18 +582,13 @@ impl Edge {
             Ok((410, _)) => page(&Page::Gone, &Default::default()),
             Ok((429, _)) => {
                 let mut r = page(
-                    &Page::BadRequest {
-                        reason: "Too many rebuilds were asked for. Try again later.".into(),
-                    },
+                    &Page::BadRequest { reason: "Too many rebuilds were asked for. Try again later.".into() },
                     &Default::default(),
                 );
                 *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
                 r
             }
-            Ok((s, b)) => error_response(&EdgeError::WakerStatus(
-                s,
-                String::from_utf8_lossy(&b).into_owned(),
-            )),
+            Ok((s, b)) => error_response(&EdgeError::WakerStatus(s, String::from_utf8_lossy(&b).into_owned())),
             Err(e) => error_response(&e),
         }
     }
@@ -764,10 +598,7 @@ fn request_info(headers: &HeaderMap) -> RequestInfo {
     let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     RequestInfo {
         wants_html: get("accept").is_some_and(|a| a.contains("text/html")),
-        is_bot: bots::is_bot(
-            get("user-agent"),
-            get("sec-purpose").or(get("purpose")).or(get("x-moz")),
-        ),
+        is_bot: bots::is_bot(get("user-agent"), get("sec-purpose").or(get("purpose")).or(get("x-moz"))),
     }
 }
 
@@ -823,21 +654,14 @@ fn json(status: u16, v: &serde_json::Value) -> Response<Body> {
 fn error_response(e: &EdgeError) -> Response<Body> {
     warn!(error = %e, "edge error");
     let (status, reason) = match e {
-        EdgeError::Waker(_) | EdgeError::WakerStatus(..) => (
-            503,
-            "Wakegate's control plane is not answering. Try again in a moment.",
-        ),
+        EdgeError::Waker(_) | EdgeError::WakerStatus(..) => {
+            (503, "Wakegate's control plane is not answering. Try again in a moment.")
+        }
         EdgeError::Origin(_) => (502, "The preview did not answer. Try again in a moment."),
     };
-    let mut r = page(
-        &Page::BadRequest {
-            reason: reason.into(),
-        },
-        &Default::default(),
-    );
+    let mut r = page(&Page::BadRequest { reason: reason.into() }, &Default::default());
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     r
 }
 

@@ -12,9 +12,7 @@ async fn run(dir: Option<&Path>, args: &[&str]) -> Result<String, String> {
     if let Some(dir) = dir {
         cmd.current_dir(dir);
     }
-    cmd.args(args)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .kill_on_drop(true);
+    cmd.args(args).env("GIT_TERMINAL_PROMPT", "0").kill_on_drop(true);
     let out = tokio::time::timeout(GIT_TIMEOUT, cmd.output())
         .await
         .map_err(|_| format!("git {} timed out", args.first().unwrap_or(&"")))?
@@ -30,30 +28,17 @@ async fn run(dir: Option<&Path>, args: &[&str]) -> Result<String, String> {
 /// remote cannot be asked (unreachable): callers must not treat that as "gone".
 pub async fn ref_exists(url: &str, git_ref: &str) -> Result<bool, String> {
     let out = run(None, &["ls-remote", "--", url, git_ref]).await?;
-    let full = if git_ref.starts_with("refs/") {
-        git_ref.to_string()
-    } else {
-        format!("refs/heads/{git_ref}")
-    };
-    Ok(out.lines().any(|l| {
-        l.split('\t')
-            .nth(1)
-            .is_some_and(|r| r == full || r == format!("refs/tags/{git_ref}"))
-    }))
+    let full = if git_ref.starts_with("refs/") { git_ref.to_string() } else { format!("refs/heads/{git_ref}") };
+    Ok(out.lines().any(|l| l.split('\t').nth(1).is_some_and(|r| r == full || r == format!("refs/tags/{git_ref}"))))
 }
 
 /// Fetches `git_ref` from `url` into a new repository at `dir` and checks it out.
 pub async fn checkout(url: &str, git_ref: &str, dir: &Path) -> Result<(), String> {
-    tokio::fs::create_dir_all(dir)
-        .await
-        .map_err(|e| e.to_string())?;
+    tokio::fs::create_dir_all(dir).await.map_err(|e| e.to_string())?;
     run(Some(dir), &["init", "-q"]).await?;
-    run(
-        Some(dir),
-        &["fetch", "-q", "--depth", "1", "--", url, git_ref],
-    )
-    .await
-    .map_err(|e| format!("cannot fetch {git_ref}: {e}"))?;
+    run(Some(dir), &["fetch", "-q", "--depth", "1", "--", url, git_ref])
+        .await
+        .map_err(|e| format!("cannot fetch {git_ref}: {e}"))?;
     run(Some(dir), &["checkout", "-q", "--detach", "FETCH_HEAD"]).await?;
     Ok(())
 }

@@ -23,10 +23,7 @@ use wakegate_core::Millis;
 
 /// Wall-clock now in ms. Only drivers read the clock; `core` never does.
 pub fn now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
 }
 
 /// Tunables, with production defaults.

@@ -47,11 +47,7 @@ impl LocalCloud {
     }
 
     fn dir(&self, machine: &MachineId) -> Result<PathBuf, CloudError> {
-        if machine.is_empty()
-            || !machine
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+        if machine.is_empty() || !machine.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             return Err(CloudError::NotFound(machine.clone()));
         }
         Ok(self.root.join(machine))
@@ -65,11 +61,7 @@ impl LocalCloud {
         log: &str,
         env: &[(String, String)],
     ) -> Result<tokio::process::Child, CloudError> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(log))
-            .map_err(backend)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(log)).map_err(backend)?;
         let mut cmd = tokio::process::Command::new("sh");
         cmd.arg("-c")
             .arg(command)
@@ -82,36 +74,22 @@ impl LocalCloud {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| CloudError::Failed(format!("cannot start `{command}`: {e}")))?;
+        let child = cmd.spawn().map_err(|e| CloudError::Failed(format!("cannot start `{command}`: {e}")))?;
         let pid = child.id().ok_or_else(|| backend("child has no pid"))?;
-        tokio::fs::write(dir.join(pidfile), pid.to_string())
-            .await
-            .map_err(backend)?;
+        tokio::fs::write(dir.join(pidfile), pid.to_string()).await.map_err(backend)?;
         Ok(child)
     }
 
-    async fn start_app(
-        &self,
-        machine: &MachineId,
-        dir: &Path,
-        mf: &MachineFile,
-    ) -> Result<String, CloudError> {
+    async fn start_app(&self, machine: &MachineId, dir: &Path, mf: &MachineFile) -> Result<String, CloudError> {
         stop_group(dir, "app.pid").await;
         let env = app_env(mf);
-        let mut child = self
-            .spawn(dir, &mf.manifest.run, "app.pid", "app.log", &env)
-            .await?;
+        let mut child = self.spawn(dir, &mf.manifest.run, "app.pid", "app.log", &env).await?;
         let origin = format!("http://127.0.0.1:{}", mf.port);
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_secs(mf.manifest.start_timeout_secs);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(mf.manifest.start_timeout_secs);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 let tail = log_tail(dir, "app.log").await;
-                return Err(CloudError::Failed(format!(
-                    "the app exited ({status}) before answering:\n{tail}"
-                )));
+                return Err(CloudError::Failed(format!("the app exited ({status}) before answering:\n{tail}")));
             }
             if health_ok(mf.port, &mf.manifest.health).await {
                 // reap the child whenever it ends; we track it by its pid file from now on
@@ -135,12 +113,7 @@ impl LocalCloud {
 }
 
 fn app_env(mf: &MachineFile) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = mf
-        .manifest
-        .env
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let mut env: Vec<(String, String)> = mf.manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     env.push(("PORT".into(), mf.port.to_string()));
     env.push(("HOST".into(), "127.0.0.1".into()));
     env.push(("PREVIEW_URL".into(), mf.preview_url.clone()));
@@ -148,23 +121,18 @@ fn app_env(mf: &MachineFile) -> Vec<(String, String)> {
 }
 
 fn free_port() -> Result<u16, CloudError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(backend)?
-        .local_addr()
-        .map_err(backend)?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0").map_err(backend)?.local_addr().map_err(backend)?.port())
 }
 
 async fn health_ok(port: u16, path: &str) -> bool {
-    let Ok(Ok(mut s)) = tokio::time::timeout(
-        Duration::from_secs(1),
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(("127.0.0.1", port))).await
     else {
         return false;
     };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nUser-Agent: wakegate-health\r\n\r\n");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nUser-Agent: wakegate-health\r\n\r\n"
+    );
     if s.write_all(req.as_bytes()).await.is_err() {
         return false;
     }
@@ -176,9 +144,7 @@ async fn health_ok(port: u16, path: &str) -> bool {
 }
 
 async fn log_tail(dir: &Path, log: &str) -> String {
-    let text = tokio::fs::read_to_string(dir.join(log))
-        .await
-        .unwrap_or_default();
+    let text = tokio::fs::read_to_string(dir.join(log)).await.unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
@@ -216,11 +182,7 @@ async fn stop_group(dir: &Path, pidfile: &str) {
 
 /// Whether the process group in `dir/pidfile` is alive.
 pub async fn group_alive(dir: &Path, pidfile: &str) -> bool {
-    match tokio::fs::read_to_string(dir.join(pidfile))
-        .await
-        .ok()
-        .and_then(|t| t.trim().parse::<u32>().ok())
-    {
+    match tokio::fs::read_to_string(dir.join(pidfile)).await.ok().and_then(|t| t.trim().parse::<u32>().ok()) {
         Some(pgid) if pgid > 1 => kill("-0", pgid).await,
         _ => false,
     }
@@ -234,9 +196,7 @@ impl Cloud for LocalCloud {
         let id = format!("m-{}", hex::encode(b));
         let dir = self.dir(&id)?;
         tokio::fs::create_dir_all(&dir).await.map_err(backend)?;
-        tokio::fs::write(dir.join("owner"), preview_id)
-            .await
-            .map_err(backend)?;
+        tokio::fs::write(dir.join("owner"), preview_id).await.map_err(backend)?;
         Ok(id)
     }
 
@@ -253,58 +213,36 @@ impl Cloud for LocalCloud {
         if !progress.phase(Phase::Checkout).await {
             return Err(CloudError::Failed("cancelled".into()));
         }
-        crate::git::checkout(&spec.git_url, &spec.git_ref, &dir.join("src"))
-            .await
-            .map_err(CloudError::Failed)?;
+        crate::git::checkout(&spec.git_url, &spec.git_ref, &dir.join("src")).await.map_err(CloudError::Failed)?;
         let text = tokio::fs::read_to_string(dir.join("src").join(crate::manifest::FILE))
             .await
-            .map_err(|_| {
-                CloudError::Failed(format!(
-                    "the repository has no {} at its root",
-                    crate::manifest::FILE
-                ))
-            })?;
+            .map_err(|_| CloudError::Failed(format!("the repository has no {} at its root", crate::manifest::FILE)))?;
         let manifest = Manifest::parse(&text).map_err(CloudError::Failed)?;
-        let mf = MachineFile {
-            manifest,
-            port: free_port()?,
-            preview_url: spec.preview_url.clone(),
-        };
-        tokio::fs::write(
-            dir.join("machine.json"),
-            serde_json::to_vec_pretty(&mf).map_err(backend)?,
-        )
-        .await
-        .map_err(backend)?;
+        let mf = MachineFile { manifest, port: free_port()?, preview_url: spec.preview_url.clone() };
+        tokio::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&mf).map_err(backend)?)
+            .await
+            .map_err(backend)?;
 
         if let Some(build) = mf.manifest.build.clone() {
             if !progress.phase(Phase::Build).await {
                 return Err(CloudError::Failed("cancelled".into()));
             }
-            let mut child = self
-                .spawn(&dir, &build, "build.pid", "build.log", &app_env(&mf))
-                .await?;
-            let status = match tokio::time::timeout(
-                Duration::from_secs(mf.manifest.build_timeout_secs),
-                child.wait(),
-            )
-            .await
-            {
-                Ok(status) => status.map_err(backend)?,
-                Err(_) => {
-                    stop_group(&dir, "build.pid").await;
-                    return Err(CloudError::Failed(format!(
-                        "build timed out after {}s",
-                        mf.manifest.build_timeout_secs
-                    )));
-                }
-            };
+            let mut child = self.spawn(&dir, &build, "build.pid", "build.log", &app_env(&mf)).await?;
+            let status =
+                match tokio::time::timeout(Duration::from_secs(mf.manifest.build_timeout_secs), child.wait()).await {
+                    Ok(status) => status.map_err(backend)?,
+                    Err(_) => {
+                        stop_group(&dir, "build.pid").await;
+                        return Err(CloudError::Failed(format!(
+                            "build timed out after {}s",
+                            mf.manifest.build_timeout_secs
+                        )));
+                    }
+                };
             let _ = tokio::fs::remove_file(dir.join("build.pid")).await;
             if !status.success() {
                 let tail = log_tail(&dir, "build.log").await;
-                return Err(CloudError::Failed(format!(
-                    "build failed ({status}):\n{tail}"
-                )));
+                return Err(CloudError::Failed(format!("build failed ({status}):\n{tail}")));
             }
         }
         if !progress.phase(Phase::Start).await {
@@ -317,21 +255,14 @@ impl Cloud for LocalCloud {
 
     async fn start(&self, machine: &MachineId) -> Result<String, CloudError> {
         let dir = self.dir(machine)?;
-        let raw = tokio::fs::read(dir.join("machine.json"))
-            .await
-            .map_err(|_| CloudError::NotFound(machine.clone()))?;
+        let raw = tokio::fs::read(dir.join("machine.json")).await.map_err(|_| CloudError::NotFound(machine.clone()))?;
         let mut mf: MachineFile = serde_json::from_slice(&raw).map_err(backend)?;
-        if std::net::TcpListener::bind(("127.0.0.1", mf.port)).is_err()
-            && !group_alive(&dir, "app.pid").await
-        {
+        if std::net::TcpListener::bind(("127.0.0.1", mf.port)).is_err() && !group_alive(&dir, "app.pid").await {
             // someone else took the port while we slept
             mf.port = free_port()?;
-            tokio::fs::write(
-                dir.join("machine.json"),
-                serde_json::to_vec_pretty(&mf).map_err(backend)?,
-            )
-            .await
-            .map_err(backend)?;
+            tokio::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&mf).map_err(backend)?)
+                .await
+                .map_err(backend)?;
         }
         self.start_app(machine, &dir, &mf).await
     }
@@ -372,14 +303,8 @@ impl Cloud for LocalCloud {
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
-            let preview_id = tokio::fs::read_to_string(entry.path().join("owner"))
-                .await
-                .unwrap_or_default();
-            out.push(MachineInfo {
-                id,
-                preview_id,
-                created_at,
-            });
+            let preview_id = tokio::fs::read_to_string(entry.path().join("owner")).await.unwrap_or_default();
+            out.push(MachineInfo { id, preview_id, created_at });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)

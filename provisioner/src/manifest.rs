@@ -65,8 +65,6 @@ mod tests {
         assert_eq!(m.env["A"], "1");
         assert!(Manifest::parse("build = \"x\"").is_err());
         assert!(Manifest::parse("run = \"x\"\nhealth = \"nope\"").is_err());
-        assert!(Manifest::parse("run = \"x\"\nbogus = 1")
-            .unwrap_err()
-            .contains("bogus"));
+        assert!(Manifest::parse("run = \"x\"\nbogus = 1").unwrap_err().contains("bogus"));
     }
 }

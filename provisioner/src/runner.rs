@@ -27,14 +27,7 @@ struct StoreProgress<'a> {
 #[async_trait]
 impl Progress for StoreProgress<'_> {
     async fn phase(&self, phase: Phase) -> bool {
-        match apply(
-            self.p.store.as_ref(),
-            self.preview,
-            &Event::PhaseReached { phase },
-            now_ms(),
-        )
-        .await
-        {
+        match apply(self.p.store.as_ref(), self.preview, &Event::PhaseReached { phase }, now_ms()).await {
             Ok(a) => !a.stale,
             Err(ApplyError::Store(e)) if e.is_retryable() => true,
             Err(_) => false,
@@ -45,12 +38,7 @@ impl Progress for StoreProgress<'_> {
 impl Provisioner {
     pub fn new(store: SharedStore, cloud: Arc<dyn Cloud>, settings: Settings) -> Provisioner {
         let worker = wakegate_store::new_id("w-");
-        Provisioner {
-            store,
-            cloud,
-            settings,
-            worker,
-        }
+        Provisioner { store, cloud, settings, worker }
     }
 
     /// Claims and runs jobs until `stop` turns true.
@@ -61,11 +49,7 @@ impl Provisioner {
                 return;
             }
             let permit = slots.clone().acquire_owned().await.expect("semaphore open");
-            match self
-                .store
-                .claim(&self.worker, self.settings.lease, now_ms())
-                .await
-            {
+            match self.store.claim(&self.worker, self.settings.lease, now_ms()).await {
                 Ok(Some(lease)) => {
                     let me = self.clone();
                     tokio::spawn(async move {
@@ -138,37 +122,25 @@ impl Provisioner {
             return Ok(());
         };
         match (&current.value.state, lease.kind) {
-            (State::Building { .. }, wakegate_core::lifecycle::JobKind::Build) => {
-                self.build(&current.value).await
-            }
+            (State::Building { .. }, wakegate_core::lifecycle::JobKind::Build) => self.build(&current.value).await,
             (State::Waking { machine }, wakegate_core::lifecycle::JobKind::Wake) => {
                 let event = match self.cloud.start(machine).await {
-                    Ok(origin) => Event::Ready {
-                        machine: machine.clone(),
-                        origin,
-                    },
+                    Ok(origin) => Event::Ready { machine: machine.clone(), origin },
                     Err(CloudError::NotFound(_)) => Event::MachineLost {
                         machine: machine.clone(),
                         reason: "the machine disappeared while asleep".into(),
                     },
-                    Err(e) => Event::BuildFailed {
-                        reason: e.to_string(),
-                    },
+                    Err(e) => Event::BuildFailed { reason: e.to_string() },
                 };
                 self.event(id, event).await.map(|_| ())
             }
             (State::Stopping { machine, .. }, wakegate_core::lifecycle::JobKind::Sleep) => {
                 let event = match self.cloud.stop(machine).await {
                     Ok(()) => Event::Stopped,
-                    Err(CloudError::NotFound(_)) => Event::MachineLost {
-                        machine: machine.clone(),
-                        reason: "the machine disappeared".into(),
-                    },
-                    Err(e) => {
-                        return Err(ApplyError::Store(wakegate_store::StoreError::Backend(
-                            e.to_string(),
-                        )))
+                    Err(CloudError::NotFound(_)) => {
+                        Event::MachineLost { machine: machine.clone(), reason: "the machine disappeared".into() }
                     }
+                    Err(e) => return Err(ApplyError::Store(wakegate_store::StoreError::Backend(e.to_string()))),
                 };
                 self.event(id, event).await.map(|_| ())
             }
@@ -184,38 +156,16 @@ impl Provisioner {
         let id = preview.id.as_str();
         let Some(project) = self.store.get_project(&preview.project_id).await? else {
             return self
-                .event(
-                    id,
-                    Event::BuildFailed {
-                        reason: "the project no longer exists".into(),
-                    },
-                )
+                .event(id, Event::BuildFailed { reason: "the project no longer exists".into() })
                 .await
                 .map(|_| ());
         };
         let machine = match self.cloud.create(id).await {
             Ok(m) => m,
-            Err(e) => {
-                return self
-                    .event(
-                        id,
-                        Event::BuildFailed {
-                            reason: e.to_string(),
-                        },
-                    )
-                    .await
-                    .map(|_| ())
-            }
+            Err(e) => return self.event(id, Event::BuildFailed { reason: e.to_string() }).await.map(|_| ()),
         };
         info!(%machine, "machine assigned");
-        let assigned = self
-            .event(
-                id,
-                Event::MachineAssigned {
-                    machine: machine.clone(),
-                },
-            )
-            .await?;
+        let assigned = self.event(id, Event::MachineAssigned { machine: machine.clone() }).await?;
         if assigned.stale {
             return Ok(());
         }
@@ -223,27 +173,11 @@ impl Provisioner {
             preview_id: id.to_string(),
             git_url: project.git_url.clone(),
             git_ref: preview.git_ref.clone(),
-            preview_url: self
-                .settings
-                .preview_url_template
-                .replace("{label}", &preview.label),
+            preview_url: self.settings.preview_url_template.replace("{label}", &preview.label),
         };
-        let event = match self
-            .cloud
-            .deploy(
-                &machine,
-                &spec,
-                &StoreProgress {
-                    p: self,
-                    preview: id,
-                },
-            )
-            .await
-        {
+        let event = match self.cloud.deploy(&machine, &spec, &StoreProgress { p: self, preview: id }).await {
             Ok(origin) => Event::Ready { machine, origin },
-            Err(e) => Event::BuildFailed {
-                reason: e.to_string(),
-            },
+            Err(e) => Event::BuildFailed { reason: e.to_string() },
         };
         self.event(id, event).await.map(|_| ())
     }

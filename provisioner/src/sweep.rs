@@ -54,30 +54,20 @@ impl Provisioner {
             return;
         };
         for id in due {
-            let (Ok(Some(p)), Ok(projects)) = (
-                self.store.get_preview(&id).await,
-                self.store.list_projects().await,
-            ) else {
-                continue;
-            };
-            let project = projects.into_iter().find(|x| x.id == p.value.project_id);
+            let Ok(Some(p)) = self.store.get_preview(&id).await else { continue };
+            let Ok(project) = self.store.get_project(&p.value.project_id).await else { continue };
             match project.as_ref().and_then(|pr| p.value.expires_at(pr)) {
-                Some(at) if at <= now => match apply(
-                    self.store.as_ref(),
-                    &id,
-                    &Event::EraseRequested {
-                        reason: EraseReason::Ttl,
-                    },
-                    now,
-                )
-                .await
-                {
-                    Ok(_) => {
-                        info!(preview = %id, "TTL expired: erasing");
-                        r.expired += 1;
+                Some(at) if at <= now => {
+                    match apply(self.store.as_ref(), &id, &Event::EraseRequested { reason: EraseReason::Ttl }, now)
+                        .await
+                    {
+                        Ok(_) => {
+                            info!(preview = %id, "TTL expired: erasing");
+                            r.expired += 1;
+                        }
+                        Err(e) => warn!(preview = %id, error = %e, "TTL erase failed"),
                     }
-                    Err(e) => warn!(preview = %id, error = %e, "TTL erase failed"),
-                },
+                }
                 // pinned, already erased, or the TTL moved: fix the index
                 _ => {
                     let _ = sync_indexes(self.store.as_ref(), &p.value, now).await;
@@ -94,15 +84,8 @@ impl Provisioner {
         let Some(min_idle) = projects.iter().map(|p| p.idle_timeout_secs).min() else {
             return;
         };
-        let timeouts: HashMap<String, u64> = projects
-            .into_iter()
-            .map(|p| (p.id, p.idle_timeout_secs * 1000))
-            .collect();
-        let Ok(idle) = self
-            .store
-            .idle_before(now.saturating_sub(min_idle * 1000), BATCH)
-            .await
-        else {
+        let timeouts: HashMap<String, u64> = projects.into_iter().map(|p| (p.id, p.idle_timeout_secs * 1000)).collect();
+        let Ok(idle) = self.store.idle_before(now.saturating_sub(min_idle * 1000), BATCH).await else {
             return;
         };
         for (id, last) in idle {
@@ -116,9 +99,7 @@ impl Provisioner {
                 continue;
             };
             if now.saturating_sub(last) >= *timeout
-                && apply(self.store.as_ref(), &id, &Event::SleepRequested, now)
-                    .await
-                    .is_ok()
+                && apply(self.store.as_ref(), &id, &Event::SleepRequested, now).await.is_ok()
             {
                 info!(preview = %id, idle_ms = now - last, "idle: going to sleep");
                 r.slept += 1;
@@ -135,8 +116,7 @@ impl Provisioner {
             Ok(m) => m,
             Err(e) => return warn!(error = %e, "listing machines failed"),
         };
-        let (Ok(previews), Ok(jobs)) = (self.store.list_previews().await, self.store.jobs().await)
-        else {
+        let (Ok(previews), Ok(jobs)) = (self.store.list_previews().await, self.store.jobs().await) else {
             return;
         };
         let jobs: HashSet<_> = jobs.into_iter().collect();
@@ -146,9 +126,7 @@ impl Provisioner {
                 referenced.insert(m.clone());
             }
             if let Some(kind) = p.value.state.pending_job() {
-                if !jobs.contains(&(p.value.id.clone(), kind))
-                    && self.store.enqueue(&p.value.id, kind).await.is_ok()
-                {
+                if !jobs.contains(&(p.value.id.clone(), kind)) && self.store.enqueue(&p.value.id, kind).await.is_ok() {
                     info!(preview = %p.value.id, kind = kind.as_str(), "re-enqueued a lost job");
                     r.requeued += 1;
                 }
@@ -174,14 +152,8 @@ impl Provisioner {
                 _ => continue,
             };
             if !existing.contains(machine) {
-                let event = Event::MachineLost {
-                    machine: machine.clone(),
-                    reason: "the machine disappeared".into(),
-                };
-                if apply(self.store.as_ref(), &p.value.id, &event, now)
-                    .await
-                    .is_ok()
-                {
+                let event = Event::MachineLost { machine: machine.clone(), reason: "the machine disappeared".into() };
+                if apply(self.store.as_ref(), &p.value.id, &event, now).await.is_ok() {
                     warn!(preview = %p.value.id, %machine, "machine lost: preview marked failed");
                     r.lost += 1;
                 }

@@ -17,13 +17,10 @@ pub enum Page {
     /// A build is under way, at this phase.
     Building { phase: Phase },
     /// Erased, branch still there: one button rebuilds.
-    ConfirmRebuild { csrf: String },
+    /// `by_ttl`: erased because its time was up (else by hand).
+    ConfirmRebuild { csrf: String, by_ttl: bool },
     /// The last build or wake failed.
-    Failed {
-        phase: Phase,
-        reason: String,
-        csrf: String,
-    },
+    Failed { phase: Phase, reason: String, csrf: String },
     /// The branch or merge request is gone (410).
     Gone,
     /// No preview has this hostname (404).
@@ -82,13 +79,7 @@ struct Html<'a> {
 /// Renders a page.
 pub fn render(page: &Page, cx: &Context<'_>) -> String {
     let git_ref = wakegate_core::host::short_ref(cx.git_ref);
-    let form = |csrf: &str, button| {
-        Some(Form {
-            csrf: csrf.to_string(),
-            return_to: safe_return(cx.return_to),
-            button,
-        })
-    };
+    let form = |csrf: &str, button| Some(Form { csrf: csrf.to_string(), return_to: safe_return(cx.return_to), button });
     let (title, heading, message, detail, poll, phase_text, form) = match page {
         Page::Waking => (
             "Waking up",
@@ -108,11 +99,12 @@ pub fn render(page: &Page, cx: &Context<'_>) -> String {
             phase.label(),
             None,
         ),
-        Page::ConfirmRebuild { csrf } => (
+        Page::ConfirmRebuild { csrf, by_ttl } => (
             "Preview erased",
             "This preview was erased".to_string(),
             format!(
-                "Previews are erased after their time is up. The branch {git_ref} still exists, so it can be rebuilt; this tab becomes the preview when it is ready."
+                "{} The branch {git_ref} still exists, so it can be rebuilt; this tab becomes the preview when it is ready.",
+                if *by_ttl { "Its time was up, so it was erased to save resources." } else { "Someone erased it." }
             ),
             None,
             false,
@@ -150,11 +142,7 @@ pub fn render(page: &Page, cx: &Context<'_>) -> String {
             ("Bad request", "That request was not understood".to_string(), reason.clone(), None, false, "", None)
         }
     };
-    let project = if cx.project.is_empty() {
-        "Wakegate"
-    } else {
-        cx.project
-    };
+    let project = if cx.project.is_empty() { "Wakegate" } else { cx.project };
     Html {
         title,
         heading,
@@ -197,62 +185,32 @@ mod tests {
 
     #[test]
     fn confirm_page_has_a_post_form_with_token() {
-        let html = render(
-            &Page::ConfirmRebuild {
-                csrf: "123.abc".into(),
-            },
-            &cx(),
-        );
+        let html = render(&Page::ConfirmRebuild { csrf: "123.abc".into(), by_ttl: true }, &cx());
+        assert!(html.contains("Its time was up"));
         assert!(html.contains(r#"<form method="post" action="/_wakegate/rebuild">"#));
         assert!(html.contains(r#"name="csrf" value="123.abc""#));
         assert!(html.contains(r#"name="return_to" value="/cart?x=1""#));
-        assert!(
-            !html.contains("feature/<b>") && html.contains("feature/&#60;b&#62;"),
-            "ref is escaped"
-        );
+        assert!(!html.contains("feature/<b>") && html.contains("feature/&#60;b&#62;"), "ref is escaped");
         assert!(!html.contains("<script>"), "nothing to poll");
     }
 
     #[test]
     fn waiting_pages_poll_from_their_version() {
-        let html = render(
-            &Page::Building {
-                phase: Phase::Build,
-            },
-            &cx(),
-        );
+        let html = render(&Page::Building { phase: Phase::Build }, &cx());
         assert!(html.contains("var version = 7;"));
         assert!(html.contains("/_wakegate/status?after="));
         assert!(html.contains(r#"role="status""#));
-        assert_eq!(
-            Page::Building {
-                phase: Phase::Build
-            }
-            .status(),
-            503
-        );
+        assert_eq!(Page::Building { phase: Phase::Build }.status(), 503);
     }
 
     #[test]
     fn escapes_and_statuses() {
-        let html = render(
-            &Page::NotFound {
-                host: "<x>.localhost".into(),
-            },
-            &Context::default(),
-        );
+        let html = render(&Page::NotFound { host: "<x>.localhost".into() }, &Context::default());
         assert!(!html.contains("<x>") && html.contains("&#60;x&#62;.localhost"));
         assert_eq!(Page::Gone.status(), 410);
         assert_eq!(safe_return("//evil.example"), "/");
         assert_eq!(safe_return("https://evil.example"), "/");
-        let failed = render(
-            &Page::Failed {
-                phase: Phase::Build,
-                reason: "exit 2".into(),
-                csrf: "t".into(),
-            },
-            &cx(),
-        );
+        let failed = render(&Page::Failed { phase: Phase::Build, reason: "exit 2".into(), csrf: "t".into() }, &cx());
         assert!(failed.contains("exit 2") && failed.contains("Try again"));
     }
 }

@@ -9,10 +9,7 @@ use wakegate_core::route::{Preview, Project};
 use wakegate_core::Millis;
 
 fn now() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as Millis
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as Millis
 }
 
 pub fn project(name: &str) -> Project {
@@ -61,16 +58,10 @@ where
 
 pub async fn projects(s: Arc<dyn Store>) {
     s.create_project(&project("web")).await.unwrap();
-    assert!(matches!(
-        s.create_project(&project("web")).await,
-        Err(StoreError::Exists(_))
-    ));
+    assert!(matches!(s.create_project(&project("web")).await, Err(StoreError::Exists(_))));
     let mut other = project("web");
     other.id = "p_other".into();
-    assert!(
-        matches!(s.create_project(&other).await, Err(StoreError::Exists(_))),
-        "names are unique"
-    );
+    assert!(matches!(s.create_project(&other).await, Err(StoreError::Exists(_))), "names are unique");
     assert_eq!(s.get_project("p_web").await.unwrap().unwrap().name, "web");
     assert_eq!(s.project_by_name("web").await.unwrap().unwrap().id, "p_web");
     assert!(s.project_by_name("nope").await.unwrap().is_none());
@@ -80,30 +71,17 @@ pub async fn projects(s: Arc<dyn Store>) {
 pub async fn compare_and_set(s: Arc<dyn Store>) {
     let mut p = preview("a");
     assert_eq!(s.put_preview(&p, None).await.unwrap(), 1);
-    assert!(
-        matches!(s.put_preview(&p, None).await, Err(StoreError::Conflict)),
-        "create twice"
-    );
-    p.state = State::Building {
-        phase: Phase::Build,
-        machine: Some("m1".into()),
-        serving: None,
-    };
+    assert!(matches!(s.put_preview(&p, None).await, Err(StoreError::Conflict)), "create twice");
+    p.state = State::Building { phase: Phase::Build, machine: Some("m1".into()), serving: None };
     assert_eq!(s.put_preview(&p, Some(1)).await.unwrap(), 2);
-    assert!(
-        matches!(s.put_preview(&p, Some(1)).await, Err(StoreError::Conflict)),
-        "stale version"
-    );
+    assert!(matches!(s.put_preview(&p, Some(1)).await, Err(StoreError::Conflict)), "stale version");
     let got = s.get_preview("a").await.unwrap().unwrap();
     assert_eq!(got.version, 2);
     assert_eq!(got.value, p);
     assert!(s.get_preview("b").await.unwrap().is_none());
     s.put_preview(&preview("b"), None).await.unwrap();
     let all = s.list_previews().await.unwrap();
-    assert_eq!(
-        all.iter().map(|v| v.value.id.as_str()).collect::<Vec<_>>(),
-        vec!["a", "b"]
-    );
+    assert_eq!(all.iter().map(|v| v.value.id.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
 
     // racing writers from the same version: exactly one wins
     let base = s.get_preview("b").await.unwrap().unwrap();
@@ -112,9 +90,7 @@ pub async fn compare_and_set(s: Arc<dyn Store>) {
         let s = s.clone();
         let mut v = base.value.clone();
         v.last_error = Some(format!("w{i}"));
-        tasks.push(tokio::spawn(async move {
-            s.put_preview(&v, Some(base.version)).await.is_ok()
-        }));
+        tasks.push(tokio::spawn(async move { s.put_preview(&v, Some(base.version)).await.is_ok() }));
     }
     let mut wins = 0;
     for t in tasks {
@@ -126,17 +102,8 @@ pub async fn compare_and_set(s: Arc<dyn Store>) {
 pub async fn hosts(s: Arc<dyn Store>) {
     s.bind_host("web-main-x.localhost", "a").await.unwrap();
     s.bind_host("web-main-x.localhost", "a").await.unwrap();
-    assert!(matches!(
-        s.bind_host("web-main-x.localhost", "b").await,
-        Err(StoreError::Exists(_))
-    ));
-    assert_eq!(
-        s.resolve_host("web-main-x.localhost")
-            .await
-            .unwrap()
-            .as_deref(),
-        Some("a")
-    );
+    assert!(matches!(s.bind_host("web-main-x.localhost", "b").await, Err(StoreError::Exists(_))));
+    assert_eq!(s.resolve_host("web-main-x.localhost").await.unwrap().as_deref(), Some("a"));
     assert!(s.resolve_host("other.localhost").await.unwrap().is_none());
 }
 
@@ -155,10 +122,7 @@ pub async fn ttl_and_activity(s: Arc<dyn Store>) {
     s.touch(&["a".into()], 20).await.unwrap(); // older: ignored
     assert_eq!(s.last_activity("a").await.unwrap(), Some(30));
     assert_eq!(s.last_activity("zzz").await.unwrap(), None);
-    assert_eq!(
-        s.idle_before(25, 10).await.unwrap(),
-        vec![("b".to_string(), 10)]
-    );
+    assert_eq!(s.idle_before(25, 10).await.unwrap(), vec![("b".to_string(), 10)]);
     assert_eq!(s.idle_before(31, 10).await.unwrap().len(), 2);
     s.touch(&[], 40).await.unwrap();
 }
@@ -169,33 +133,18 @@ pub async fn jobs_are_idempotent(s: Arc<dyn Store>) {
     let b = s.enqueue("p1", JobKind::Wake).await.unwrap();
     assert!(!b.created);
     assert_eq!(a.job_id, b.job_id);
-    assert!(
-        s.enqueue("p1", JobKind::Build).await.unwrap().created,
-        "another kind is another job"
-    );
+    assert!(s.enqueue("p1", JobKind::Build).await.unwrap().created, "another kind is another job");
     assert!(s.enqueue("p2", JobKind::Wake).await.unwrap().created);
     assert_eq!(s.jobs().await.unwrap().len(), 3);
 
-    let lease = s
-        .claim("w1", Duration::from_secs(30), now())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (lease.preview_id.as_str(), lease.kind),
-        ("p1", JobKind::Wake)
-    );
+    let lease = s.claim("w1", Duration::from_secs(30), now()).await.unwrap().unwrap();
+    assert_eq!((lease.preview_id.as_str(), lease.kind), ("p1", JobKind::Wake));
     // still one job while it runs
     assert!(!s.enqueue("p1", JobKind::Wake).await.unwrap().created);
-    s.renew(&lease, Duration::from_secs(30), now())
-        .await
-        .unwrap();
+    s.renew(&lease, Duration::from_secs(30), now()).await.unwrap();
     s.complete(&lease).await.unwrap();
     s.complete(&lease).await.unwrap(); // twice is fine
-    assert!(
-        s.enqueue("p1", JobKind::Wake).await.unwrap().created,
-        "slot freed after completion"
-    );
+    assert!(s.enqueue("p1", JobKind::Wake).await.unwrap().created, "slot freed after completion");
 
     let mut claimed = Vec::new();
     while let Some(l) = s.claim("w1", Duration::from_secs(30), now()).await.unwrap() {
@@ -211,25 +160,12 @@ pub async fn leases_expire_and_are_retried(s: Arc<dyn Store>) {
     s.enqueue("p1", JobKind::Build).await.unwrap();
     let lease = Duration::from_millis(300);
     let dead = s.claim("dead-worker", lease, now()).await.unwrap().unwrap();
-    assert!(
-        s.claim("w2", lease, now()).await.unwrap().is_none(),
-        "leased job is not handed out twice"
-    );
+    assert!(s.claim("w2", lease, now()).await.unwrap().is_none(), "leased job is not handed out twice");
     tokio::time::sleep(Duration::from_millis(450)).await;
-    let retry = s
-        .claim("w2", lease, now())
-        .await
-        .unwrap()
-        .expect("expired lease is retried");
+    let retry = s.claim("w2", lease, now()).await.unwrap().expect("expired lease is retried");
     assert_eq!(retry.preview_id, "p1");
     assert_eq!(retry.job_id, dead.job_id);
-    assert!(
-        matches!(
-            s.renew(&dead, lease, now()).await,
-            Err(StoreError::LeaseLost(_))
-        ),
-        "the dead worker lost it"
-    );
+    assert!(matches!(s.renew(&dead, lease, now()).await, Err(StoreError::LeaseLost(_))), "the dead worker lost it");
     s.renew(&retry, lease, now()).await.unwrap();
     s.complete(&retry).await.unwrap();
     assert!(s.jobs().await.unwrap().is_empty());
@@ -239,54 +175,33 @@ pub async fn concurrent_enqueue_makes_one_job(s: Arc<dyn Store>) {
     let mut tasks = Vec::new();
     for _ in 0..64 {
         let s = s.clone();
-        tasks.push(tokio::spawn(async move {
-            s.enqueue("busy", JobKind::Wake).await.unwrap().created
-        }));
+        tasks.push(tokio::spawn(async move { s.enqueue("busy", JobKind::Wake).await.unwrap().created }));
     }
     let mut created = 0;
     for t in tasks {
         created += t.await.unwrap() as u32;
     }
     assert_eq!(created, 1);
-    assert_eq!(
-        s.jobs().await.unwrap(),
-        vec![("busy".to_string(), JobKind::Wake)]
-    );
+    assert_eq!(s.jobs().await.unwrap(), vec![("busy".to_string(), JobKind::Wake)]);
 }
 
 pub async fn status_waits(s: Arc<dyn Store>) {
     let p = preview("w");
     s.put_preview(&p, None).await.unwrap();
     let t0 = std::time::Instant::now();
-    let timed_out = s
-        .wait_preview("w", 1, Duration::from_millis(200))
-        .await
-        .unwrap()
-        .unwrap();
+    let timed_out = s.wait_preview("w", 1, Duration::from_millis(200)).await.unwrap().unwrap();
     assert_eq!(timed_out.version, 1);
     assert!(t0.elapsed() >= Duration::from_millis(190));
     let waiter = {
         let s = s.clone();
-        tokio::spawn(async move {
-            s.wait_preview("w", 1, Duration::from_secs(10))
-                .await
-                .unwrap()
-                .unwrap()
-        })
+        tokio::spawn(async move { s.wait_preview("w", 1, Duration::from_secs(10)).await.unwrap().unwrap() })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut p2 = p.clone();
     p2.pinned = true;
     s.put_preview(&p2, Some(1)).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), waiter)
-        .await
-        .expect("woken by the write")
-        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken by the write").unwrap();
     assert_eq!(got.version, 2);
     assert!(got.value.pinned);
-    assert!(s
-        .wait_preview("missing", 0, Duration::from_millis(10))
-        .await
-        .unwrap()
-        .is_none());
+    assert!(s.wait_preview("missing", 0, Duration::from_millis(10)).await.unwrap().is_none());
 }

@@ -31,17 +31,9 @@ pub enum ApplyError {
 }
 
 /// Applies `event` to preview `id` at time `now`.
-pub async fn apply(
-    store: &dyn Store,
-    id: &str,
-    event: &Event,
-    now: Millis,
-) -> Result<Applied, ApplyError> {
+pub async fn apply(store: &dyn Store, id: &str, event: &Event, now: Millis) -> Result<Applied, ApplyError> {
     for _ in 0..64 {
-        let current = store
-            .get_preview(id)
-            .await?
-            .ok_or_else(|| ApplyError::NotFound(id.to_string()))?;
+        let current = store.get_preview(id).await?.ok_or_else(|| ApplyError::NotFound(id.to_string()))?;
         let t = transition(&current.value.state, event, now)?;
         let changed = t.state != current.value.state;
         let mut next = current.value.clone();
@@ -80,15 +72,7 @@ pub async fn apply(
         if changed {
             sync_indexes(store, &next, now).await?;
         }
-        return Ok(Applied {
-            preview: Versioned {
-                version,
-                value: next,
-            },
-            delete,
-            stale: t.stale,
-            changed,
-        });
+        return Ok(Applied { preview: Versioned { version, value: next }, delete, stale: t.stale, changed });
     }
     Err(StoreError::Conflict.into())
 }

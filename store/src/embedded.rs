@@ -60,13 +60,7 @@ impl State {
                 self.projects.insert(project.id.clone(), project);
             }
             Op::Preview { version, preview } => {
-                self.previews.insert(
-                    preview.id.clone(),
-                    Versioned {
-                        version,
-                        value: preview,
-                    },
-                );
+                self.previews.insert(preview.id.clone(), Versioned { version, value: preview });
             }
             Op::Host { host, preview } => {
                 self.hosts.insert(host, preview);
@@ -93,8 +87,7 @@ impl State {
             }
             Op::Job { job } => {
                 self.next_job = self.next_job.max(job.id + 1);
-                self.job_keys
-                    .insert((job.preview.clone(), job.kind), job.id);
+                self.job_keys.insert((job.preview.clone(), job.kind), job.id);
                 self.jobs.insert(job.id, job);
             }
             Op::JobDone { id } => {
@@ -110,27 +103,11 @@ impl State {
     /// The ops that rebuild this state.
     fn snapshot(&self) -> Vec<Op> {
         let mut ops = Vec::new();
-        ops.extend(
-            self.projects
-                .values()
-                .map(|p| Op::Project { project: p.clone() }),
-        );
-        ops.extend(self.previews.values().map(|v| Op::Preview {
-            version: v.version,
-            preview: v.value.clone(),
-        }));
-        ops.extend(self.hosts.iter().map(|(h, p)| Op::Host {
-            host: h.clone(),
-            preview: p.clone(),
-        }));
-        ops.extend(self.expiry_of.iter().map(|(p, at)| Op::Expiry {
-            preview: p.clone(),
-            at: Some(*at),
-        }));
-        ops.extend(self.activity_of.iter().map(|(p, at)| Op::Touch {
-            preview: p.clone(),
-            at: *at,
-        }));
+        ops.extend(self.projects.values().map(|p| Op::Project { project: p.clone() }));
+        ops.extend(self.previews.values().map(|v| Op::Preview { version: v.version, preview: v.value.clone() }));
+        ops.extend(self.hosts.iter().map(|(h, p)| Op::Host { host: h.clone(), preview: p.clone() }));
+        ops.extend(self.expiry_of.iter().map(|(p, at)| Op::Expiry { preview: p.clone(), at: Some(*at) }));
+        ops.extend(self.activity_of.iter().map(|(p, at)| Op::Touch { preview: p.clone(), at: *at }));
         ops.extend(self.jobs.values().map(|j| Op::Job { job: j.clone() }));
         ops
     }
@@ -156,14 +133,7 @@ impl EmbeddedStore {
     /// A store that lives in memory only.
     pub fn in_memory() -> EmbeddedStore {
         EmbeddedStore {
-            inner: Mutex::new((
-                State::default(),
-                Log {
-                    path: None,
-                    file: None,
-                    entries: 0,
-                },
-            )),
+            inner: Mutex::new((State::default(), Log { path: None, file: None, entries: 0 })),
             notify: Notify::new(),
         }
     }
@@ -175,10 +145,8 @@ impl EmbeddedStore {
         let mut entries = 0;
         if path.exists() {
             let f = std::fs::File::open(path).map_err(io_err)?;
-            let lines: Vec<String> = std::io::BufReader::new(f)
-                .lines()
-                .collect::<std::io::Result<_>>()
-                .map_err(io_err)?;
+            let lines: Vec<String> =
+                std::io::BufReader::new(f).lines().collect::<std::io::Result<_>>().map_err(io_err)?;
             let n = lines.len();
             for (i, line) in lines.into_iter().enumerate() {
                 if line.trim().is_empty() {
@@ -204,14 +172,7 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir).map_err(io_err)?;
         }
         let store = EmbeddedStore {
-            inner: Mutex::new((
-                state,
-                Log {
-                    path: Some(path.to_path_buf()),
-                    file: None,
-                    entries,
-                },
-            )),
+            inner: Mutex::new((state, Log { path: Some(path.to_path_buf()), file: None, entries })),
             notify: Notify::new(),
         };
         store.compact()?;
@@ -230,22 +191,13 @@ impl EmbeddedStore {
         {
             let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io_err)?);
             for op in &ops {
-                serde_json::to_writer(&mut f, op)
-                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                serde_json::to_writer(&mut f, op).map_err(|e| StoreError::Backend(e.to_string()))?;
                 f.write_all(b"\n").map_err(io_err)?;
             }
-            f.into_inner()
-                .map_err(|e| io_err(e.into_error()))?
-                .sync_all()
-                .map_err(io_err)?;
+            f.into_inner().map_err(|e| io_err(e.into_error()))?.sync_all().map_err(io_err)?;
         }
         std::fs::rename(&tmp, &path).map_err(io_err)?;
-        log.file = Some(
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(&path)
-                .map_err(io_err)?,
-        );
+        log.file = Some(std::fs::OpenOptions::new().append(true).open(&path).map_err(io_err)?);
         log.entries = ops.len();
         Ok(())
     }
@@ -261,8 +213,7 @@ impl EmbeddedStore {
         if let Some(file) = log.file.as_mut() {
             let mut buf = Vec::new();
             for op in &ops {
-                serde_json::to_writer(&mut buf, op)
-                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                serde_json::to_writer(&mut buf, op).map_err(|e| StoreError::Backend(e.to_string()))?;
                 buf.push(b'\n');
             }
             file.write_all(&buf).map_err(io_err)?;
@@ -271,8 +222,7 @@ impl EmbeddedStore {
         for op in ops {
             state.apply(op);
         }
-        let live =
-            state.previews.len() + state.projects.len() + state.jobs.len() + state.hosts.len();
+        let live = state.previews.len() + state.projects.len() + state.jobs.len() + state.hosts.len();
         let needs_compaction = log.file.is_some() && log.entries > 4 * live + COMPACT_SLACK;
         drop(guard);
         if needs_compaction {
@@ -290,17 +240,10 @@ impl EmbeddedStore {
 impl Store for EmbeddedStore {
     async fn create_project(&self, project: &Project) -> Result<()> {
         self.commit(|s| {
-            if s.projects.contains_key(&project.id)
-                || s.projects.values().any(|p| p.name == project.name)
-            {
+            if s.projects.contains_key(&project.id) || s.projects.values().any(|p| p.name == project.name) {
                 return Err(StoreError::Exists(format!("project {}", project.name)));
             }
-            Ok((
-                vec![Op::Project {
-                    project: project.clone(),
-                }],
-                (),
-            ))
+            Ok((vec![Op::Project { project: project.clone() }], ()))
         })
     }
 
@@ -327,13 +270,7 @@ impl Store for EmbeddedStore {
                 return Err(StoreError::Conflict);
             }
             let version = current.unwrap_or(0) + 1;
-            Ok((
-                vec![Op::Preview {
-                    version,
-                    preview: preview.clone(),
-                }],
-                version,
-            ))
+            Ok((vec![Op::Preview { version, preview: preview.clone() }], version))
         })?;
         self.notify.notify_waiters();
         Ok(v)
@@ -347,13 +284,7 @@ impl Store for EmbeddedStore {
         self.commit(|s| match s.hosts.get(host) {
             Some(p) if p == preview_id => Ok((vec![], ())),
             Some(_) => Err(StoreError::Exists(format!("host {host}"))),
-            None => Ok((
-                vec![Op::Host {
-                    host: host.to_string(),
-                    preview: preview_id.to_string(),
-                }],
-                (),
-            )),
+            None => Ok((vec![Op::Host { host: host.to_string(), preview: preview_id.to_string() }], ())),
         })
     }
 
@@ -366,25 +297,13 @@ impl Store for EmbeddedStore {
             if s.expiry_of.get(preview_id).copied() == at {
                 return Ok((vec![], ()));
             }
-            Ok((
-                vec![Op::Expiry {
-                    preview: preview_id.to_string(),
-                    at,
-                }],
-                (),
-            ))
+            Ok((vec![Op::Expiry { preview: preview_id.to_string(), at }], ()))
         })
     }
 
     async fn due_expiries(&self, now: Millis, limit: usize) -> Result<Vec<String>> {
-        Ok(self.read(|s| {
-            s.expiry
-                .iter()
-                .take_while(|(at, _)| *at <= now)
-                .take(limit)
-                .map(|(_, p)| p.clone())
-                .collect()
-        }))
+        Ok(self
+            .read(|s| s.expiry.iter().take_while(|(at, _)| *at <= now).take(limit).map(|(_, p)| p.clone()).collect()))
     }
 
     async fn touch(&self, preview_ids: &[String], at: Millis) -> Result<()> {
@@ -392,10 +311,7 @@ impl Store for EmbeddedStore {
             let ops = preview_ids
                 .iter()
                 .filter(|p| s.activity_of.get(*p).is_none_or(|old| *old < at))
-                .map(|p| Op::Touch {
-                    preview: p.clone(),
-                    at,
-                })
+                .map(|p| Op::Touch { preview: p.clone(), at })
                 .collect();
             Ok((ops, ()))
         })
@@ -407,51 +323,24 @@ impl Store for EmbeddedStore {
 
     async fn idle_before(&self, before: Millis, limit: usize) -> Result<Vec<(String, Millis)>> {
         Ok(self.read(|s| {
-            s.activity
-                .iter()
-                .take_while(|(at, _)| *at < before)
-                .take(limit)
-                .map(|(at, p)| (p.clone(), *at))
-                .collect()
+            s.activity.iter().take_while(|(at, _)| *at < before).take(limit).map(|(at, p)| (p.clone(), *at)).collect()
         }))
     }
 
     async fn enqueue(&self, preview_id: &str, kind: JobKind) -> Result<Enqueued> {
         self.commit(|s| {
             if let Some(id) = s.job_keys.get(&(preview_id.to_string(), kind)) {
-                return Ok((
-                    vec![],
-                    Enqueued {
-                        job_id: id.to_string(),
-                        created: false,
-                    },
-                ));
+                return Ok((vec![], Enqueued { job_id: id.to_string(), created: false }));
             }
             let id = s.next_job.max(1);
-            let job = Job {
-                id,
-                preview: preview_id.to_string(),
-                kind,
-                worker: None,
-                lease_until: 0,
-            };
-            Ok((
-                vec![Op::Job { job }],
-                Enqueued {
-                    job_id: id.to_string(),
-                    created: true,
-                },
-            ))
+            let job = Job { id, preview: preview_id.to_string(), kind, worker: None, lease_until: 0 };
+            Ok((vec![Op::Job { job }], Enqueued { job_id: id.to_string(), created: true }))
         })
     }
 
     async fn claim(&self, worker: &str, lease: Duration, now: Millis) -> Result<Option<Lease>> {
         self.commit(|s| {
-            let Some(job) = s
-                .jobs
-                .values()
-                .find(|j| j.worker.is_none() || j.lease_until <= now)
-            else {
+            let Some(job) = s.jobs.values().find(|j| j.worker.is_none() || j.lease_until <= now) else {
                 return Ok((vec![], None));
             };
             let mut job = job.clone();
@@ -468,10 +357,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn renew(&self, lease: &Lease, duration: Duration, now: Millis) -> Result<()> {
-        let id: u64 = lease
-            .job_id
-            .parse()
-            .map_err(|_| StoreError::LeaseLost(lease.job_id.clone()))?;
+        let id: u64 = lease.job_id.parse().map_err(|_| StoreError::LeaseLost(lease.job_id.clone()))?;
         self.commit(|s| match s.jobs.get(&id) {
             Some(job) if job.worker.as_deref() == Some(lease.worker.as_str()) => {
                 let mut job = job.clone();
@@ -483,34 +369,15 @@ impl Store for EmbeddedStore {
     }
 
     async fn complete(&self, lease: &Lease) -> Result<()> {
-        let id: u64 = lease
-            .job_id
-            .parse()
-            .map_err(|_| StoreError::LeaseLost(lease.job_id.clone()))?;
-        self.commit(|s| {
-            if s.jobs.contains_key(&id) {
-                Ok((vec![Op::JobDone { id }], ()))
-            } else {
-                Ok((vec![], ()))
-            }
-        })
+        let id: u64 = lease.job_id.parse().map_err(|_| StoreError::LeaseLost(lease.job_id.clone()))?;
+        self.commit(|s| if s.jobs.contains_key(&id) { Ok((vec![Op::JobDone { id }], ())) } else { Ok((vec![], ())) })
     }
 
     async fn jobs(&self) -> Result<Vec<(String, JobKind)>> {
-        Ok(self.read(|s| {
-            s.jobs
-                .values()
-                .map(|j| (j.preview.clone(), j.kind))
-                .collect()
-        }))
+        Ok(self.read(|s| s.jobs.values().map(|j| (j.preview.clone(), j.kind)).collect()))
     }
 
-    async fn wait_preview(
-        &self,
-        id: &str,
-        after: u64,
-        timeout: Duration,
-    ) -> Result<Option<Versioned<Preview>>> {
+    async fn wait_preview(&self, id: &str, after: u64, timeout: Duration) -> Result<Option<Versioned<Preview>>> {
         crate::wait_with(self, &self.notify, id, after, timeout).await
     }
 }

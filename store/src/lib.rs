@@ -119,12 +119,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Waits until the preview's version exceeds `after` or the timeout passes; returns
     /// the record as it is then.
-    async fn wait_preview(
-        &self,
-        id: &str,
-        after: u64,
-        timeout: Duration,
-    ) -> Result<Option<Versioned<Preview>>>;
+    async fn wait_preview(&self, id: &str, after: u64, timeout: Duration) -> Result<Option<Versioned<Preview>>>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

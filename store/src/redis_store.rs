@@ -109,10 +109,7 @@ fn be(e: redis::RedisError) -> StoreError {
 }
 
 fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt {
-        key: key.to_string(),
-        reason: e.to_string(),
-    }
+    StoreError::Corrupt { key: key.to_string(), reason: e.to_string() }
 }
 
 fn as_string(v: &Value) -> Option<String> {
@@ -133,10 +130,7 @@ fn parse_entry(v: &Value) -> Option<(String, String, JobKind)> {
     };
     let (mut preview, mut kind) = (None, None);
     for pair in fields.chunks(2) {
-        match (
-            pair.first().and_then(as_string).as_deref(),
-            pair.get(1).and_then(as_string),
-        ) {
+        match (pair.first().and_then(as_string).as_deref(), pair.get(1).and_then(as_string)) {
             (Some("preview"), Some(p)) => preview = Some(p),
             (Some("kind"), Some(k)) => kind = JobKind::parse(&k),
             _ => {}
@@ -149,10 +143,7 @@ impl RedisStore {
     /// Connects, creates the job group if needed and starts the status listener.
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisStore> {
         let client = redis::Client::open(url).map_err(be)?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(be)?;
+        let mut conn = client.get_multiplexed_async_connection().await.map_err(be)?;
         let stream = format!("{prefix}jobs");
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -170,12 +161,7 @@ impl RedisStore {
         let notify = Arc::new(Notify::new());
         let pattern = format!("{prefix}status:*");
         let listener = tokio::spawn(listen(client, pattern, notify.clone()));
-        Ok(RedisStore {
-            conn,
-            prefix: prefix.to_string(),
-            notify,
-            listener,
-        })
+        Ok(RedisStore { conn, prefix: prefix.to_string(), notify, listener })
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -211,8 +197,7 @@ async fn listen(client: redis::Client, pattern: String, notify: Arc<Notify>) {
 #[async_trait]
 impl Store for RedisStore {
     async fn create_project(&self, project: &Project) -> Result<()> {
-        let json =
-            serde_json::to_string(project).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let json = serde_json::to_string(project).map_err(|e| StoreError::Backend(e.to_string()))?;
         let created: i64 = Script::new(CREATE_PROJECT)
             .key(self.key(&["project-name", &project.name]))
             .key(self.key(&["project", &project.id]))
@@ -231,16 +216,11 @@ impl Store for RedisStore {
     async fn get_project(&self, id: &str) -> Result<Option<Project>> {
         let key = self.key(&["project", id]);
         let raw: Option<String> = self.conn().get(&key).await.map_err(be)?;
-        raw.map(|r| serde_json::from_str(&r).map_err(|e| corrupt(&key, e)))
-            .transpose()
+        raw.map(|r| serde_json::from_str(&r).map_err(|e| corrupt(&key, e))).transpose()
     }
 
     async fn project_by_name(&self, name: &str) -> Result<Option<Project>> {
-        let id: Option<String> = self
-            .conn()
-            .get(self.key(&["project-name", name]))
-            .await
-            .map_err(be)?;
+        let id: Option<String> = self.conn().get(self.key(&["project-name", name])).await.map_err(be)?;
         match id {
             Some(id) => self.get_project(&id).await,
             None => Ok(None),
@@ -248,11 +228,7 @@ impl Store for RedisStore {
     }
 
     async fn list_projects(&self) -> Result<Vec<Project>> {
-        let ids: Vec<String> = self
-            .conn()
-            .smembers(self.key(&["projects"]))
-            .await
-            .map_err(be)?;
+        let ids: Vec<String> = self.conn().smembers(self.key(&["projects"])).await.map_err(be)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(p) = self.get_project(&id).await? {
@@ -265,25 +241,18 @@ impl Store for RedisStore {
 
     async fn get_preview(&self, id: &str) -> Result<Option<Versioned<Preview>>> {
         let key = self.key(&["preview", id]);
-        let (v, d): (Option<u64>, Option<String>) = redis::cmd("HMGET")
-            .arg(&key)
-            .arg("v")
-            .arg("d")
-            .query_async(&mut self.conn())
-            .await
-            .map_err(be)?;
+        let (v, d): (Option<u64>, Option<String>) =
+            redis::cmd("HMGET").arg(&key).arg("v").arg("d").query_async(&mut self.conn()).await.map_err(be)?;
         match (v, d) {
-            (Some(version), Some(d)) => Ok(Some(Versioned {
-                version,
-                value: serde_json::from_str(&d).map_err(|e| corrupt(&key, e))?,
-            })),
+            (Some(version), Some(d)) => {
+                Ok(Some(Versioned { version, value: serde_json::from_str(&d).map_err(|e| corrupt(&key, e))? }))
+            }
             _ => Ok(None),
         }
     }
 
     async fn put_preview(&self, preview: &Preview, expected: Option<u64>) -> Result<u64> {
-        let json =
-            serde_json::to_string(preview).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let json = serde_json::to_string(preview).map_err(|e| StoreError::Backend(e.to_string()))?;
         let v: i64 = Script::new(CAS)
             .key(self.key(&["preview", &preview.id]))
             .key(self.key(&["previews"]))
@@ -301,23 +270,15 @@ impl Store for RedisStore {
     }
 
     async fn list_previews(&self) -> Result<Vec<Versioned<Preview>>> {
-        let mut ids: Vec<String> = self
-            .conn()
-            .smembers(self.key(&["previews"]))
-            .await
-            .map_err(be)?;
+        let mut ids: Vec<String> = self.conn().smembers(self.key(&["previews"])).await.map_err(be)?;
         ids.sort();
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(256) {
             let mut pipe = redis::pipe();
             for id in chunk {
-                pipe.cmd("HMGET")
-                    .arg(self.key(&["preview", id]))
-                    .arg("v")
-                    .arg("d");
+                pipe.cmd("HMGET").arg(self.key(&["preview", id])).arg("v").arg("d");
             }
-            let rows: Vec<(Option<u64>, Option<String>)> =
-                pipe.query_async(&mut self.conn()).await.map_err(be)?;
+            let rows: Vec<(Option<u64>, Option<String>)> = pipe.query_async(&mut self.conn()).await.map_err(be)?;
             for (id, row) in chunk.iter().zip(rows) {
                 if let (Some(version), Some(d)) = row {
                     let value = serde_json::from_str(&d).map_err(|e| corrupt(id, e))?;
@@ -349,24 +310,13 @@ impl Store for RedisStore {
     async fn set_expiry(&self, preview_id: &str, at: Option<Millis>) -> Result<()> {
         let key = self.key(&["expiry"]);
         match at {
-            Some(at) => self
-                .conn()
-                .zadd::<_, _, _, ()>(key, preview_id, at)
-                .await
-                .map_err(be),
-            None => self
-                .conn()
-                .zrem::<_, _, ()>(key, preview_id)
-                .await
-                .map_err(be),
+            Some(at) => self.conn().zadd::<_, _, _, ()>(key, preview_id, at).await.map_err(be),
+            None => self.conn().zrem::<_, _, ()>(key, preview_id).await.map_err(be),
         }
     }
 
     async fn due_expiries(&self, now: Millis, limit: usize) -> Result<Vec<String>> {
-        self.conn()
-            .zrangebyscore_limit(self.key(&["expiry"]), "-inf", now, 0, limit as isize)
-            .await
-            .map_err(be)
+        self.conn().zrangebyscore_limit(self.key(&["expiry"]), "-inf", now, 0, limit as isize).await.map_err(be)
     }
 
     async fn touch(&self, preview_ids: &[String], at: Millis) -> Result<()> {
@@ -379,32 +329,19 @@ impl Store for RedisStore {
         for id in preview_ids {
             invocation.arg(id);
         }
-        invocation
-            .invoke_async::<i64>(&mut self.conn())
-            .await
-            .map_err(be)?;
+        invocation.invoke_async::<i64>(&mut self.conn()).await.map_err(be)?;
         Ok(())
     }
 
     async fn last_activity(&self, preview_id: &str) -> Result<Option<Millis>> {
-        let score: Option<f64> = self
-            .conn()
-            .zscore(self.key(&["activity"]), preview_id)
-            .await
-            .map_err(be)?;
+        let score: Option<f64> = self.conn().zscore(self.key(&["activity"]), preview_id).await.map_err(be)?;
         Ok(score.map(|s| s as Millis))
     }
 
     async fn idle_before(&self, before: Millis, limit: usize) -> Result<Vec<(String, Millis)>> {
         let rows: Vec<(String, f64)> = self
             .conn()
-            .zrangebyscore_limit_withscores(
-                self.key(&["activity"]),
-                "-inf",
-                format!("({before}"),
-                0,
-                limit as isize,
-            )
+            .zrangebyscore_limit_withscores(self.key(&["activity"]), "-inf", format!("({before}"), 0, limit as isize)
             .await
             .map_err(be)?;
         Ok(rows.into_iter().map(|(id, s)| (id, s as Millis)).collect())
@@ -419,10 +356,7 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(be)?;
-        Ok(Enqueued {
-            job_id,
-            created: created == 1,
-        })
+        Ok(Enqueued { job_id, created: created == 1 })
     }
 
     async fn claim(&self, worker: &str, lease: Duration, _now: Millis) -> Result<Option<Lease>> {
@@ -437,14 +371,8 @@ impl Store for RedisStore {
         if matches!(v, Value::Nil) {
             return Ok(None);
         }
-        let (job_id, preview_id, kind) =
-            parse_entry(&v).ok_or_else(|| corrupt("jobs", format!("{v:?}")))?;
-        Ok(Some(Lease {
-            job_id,
-            preview_id,
-            kind,
-            worker: worker.to_string(),
-        }))
+        let (job_id, preview_id, kind) = parse_entry(&v).ok_or_else(|| corrupt("jobs", format!("{v:?}")))?;
+        Ok(Some(Lease { job_id, preview_id, kind, worker: worker.to_string() }))
     }
 
     async fn renew(&self, lease: &Lease, _duration: Duration, _now: Millis) -> Result<()> {
@@ -484,19 +412,10 @@ impl Store for RedisStore {
         let Value::Array(entries) = v else {
             return Ok(vec![]);
         };
-        Ok(entries
-            .iter()
-            .filter_map(parse_entry)
-            .map(|(_, p, k)| (p, k))
-            .collect())
+        Ok(entries.iter().filter_map(parse_entry).map(|(_, p, k)| (p, k)).collect())
     }
 
-    async fn wait_preview(
-        &self,
-        id: &str,
-        after: u64,
-        timeout: Duration,
-    ) -> Result<Option<Versioned<Preview>>> {
+    async fn wait_preview(&self, id: &str, after: u64, timeout: Duration) -> Result<Option<Versioned<Preview>>> {
         crate::wait_with(self, &self.notify, id, after, timeout).await
     }
 }

@@ -14,10 +14,7 @@ async fn embedded_on_disk() {
     let dir = wakegate_testkit::tempdir("store");
     let n = std::sync::atomic::AtomicU32::new(0);
     conformance::run_all(|| {
-        let path = dir.join(format!(
-            "s{}.log",
-            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-        ));
+        let path = dir.join(format!("s{}.log", n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
         async move { Arc::new(EmbeddedStore::open(&path).unwrap()) as Arc<dyn Store> }
     })
     .await;
@@ -42,36 +39,20 @@ async fn embedded_survives_restart_and_torn_write() {
     let path = dir.join("store.log");
     {
         let s = EmbeddedStore::open(&path).unwrap();
-        s.create_project(&conformance::project("web"))
-            .await
-            .unwrap();
+        s.create_project(&conformance::project("web")).await.unwrap();
         let p = conformance::preview("a");
         s.put_preview(&p, None).await.unwrap();
         s.put_preview(&p, Some(1)).await.unwrap();
         s.bind_host("h.localhost", "a").await.unwrap();
-        s.enqueue("a", wakegate_core::lifecycle::JobKind::Build)
-            .await
-            .unwrap();
+        s.enqueue("a", wakegate_core::lifecycle::JobKind::Build).await.unwrap();
     }
     // a crash mid-append leaves half a line
     use std::io::Write;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .unwrap()
-        .write_all(b"{\"op\":\"pre")
-        .unwrap();
+    std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"op\":\"pre").unwrap();
     let s = EmbeddedStore::open(&path).unwrap();
     assert_eq!(s.get_preview("a").await.unwrap().unwrap().version, 2);
-    assert_eq!(
-        s.resolve_host("h.localhost").await.unwrap().as_deref(),
-        Some("a")
-    );
-    assert_eq!(
-        s.jobs().await.unwrap().len(),
-        1,
-        "queued jobs survive a restart"
-    );
+    assert_eq!(s.resolve_host("h.localhost").await.unwrap().as_deref(), Some("a"));
+    assert_eq!(s.jobs().await.unwrap().len(), 1, "queued jobs survive a restart");
     assert!(s.project_by_name("web").await.unwrap().is_some());
     // garbage in the middle is an error, not silent loss
     std::fs::write(&path, "garbage\n{}\n").unwrap();

@@ -11,14 +11,10 @@ pub struct Browser {
 }
 
 fn chromium() -> &'static str {
-    [
-        "/usr/bin/chromium",
-        "/usr/bin/chromium-browser",
-        "/usr/bin/google-chrome",
-    ]
-    .into_iter()
-    .find(|p| std::path::Path::new(p).exists())
-    .unwrap_or("/usr/bin/chromium")
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("/usr/bin/chromium")
 }
 
 impl Browser {
@@ -30,14 +26,8 @@ impl Browser {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| {
-                anyhow::anyhow!("cannot start chromedriver (apt-get install chromium-driver): {e}")
-            })?;
-        let mut b = Browser {
-            driver,
-            port,
-            session: String::new(),
-        };
+            .map_err(|e| anyhow::anyhow!("cannot start chromedriver (apt-get install chromium-driver): {e}"))?;
+        let mut b = Browser { driver, port, session: String::new() };
         let profile = crate::tempdir("chromium");
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
@@ -86,60 +76,31 @@ impl Browser {
     }
 
     pub async fn goto(&self, url: &str) -> anyhow::Result<()> {
-        self.call("POST", &self.s("/url"), Some(json!({"url": url})))
-            .await
-            .map(|_| ())
+        self.call("POST", &self.s("/url"), Some(json!({"url": url}))).await.map(|_| ())
     }
 
     pub async fn current_url(&self) -> anyhow::Result<String> {
-        Ok(self
-            .call("GET", &self.s("/url"), None)
-            .await?
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
+        Ok(self.call("GET", &self.s("/url"), None).await?.as_str().unwrap_or_default().to_string())
     }
 
     pub async fn page_source(&self) -> anyhow::Result<String> {
-        Ok(self
-            .call("GET", &self.s("/source"), None)
-            .await?
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
+        Ok(self.call("GET", &self.s("/source"), None).await?.as_str().unwrap_or_default().to_string())
     }
 
     pub async fn title(&self) -> anyhow::Result<String> {
-        Ok(self
-            .call("GET", &self.s("/title"), None)
-            .await?
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
+        Ok(self.call("GET", &self.s("/title"), None).await?.as_str().unwrap_or_default().to_string())
     }
 
     /// Clicks the first element matching a CSS selector.
     pub async fn click(&self, css: &str) -> anyhow::Result<()> {
-        let el = self
-            .call(
-                "POST",
-                &self.s("/element"),
-                Some(json!({"using": "css selector", "value": css})),
-            )
-            .await?;
+        let el = self.call("POST", &self.s("/element"), Some(json!({"using": "css selector", "value": css}))).await?;
         let id = el
             .as_object()
             .and_then(|o| o.values().next())
             .and_then(|v| v.as_str())
             .ok_or_else(|| anyhow::anyhow!("no element id for {css}"))?
             .to_string();
-        self.call(
-            "POST",
-            &self.s(&format!("/element/{id}/click")),
-            Some(json!({})),
-        )
-        .await
-        .map(|_| ())
+        self.call("POST", &self.s(&format!("/element/{id}/click")), Some(json!({}))).await.map(|_| ())
     }
 
     /// A PNG screenshot of the viewport.
@@ -157,10 +118,7 @@ impl Drop for Browser {
         let path = format!("/session/{}", self.session);
         let host = format!("127.0.0.1:{}", self.port);
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 let _ = tokio::time::timeout(
                     Duration::from_secs(5),

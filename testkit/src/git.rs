@@ -18,11 +18,7 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -44,10 +40,7 @@ impl Repo {
         git(&work, &["init", "-q", "-b", "main"]);
         let repo = Repo { bare, work };
         repo.commit(files, "initial");
-        git(
-            &repo.work,
-            &["remote", "add", "origin", repo.bare.to_str().unwrap()],
-        );
+        git(&repo.work, &["remote", "add", "origin", repo.bare.to_str().unwrap()]);
         git(&repo.work, &["push", "-q", "origin", "main"]);
         repo
     }
@@ -64,10 +57,7 @@ impl Repo {
             std::fs::write(p, content).unwrap();
         }
         git(&self.work, &["add", "-A"]);
-        git(
-            &self.work,
-            &["commit", "-q", "--allow-empty", "-m", message],
-        );
+        git(&self.work, &["commit", "-q", "--allow-empty", "-m", message]);
     }
 
     /// Creates `branch` from main with `files` changed, and pushes it.

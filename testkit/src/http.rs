@@ -33,27 +33,17 @@ pub async fn send(
     body: impl Into<Bytes>,
 ) -> anyhow::Result<Response> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", host);
+    let mut req = Request::builder().method(method).uri(path).header("host", host);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = sender
-        .send_request(req.body(Full::new(body.into()))?)
-        .await?;
+    let resp = sender.send_request(req.body(Full::new(body.into()))?).await?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await?.to_bytes();
-    Ok(Response {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    Ok(Response { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
 /// GET with a browser-like `Accept`.
@@ -63,13 +53,11 @@ pub async fn get_html(addr: SocketAddr, host: &str, path: &str) -> anyhow::Resul
         "GET",
         host,
         path,
-        &[
-            ("accept", "text/html,application/xhtml+xml"),
-            ("user-agent", BROWSER_UA),
-        ],
+        &[("accept", "text/html,application/xhtml+xml"), ("user-agent", BROWSER_UA)],
         Bytes::new(),
     )
     .await
 }
 
-pub const BROWSER_UA: &str = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0 Safari/537.36";
+pub const BROWSER_UA: &str =
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0 Safari/537.36";

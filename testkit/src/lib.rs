@@ -19,14 +19,9 @@ use std::path::PathBuf;
 pub fn tempdir(tag: &str) -> PathBuf {
     let mut b = [0u8; 6];
     for (i, x) in b.iter_mut().enumerate() {
-        *x = (std::process::id() as u8)
-            .wrapping_mul(31)
-            .wrapping_add(i as u8);
+        *x = (std::process::id() as u8).wrapping_mul(31).wrapping_add(i as u8);
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let dir = std::env::temp_dir().join(format!("wakegate-{tag}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -34,11 +29,7 @@ pub fn tempdir(tag: &str) -> PathBuf {
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.

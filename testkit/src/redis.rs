@@ -17,29 +17,14 @@ impl RedisServer {
         for _ in 0..5 {
             let port = crate::free_port();
             let child = Command::new("redis-server")
-                .args([
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
                 .arg("--dir")
                 .arg(&dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .map_err(|e| {
-                    anyhow::anyhow!("cannot start redis-server (apt-get install redis-server): {e}")
-                })?;
-            let mut server = RedisServer {
-                child,
-                port,
-                dir: dir.clone(),
-            };
+                .map_err(|e| anyhow::anyhow!("cannot start redis-server (apt-get install redis-server): {e}"))?;
+            let mut server = RedisServer { child, port, dir: dir.clone() };
             for _ in 0..100 {
                 if let Ok(Some(_)) = server.child.try_wait() {
                     break; // port taken: try another

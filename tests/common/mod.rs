@@ -45,11 +45,7 @@ pub fn settings(data: &std::path::Path, extra: &[(&str, &str)]) -> Config {
 
 /// A repository with the demo app on `main` and `feature/blue`.
 pub fn demo_repo() -> Repo {
-    let repo = Repo::new(&[
-        ("app.py", APP),
-        ("wakegate.toml", MANIFEST),
-        ("content.html", MAIN),
-    ]);
+    let repo = Repo::new(&[("app.py", APP), ("wakegate.toml", MANIFEST), ("content.html", MAIN)]);
     repo.branch("feature/blue", &[("content.html", BLUE)]);
     repo
 }
@@ -74,26 +70,12 @@ impl World {
     }
 
     pub async fn op(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        wakegate::operator::call(
-            self.dev.waker_addr,
-            &self.dev.operator_token,
-            method,
-            path,
-            body,
-        )
-        .await
-        .unwrap()
+        wakegate::operator::call(self.dev.waker_addr, &self.dev.operator_token, method, path, body).await.unwrap()
     }
 
     /// Creates a preview for `git_ref` and returns its view.
     pub async fn preview(&self, git_ref: &str) -> Value {
-        let (s, v) = self
-            .op(
-                "POST",
-                "/v1/projects/demo/previews",
-                Some(json!({ "ref": git_ref })),
-            )
-            .await;
+        let (s, v) = self.op("POST", "/v1/projects/demo/previews", Some(json!({ "ref": git_ref }))).await;
         assert!(s == 201 || s == 200, "{s} {v}");
         v
     }
@@ -117,25 +99,17 @@ impl World {
 
     /// `<label>.localhost:<edge port>`
     pub fn host(&self, preview: &Value) -> String {
-        format!(
-            "{}.localhost:{}",
-            preview["label"].as_str().unwrap(),
-            self.dev.edge_addr.port()
-        )
+        format!("{}.localhost:{}", preview["label"].as_str().unwrap(), self.dev.edge_addr.port())
     }
 
     pub async fn visit(&self, preview: &Value, path: &str) -> Response {
-        http::get_html(self.dev.edge_addr, &self.host(preview), path)
-            .await
-            .unwrap()
+        http::get_html(self.dev.edge_addr, &self.host(preview), path).await.unwrap()
     }
 
     pub async fn api(&self, preview: &Value, path: &str, headers: &[(&str, &str)]) -> Response {
         let mut h = vec![("accept", "application/json"), ("user-agent", "curl/8.5.0")];
         h.extend_from_slice(headers);
-        http::send(self.dev.edge_addr, "GET", &self.host(preview), path, &h, "")
-            .await
-            .unwrap()
+        http::send(self.dev.edge_addr, "GET", &self.host(preview), path, &h, "").await.unwrap()
     }
 
     /// A running preview.
@@ -146,30 +120,18 @@ impl World {
 
     pub async fn machine_of(&self, id: &str) -> String {
         let p = self.dev.store.get_preview(id).await.unwrap().unwrap();
-        p.value
-            .state
-            .machines()
-            .first()
-            .map(|m| m.to_string())
-            .expect("preview has a machine")
+        p.value.state.machines().first().map(|m| m.to_string()).expect("preview has a machine")
     }
 
     /// How many times the app on this machine started (its log says so once a start).
     pub fn app_starts(&self, machine: &str) -> usize {
-        let log = std::fs::read_to_string(self.dev.machines_dir.join(machine).join("app.log"))
-            .unwrap_or_default();
-        log.lines()
-            .filter(|l| l.contains("demo app listening"))
-            .count()
+        let log = std::fs::read_to_string(self.dev.machines_dir.join(machine).join("app.log")).unwrap_or_default();
+        log.lines().filter(|l| l.contains("demo app listening")).count()
     }
 
     pub fn machine_dirs(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&self.dev.machines_dir)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         v.sort();
         v
@@ -182,33 +144,15 @@ impl World {
 
 /// The CSRF token in a confirm page.
 pub fn csrf_of(page: &str) -> String {
-    let at = page
-        .find(r#"name="csrf" value=""#)
-        .expect("page has a CSRF field")
-        + r#"name="csrf" value=""#.len();
+    let at = page.find(r#"name="csrf" value=""#).expect("page has a CSRF field") + r#"name="csrf" value=""#.len();
     page[at..].split('"').next().unwrap().to_string()
 }
 
 pub async fn post_form(w: &World, preview: &Value, body: &str, extra: &[(&str, &str)]) -> Response {
-    let mut h = vec![
-        ("content-type", "application/x-www-form-urlencoded"),
-        ("accept", "text/html"),
-    ];
-    if !extra
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("user-agent"))
-    {
+    let mut h = vec![("content-type", "application/x-www-form-urlencoded"), ("accept", "text/html")];
+    if !extra.iter().any(|(k, _)| k.eq_ignore_ascii_case("user-agent")) {
         h.push(("user-agent", http::BROWSER_UA));
     }
     h.extend_from_slice(extra);
-    http::send(
-        w.dev.edge_addr,
-        "POST",
-        &w.host(preview),
-        "/_wakegate/rebuild",
-        &h,
-        body.to_string(),
-    )
-    .await
-    .unwrap()
+    http::send(w.dev.edge_addr, "POST", &w.host(preview), "/_wakegate/rebuild", &h, body.to_string()).await.unwrap()
 }

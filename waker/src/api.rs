@@ -14,9 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 use wakegate_core::host::{normalize_host, preview_label};
 use wakegate_core::lifecycle::{EraseReason, Event, Rejected, State};
-use wakegate_core::route::{
-    ActivityBatch, HostRequest, Preview, Project, RouteRecord, RouteStatus,
-};
+use wakegate_core::route::{ActivityBatch, HostRequest, Preview, Project, RouteRecord, RouteStatus};
 use wakegate_core::sign::{self, Key, ReplayGuard};
 use wakegate_core::{ttl, Millis};
 use wakegate_store::driver::{apply, sync_indexes, ApplyError};
@@ -30,10 +28,7 @@ pub const REBUILDS_PER_IP_HOUR: usize = 20;
 pub const REBUILDS_PER_PREVIEW_HOUR: usize = 30;
 
 fn now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
 }
 
 #[derive(Clone, Debug)]
@@ -101,10 +96,7 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     fn new(status: u16, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-        }
+        ApiError { status, message: message.into() }
     }
 
     fn store(e: StoreError) -> ApiError {
@@ -139,9 +131,7 @@ fn apply_error(e: ApplyError) -> Resp {
 }
 
 fn query(parts: &Parts) -> HashMap<String, String> {
-    wakegate_core::form::parse_pairs(parts.uri.query().unwrap_or(""))
-        .into_iter()
-        .collect()
+    wakegate_core::form::parse_pairs(parts.uri.query().unwrap_or("")).into_iter().collect()
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
@@ -174,13 +164,7 @@ struct SetTtl {
 
 impl Waker {
     pub fn new(store: SharedStore, config: WakerConfig, refs: Arc<dyn RefChecker>) -> Waker {
-        Waker {
-            store,
-            config,
-            refs,
-            replay: Mutex::new(ReplayGuard::default()),
-            limits: Mutex::new(HashMap::new()),
-        }
+        Waker { store, config, refs, replay: Mutex::new(ReplayGuard::default()), limits: Mutex::new(HashMap::new()) }
     }
 
     pub fn store(&self) -> &SharedStore {
@@ -216,9 +200,7 @@ impl Waker {
                     .get("authorization")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.strip_prefix("Bearer "));
-                if !token.is_some_and(|t| {
-                    constant_eq(t.as_bytes(), self.config.operator_token.as_bytes())
-                }) {
+                if !token.is_some_and(|t| constant_eq(t.as_bytes(), self.config.operator_token.as_bytes())) {
                     return json_error(401, "operator token required (Authorization: Bearer …)");
                 }
                 match (&parts.method, &segs[1..]) {
@@ -227,16 +209,12 @@ impl Waker {
                         Err(e) => store_error(e),
                     },
                     (&Method::POST, ["projects"]) => self.create_project(&body).await,
-                    (&Method::GET, ["projects", name]) => {
-                        match self.store.project_by_name(name).await {
-                            Ok(Some(p)) => ok(200, &p),
-                            Ok(None) => json_error(404, &format!("no project {name}")),
-                            Err(e) => store_error(e),
-                        }
-                    }
-                    (&Method::POST, ["projects", name, "previews"]) => {
-                        self.create_preview(name, &body).await
-                    }
+                    (&Method::GET, ["projects", name]) => match self.store.project_by_name(name).await {
+                        Ok(Some(p)) => ok(200, &p),
+                        Ok(None) => json_error(404, &format!("no project {name}")),
+                        Err(e) => store_error(e),
+                    },
+                    (&Method::POST, ["projects", name, "previews"]) => self.create_preview(name, &body).await,
                     (&Method::GET, ["previews"]) => self.list_previews().await,
                     (&Method::GET, ["previews", id]) => self.show(id).await,
                     (&Method::POST, ["previews", id, action]) => self.action(id, action).await,
@@ -249,30 +227,13 @@ impl Waker {
     }
 
     fn verify_edge(&self, parts: &Parts, body: &[u8]) -> Result<(), ApiError> {
-        let header = parts
-            .headers
-            .get(sign::SIGNATURE_HEADER)
-            .and_then(|v| v.to_str().ok());
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+        let header = parts.headers.get(sign::SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let now = now_ms();
-        let signed = sign::verify(
-            &self.config.edge_key,
-            header,
-            parts.method.as_str(),
-            path,
-            &sign::body_digest(body),
-            now,
-        )
-        .map_err(|e| ApiError::new(401, e.to_string()))?;
-        self.replay
-            .lock()
-            .unwrap()
-            .check(&signed, now)
-            .map_err(|e| ApiError::new(401, e.to_string()))
+        let signed =
+            sign::verify(&self.config.edge_key, header, parts.method.as_str(), path, &sign::body_digest(body), now)
+                .map_err(|e| ApiError::new(401, e.to_string()))?;
+        self.replay.lock().unwrap().check(&signed, now).map_err(|e| ApiError::new(401, e.to_string()))
     }
 
     fn host_of(&self, label: &str) -> String {
@@ -281,11 +242,7 @@ impl Waker {
 
     async fn find_by_host(&self, raw: &str) -> Result<(Versioned<Preview>, Project), ApiError> {
         let host = normalize_host(raw).map_err(|e| ApiError::new(400, format!("bad host: {e}")))?;
-        let id = self
-            .store
-            .resolve_host(host.as_str())
-            .await
-            .map_err(ApiError::store)?;
+        let id = self.store.resolve_host(host.as_str()).await.map_err(ApiError::store)?;
         let id = id.ok_or_else(|| ApiError::new(404, format!("no preview at {host}")))?;
         self.load(&id).await
     }
@@ -311,24 +268,17 @@ impl Waker {
     async fn record(&self, p: Versioned<Preview>, project: &Project) -> RouteRecord {
         let mut p = p;
         let mut rebuildable = true;
-        if matches!(
-            p.value.state,
-            State::Erased { .. } | State::Failed { .. } | State::Gone
-        ) {
+        if matches!(p.value.state, State::Erased { .. } | State::Failed { .. } | State::Gone) {
             match self.refs.exists(&project.git_url, &p.value.git_ref).await {
                 Ok(exists) => {
                     rebuildable = exists;
                     let event = match (&p.value.state, exists) {
                         (State::Gone, true) => Some(Event::RefRestored),
-                        (State::Erased { .. } | State::Failed { .. }, false) => {
-                            Some(Event::RefDeleted)
-                        }
+                        (State::Erased { .. } | State::Failed { .. }, false) => Some(Event::RefDeleted),
                         _ => None,
                     };
                     if let Some(event) = event {
-                        if let Ok(a) =
-                            apply(self.store.as_ref(), &p.value.id, &event, now_ms()).await
-                        {
+                        if let Ok(a) = apply(self.store.as_ref(), &p.value.id, &event, now_ms()).await {
                             info!(preview = %p.value.id, state = a.preview.value.state.as_str(), "ref check");
                             p = a.preview;
                         }
@@ -339,10 +289,7 @@ impl Waker {
                 }
             }
         }
-        let remaining = p
-            .value
-            .expires_at(project)
-            .map(|at| ttl::remaining(at, now_ms()));
+        let remaining = p.value.expires_at(project).map(|at| ttl::remaining(at, now_ms()));
         RouteRecord {
             preview_id: p.value.id.clone(),
             project: p.value.project.clone(),
@@ -371,21 +318,13 @@ impl Waker {
             return json_error(400, "host is required");
         };
         let after: u64 = q.get("after").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let wait = q
-            .get("wait")
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-            .min(MAX_WAIT_MS);
+        let wait = q.get("wait").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0).min(MAX_WAIT_MS);
         let (p, project) = match self.find_by_host(host).await {
             Ok(x) => x,
             Err(e) => return e.response(),
         };
         let p = if p.version <= after && wait > 0 {
-            match self
-                .store
-                .wait_preview(&p.value.id, after, Duration::from_millis(wait))
-                .await
-            {
+            match self.store.wait_preview(&p.value.id, after, Duration::from_millis(wait)).await {
                 Ok(Some(p)) => p,
                 Ok(None) => return json_error(404, "preview removed"),
                 Err(e) => return store_error(e),
@@ -405,18 +344,10 @@ impl Waker {
             Ok(x) => x,
             Err(e) => return e.response(),
         };
-        match apply(
-            self.store.as_ref(),
-            &p.value.id,
-            &Event::WakeRequested,
-            now_ms(),
-        )
-        .await
-        {
-            Ok(a) => json_response(
-                202,
-                &json!({"state": a.preview.value.state.as_str(), "version": a.preview.version}),
-            ),
+        match apply(self.store.as_ref(), &p.value.id, &Event::WakeRequested, now_ms()).await {
+            Ok(a) => {
+                json_response(202, &json!({"state": a.preview.value.state.as_str(), "version": a.preview.version}))
+            }
             Err(e) => apply_error(e),
         }
     }
@@ -426,10 +357,7 @@ impl Waker {
         let now = now_ms();
         let mut limits = self.limits.lock().unwrap();
         let q = limits.entry(key).or_default();
-        while q
-            .front()
-            .is_some_and(|t| now.saturating_sub(*t) > 3_600_000)
-        {
+        while q.front().is_some_and(|t| now.saturating_sub(*t) > 3_600_000) {
             q.pop_front();
         }
         if q.len() >= per_hour {
@@ -450,10 +378,7 @@ impl Waker {
         };
         if !matches!(p.value.state, State::Erased { .. } | State::Failed { .. }) {
             // already building or running: single flight, nothing new to do
-            return json_response(
-                202,
-                &json!({"state": p.value.state.as_str(), "version": p.version}),
-            );
+            return json_response(202, &json!({"state": p.value.state.as_str(), "version": p.version}));
         }
         if let Some(ip) = &req.client_ip {
             if !self.within_limit(format!("ip:{ip}"), REBUILDS_PER_IP_HOUR) {
@@ -469,32 +394,16 @@ impl Waker {
     async fn rebuild(&self, p: Versioned<Preview>, project: &Project) -> Resp {
         match self.refs.exists(&project.git_url, &p.value.git_ref).await {
             Ok(false) => {
-                let _ = apply(
-                    self.store.as_ref(),
-                    &p.value.id,
-                    &Event::RefDeleted,
-                    now_ms(),
-                )
-                .await;
+                let _ = apply(self.store.as_ref(), &p.value.id, &Event::RefDeleted, now_ms()).await;
                 return json_error(410, "the branch no longer exists");
             }
             Ok(true) => {}
             Err(e) => warn!(error = %e, "cannot ask the remote; building anyway"),
         }
-        match apply(
-            self.store.as_ref(),
-            &p.value.id,
-            &Event::BuildRequested,
-            now_ms(),
-        )
-        .await
-        {
+        match apply(self.store.as_ref(), &p.value.id, &Event::BuildRequested, now_ms()).await {
             Ok(a) => {
                 info!(preview = %p.value.id, "rebuild requested");
-                json_response(
-                    202,
-                    &json!({"state": a.preview.value.state.as_str(), "version": a.preview.version}),
-                )
+                json_response(202, &json!({"state": a.preview.value.state.as_str(), "version": a.preview.version}))
             }
             Err(e) => apply_error(e),
         }
@@ -518,10 +427,7 @@ impl Waker {
             }
         }
         match self.store.touch(&ids, now_ms()).await {
-            Ok(()) => Response::builder()
-                .status(204)
-                .body(Full::new(Bytes::new()))
-                .expect("valid response"),
+            Ok(()) => Response::builder().status(204).body(Full::new(Bytes::new())).expect("valid response"),
             Err(e) => store_error(e),
         }
     }
@@ -533,10 +439,7 @@ impl Waker {
         };
         let name = wakegate_core::host::slugify(&req.name, 20);
         if name != req.name || name.is_empty() {
-            return json_error(
-                400,
-                "name must be 1–20 characters of a-z, 0-9 and inner '-'",
-            );
+            return json_error(400, "name must be 1–20 characters of a-z, 0-9 and inner '-'");
         }
         if req.git_url.trim().is_empty() || req.git_url.starts_with('-') {
             return json_error(400, "git_url is required");
@@ -564,12 +467,8 @@ impl Waker {
         let remaining = v.expires_at(project).map(|at| ttl::remaining(at, now_ms()));
         let (phase, reason) = match &v.state {
             State::Building { phase, .. } => (Some(phase.as_str().to_string()), None),
-            State::Failed { phase, reason } => {
-                (Some(phase.as_str().to_string()), Some(reason.clone()))
-            }
-            State::Erased { reason } | State::Erasing { reason, .. } => {
-                (None, Some(reason.as_str().to_string()))
-            }
+            State::Failed { phase, reason } => (Some(phase.as_str().to_string()), Some(reason.clone())),
+            State::Erased { reason } | State::Erasing { reason, .. } => (None, Some(reason.as_str().to_string())),
             _ => (None, None),
         };
         PreviewView {
@@ -578,10 +477,7 @@ impl Waker {
             git_ref: v.git_ref.clone(),
             label: v.label.clone(),
             host: self.host_of(&v.label),
-            url: self
-                .config
-                .preview_url_template
-                .replace("{label}", &v.label),
+            url: self.config.preview_url_template.replace("{label}", &v.label),
             state: v.state.as_str().to_string(),
             phase,
             reason,
@@ -616,20 +512,12 @@ impl Waker {
         };
         let label = preview_label(&project.name, &project.id, &git_ref);
         let host = self.host_of(&label);
-        let id = format!(
-            "pv-{}",
-            wakegate_core::host::ref_hash(&project.id, &git_ref)
-        );
+        let id = format!("pv-{}", wakegate_core::host::ref_hash(&project.id, &git_ref));
         if let Ok(Some(existing)) = self.store.get_preview(&id).await {
             return ok(200, &self.view(&existing, &project));
         }
         match self.refs.exists(&project.git_url, &git_ref).await {
-            Ok(false) => {
-                return json_error(
-                    422,
-                    &format!("{git_ref} does not exist in {}", project.git_url),
-                )
-            }
+            Ok(false) => return json_error(422, &format!("{git_ref} does not exist in {}", project.git_url)),
             Ok(true) => {}
             Err(e) => return json_error(502, &format!("cannot reach the repository: {e}")),
         }
@@ -664,40 +552,21 @@ impl Waker {
             return store_error(e);
         }
         let _ = sync_indexes(self.store.as_ref(), &preview, now).await;
-        if let Err(e) = self
-            .store
-            .enqueue(&id, wakegate_core::lifecycle::JobKind::Build)
-            .await
-        {
+        if let Err(e) = self.store.enqueue(&id, wakegate_core::lifecycle::JobKind::Build).await {
             return store_error(e);
         }
         info!(preview = %id, %host, "preview created");
-        ok(
-            201,
-            &self.view(
-                &Versioned {
-                    version,
-                    value: preview,
-                },
-                &project,
-            ),
-        )
+        ok(201, &self.view(&Versioned { version, value: preview }, &project))
     }
 
     async fn list_previews(&self) -> Resp {
-        let (previews, projects) = match (
-            self.store.list_previews().await,
-            self.store.list_projects().await,
-        ) {
+        let (previews, projects) = match (self.store.list_previews().await, self.store.list_projects().await) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return store_error(e),
         };
-        let projects: HashMap<String, Project> =
-            projects.into_iter().map(|p| (p.id.clone(), p)).collect();
-        let views: Vec<PreviewView> = previews
-            .iter()
-            .filter_map(|p| projects.get(&p.value.project_id).map(|pr| self.view(p, pr)))
-            .collect();
+        let projects: HashMap<String, Project> = projects.into_iter().map(|p| (p.id.clone(), p)).collect();
+        let views: Vec<PreviewView> =
+            previews.iter().filter_map(|p| projects.get(&p.value.project_id).map(|pr| self.view(p, pr))).collect();
         ok(200, &views)
     }
 
@@ -719,16 +588,7 @@ impl Waker {
             match self.store.put_preview(&next, Some(p.version)).await {
                 Ok(version) => {
                     let _ = sync_indexes(self.store.as_ref(), &next, now_ms()).await;
-                    return ok(
-                        200,
-                        &self.view(
-                            &Versioned {
-                                version,
-                                value: next,
-                            },
-                            &project,
-                        ),
-                    );
+                    return ok(200, &self.view(&Versioned { version, value: next }, &project));
                 }
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return store_error(e),
@@ -743,9 +603,7 @@ impl Waker {
             "unpin" => return self.update(id, |p| p.pinned = false).await,
             "sleep" => Event::SleepRequested,
             "wake" => Event::WakeRequested,
-            "erase" => Event::EraseRequested {
-                reason: EraseReason::Manual,
-            },
+            "erase" => Event::EraseRequested { reason: EraseReason::Manual },
             "rebuild" => {
                 return match self.load(id).await {
                     Ok((p, project)) => self.rebuild(p, &project).await,

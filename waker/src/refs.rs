@@ -19,10 +19,7 @@ pub struct GitRefs {
 
 impl GitRefs {
     pub fn new(ttl: Duration) -> GitRefs {
-        GitRefs {
-            ttl,
-            cache: Mutex::new(HashMap::new()),
-        }
+        GitRefs { ttl, cache: Mutex::new(HashMap::new()) }
     }
 }
 
@@ -35,11 +32,7 @@ impl RefChecker for GitRefs {
                 return Ok(*v);
             }
         }
-        let full = if git_ref.starts_with("refs/") {
-            git_ref.to_string()
-        } else {
-            format!("refs/heads/{git_ref}")
-        };
+        let full = if git_ref.starts_with("refs/") { git_ref.to_string() } else { format!("refs/heads/{git_ref}") };
         let out = tokio::time::timeout(
             Duration::from_secs(20),
             tokio::process::Command::new("git")
@@ -54,13 +47,8 @@ impl RefChecker for GitRefs {
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
-        let exists = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .any(|l| l.split('\t').nth(1) == Some(full.as_str()));
-        self.cache
-            .lock()
-            .unwrap()
-            .insert(key, (exists, Instant::now()));
+        let exists = String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split('\t').nth(1) == Some(full.as_str()));
+        self.cache.lock().unwrap().insert(key, (exists, Instant::now()));
         Ok(exists)
     }
 }

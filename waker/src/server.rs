@@ -29,24 +29,14 @@ pub async fn serve(listener: TcpListener, waker: Arc<Waker>) {
     }
 }
 
-async fn handle(
-    waker: &Waker,
-    req: Request<Incoming>,
-    _peer: std::net::SocketAddr,
-) -> Response<Full<Bytes>> {
+async fn handle(waker: &Waker, req: Request<Incoming>, _peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, wakegate_core::route::MAX_API_BODY)
-        .collect()
-        .await
-    {
+    let body = match Limited::new(body, wakegate_core::route::MAX_API_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
             return crate::api::json_error(
                 413,
-                &format!(
-                    "body larger than {} bytes",
-                    wakegate_core::route::MAX_API_BODY
-                ),
+                &format!("body larger than {} bytes", wakegate_core::route::MAX_API_BODY),
             )
         }
     };
