@@ -30,16 +30,9 @@ async fn branches_serve_their_own_content_streams_and_websockets() {
     // request bodies are streamed to the origin intact (1 MiB)
     let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
     let digest = wakegate_core::sign::body_digest(&big);
-    let r = http::send(
-        w.dev.edge_addr,
-        "POST",
-        &w.host(&main),
-        "/upload",
-        &[("content-type", "application/octet-stream")],
-        big,
-    )
-    .await
-    .unwrap();
+    let r = http::send(w.edge, "POST", &w.host(&main), "/upload", &[("content-type", "application/octet-stream")], big)
+        .await
+        .unwrap();
     assert_eq!(r.json()["sha256"], digest);
 
     // forwarding headers and the origin signature arrive; hop-by-hop headers do not
@@ -58,7 +51,7 @@ async fn branches_serve_their_own_content_streams_and_websockets() {
     assert!(h.get("x-secret-hop").is_none() && h.get("te").is_none(), "{h}");
 
     // a WebSocket echo through the edge
-    let mut s = tokio::net::TcpStream::connect(w.dev.edge_addr).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(w.edge).await.unwrap();
     let req = format!(
         "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         w.host(&main)
@@ -87,10 +80,10 @@ async fn branches_serve_their_own_content_streams_and_websockets() {
     assert_eq!(echoed, msg);
 
     // unknown and malformed hosts
-    let r = http::get_html(w.dev.edge_addr, &format!("nope.localhost:{}", w.dev.edge_addr.port()), "/").await.unwrap();
+    let r = http::get_html(w.edge, &format!("nope.localhost:{}", w.edge.port()), "/").await.unwrap();
     assert_eq!(r.status, 404);
     assert!(r.body.contains("No preview here"));
-    let r = http::get_html(w.dev.edge_addr, "bad_host!", "/").await.unwrap();
+    let r = http::get_html(w.edge, "bad_host!", "/").await.unwrap();
     assert_eq!(r.status, 400);
     w.stop().await;
 }
@@ -155,7 +148,7 @@ async fn sleeping_preview_wakes_once_for_200_visits_and_holds_api_clients() {
     // 200 browsers at once: all get the waking page; one wake
     let mut tasks = Vec::new();
     for _ in 0..200 {
-        let addr = w.dev.edge_addr;
+        let addr = w.edge;
         let host = w.host(&p);
         tasks.push(tokio::spawn(async move { http::get_html(addr, &host, "/").await.unwrap() }));
     }
@@ -200,17 +193,16 @@ async fn bots_and_probes_never_wake_nor_count() {
     for ua in
         ["Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", "UptimeRobot/2.0", "facebookexternalhit/1.1"]
     {
-        let r =
-            http::send(w.dev.edge_addr, "GET", &w.host(&p), "/", &[("accept", "text/html"), ("user-agent", ua)], "")
-                .await
-                .unwrap();
+        let r = http::send(w.edge, "GET", &w.host(&p), "/", &[("accept", "text/html"), ("user-agent", ua)], "")
+            .await
+            .unwrap();
         assert_eq!(r.status, 503, "{ua}");
-        let r = http::send(w.dev.edge_addr, "GET", &w.host(&p), "/", &[("user-agent", ua)], "").await.unwrap();
+        let r = http::send(w.edge, "GET", &w.host(&p), "/", &[("user-agent", ua)], "").await.unwrap();
         assert_eq!(r.status, 503, "{ua}");
         assert!(r.header("retry-after").is_some());
     }
     let r = http::send(
-        w.dev.edge_addr,
+        w.edge,
         "GET",
         &w.host(&p),
         "/",

@@ -5,7 +5,8 @@
 //! long-poll, rebuild form) → route lookup (cached while running) → [`decide`] → proxy /
 //! page / hold / unavailable. Errors become pages or JSON in one place ([`EdgeError`]).
 
-use crate::{bots, decide, Decision, PageKind, RequestInfo, RESERVED_PREFIX};
+use crate::front::{self, context, status_json, MAX_FORM, STATUS_WAIT_MS};
+use crate::{decide, Decision, PageKind, RequestInfo, RESERVED_PREFIX};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -27,15 +28,10 @@ use tracing::{debug, warn};
 use wakegate_core::host::{normalize_host, Host};
 use wakegate_core::route::{ActivityBatch, HostRequest, RouteRecord, RouteStatus};
 use wakegate_core::sign::{self, Key};
-use wakegate_core::{form, ttl, Millis};
+use wakegate_core::{form, Millis};
 use wakegate_splash::{render, Page};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Longest rebuild form body.
-const MAX_FORM: usize = 8 * 1024;
-/// Longest single status long-poll to waker.
-const STATUS_WAIT_MS: u64 = 25_000;
 
 #[derive(Clone, Debug)]
 pub struct EdgeConfig {
@@ -341,14 +337,7 @@ impl Edge {
     }
 
     fn page_for(&self, kind: &PageKind, host: &Host) -> Page {
-        let csrf = || sign::csrf_token(&self.cfg.csrf_key, host.as_str(), now_ms());
-        match kind {
-            PageKind::Waking => Page::Waking,
-            PageKind::Building { phase } => Page::Building { phase: *phase },
-            PageKind::ConfirmRebuild { by_ttl } => Page::ConfirmRebuild { csrf: csrf(), by_ttl: *by_ttl },
-            PageKind::Failed { phase, reason } => Page::Failed { phase: *phase, reason: reason.clone(), csrf: csrf() },
-            PageKind::Gone => Page::Gone,
-        }
+        front::page_for(kind, host, &self.cfg.csrf_key, now_ms())
     }
 
     /// API clients wait (bounded) while the preview wakes, then get the app or a 503.
@@ -537,20 +526,7 @@ impl Edge {
     /// The confirm-to-rebuild form: POST only, CSRF token bound to the host, same-origin.
     async fn rebuild(self: &Arc<Self>, req: Request<Incoming>, host: Host, peer: SocketAddr) -> Response<Body> {
         let info = request_info(req.headers());
-        let forbidden = |why: &str| {
-            let mut r = page(&Page::BadRequest { reason: why.to_string() }, &Default::default());
-            *r.status_mut() = StatusCode::FORBIDDEN;
-            r
-        };
-        if info.is_bot {
-            return forbidden("Automated clients cannot rebuild previews.");
-        }
-        if let Some(origin) = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-            let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
-            if normalize_host(origin_host).ok().as_ref() != Some(&host) {
-                return forbidden("This form can only be sent from the preview's own page.");
-            }
-        }
+        let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_string);
         let body = match Limited::new(req.into_body(), MAX_FORM).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => {
@@ -559,16 +535,16 @@ impl Edge {
                 return r;
             }
         };
-        let pairs = form::parse_pairs(&String::from_utf8_lossy(&body));
-        if let Err(e) = sign::verify_csrf(&self.cfg.csrf_key, host.as_str(), form::get(&pairs, "csrf"), now_ms()) {
-            return forbidden(&format!(
-                "The form has expired or was not sent from this page ({e}). Reload the page and try again."
-            ));
-        }
-        let return_to = form::get(&pairs, "return_to")
-            .filter(|p| p.starts_with('/') && !p.starts_with("//"))
-            .unwrap_or("/")
-            .to_string();
+        let body = String::from_utf8_lossy(&body);
+        let return_to =
+            match front::check_rebuild_form(info, origin.as_deref(), &host, &body, &self.cfg.csrf_key, now_ms()) {
+                Ok(r) => r,
+                Err(refusal) => {
+                    let mut r = page(&Page::BadRequest { reason: refusal.reason }, &Default::default());
+                    *r.status_mut() = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
+                    return r;
+                }
+            };
         let body = serde_json::to_vec(&HostRequest { host: host.to_string(), client_ip: Some(peer.ip().to_string()) })
             .unwrap_or_default();
         self.forget(&host);
@@ -595,48 +571,13 @@ impl Edge {
 }
 
 fn request_info(headers: &HeaderMap) -> RequestInfo {
-    let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    RequestInfo {
-        wants_html: get("accept").is_some_and(|a| a.contains("text/html")),
-        is_bot: bots::is_bot(get("user-agent"), get("sec-purpose").or(get("purpose")).or(get("x-moz"))),
-    }
-}
-
-fn context<'a>(route: &'a RouteRecord, return_to: &'a str) -> wakegate_splash::Context<'a> {
-    wakegate_splash::Context {
-        project: &route.project,
-        git_ref: &route.git_ref,
-        version: route.version,
-        return_to,
-        ttl_remaining: route.ttl_remaining_ms.map(ttl::format_remaining),
-    }
-}
-
-fn status_json(r: &RouteRecord) -> serde_json::Value {
-    let (phase, reason) = match &r.status {
-        RouteStatus::Building { phase, .. } => (Some(*phase), None),
-        RouteStatus::Failed { phase, reason } => (Some(*phase), Some(reason.clone())),
-        _ => (None, None),
-    };
-    serde_json::json!({
-        "state": r.status.as_str(),
-        "phase": phase.map(|p| p.as_str()),
-        "phase_label": phase.map(|p| p.label()),
-        "reason": reason,
-        "version": r.version,
-        "ttl_remaining_ms": r.ttl_remaining_ms,
-    })
+    front::request_info(|n| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string))
 }
 
 fn page(p: &Page, cx: &wakegate_splash::Context<'_>) -> Response<Body> {
-    let mut b = Response::builder()
-        .status(p.status())
-        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-        .header(header::CACHE_CONTROL, "no-store")
-        .header("x-robots-tag", "noindex")
-        .header("x-wakegate", "splash");
-    if p.status() == 503 {
-        b = b.header(header::RETRY_AFTER, "5");
+    let mut b = Response::builder().status(p.status());
+    for (k, v) in front::page_headers(p) {
+        b = b.header(k, v);
     }
     b.body(full(render(p, cx))).expect("valid response")
 }

@@ -4,7 +4,8 @@
 //! * [`git`] — real repositories made with the `git` command;
 //! * [`http`] — a small HTTP/1.1 client that sets `Host` (so `*.localhost` previews can
 //!   be reached through one listening socket);
-//! * [`browser::Browser`] — headless Chromium driven through chromedriver (WebDriver).
+//! * [`browser::Browser`] — headless Chromium driven through chromedriver (WebDriver);
+//! * [`wrangler::Wrangler`] — the edge Worker under `wrangler dev` (workerd).
 //!
 //! Every process started here is stopped by PID when its handle drops.
 
@@ -12,6 +13,7 @@ pub mod browser;
 pub mod git;
 pub mod http;
 pub mod redis;
+pub mod wrangler;
 
 use std::path::PathBuf;
 

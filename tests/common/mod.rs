@@ -1,5 +1,8 @@
 //! The world the end-to-end tests run in: `Dev` (the composition `wakegate dev` runs) on
 //! the embedded store, with a real git repository holding the demo app on two branches.
+//!
+//! The front door is the native edge, or with `WAKEGATE_E2E_EDGE=worker` the Worker
+//! under `wrangler dev` in front of the same waker: the same tests run through both.
 #![allow(dead_code)]
 
 use serde_json::{json, Value};
@@ -21,6 +24,18 @@ pub struct World {
     pub dev: Dev,
     pub repo: Repo,
     pub data: std::path::PathBuf,
+    /// Where visitors connect: the native edge or the Worker.
+    pub edge: std::net::SocketAddr,
+    pub worker: Option<wakegate_testkit::wrangler::Wrangler>,
+}
+
+pub const TEST_EDGE_KEY: &str = "edge-key-for-the-end-to-end-tests";
+pub const TEST_CSRF_KEY: &str = "csrf-key-for-the-end-to-end-tests";
+pub const TEST_ORIGIN_KEY: &str = "origin-key-for-the-end-to-end-tests";
+
+/// Whether these tests go through the Worker (`WAKEGATE_E2E_EDGE=worker`).
+pub fn through_worker() -> bool {
+    std::env::var("WAKEGATE_E2E_EDGE").is_ok_and(|v| v == "worker")
 }
 
 pub fn settings(data: &std::path::Path, extra: &[(&str, &str)]) -> Config {
@@ -33,6 +48,9 @@ pub fn settings(data: &std::path::Path, extra: &[(&str, &str)]) -> Config {
         ("WAKEGATE_ROUTE_CACHE_SECS", "0.5"),
         ("WAKEGATE_ACTIVITY_SECS", "0.2"),
         ("WAKEGATE_HOLD_SECS", "30"),
+        ("WAKEGATE_EDGE_KEY", TEST_EDGE_KEY),
+        ("WAKEGATE_CSRF_KEY", TEST_CSRF_KEY),
+        ("WAKEGATE_ORIGIN_KEY", TEST_ORIGIN_KEY),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -61,7 +79,24 @@ impl World {
         let store = Arc::new(wakegate_store::EmbeddedStore::open(&data.join("store.log")).unwrap());
         let dev = Dev::start(&cfg, store).await.unwrap();
         let repo = demo_repo();
-        let w = World { dev, repo, data };
+        let (edge, worker) = if through_worker() {
+            let edge_key = m_get(extra, "WAKEGATE_EDGE_KEY").unwrap_or(TEST_EDGE_KEY).to_string();
+            let wrangler = wakegate_testkit::wrangler::Wrangler::start(&[
+                ("WAKER_URL", format!("http://{}", dev.waker_addr)),
+                ("EDGE_KEY", edge_key),
+                ("CSRF_KEY", TEST_CSRF_KEY.to_string()),
+                ("ORIGIN_KEY", TEST_ORIGIN_KEY.to_string()),
+                ("ROUTE_CACHE_SECS", "0.5".to_string()),
+                ("ACTIVITY_SECS", "0.2".to_string()),
+                ("HOLD_SECS", "30".to_string()),
+            ])
+            .await
+            .expect("wrangler dev starts");
+            (wrangler.addr(), Some(wrangler))
+        } else {
+            (dev.edge_addr, None)
+        };
+        let w = World { dev, repo, data, edge, worker };
         let (s, body) = w
             .op("POST", "/v1/projects", Some(json!({"name": "demo", "git_url": w.repo.url(), "ttl_hours": 24, "idle_timeout_secs": idle_timeout_secs})))
             .await;
@@ -99,17 +134,17 @@ impl World {
 
     /// `<label>.localhost:<edge port>`
     pub fn host(&self, preview: &Value) -> String {
-        format!("{}.localhost:{}", preview["label"].as_str().unwrap(), self.dev.edge_addr.port())
+        format!("{}.localhost:{}", preview["label"].as_str().unwrap(), self.edge.port())
     }
 
     pub async fn visit(&self, preview: &Value, path: &str) -> Response {
-        http::get_html(self.dev.edge_addr, &self.host(preview), path).await.unwrap()
+        http::get_html(self.edge, &self.host(preview), path).await.unwrap()
     }
 
     pub async fn api(&self, preview: &Value, path: &str, headers: &[(&str, &str)]) -> Response {
         let mut h = vec![("accept", "application/json"), ("user-agent", "curl/8.5.0")];
         h.extend_from_slice(headers);
-        http::send(self.dev.edge_addr, "GET", &self.host(preview), path, &h, "").await.unwrap()
+        http::send(self.edge, "GET", &self.host(preview), path, &h, "").await.unwrap()
     }
 
     /// A running preview.
@@ -138,6 +173,7 @@ impl World {
     }
 
     pub async fn stop(self) {
+        drop(self.worker);
         self.dev.shutdown().await;
     }
 }
@@ -154,5 +190,9 @@ pub async fn post_form(w: &World, preview: &Value, body: &str, extra: &[(&str, &
         h.push(("user-agent", http::BROWSER_UA));
     }
     h.extend_from_slice(extra);
-    http::send(w.dev.edge_addr, "POST", &w.host(preview), "/_wakegate/rebuild", &h, body.to_string()).await.unwrap()
+    http::send(w.edge, "POST", &w.host(preview), "/_wakegate/rebuild", &h, body.to_string()).await.unwrap()
+}
+
+fn m_get<'a>(pairs: &'a [(&str, &str)], key: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
 }
