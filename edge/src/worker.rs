@@ -221,6 +221,8 @@ async fn proxy(
         .map_err(|e| worker::Error::RustError(format!("{e:?}")))?;
     let headers = out.headers();
     let set = |k: &str, v: &str| headers.set(k, v).map_err(|e| worker::Error::RustError(format!("{e:?}")));
+    // hop-by-hop headers (and any a client names in `Connection`) never reach a Worker:
+    // the runtime consumes them
     let client_ip = header(req, "cf-connecting-ip").unwrap_or_default();
     let xff = match header(req, "x-forwarded-for") {
         Some(prev) if !client_ip.is_empty() => format!("{prev}, {client_ip}"),

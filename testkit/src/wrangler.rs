@@ -24,8 +24,20 @@ pub fn built_worker() -> Option<PathBuf> {
 }
 
 impl Wrangler {
-    /// Starts `wrangler dev` for the built Worker with these vars.
+    /// Starts `wrangler dev` for the built Worker with these vars. Several run in
+    /// parallel in tests; a start that loses a port race is tried again.
     pub async fn start(vars: &[(&str, String)]) -> anyhow::Result<Wrangler> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_once(vars).await {
+                Ok(w) => return Ok(w),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried"))
+    }
+
+    async fn start_once(vars: &[(&str, String)]) -> anyhow::Result<Wrangler> {
         let shim =
             built_worker().ok_or_else(|| anyhow::anyhow!("the Worker is not built: run scripts/build-worker"))?;
         let wrangler = repo_root().join("node_modules/.bin/wrangler");
@@ -53,6 +65,7 @@ impl Wrangler {
                 "warn",
                 "--show-interactive-dev-session=false",
             ])
+            .args(["--inspector-port", &crate::free_port().to_string()])
             .arg("--persist-to")
             .arg(dir.join("state"))
             .env("CI", "true")
