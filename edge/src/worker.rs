@@ -28,6 +28,8 @@ thread_local! {
     static ROUTES: RefCell<HashMap<Host, (RouteRecord, Millis)>> = RefCell::new(HashMap::new());
     static ACTIVE: RefCell<(HashSet<String>, Millis)> = RefCell::new((HashSet::new(), 0));
     static COUNTER: Cell<u64> = const { Cell::new(0) };
+    // bindings cannot change within an isolate: read them once, not per request
+    static CONFIG: RefCell<Option<Cfg>> = const { RefCell::new(None) };
 }
 
 #[derive(Clone)]
@@ -336,9 +338,16 @@ async fn reserved(cfg: &Cfg, mut req: Request, host: &Host) -> Result<Response> 
 
 #[event(fetch)]
 pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
-    let cfg = match Cfg::from_env(&env) {
-        Ok(c) => c,
-        Err(e) => return plain_page(500, &format!("This edge is misconfigured: {e}.")),
+    let cached = CONFIG.with(|c| c.borrow().clone());
+    let cfg = match cached {
+        Some(c) => c,
+        None => match Cfg::from_env(&env) {
+            Ok(c) => {
+                CONFIG.with(|slot| *slot.borrow_mut() = Some(c.clone()));
+                c
+            }
+            Err(e) => return plain_page(500, &format!("This edge is misconfigured: {e}.")),
+        },
     };
     let url = req.url()?;
     let raw_host = header(&req, "host").or_else(|| url.host_str().map(str::to_string)).unwrap_or_default();

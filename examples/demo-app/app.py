@@ -17,6 +17,10 @@ WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # one buffered write per response and no Nagle: otherwise headers and body go out
+    # as two small segments and the client's delayed ACK adds ~40 ms to every request
+    wbufsize = 64 * 1024
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):
         pass
@@ -41,6 +45,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/plain")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+            self.wfile.flush()
             for i in range(5):
                 chunk = f"chunk {i}\n".encode()
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
