@@ -13,6 +13,10 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+// the same allocator as the `wakegate` binary
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

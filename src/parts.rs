@@ -47,9 +47,10 @@ pub async fn edge(cfg: Config) -> anyhow::Result<()> {
         activity_every: cfg.activity_every,
         scheme: "http",
     });
-    let listener = TcpListener::bind(cfg.edge_addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, waker = %cfg.waker_url, "edge listening");
-    wakegate_edge::native::serve(listener, edge).await;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let addr = wakegate_edge::native::serve_threads(cfg.edge_addr, edge, threads)?;
+    tracing::info!(%addr, threads, waker = %cfg.waker_url, "edge listening");
+    std::future::pending::<()>().await;
     Ok(())
 }
 

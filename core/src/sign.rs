@@ -40,9 +40,10 @@ pub enum SignError {
     Replay,
 }
 
-/// A shared secret for HMAC.
+/// A shared secret for HMAC, keyed once: each use clones the keyed state instead of
+/// hashing the key again.
 #[derive(Clone)]
-pub struct Key(Vec<u8>);
+pub struct Key(HmacSha256);
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -52,11 +53,11 @@ impl std::fmt::Debug for Key {
 
 impl Key {
     pub fn new(bytes: impl Into<Vec<u8>>) -> Key {
-        Key(bytes.into())
+        Key(HmacSha256::new_from_slice(&bytes.into()).expect("HMAC takes any key length"))
     }
 
     fn mac(&self) -> HmacSha256 {
-        HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length")
+        self.0.clone()
     }
 }
 

@@ -12,7 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, Limited};
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -65,10 +65,19 @@ fn now_ms() -> Millis {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
 }
 
+/// Unique per request: a random per-process prefix and a counter (no syscall per
+/// request). Authenticity comes from the HMAC; the nonce only has to be unique.
 fn nonce() -> String {
-    let mut b = [0u8; 12];
-    getrandom::fill(&mut b).expect("OS randomness");
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).expect("OS randomness");
+        u64::from_le_bytes(b)
+    });
+    format!("{prefix:016x}{:x}", COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
@@ -155,28 +164,44 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
+/// What every serving thread of one edge shares.
+#[derive(Default)]
+struct Shared {
+    cache: RwLock<HashMap<Host, (Arc<RouteRecord>, Instant)>>,
+    active: Mutex<HashSet<String>>,
+}
+
+/// One serving thread's edge: its own origin connection pool (connections live on the
+/// runtime that made them), the shared route cache and activity batch.
 pub struct Edge {
     cfg: EdgeConfig,
     client: Client<HttpConnector, Body>,
-    cache: RwLock<HashMap<Host, (RouteRecord, Instant)>>,
-    active: Mutex<HashSet<String>>,
+    shared: Arc<Shared>,
+}
+
+fn client() -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build(connector)
 }
 
 impl Edge {
     pub fn new(cfg: EdgeConfig) -> Arc<Edge> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector);
-        Arc::new(Edge { cfg, client, cache: RwLock::new(HashMap::new()), active: Mutex::new(HashSet::new()) })
+        Arc::new(Edge { cfg, client: client(), shared: Arc::default() })
+    }
+
+    /// Another edge for another serving thread, sharing this one's cache and activity.
+    pub fn sibling(&self) -> Arc<Edge> {
+        Arc::new(Edge { cfg: self.cfg.clone(), client: client(), shared: self.shared.clone() })
     }
 
     /// Number of cached routes (for memory accounting).
     pub fn cached_routes(&self) -> usize {
-        self.cache.read().unwrap().len()
+        self.shared.cache.read().unwrap().len()
     }
 
     // ---------- waker calls ----------
@@ -209,14 +234,14 @@ impl Edge {
     }
 
     /// The route for a host: from the cache while running and fresh, else from waker.
-    pub async fn route(&self, host: &Host) -> Result<Option<RouteRecord>, EdgeError> {
-        if let Some((r, at)) = self.cache.read().unwrap().get(host) {
+    pub async fn route(&self, host: &Host) -> Result<Option<Arc<RouteRecord>>, EdgeError> {
+        if let Some((r, at)) = self.shared.cache.read().unwrap().get(host) {
             if at.elapsed() < self.cfg.route_ttl {
                 return Ok(Some(r.clone()));
             }
         }
-        let record = self.waker_record(&format!("/v1/edge/route?host={host}")).await?;
-        let mut cache = self.cache.write().unwrap();
+        let record = self.waker_record(&format!("/v1/edge/route?host={host}")).await?.map(Arc::new);
+        let mut cache = self.shared.cache.write().unwrap();
         match &record {
             // only running routes are cached: everything else changes under the visitor
             Some(r) if matches!(r.status, RouteStatus::Running { .. }) => {
@@ -230,7 +255,7 @@ impl Edge {
     }
 
     fn forget(&self, host: &Host) {
-        self.cache.write().unwrap().remove(host);
+        self.shared.cache.write().unwrap().remove(host);
     }
 
     async fn status(&self, host: &Host, after: u64, wait_ms: u64) -> Result<Option<RouteRecord>, EdgeError> {
@@ -249,7 +274,7 @@ impl Edge {
     }
 
     fn mark_active(&self, host: &Host) {
-        let mut active = self.active.lock().unwrap();
+        let mut active = self.shared.active.lock().unwrap();
         if !active.contains(host.as_str()) {
             active.insert(host.to_string());
         }
@@ -257,7 +282,7 @@ impl Edge {
 
     /// Sends the hosts that saw traffic since the last flush, in one call.
     pub async fn flush_activity(&self) {
-        let hosts: Vec<String> = std::mem::take(&mut *self.active.lock().unwrap()).into_iter().collect();
+        let hosts: Vec<String> = std::mem::take(&mut *self.shared.active.lock().unwrap()).into_iter().collect();
         if hosts.is_empty() {
             return;
         }
@@ -301,7 +326,7 @@ impl Edge {
         self: &Arc<Self>,
         req: Request<Incoming>,
         host: Host,
-        route: RouteRecord,
+        route: Arc<RouteRecord>,
         info: RequestInfo,
         peer: SocketAddr,
     ) -> Response<Body> {
@@ -345,7 +370,7 @@ impl Edge {
         self: &Arc<Self>,
         req: Request<Incoming>,
         host: Host,
-        route: RouteRecord,
+        route: Arc<RouteRecord>,
         wake: bool,
         info: RequestInfo,
         peer: SocketAddr,
@@ -395,64 +420,48 @@ impl Edge {
         } else {
             None
         };
-        let bodyless = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) && body.is_end_stream();
-        let pq = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
-        let mut headers = parts.headers.clone();
-        strip_hop_by_hop(&mut headers, upgrade);
-        let peer_ip = peer.ip().to_string();
-        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {peer_ip}"),
-            None => peer_ip,
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let uri = match format!("{origin}{pq}").parse::<http::Uri>() {
+            Ok(u) => u,
+            Err(e) => return error_response(&EdgeError::Origin(e.to_string())),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
+        let sig =
+            sign::sign(&self.cfg.origin_key, parts.method.as_str(), pq, sign::UNSIGNED_PAYLOAD, now_ms(), &nonce());
+        // the client's headers move to the origin request, edited in place: no copies
+        let mut headers = std::mem::take(&mut parts.headers);
+        strip_hop_by_hop(&mut headers, upgrade);
+        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip())),
+            None => HeaderValue::from_str(&peer.ip().to_string()),
+        };
+        if let Ok(v) = xff {
             headers.insert("x-forwarded-for", v);
         }
         if let Ok(v) = HeaderValue::from_str(host.as_str()) {
             headers.insert("x-forwarded-host", v);
         }
         headers.insert("x-forwarded-proto", HeaderValue::from_static(self.cfg.scheme));
-        let sig =
-            sign::sign(&self.cfg.origin_key, parts.method.as_str(), &pq, sign::UNSIGNED_PAYLOAD, now_ms(), &nonce());
         if let Ok(v) = HeaderValue::from_str(&sig) {
             headers.insert(sign::ORIGIN_SIGNATURE_HEADER, v);
         }
-
-        let build = |origin: &str, body: Body| -> Result<Request<Body>, http::Error> {
-            let mut r = Request::builder().method(parts.method.clone()).uri(format!("{origin}{pq}")).body(body)?;
-            *r.headers_mut() = headers.clone();
-            Ok(r)
-        };
-        let out = match build(origin, body.boxed()) {
-            Ok(r) => r,
-            Err(e) => return error_response(&EdgeError::Origin(e.to_string())),
-        };
+        let return_to = pq.to_string();
+        let mut out = Request::new(body.boxed());
+        *out.method_mut() = parts.method;
+        *out.uri_mut() = uri;
+        *out.headers_mut() = headers;
         let resp = match self.client.request(out).await {
             Ok(r) => r,
             Err(e) => {
-                // the origin may have gone to sleep under a cached route: look again once
+                // the origin may have gone to sleep under a cached route: drop the route and
+                // show a person the page for the state it is in now
                 self.forget(host);
                 warn!(%host, %origin, error = %e, "origin request failed");
-                if bodyless {
+                if info.wants_html {
                     if let Ok(Some(fresh)) = self.route(host).await {
-                        match fresh.status.origin() {
-                            Some(fresh_origin) if fresh_origin != origin => {
-                                if let Ok(r) = build(fresh_origin, empty()) {
-                                    if let Ok(resp) = self.client.request(r).await {
-                                        return self.finish(resp, host, info, None);
-                                    }
-                                }
-                            }
-                            Some(_) => {}
-                            None => {
-                                let return_to = pq.clone();
-                                if let Decision::Page { page: kind, .. } =
-                                    decide(&fresh, RequestInfo { wants_html: true, is_bot: true })
-                                {
-                                    if info.wants_html {
-                                        return page(&self.page_for(&kind, host), &context(&fresh, &return_to));
-                                    }
-                                }
-                            }
+                        if let Decision::Page { page: kind, .. } =
+                            decide(&fresh, RequestInfo { wants_html: true, is_bot: true })
+                        {
+                            return page(&self.page_for(&kind, host), &context(&fresh, &return_to));
                         }
                     }
                 }
@@ -606,7 +615,8 @@ fn error_response(e: &EdgeError) -> Response<Body> {
     r
 }
 
-/// Serves the edge on `listener`; also reports activity every `activity_every`.
+/// Serves the edge on `listener` in the current runtime; also reports activity every
+/// `activity_every`.
 pub async fn serve(listener: TcpListener, edge: Arc<Edge>) {
     struct AbortOnDrop(tokio::task::JoinHandle<()>);
     impl Drop for AbortOnDrop {
@@ -623,6 +633,56 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) {
             }
         })
     });
+    accept_loop(listener, edge).await
+}
+
+/// Serves the edge on `addr` with one single-threaded runtime per thread, each with its
+/// own `SO_REUSEPORT` listener and origin pool, so a request never wakes another thread
+/// (the cross-thread wakeups of a work-stealing pool were the largest cost in profiles).
+/// Returns the bound address (resolving port 0) once every thread listens.
+pub fn serve_threads(addr: SocketAddr, edge: Arc<Edge>, threads: usize) -> std::io::Result<SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut bound = addr;
+    for i in 0..threads.max(1) {
+        let edge = if i == 0 { edge.clone() } else { edge.sibling() };
+        let tx = tx.clone();
+        let at = bound;
+        std::thread::Builder::new().name(format!("edge-{i}")).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return tx.send(Err(e)).unwrap_or(()),
+            };
+            rt.block_on(async move {
+                let listener = (|| {
+                    let socket =
+                        if at.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                    socket.set_reuseaddr(true)?;
+                    socket.set_reuseport(true)?;
+                    socket.bind(at)?;
+                    socket.listen(4096)
+                })();
+                match listener {
+                    Ok(l) => {
+                        let _ = tx.send(l.local_addr());
+                        if i == 0 {
+                            serve(l, edge).await
+                        } else {
+                            accept_loop(l, edge).await
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        })?;
+        // the first thread resolves port 0; the others bind the same port
+        bound = rx.recv().map_err(std::io::Error::other)??;
+    }
+    Ok(bound)
+}
+
+async fn accept_loop(listener: TcpListener, edge: Arc<Edge>) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
