@@ -74,7 +74,7 @@ impl Dev {
             cloud,
             Settings {
                 lease: cfg.lease,
-                poll: Duration::from_millis(100),
+                poll: Duration::from_millis(500),
                 sweep_every: cfg.sweep_every,
                 orphan_grace: cfg.orphan_grace,
                 preview_url_template: preview_url_template.clone(),

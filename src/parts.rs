@@ -62,7 +62,7 @@ pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
         cloud,
         Settings {
             lease: cfg.lease,
-            poll: Duration::from_millis(100),
+            poll: Duration::from_millis(500),
             sweep_every: cfg.sweep_every,
             orphan_grace: cfg.orphan_grace,
             preview_url_template: cfg.preview_url(cfg.edge_addr.port()),

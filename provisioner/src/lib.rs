@@ -31,7 +31,8 @@ pub fn now_ms() -> Millis {
 pub struct Settings {
     /// How long a claimed job is ours without renewal.
     pub lease: Duration,
-    /// How often the job loop looks for work when idle.
+    /// Longest wait for work when idle; an enqueue wakes the loop at once, this only
+    /// bounds how late a missed notification is noticed.
     pub poll: Duration,
     /// How often the TTL and idle sweepers and the reconciler run.
     pub sweep_every: Duration,

@@ -107,7 +107,7 @@ impl LocalCloud {
                     mf.manifest.health, mf.manifest.start_timeout_secs
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }

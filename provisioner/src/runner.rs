@@ -63,7 +63,7 @@ impl Provisioner {
             }
             drop(permit);
             tokio::select! {
-                _ = tokio::time::sleep(self.settings.poll) => {}
+                _ = self.store.wait_for_jobs(self.settings.poll) => {}
                 _ = stop.changed() => {}
             }
         }

@@ -53,6 +53,7 @@ where
     jobs_are_idempotent(fresh().await).await;
     leases_expire_and_are_retried(fresh().await).await;
     concurrent_enqueue_makes_one_job(fresh().await).await;
+    enqueue_wakes_job_waiters(fresh().await).await;
     status_waits(fresh().await).await;
 }
 
@@ -169,6 +170,22 @@ pub async fn leases_expire_and_are_retried(s: Arc<dyn Store>) {
     s.renew(&retry, lease, now()).await.unwrap();
     s.complete(&retry).await.unwrap();
     assert!(s.jobs().await.unwrap().is_empty());
+}
+
+pub async fn enqueue_wakes_job_waiters(s: Arc<dyn Store>) {
+    let waiter = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let t0 = std::time::Instant::now();
+            s.wait_for_jobs(Duration::from_secs(10)).await;
+            t0.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.enqueue("woken", JobKind::Build).await.unwrap();
+    let waited =
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("the enqueue woke the waiter").unwrap();
+    assert!(waited < Duration::from_secs(5), "woken by the enqueue, not the timeout: {waited:?}");
 }
 
 pub async fn concurrent_enqueue_makes_one_job(s: Arc<dyn Store>) {

@@ -123,6 +123,7 @@ struct Log {
 pub struct EmbeddedStore {
     inner: Mutex<(State, Log)>,
     notify: Notify,
+    jobs_notify: Notify,
 }
 
 fn io_err(e: std::io::Error) -> StoreError {
@@ -135,6 +136,7 @@ impl EmbeddedStore {
         EmbeddedStore {
             inner: Mutex::new((State::default(), Log { path: None, file: None, entries: 0 })),
             notify: Notify::new(),
+            jobs_notify: Notify::new(),
         }
     }
 
@@ -174,6 +176,7 @@ impl EmbeddedStore {
         let store = EmbeddedStore {
             inner: Mutex::new((state, Log { path: Some(path.to_path_buf()), file: None, entries })),
             notify: Notify::new(),
+            jobs_notify: Notify::new(),
         };
         store.compact()?;
         Ok(store)
@@ -328,14 +331,22 @@ impl Store for EmbeddedStore {
     }
 
     async fn enqueue(&self, preview_id: &str, kind: JobKind) -> Result<Enqueued> {
-        self.commit(|s| {
+        let enqueued = self.commit(|s| {
             if let Some(id) = s.job_keys.get(&(preview_id.to_string(), kind)) {
                 return Ok((vec![], Enqueued { job_id: id.to_string(), created: false }));
             }
             let id = s.next_job.max(1);
             let job = Job { id, preview: preview_id.to_string(), kind, worker: None, lease_until: 0 };
             Ok((vec![Op::Job { job }], Enqueued { job_id: id.to_string(), created: true }))
-        })
+        })?;
+        if enqueued.created {
+            self.jobs_notify.notify_waiters();
+        }
+        Ok(enqueued)
+    }
+
+    async fn wait_for_jobs(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.jobs_notify.notified()).await;
     }
 
     async fn claim(&self, worker: &str, lease: Duration, now: Millis) -> Result<Option<Lease>> {

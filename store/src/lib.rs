@@ -117,6 +117,10 @@ pub trait Store: Send + Sync + 'static {
     /// Jobs pending or leased, as (preview, kind).
     async fn jobs(&self) -> Result<Vec<(String, JobKind)>>;
 
+    /// Returns when a job may have been enqueued (anywhere, for Redis) or after
+    /// `timeout`: workers wait on this instead of polling, so a wake starts at once.
+    async fn wait_for_jobs(&self, timeout: Duration);
+
     /// Waits until the preview's version exceeds `after` or the timeout passes; returns
     /// the record as it is then.
     async fn wait_preview(&self, id: &str, after: u64, timeout: Duration) -> Result<Option<Versioned<Preview>>>;

@@ -43,6 +43,7 @@ local existing = redis.call('GET', KEYS[1])
 if existing then return {existing, 0} end
 local id = redis.call('XADD', KEYS[2], '*', 'preview', ARGV[1], 'kind', ARGV[2])
 redis.call('SET', KEYS[1], id)
+redis.call('PUBLISH', KEYS[3], id)
 return {id, 1}
 "#;
 
@@ -95,6 +96,7 @@ pub struct RedisStore {
     conn: MultiplexedConnection,
     prefix: String,
     notify: Arc<Notify>,
+    jobs_notify: Arc<Notify>,
     listener: tokio::task::JoinHandle<()>,
 }
 
@@ -159,9 +161,11 @@ impl RedisStore {
             }
         }
         let notify = Arc::new(Notify::new());
+        let jobs_notify = Arc::new(Notify::new());
         let pattern = format!("{prefix}status:*");
-        let listener = tokio::spawn(listen(client, pattern, notify.clone()));
-        Ok(RedisStore { conn, prefix: prefix.to_string(), notify, listener })
+        let jobs_channel = format!("{prefix}status:jobs");
+        let listener = tokio::spawn(listen(client, pattern, jobs_channel, notify.clone(), jobs_notify.clone()));
+        Ok(RedisStore { conn, prefix: prefix.to_string(), notify, jobs_notify, listener })
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -177,14 +181,18 @@ impl RedisStore {
 
 /// Forwards status publications to local waiters; reconnects after errors. Waiters also
 /// poll on a short tick, so a gap here only delays them.
-async fn listen(client: redis::Client, pattern: String, notify: Arc<Notify>) {
+async fn listen(client: redis::Client, pattern: String, jobs_channel: String, notify: Arc<Notify>, jobs: Arc<Notify>) {
     loop {
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => {
                 if pubsub.psubscribe(&pattern).await.is_ok() {
                     let mut messages = pubsub.on_message();
-                    while messages.next().await.is_some() {
-                        notify.notify_waiters();
+                    while let Some(m) = messages.next().await {
+                        if m.get_channel_name() == jobs_channel {
+                            jobs.notify_waiters();
+                        } else {
+                            notify.notify_waiters();
+                        }
                     }
                 }
             }
@@ -351,6 +359,7 @@ impl Store for RedisStore {
         let (job_id, created): (String, i64) = Script::new(ENQUEUE)
             .key(self.key(&["jobkey", preview_id, kind.as_str()]))
             .key(self.key(&["jobs"]))
+            .key(self.key(&["status", "jobs"]))
             .arg(preview_id)
             .arg(kind.as_str())
             .invoke_async(&mut self.conn())
@@ -417,5 +426,9 @@ impl Store for RedisStore {
 
     async fn wait_preview(&self, id: &str, after: u64, timeout: Duration) -> Result<Option<Versioned<Preview>>> {
         crate::wait_with(self, &self.notify, id, after, timeout).await
+    }
+
+    async fn wait_for_jobs(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.jobs_notify.notified()).await;
     }
 }
