@@ -139,6 +139,17 @@ impl Config {
         k.clone().ok_or(ConfigError::Missing(name))
     }
 
+    /// The provisioner's tunables from these settings.
+    pub fn provisioner_settings(&self, preview_url_template: String) -> wakegate_provisioner::Settings {
+        wakegate_provisioner::Settings {
+            lease: self.lease,
+            poll: Duration::from_millis(500),
+            sweep_every: self.sweep_every,
+            orphan_grace: self.orphan_grace,
+            preview_url_template,
+        }
+    }
+
     pub fn preview_url(&self, edge_port: u16) -> String {
         self.preview_url_template
             .clone()

@@ -11,8 +11,8 @@ use wakegate_core::sign::Key;
 use wakegate_edge::native::{Edge, EdgeConfig};
 use wakegate_provisioner::cloud::Cloud;
 use wakegate_provisioner::local::LocalCloud;
+use wakegate_provisioner::now_ms;
 use wakegate_provisioner::runner::Provisioner;
-use wakegate_provisioner::{now_ms, Settings};
 use wakegate_store::driver::apply;
 use wakegate_store::SharedStore;
 use wakegate_waker::{refs::GitRefs, Waker, WakerConfig};
@@ -69,17 +69,8 @@ impl Dev {
         });
         let machines_dir = std::path::absolute(cfg.data_dir.join("machines"))?;
         let cloud: Arc<dyn Cloud> = Arc::new(LocalCloud::new(&machines_dir)?);
-        let provisioner = Arc::new(Provisioner::new(
-            store.clone(),
-            cloud,
-            Settings {
-                lease: cfg.lease,
-                poll: Duration::from_millis(500),
-                sweep_every: cfg.sweep_every,
-                orphan_grace: cfg.orphan_grace,
-                preview_url_template: preview_url_template.clone(),
-            },
-        ));
+        let provisioner =
+            Arc::new(Provisioner::new(store.clone(), cloud, cfg.provisioner_settings(preview_url_template.clone())));
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let tasks = vec![
             tokio::spawn(wakegate_waker::serve(waker_listener, waker)),

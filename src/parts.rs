@@ -8,7 +8,6 @@ use tokio::net::TcpListener;
 use wakegate_edge::native::{Edge, EdgeConfig};
 use wakegate_provisioner::local::LocalCloud;
 use wakegate_provisioner::runner::Provisioner;
-use wakegate_provisioner::Settings;
 use wakegate_store::{RedisStore, SharedStore};
 use wakegate_waker::{refs::GitRefs, Waker, WakerConfig};
 
@@ -57,17 +56,7 @@ pub async fn edge(cfg: Config) -> anyhow::Result<()> {
 pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
     let store = redis(&cfg).await?;
     let cloud = Arc::new(LocalCloud::new(std::path::absolute(cfg.data_dir.join("machines"))?)?);
-    let p = Arc::new(Provisioner::new(
-        store,
-        cloud,
-        Settings {
-            lease: cfg.lease,
-            poll: Duration::from_millis(500),
-            sweep_every: cfg.sweep_every,
-            orphan_grace: cfg.orphan_grace,
-            preview_url_template: cfg.preview_url(cfg.edge_addr.port()),
-        },
-    ));
+    let p = Arc::new(Provisioner::new(store, cloud, cfg.provisioner_settings(cfg.preview_url(cfg.edge_addr.port()))));
     tracing::info!(worker = %p.worker, "provisioner running");
     let (_stop, rx) = tokio::sync::watch::channel(false);
     let sweeps = tokio::spawn(p.clone().run_sweeps(rx.clone()));
