@@ -1,0 +1,100 @@
+//! `wakegate waker`, `wakegate provisioner` and `wakegate edge` as three processes
+//! sharing one Redis: create a preview through the operator API, visit it through the
+//! edge, see the app; put it to sleep and visit again.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use wakegate_testkit::{free_port, http, redis::RedisServer};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_processes_on_redis_serve_a_preview() {
+    let redis = RedisServer::start().await.unwrap();
+    let data = wakegate_testkit::tempdir("parts");
+    let (edge_port, waker_port) = (free_port(), free_port());
+    let token = "operator-token-for-the-parts-test";
+    let env = [
+        ("WAKEGATE_REDIS_URL", redis.url()),
+        ("WAKEGATE_DATA", data.display().to_string()),
+        ("WAKEGATE_EDGE_ADDR", format!("127.0.0.1:{edge_port}")),
+        ("WAKEGATE_WAKER_ADDR", format!("127.0.0.1:{waker_port}")),
+        ("WAKEGATE_EDGE_KEY", TEST_EDGE_KEY.to_string()),
+        ("WAKEGATE_CSRF_KEY", TEST_CSRF_KEY.to_string()),
+        ("WAKEGATE_ORIGIN_KEY", TEST_ORIGIN_KEY.to_string()),
+        ("WAKEGATE_OPERATOR_TOKEN", token.to_string()),
+        ("WAKEGATE_SWEEP_SECS", "0.3".to_string()),
+    ];
+    let spawn = |part: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wakegate"));
+        cmd.arg(part).stdout(Stdio::null()).stderr(Stdio::null());
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        Proc(cmd.spawn().unwrap())
+    };
+    let _waker = spawn("waker");
+    let _provisioner = spawn("provisioner");
+    let _edge = spawn("edge");
+    let waker = std::net::SocketAddr::from(([127, 0, 0, 1], waker_port));
+    let edge = std::net::SocketAddr::from(([127, 0, 0, 1], edge_port));
+    wakegate_testkit::eventually(WAIT, "waker to listen", || async {
+        http::send(waker, "GET", "w", "/healthz", &[], "").await.ok().filter(|r| r.status == 200)
+    })
+    .await;
+
+    let repo = demo_repo();
+    let op = |method: &'static str, path: String, body: Option<serde_json::Value>| async move {
+        wakegate::operator::call(waker, token, method, &path, body).await.unwrap()
+    };
+    let (s, _) = op("POST", "/v1/projects".into(), Some(json!({"name": "demo", "git_url": repo.url()}))).await;
+    assert_eq!(s, 201);
+    let (s, p) = op("POST", "/v1/projects/demo/previews".into(), Some(json!({"ref": "feature/blue"}))).await;
+    assert_eq!(s, 201);
+    let id = p["id"].as_str().unwrap().to_string();
+    let host = format!("{}.localhost:{edge_port}", p["label"].as_str().unwrap());
+    assert_eq!(p["url"], format!("http://{host}"), "preview URLs name the edge");
+
+    let page = wakegate_testkit::eventually(WAIT, "the app through the edge", || async {
+        let r = http::get_html(edge, &host, "/").await.ok()?;
+        r.body.contains("Hello from the feature/blue branch").then_some(r)
+    })
+    .await;
+    assert_eq!(page.status, 200);
+
+    let (s, _) = op("POST", format!("/v1/previews/{id}/sleep"), None).await;
+    assert_eq!(s, 202);
+    wakegate_testkit::eventually(WAIT, "sleep", || async {
+        let (_, v) = op("GET", format!("/v1/previews/{id}"), None).await;
+        (v["state"] == "sleeping").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await; // past the edge's route cache
+    let r =
+        http::send(edge, "GET", &host, "/api/hello", &[("accept", "application/json"), ("user-agent", "curl/8")], "")
+            .await
+            .unwrap();
+    assert_eq!(r.status, 200, "held until awake: {}", r.body);
+
+    // stop the app this test's provisioner started
+    let machine = {
+        let (_, v) = op("GET", format!("/v1/previews/{id}"), None).await;
+        assert_eq!(v["state"], "running");
+        std::fs::read_dir(data.join("machines")).unwrap().flatten().next().unwrap().path()
+    };
+    if let Some(pgid) = std::fs::read_to_string(machine.join("app.pid")).ok().and_then(|s| s.trim().parse::<u32>().ok())
+    {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status();
+    }
+}
