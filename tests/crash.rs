@@ -6,21 +6,13 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use wakegate_core::lifecycle::State;
 use wakegate_store::{RedisStore, Store};
 use wakegate_testkit::redis::RedisServer;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use wakegate_testkit::Proc;
 
 fn provisioner(redis: &str, data: &std::path::Path) -> Proc {
     Proc(
@@ -119,8 +111,6 @@ async fn provisioner_killed_mid_build_recovers_without_leaks() {
     assert!(store.jobs().await.unwrap().is_empty());
 
     // stop the app we started, by its recorded process group
-    if let Some(pgid) = read_pid(&machines.join(now_serving).join("app.pid")) {
-        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status();
-    }
+    wakegate_testkit::kill_recorded_group(&machines.join(now_serving).join("app.pid"));
     server.abort();
 }

@@ -6,18 +6,10 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
+use wakegate_testkit::Proc;
 use wakegate_testkit::{free_port, http, redis::RedisServer};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_processes_on_redis_serve_a_preview() {
@@ -93,8 +85,5 @@ async fn three_processes_on_redis_serve_a_preview() {
         assert_eq!(v["state"], "running");
         std::fs::read_dir(data.join("machines")).unwrap().flatten().next().unwrap().path()
     };
-    if let Some(pgid) = std::fs::read_to_string(machine.join("app.pid")).ok().and_then(|s| s.trim().parse::<u32>().ok())
-    {
-        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status();
-    }
+    wakegate_testkit::kill_recorded_group(&machine.join("app.pid"));
 }

@@ -51,3 +51,24 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// A child process, killed (by its PID) when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stops the process group whose id a provisioner recorded in `pidfile` (apps it
+/// started live in their own group and outlive a killed provisioner).
+pub fn kill_recorded_group(pidfile: &std::path::Path) {
+    if let Some(pgid) = std::fs::read_to_string(pidfile).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
