@@ -39,8 +39,13 @@ impl Dev {
     /// Binds the edge and waker (ports from `cfg`, 0 for any), starts everything on
     /// `store` with the local backend under `<data>/machines`.
     pub async fn start(cfg: &Config, store: SharedStore) -> anyhow::Result<Dev> {
-        let edge_listener = TcpListener::bind(cfg.edge_addr).await?;
-        let waker_listener = TcpListener::bind(cfg.waker_addr).await?;
+        use anyhow::Context as _;
+        let edge_listener = TcpListener::bind(cfg.edge_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} for the edge (set WAKEGATE_EDGE_ADDR)", cfg.edge_addr))?;
+        let waker_listener = TcpListener::bind(cfg.waker_addr)
+            .await
+            .with_context(|| format!("cannot listen on {} for waker (set WAKEGATE_WAKER_ADDR)", cfg.waker_addr))?;
         let edge_addr = edge_listener.local_addr()?;
         let waker_addr = waker_listener.local_addr()?;
         let edge_key = key_or_random(&cfg.edge_key);
