@@ -318,3 +318,26 @@ async fn edge_calls_refuse_forgery_replay_and_skew() {
     assert_eq!(w.show(id).await["state"], "sleeping", "refused wake calls woke nothing");
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn creating_a_preview_again_repairs_a_missing_host_binding() {
+    // as if waker died between writing the record and binding its host
+    let w = World::start().await;
+    let project = w.dev.store.project_by_name("demo").await.unwrap().unwrap();
+    let label = wakegate_core::host::preview_label(&project.name, &project.id, "main");
+    let mut p =
+        wakegate_store::conformance::preview(&format!("pv-{}", wakegate_core::host::ref_hash(&project.id, "main")));
+    p.project_id = project.id.clone();
+    p.project = project.name.clone();
+    p.git_ref = "main".into();
+    p.label = label.clone();
+    (p.created_at, p.built_at, p.state_since) = (now(), now(), now());
+    w.dev.store.put_preview(&p, None).await.unwrap();
+    let host = format!("{label}.localhost");
+    assert!(w.dev.store.resolve_host(&host).await.unwrap().is_none());
+    let v = w.preview("main").await;
+    assert_eq!(v["id"], p.id.as_str());
+    assert_eq!(w.dev.store.resolve_host(&host).await.unwrap().as_deref(), Some(p.id.as_str()));
+    w.wait_state(&p.id, "running").await; // the reconciler queued the lost build job too
+    w.stop().await;
+}

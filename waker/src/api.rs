@@ -514,6 +514,11 @@ impl Waker {
         let host = self.host_of(&label);
         let id = format!("pv-{}", wakegate_core::host::ref_hash(&project.id, &git_ref));
         if let Ok(Some(existing)) = self.store.get_preview(&id).await {
+            // a crash between writing the record and binding its host is repaired here:
+            // binding is idempotent
+            if let Err(e) = self.store.bind_host(&host, &id).await {
+                return store_error(e);
+            }
             return ok(200, &self.view(&existing, &project));
         }
         match self.refs.exists(&project.git_url, &git_ref).await {
