@@ -96,11 +96,6 @@ impl Dev {
         })
     }
 
-    /// The URL of a preview label.
-    pub fn url(&self, label: &str) -> String {
-        self.preview_url_template.replace("{label}", label)
-    }
-
     /// Stops cleanly: running previews are put to sleep (a later start wakes them on
     /// the first visit), then the tasks end.
     pub async fn shutdown(mut self) {
@@ -119,28 +114,7 @@ impl Dev {
         for t in self.tasks.drain(..) {
             t.abort();
         }
-        kill_all(&self.machines_dir);
-    }
-}
-
-/// Stops every process a machine directory records (synchronously: also used on drop).
-fn kill_all(machines_dir: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(machines_dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        for pidfile in ["build.pid", "app.pid"] {
-            if let Some(pgid) =
-                std::fs::read_to_string(e.path().join(pidfile)).ok().and_then(|s| s.trim().parse::<u32>().ok())
-            {
-                if pgid > 1 {
-                    let _ = std::process::Command::new("kill")
-                        .args(["-KILL", "--", &format!("-{pgid}")])
-                        .stderr(std::process::Stdio::null())
-                        .status();
-                }
-            }
-        }
+        wakegate_provisioner::local::kill_all_blocking(&self.machines_dir);
     }
 }
 
@@ -150,7 +124,7 @@ impl Drop for Dev {
             t.abort();
         }
         if !self.tasks.is_empty() {
-            kill_all(&self.machines_dir);
+            wakegate_provisioner::local::kill_all_blocking(&self.machines_dir);
         }
     }
 }

@@ -25,16 +25,6 @@ impl Host {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// The first label (`a` of `a.b.c`).
-    pub fn first_label(&self) -> &str {
-        self.0.split('.').next().unwrap_or("")
-    }
-
-    /// The host without its first label, if it has more than one.
-    pub fn parent(&self) -> Option<&str> {
-        self.0.split_once('.').map(|(_, rest)| rest)
-    }
 }
 
 impl fmt::Display for Host {

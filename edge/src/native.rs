@@ -336,12 +336,12 @@ impl Edge {
                 let return_to = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
                 let p = self.page_for(&kind, &host);
                 let cx = context(&route, &return_to);
-                let mut resp = page(&p, &cx);
+                let html = Bytes::from(render(&p, &cx));
+                let mut resp = page_bytes(&p, html.clone());
                 if wake {
                     // the page goes out first; the wake starts once it is written
                     let (tx, rx) = tokio::sync::oneshot::channel();
-                    let html = render(&p, &cx);
-                    *resp.body_mut() = AfterSent { inner: Full::new(Bytes::from(html)), sent: Some(tx) }.boxed();
+                    *resp.body_mut() = AfterSent { inner: Full::new(html), sent: Some(tx) }.boxed();
                     let edge = self.clone();
                     tokio::spawn(async move {
                         let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
@@ -444,7 +444,6 @@ impl Edge {
         if let Ok(v) = HeaderValue::from_str(&sig) {
             headers.insert(sign::ORIGIN_SIGNATURE_HEADER, v);
         }
-        let return_to = pq.to_string();
         let mut out = Request::new(body.boxed());
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
@@ -461,7 +460,8 @@ impl Edge {
                         if let Decision::Page { page: kind, .. } =
                             decide(&fresh, RequestInfo { wants_html: true, is_bot: true })
                         {
-                            return page(&self.page_for(&kind, host), &context(&fresh, &return_to));
+                            let return_to = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                            return page(&self.page_for(&kind, host), &context(&fresh, return_to));
                         }
                     }
                 }
@@ -584,11 +584,15 @@ fn request_info(headers: &HeaderMap) -> RequestInfo {
 }
 
 fn page(p: &Page, cx: &wakegate_splash::Context<'_>) -> Response<Body> {
+    page_bytes(p, Bytes::from(render(p, cx)))
+}
+
+fn page_bytes(p: &Page, html: Bytes) -> Response<Body> {
     let mut b = Response::builder().status(p.status());
     for (k, v) in front::page_headers(p) {
         b = b.header(k, v);
     }
-    b.body(full(render(p, cx))).expect("valid response")
+    b.body(full(html)).expect("valid response")
 }
 
 fn json(status: u16, v: &serde_json::Value) -> Response<Body> {

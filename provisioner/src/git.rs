@@ -1,5 +1,6 @@
 //! The git operations the provisioner needs, through the `git` command (any URL git
-//! understands: file://, https://, git://, ssh).
+//! understands: file://, https://, git://, ssh). Whether a ref still exists is waker's
+//! question (`wakegate_waker::refs`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -22,14 +23,6 @@ async fn run(dir: Option<&Path>, args: &[&str]) -> Result<String, String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
-}
-
-/// Whether `git_ref` (a branch name, `refs/...` or a tag) exists at `url`. `Err` when the
-/// remote cannot be asked (unreachable): callers must not treat that as "gone".
-pub async fn ref_exists(url: &str, git_ref: &str) -> Result<bool, String> {
-    let out = run(None, &["ls-remote", "--", url, git_ref]).await?;
-    let full = if git_ref.starts_with("refs/") { git_ref.to_string() } else { format!("refs/heads/{git_ref}") };
-    Ok(out.lines().any(|l| l.split('\t').nth(1).is_some_and(|r| r == full || r == format!("refs/tags/{git_ref}"))))
 }
 
 /// Fetches `git_ref` from `url` into a new repository at `dir` and checks it out.

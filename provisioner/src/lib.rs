@@ -8,7 +8,7 @@
 //! * [`sweep`] — the TTL sweeper, the idle sweeper and the reconciler (re-enqueues the
 //!   job a transitional state waits on; reaps machines no record references; marks
 //!   previews whose machine vanished as failed);
-//! * [`git`] — `git ls-remote` / fetch helpers ("does the ref still exist?").
+//! * [`git`] — checking out a ref from any git URL.
 #![forbid(unsafe_code)]
 
 pub mod cloud;
@@ -26,7 +26,7 @@ pub fn now_ms() -> Millis {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
 }
 
-/// Tunables, with production defaults.
+/// Tunables; `wakegate::config::Config` holds the defaults and builds these.
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// How long a claimed job is ours without renewal.
@@ -40,16 +40,4 @@ pub struct Settings {
     pub orphan_grace: Duration,
     /// The base of preview URLs, e.g. `http://{label}.localhost:8080`, for `PREVIEW_URL`.
     pub preview_url_template: String,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            lease: Duration::from_secs(30),
-            poll: Duration::from_millis(200),
-            sweep_every: Duration::from_secs(5),
-            orphan_grace: Duration::from_secs(120),
-            preview_url_template: "http://{label}.localhost".into(),
-        }
-    }
 }

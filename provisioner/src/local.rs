@@ -42,10 +42,6 @@ impl LocalCloud {
         Ok(LocalCloud { root })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     fn dir(&self, machine: &MachineId) -> Result<PathBuf, CloudError> {
         if machine.is_empty() || !machine.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             return Err(CloudError::NotFound(machine.clone()));
@@ -178,6 +174,23 @@ async fn stop_group(dir: &Path, pidfile: &str) {
         kill("-KILL", pgid).await;
     }
     let _ = tokio::fs::remove_file(dir.join(pidfile)).await;
+}
+
+/// Stops every process any machine under `root` records, synchronously (for shutdown
+/// paths that cannot await, such as `Drop`). Machines and checkouts stay.
+pub fn kill_all_blocking(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for e in entries.flatten() {
+        for pidfile in ["build.pid", "app.pid"] {
+            let pgid = std::fs::read_to_string(e.path().join(pidfile)).ok().and_then(|s| s.trim().parse::<u32>().ok());
+            if let Some(pgid) = pgid.filter(|p| *p > 1) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pgid}")])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
 }
 
 /// Whether the process group in `dir/pidfile` is alive.

@@ -19,10 +19,6 @@ use std::path::PathBuf;
 
 /// A fresh directory under the system temp dir (not removed, so failures can be read).
 pub fn tempdir(tag: &str) -> PathBuf {
-    let mut b = [0u8; 6];
-    for (i, x) in b.iter_mut().enumerate() {
-        *x = (std::process::id() as u8).wrapping_mul(31).wrapping_add(i as u8);
-    }
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let dir = std::env::temp_dir().join(format!("wakegate-{tag}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -335,12 +335,15 @@ impl Waker {
         ok(200, &self.record(p, &project).await)
     }
 
+    /// The body of a wake or rebuild call and the preview its host names.
+    async fn host_request(&self, body: &[u8]) -> Result<(HostRequest, Versioned<Preview>, Project), ApiError> {
+        let req: HostRequest = parse(body)?;
+        let (p, project) = self.find_by_host(&req.host).await?;
+        Ok((req, p, project))
+    }
+
     async fn wake(&self, body: &[u8]) -> Resp {
-        let req: HostRequest = match parse(body) {
-            Ok(r) => r,
-            Err(e) => return e.response(),
-        };
-        let (p, _) = match self.find_by_host(&req.host).await {
+        let (_, p, _) = match self.host_request(body).await {
             Ok(x) => x,
             Err(e) => return e.response(),
         };
@@ -368,11 +371,7 @@ impl Waker {
     }
 
     async fn rebuild_from_edge(&self, body: &[u8]) -> Resp {
-        let req: HostRequest = match parse(body) {
-            Ok(r) => r,
-            Err(e) => return e.response(),
-        };
-        let (p, project) = match self.find_by_host(&req.host).await {
+        let (req, p, project) = match self.host_request(body).await {
             Ok(x) => x,
             Err(e) => return e.response(),
         };
