@@ -326,3 +326,19 @@ async fn failed_redeploy_keeps_the_previous_version_serving() {
     assert!(page.body.contains("failed to start") && page.body.contains("Try again"), "{}", page.body);
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_visit_under_a_stale_cached_route_still_wakes_the_preview() {
+    // the edge caches running routes; the preview falls asleep while its route is cached
+    let w = World::start_with(&[("WAKEGATE_ROUTE_CACHE_SECS", "60")], 600).await;
+    let p = w.running("main").await;
+    let id = p["id"].as_str().unwrap().to_string();
+    assert!(w.visit(&p, "/").await.body.contains("Hello from the main branch"));
+    w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
+    w.wait_state(&id, "sleeping").await;
+    let page = w.visit(&p, "/").await;
+    assert_eq!(page.status, 503, "{}", page.body);
+    assert!(page.body.contains("Waking this preview"), "{}", page.body);
+    w.wait_state(&id, "running").await;
+    w.stop().await;
+}

@@ -333,22 +333,8 @@ impl Edge {
         match decide(&route, info) {
             Decision::Proxy { origin } => self.proxy(req, &host, &origin, info, peer).await,
             Decision::Page { page: kind, wake } => {
-                let return_to = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-                let p = self.page_for(&kind, &host);
-                let cx = context(&route, &return_to);
-                let html = Bytes::from(render(&p, &cx));
-                let mut resp = page_bytes(&p, html.clone());
-                if wake {
-                    // the page goes out first; the wake starts once it is written
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    *resp.body_mut() = AfterSent { inner: Full::new(html), sent: Some(tx) }.boxed();
-                    let edge = self.clone();
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
-                        edge.wake(&host).await;
-                    });
-                }
-                resp
+                let return_to = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                self.page_then_wake(&kind, wake, host, &route, return_to)
             }
             Decision::Hold { wake } => self.hold(req, host, route, wake, info, peer).await,
             Decision::Unavailable { status, retry_after, state } => {
@@ -359,6 +345,30 @@ impl Edge {
                 resp
             }
         }
+    }
+
+    /// A splash page; when `wake`, the wake starts once the page has been written.
+    fn page_then_wake(
+        self: &Arc<Self>,
+        kind: &PageKind,
+        wake: bool,
+        host: Host,
+        route: &RouteRecord,
+        return_to: &str,
+    ) -> Response<Body> {
+        let p = self.page_for(kind, &host);
+        let html = Bytes::from(render(&p, &context(route, return_to)));
+        let mut resp = page_bytes(&p, html.clone());
+        if wake {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            *resp.body_mut() = AfterSent { inner: Full::new(html), sent: Some(tx) }.boxed();
+            let edge = self.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+                edge.wake(&host).await;
+            });
+        }
+        resp
     }
 
     fn page_for(&self, kind: &PageKind, host: &Host) -> Page {
@@ -455,14 +465,10 @@ impl Edge {
                 // show a person the page for the state it is in now
                 self.forget(host);
                 warn!(%host, %origin, error = %e, "origin request failed");
-                if info.wants_html {
-                    if let Ok(Some(fresh)) = self.route(host).await {
-                        if let Decision::Page { page: kind, .. } =
-                            decide(&fresh, RequestInfo { wants_html: true, is_bot: true })
-                        {
-                            let return_to = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                            return page(&self.page_for(&kind, host), &context(&fresh, return_to));
-                        }
+                if let Ok(Some(fresh)) = self.route(host).await {
+                    if let Decision::Page { page: kind, wake } = decide(&fresh, info) {
+                        let return_to = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                        return self.page_then_wake(&kind, wake, host.clone(), &fresh, return_to);
                     }
                 }
                 return error_response(&EdgeError::Origin(e.to_string()));
