@@ -213,10 +213,7 @@ async fn proxy(
     info: RequestInfo,
 ) -> Result<Response> {
     let url = req.url()?;
-    let pq = match url.query() {
-        Some(q) => format!("{}?{q}", url.path()),
-        None => url.path().to_string(),
-    };
+    let pq = path_and_query(&url);
     // `new Request(url, request)`: same method, headers, body stream and redirect mode
     let init: &web_sys::RequestInit = req.inner().unchecked_ref();
     let out = web_sys::Request::new_with_str_and_init(&format!("{origin}{pq}"), init)
@@ -247,10 +244,44 @@ async fn proxy(
             Ok(resp)
         }
         Err(e) => {
+            // the origin may have gone to sleep under a cached route: look again, and show
+            // the page (and start the wake) for the state it is in now
             forget(host);
+            if let Ok(Some(fresh)) = route(cfg, host).await {
+                if let Decision::Page { page: kind, wake: wake_it } = decide(&fresh, info) {
+                    return page_then_wake(cfg, ctx, &kind, wake_it, host, &fresh, &pq);
+                }
+            }
             unavailable("origin", e)
         }
     }
+}
+
+fn path_and_query(url: &worker::Url) -> String {
+    match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    }
+}
+
+/// A splash page; when `wake`, the wake runs after the response, outside the request.
+fn page_then_wake(
+    cfg: &Cfg,
+    ctx: &Context,
+    kind: &crate::PageKind,
+    wake_it: bool,
+    host: &Host,
+    route: &RouteRecord,
+    return_to: &str,
+) -> Result<Response> {
+    let p = front::page_for(kind, host, &cfg.csrf_key, now());
+    let resp = page(&p, &context(route, return_to));
+    if wake_it {
+        let cfg = cfg.clone();
+        let host = host.clone();
+        ctx.wait_until(async move { wake(&cfg, &host).await });
+    }
+    resp
 }
 
 async fn hold(
@@ -367,18 +398,7 @@ pub async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     match decide(&route, info) {
         Decision::Proxy { origin } => proxy(&cfg, &ctx, &req, &host, &origin, info).await,
         Decision::Page { page: kind, wake: wake_it } => {
-            let return_to = match url.query() {
-                Some(q) => format!("{}?{q}", url.path()),
-                None => url.path().to_string(),
-            };
-            let p = front::page_for(&kind, &host, &cfg.csrf_key, now());
-            let resp = page(&p, &context(&route, &return_to));
-            if wake_it {
-                // the page is the response; the wake runs after it, outside the request
-                let cfg = cfg.clone();
-                ctx.wait_until(async move { wake(&cfg, &host).await });
-            }
-            resp
+            page_then_wake(&cfg, &ctx, &kind, wake_it, &host, &route, &path_and_query(&url))
         }
         Decision::Hold { wake: wake_first } => hold(&cfg, &ctx, &req, &host, &route, wake_first, info).await,
         Decision::Unavailable { status, retry_after, state } => {
