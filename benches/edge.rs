@@ -236,6 +236,7 @@ fn project() -> Project {
         ttl_hours: 8760.0,
         idle_timeout_secs: 86_400,
         created_at: now_ms(),
+        machine: Default::default(),
     }
 }
 

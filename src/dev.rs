@@ -103,8 +103,9 @@ impl Dev {
         if let Ok(previews) = self.store.list_previews().await {
             for p in previews {
                 if let State::Running { machine, .. } = &p.value.state {
+                    let Ok(Some(project)) = self.store.get_project(&p.value.project_id).await else { continue };
                     if apply(self.store.as_ref(), &p.value.id, &Event::SleepRequested, now_ms()).await.is_ok()
-                        && self.provisioner.cloud.stop(machine).await.is_ok()
+                        && self.provisioner.cloud.stop(machine, &project).await.is_ok()
                     {
                         let _ = apply(self.store.as_ref(), &p.value.id, &Event::Stopped, now_ms()).await;
                     }

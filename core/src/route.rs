@@ -18,6 +18,43 @@ pub struct Project {
     /// A running preview with no activity for this long is put to sleep.
     pub idle_timeout_secs: u64,
     pub created_at: Millis,
+    /// What its previews run on; the backend's defaults fill what is unset.
+    #[serde(default)]
+    pub machine: MachineSpec,
+}
+
+/// A project's machines: size, place, and how they sleep.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineSpec {
+    /// e.g. `cx22`; `None`: the backend's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_type: Option<String>,
+    /// e.g. `fsn1`; `None`: the backend's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub sleep_mode: SleepMode,
+}
+
+/// How an idle preview sleeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SleepMode {
+    /// Power off: the quickest wake, but Hetzner bills a stopped server in full.
+    #[default]
+    Stop,
+    /// Snapshot the disk and delete the server: cheap; a wake creates it again.
+    Hibernate,
+}
+
+impl SleepMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SleepMode::Stop => "stop",
+            SleepMode::Hibernate => "hibernate",
+        }
+    }
 }
 
 /// One preview: a project at a ref, with its lifecycle state.

@@ -191,12 +191,39 @@ pub fn verify_csrf(key: &Key, host: &str, token: Option<&str>, now: Millis) -> R
     Ok(())
 }
 
+fn machine_mac(key: &Key, machine: &str) -> HmacSha256 {
+    let mut mac = key.mac();
+    mac.update(format!("machine\n{machine}").as_bytes());
+    mac
+}
+
+/// The bearer token a machine's agent calls the control plane with. It names one
+/// machine; the machine is told it in its user data and nothing else can make it.
+pub fn machine_token(key: &Key, machine: &str) -> String {
+    hex::encode(machine_mac(key, machine).finalize().into_bytes())
+}
+
+/// Checks a [`machine_token`] in constant time.
+pub fn verify_machine_token(key: &Key, machine: &str, token: &str) -> bool {
+    hex::decode(token).is_ok_and(|sig| machine_mac(key, machine).verify_slice(&sig).is_ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn key() -> Key {
         Key::new(b"k".to_vec())
+    }
+
+    #[test]
+    fn machine_tokens_name_one_machine() {
+        let t = machine_token(&key(), "wg-a");
+        assert!(verify_machine_token(&key(), "wg-a", &t));
+        assert!(!verify_machine_token(&key(), "wg-b", &t));
+        assert!(!verify_machine_token(&Key::new(b"other".to_vec()), "wg-a", &t));
+        assert!(!verify_machine_token(&key(), "wg-a", "zz"));
+        assert!(!verify_machine_token(&key(), "wg-a", ""));
     }
 
     #[test]

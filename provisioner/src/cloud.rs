@@ -2,6 +2,7 @@
 
 use async_trait::async_trait;
 use wakegate_core::lifecycle::{MachineId, Phase};
+use wakegate_core::route::{Preview, Project};
 use wakegate_core::Millis;
 
 /// What to deploy on a machine.
@@ -11,6 +12,7 @@ pub struct DeploySpec {
     pub git_url: String,
     pub git_ref: String,
     pub preview_url: String,
+    pub project: Project,
 }
 
 /// A machine as the backend sees it (labels are the ground truth for what exists).
@@ -19,6 +21,8 @@ pub struct MachineInfo {
     pub id: MachineId,
     pub preview_id: String,
     pub created_at: Millis,
+    /// Held by the backend itself (a ready machine in a pool): not an orphan.
+    pub held: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,22 +43,33 @@ pub trait Progress: Send + Sync {
     async fn phase(&self, phase: Phase) -> bool;
 }
 
+/// How a deploy or start ended when it did not fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Healthy at this origin: the job reports it.
+    Ready(String),
+    /// The machine reported its outcome to the control plane itself (ready or failed),
+    /// and the preview's state already says so.
+    Reported,
+}
+
 #[async_trait]
 pub trait Cloud: Send + Sync + 'static {
-    /// Makes a new, empty machine for a preview. Its id is returned at once so it can be
-    /// recorded before anything slow happens.
-    async fn create(&self, preview_id: &str) -> Result<MachineId, CloudError>;
-    /// Checks out, builds and starts the preview; returns its origin once healthy.
+    /// Picks the machine a preview will run on: a ready one from a pool, or a new id.
+    /// It returns before anything slow happens, so the id is recorded at once.
+    async fn create(&self, preview: &Preview, project: &Project) -> Result<MachineId, CloudError>;
+    /// Makes sure the machine exists, then checks out, builds and starts the preview.
+    /// Safe to call again for the same machine after a crash.
     async fn deploy(
         &self,
         machine: &MachineId,
         spec: &DeploySpec,
         progress: &dyn Progress,
-    ) -> Result<String, CloudError>;
-    /// Starts a sleeping machine again; returns its origin once healthy.
-    async fn start(&self, machine: &MachineId) -> Result<String, CloudError>;
-    /// Stops a machine, keeping what it needs to start again.
-    async fn stop(&self, machine: &MachineId) -> Result<(), CloudError>;
+    ) -> Result<Outcome, CloudError>;
+    /// Starts a sleeping machine again.
+    async fn start(&self, machine: &MachineId, project: &Project) -> Result<Outcome, CloudError>;
+    /// Puts a machine to sleep the project's way, keeping what it needs to start again.
+    async fn stop(&self, machine: &MachineId, project: &Project) -> Result<(), CloudError>;
     /// Deletes a machine and everything on it. Deleting a missing machine succeeds.
     async fn delete(&self, machine: &MachineId) -> Result<(), CloudError>;
     /// Every machine this backend manages.

@@ -8,11 +8,16 @@
 //! * [`sweep`] — the TTL sweeper, the idle sweeper and the reconciler (re-enqueues the
 //!   job a transitional state waits on; reaps machines no record references; marks
 //!   previews whose machine vanished as failed);
+//! * [`hetzner`] — the Hetzner Cloud backend: servers from cloud-init, pools of ready
+//!   machines, a managed firewall, `stop` and `hibernate` sleep modes;
+//! * [`agent_api`] — the endpoint machines' agents pull work from and report to;
 //! * [`git`] — checking out a ref from any git URL.
 #![forbid(unsafe_code)]
 
+pub mod agent_api;
 pub mod cloud;
 pub mod git;
+pub mod hetzner;
 pub mod local;
 pub mod manifest;
 pub mod runner;

@@ -10,7 +10,8 @@
 //! Processes run in their own process group on 127.0.0.1 with `PORT` and `PREVIEW_URL`
 //! set; stopping sends SIGTERM to the group, then SIGKILL.
 
-use crate::cloud::{Cloud, CloudError, DeploySpec, MachineInfo, Progress};
+use crate::cloud::{Cloud, CloudError, DeploySpec, MachineInfo, Outcome, Progress};
+use wakegate_core::route::{Preview, Project};
 use crate::manifest::Manifest;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -203,7 +204,8 @@ pub async fn group_alive(dir: &Path, pidfile: &str) -> bool {
 
 #[async_trait]
 impl Cloud for LocalCloud {
-    async fn create(&self, preview_id: &str) -> Result<MachineId, CloudError> {
+    async fn create(&self, preview: &Preview, _: &Project) -> Result<MachineId, CloudError> {
+        let preview_id = preview.id.as_str();
         let mut b = [0u8; 6];
         getrandom::fill(&mut b).map_err(backend)?;
         let id = format!("m-{}", hex::encode(b));
@@ -218,11 +220,14 @@ impl Cloud for LocalCloud {
         machine: &MachineId,
         spec: &DeploySpec,
         progress: &dyn Progress,
-    ) -> Result<String, CloudError> {
+    ) -> Result<Outcome, CloudError> {
         let dir = self.dir(machine)?;
         if !dir.exists() {
             return Err(CloudError::NotFound(machine.clone()));
         }
+        // a deploy retried after a crash: what the earlier attempt started goes first
+        stop_group(&dir, "build.pid").await;
+        stop_group(&dir, "app.pid").await;
         if !progress.phase(Phase::Checkout).await {
             return Err(CloudError::Failed("cancelled".into()));
         }
@@ -263,10 +268,10 @@ impl Cloud for LocalCloud {
         }
         // health checking is part of starting; report it as its own phase
         let _ = progress.phase(Phase::Health).await;
-        self.start_app(machine, &dir, &mf).await
+        self.start_app(machine, &dir, &mf).await.map(Outcome::Ready)
     }
 
-    async fn start(&self, machine: &MachineId) -> Result<String, CloudError> {
+    async fn start(&self, machine: &MachineId, _: &Project) -> Result<Outcome, CloudError> {
         let dir = self.dir(machine)?;
         let raw = tokio::fs::read(dir.join("machine.json")).await.map_err(|_| CloudError::NotFound(machine.clone()))?;
         let mut mf: MachineFile = serde_json::from_slice(&raw).map_err(backend)?;
@@ -277,10 +282,10 @@ impl Cloud for LocalCloud {
                 .await
                 .map_err(backend)?;
         }
-        self.start_app(machine, &dir, &mf).await
+        self.start_app(machine, &dir, &mf).await.map(Outcome::Ready)
     }
 
-    async fn stop(&self, machine: &MachineId) -> Result<(), CloudError> {
+    async fn stop(&self, machine: &MachineId, _: &Project) -> Result<(), CloudError> {
         let dir = self.dir(machine)?;
         if !dir.exists() {
             return Err(CloudError::NotFound(machine.clone()));
@@ -317,7 +322,7 @@ impl Cloud for LocalCloud {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
             let preview_id = tokio::fs::read_to_string(entry.path().join("owner")).await.unwrap_or_default();
-            out.push(MachineInfo { id, preview_id, created_at });
+            out.push(MachineInfo { id, preview_id, created_at, held: false });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)

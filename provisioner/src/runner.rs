@@ -1,6 +1,6 @@
 //! The job loop: claim, do, report, complete.
 
-use crate::cloud::{Cloud, CloudError, DeploySpec, Progress};
+use crate::cloud::{Cloud, CloudError, DeploySpec, Outcome, Progress};
 use crate::{now_ms, Settings};
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -124,8 +124,12 @@ impl Provisioner {
         match (&current.value.state, lease.kind) {
             (State::Building { .. }, wakegate_core::lifecycle::JobKind::Build) => self.build(&current.value).await,
             (State::Waking { machine }, wakegate_core::lifecycle::JobKind::Wake) => {
-                let event = match self.cloud.start(machine).await {
-                    Ok(origin) => Event::Ready { machine: machine.clone(), origin },
+                let Some(project) = self.store.get_project(&current.value.project_id).await? else {
+                    return Ok(());
+                };
+                let event = match self.cloud.start(machine, &project).await {
+                    Ok(Outcome::Ready(origin)) => Event::Ready { machine: machine.clone(), origin },
+                    Ok(Outcome::Reported) => return Ok(()),
                     Err(CloudError::NotFound(_)) => Event::MachineLost {
                         machine: machine.clone(),
                         reason: "the machine disappeared while asleep".into(),
@@ -135,7 +139,10 @@ impl Provisioner {
                 self.event(id, event).await.map(|_| ())
             }
             (State::Stopping { machine, .. }, wakegate_core::lifecycle::JobKind::Sleep) => {
-                let event = match self.cloud.stop(machine).await {
+                let Some(project) = self.store.get_project(&current.value.project_id).await? else {
+                    return Ok(());
+                };
+                let event = match self.cloud.stop(machine, &project).await {
                     Ok(()) => Event::Stopped,
                     Err(CloudError::NotFound(_)) => {
                         Event::MachineLost { machine: machine.clone(), reason: "the machine disappeared".into() }
@@ -160,23 +167,32 @@ impl Provisioner {
                 .await
                 .map(|_| ());
         };
-        let machine = match self.cloud.create(id).await {
-            Ok(m) => m,
-            Err(e) => return self.event(id, Event::BuildFailed { reason: e.to_string() }).await.map(|_| ()),
+        // a build retried after a crash goes on with the machine it already recorded
+        let machine = match &preview.state {
+            State::Building { machine: Some(m), .. } => m.clone(),
+            _ => {
+                let machine = match self.cloud.create(preview, &project).await {
+                    Ok(m) => m,
+                    Err(e) => return self.event(id, Event::BuildFailed { reason: e.to_string() }).await.map(|_| ()),
+                };
+                info!(%machine, "machine assigned");
+                let assigned = self.event(id, Event::MachineAssigned { machine: machine.clone() }).await?;
+                if assigned.stale {
+                    return Ok(());
+                }
+                machine
+            }
         };
-        info!(%machine, "machine assigned");
-        let assigned = self.event(id, Event::MachineAssigned { machine: machine.clone() }).await?;
-        if assigned.stale {
-            return Ok(());
-        }
         let spec = DeploySpec {
             preview_id: id.to_string(),
             git_url: project.git_url.clone(),
             git_ref: preview.git_ref.clone(),
             preview_url: self.settings.preview_url_template.replace("{label}", &preview.label),
+            project,
         };
         let event = match self.cloud.deploy(&machine, &spec, &StoreProgress { p: self, preview: id }).await {
-            Ok(origin) => Event::Ready { machine, origin },
+            Ok(Outcome::Ready(origin)) => Event::Ready { machine, origin },
+            Ok(Outcome::Reported) => return Ok(()),
             Err(e) => Event::BuildFailed { reason: e.to_string() },
         };
         self.event(id, event).await.map(|_| ())

@@ -136,7 +136,7 @@ impl Provisioner {
         let grace = self.settings.orphan_grace.as_millis() as u64;
         let existing: HashSet<_> = machines.iter().map(|m| m.id.clone()).collect();
         for m in &machines {
-            if !referenced.contains(&m.id) && now.saturating_sub(m.created_at) >= grace {
+            if !m.held && !referenced.contains(&m.id) && now.saturating_sub(m.created_at) >= grace {
                 match self.cloud.delete(&m.id).await {
                     Ok(()) => {
                         info!(machine = %m.id, preview = %m.preview_id, "reaped an orphaned machine");

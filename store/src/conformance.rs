@@ -20,6 +20,7 @@ pub fn project(name: &str) -> Project {
         ttl_hours: 1.5,
         idle_timeout_secs: 600,
         created_at: 1,
+        machine: Default::default(),
     }
 }
 
@@ -55,6 +56,7 @@ where
     concurrent_enqueue_makes_one_job(fresh().await).await;
     enqueue_wakes_job_waiters(fresh().await).await;
     status_waits(fresh().await).await;
+    tables_take_once(fresh().await).await;
 }
 
 pub async fn projects(s: Arc<dyn Store>) {
@@ -221,4 +223,30 @@ pub async fn status_waits(s: Arc<dyn Store>) {
     assert_eq!(got.version, 2);
     assert!(got.value.pinned);
     assert!(s.wait_preview("missing", 0, Duration::from_millis(10)).await.unwrap().is_none());
+}
+
+/// Table rows, and removal as an atomic take: of 32 concurrent takers of one row exactly
+/// one wins (how provisioner replicas share a pool of ready machines).
+pub async fn tables_take_once(s: Arc<dyn Store>) {
+    assert_eq!(s.table_get("pool", "m1").await.unwrap(), None);
+    s.table_put("pool", "m1", "100").await.unwrap();
+    s.table_put("pool", "m2", "200").await.unwrap();
+    s.table_put("other", "m1", "x").await.unwrap();
+    assert_eq!(s.table_get("pool", "m1").await.unwrap().as_deref(), Some("100"));
+    let mut rows = s.table_list("pool").await.unwrap();
+    rows.sort();
+    assert_eq!(rows, vec![("m1".to_string(), "100".to_string()), ("m2".to_string(), "200".to_string())]);
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { s.table_remove("pool", "m1").await.unwrap() }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        won += t.await.unwrap() as u32;
+    }
+    assert_eq!(won, 1);
+    assert_eq!(s.table_list("pool").await.unwrap(), vec![("m2".to_string(), "200".to_string())]);
+    assert_eq!(s.table_get("other", "m1").await.unwrap().as_deref(), Some("x"));
+    assert!(s.table_list("empty").await.unwrap().is_empty());
 }

@@ -28,6 +28,7 @@ enum Op {
     Touch { preview: String, at: Millis },
     Job { job: Job },
     JobDone { id: u64 },
+    Table { table: String, key: String, value: Option<String> },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -51,6 +52,7 @@ struct State {
     jobs: BTreeMap<u64, Job>,
     job_keys: HashMap<(String, JobKind), u64>,
     next_job: u64,
+    tables: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl State {
@@ -90,6 +92,19 @@ impl State {
                 self.job_keys.insert((job.preview.clone(), job.kind), job.id);
                 self.jobs.insert(job.id, job);
             }
+            Op::Table { table, key, value } => match value {
+                Some(v) => {
+                    self.tables.entry(table).or_default().insert(key, v);
+                }
+                None => {
+                    if let Some(t) = self.tables.get_mut(&table) {
+                        t.remove(&key);
+                        if t.is_empty() {
+                            self.tables.remove(&table);
+                        }
+                    }
+                }
+            },
             Op::JobDone { id } => {
                 if let Some(job) = self.jobs.remove(&id) {
                     if self.job_keys.get(&(job.preview.clone(), job.kind)) == Some(&id) {
@@ -109,6 +124,9 @@ impl State {
         ops.extend(self.expiry_of.iter().map(|(p, at)| Op::Expiry { preview: p.clone(), at: Some(*at) }));
         ops.extend(self.activity_of.iter().map(|(p, at)| Op::Touch { preview: p.clone(), at: *at }));
         ops.extend(self.jobs.values().map(|j| Op::Job { job: j.clone() }));
+        for (table, rows) in &self.tables {
+            ops.extend(rows.iter().map(|(k, v)| Op::Table { table: table.clone(), key: k.clone(), value: Some(v.clone()) }));
+        }
         ops
     }
 }
@@ -390,5 +408,34 @@ impl Store for EmbeddedStore {
 
     async fn wait_preview(&self, id: &str, after: u64, timeout: Duration) -> Result<Option<Versioned<Preview>>> {
         crate::wait_with(self, &self.notify, id, after, timeout).await
+    }
+
+    async fn table_put(&self, table: &str, key: &str, value: &str) -> Result<()> {
+        self.commit(|s| {
+            if s.tables.get(table).and_then(|t| t.get(key)).is_some_and(|v| v == value) {
+                return Ok((vec![], ()));
+            }
+            Ok((vec![Op::Table { table: table.into(), key: key.into(), value: Some(value.into()) }], ()))
+        })
+    }
+
+    async fn table_get(&self, table: &str, key: &str) -> Result<Option<String>> {
+        Ok(self.read(|s| s.tables.get(table).and_then(|t| t.get(key)).cloned()))
+    }
+
+    async fn table_remove(&self, table: &str, key: &str) -> Result<bool> {
+        self.commit(|s| {
+            if s.tables.get(table).is_some_and(|t| t.contains_key(key)) {
+                Ok((vec![Op::Table { table: table.into(), key: key.into(), value: None }], true))
+            } else {
+                Ok((vec![], false))
+            }
+        })
+    }
+
+    async fn table_list(&self, table: &str) -> Result<Vec<(String, String)>> {
+        Ok(self.read(|s| {
+            s.tables.get(table).map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+        }))
     }
 }

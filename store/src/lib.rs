@@ -124,6 +124,15 @@ pub trait Store: Send + Sync + 'static {
     /// Waits until the preview's version exceeds `after` or the timeout passes; returns
     /// the record as it is then.
     async fn wait_preview(&self, id: &str, after: u64, timeout: Duration) -> Result<Option<Versioned<Preview>>>;
+
+    /// Small named tables that backends keep their bookkeeping in (pools of ready
+    /// machines, which preview a machine works for). Sets `key` to `value`.
+    async fn table_put(&self, table: &str, key: &str, value: &str) -> Result<()>;
+    async fn table_get(&self, table: &str, key: &str) -> Result<Option<String>>;
+    /// Removes a key; `true` only for the one caller whose call removed it, so removal
+    /// doubles as an atomic take between replicas.
+    async fn table_remove(&self, table: &str, key: &str) -> Result<bool>;
+    async fn table_list(&self, table: &str) -> Result<Vec<(String, String)>>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

@@ -431,4 +431,22 @@ impl Store for RedisStore {
     async fn wait_for_jobs(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.jobs_notify.notified()).await;
     }
+
+    async fn table_put(&self, table: &str, key: &str, value: &str) -> Result<()> {
+        self.conn().hset::<_, _, _, ()>(self.key(&["table", table]), key, value).await.map_err(be)
+    }
+
+    async fn table_get(&self, table: &str, key: &str) -> Result<Option<String>> {
+        self.conn().hget(self.key(&["table", table]), key).await.map_err(be)
+    }
+
+    async fn table_remove(&self, table: &str, key: &str) -> Result<bool> {
+        let removed: u64 = self.conn().hdel(self.key(&["table", table]), key).await.map_err(be)?;
+        Ok(removed == 1)
+    }
+
+    async fn table_list(&self, table: &str) -> Result<Vec<(String, String)>> {
+        let all: Vec<(String, String)> = self.conn().hgetall(self.key(&["table", table])).await.map_err(be)?;
+        Ok(all)
+    }
 }

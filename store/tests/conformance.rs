@@ -45,6 +45,9 @@ async fn embedded_survives_restart_and_torn_write() {
         s.put_preview(&p, Some(1)).await.unwrap();
         s.bind_host("h.localhost", "a").await.unwrap();
         s.enqueue("a", wakegate_core::lifecycle::JobKind::Build).await.unwrap();
+        s.table_put("pool", "m1", "1").await.unwrap();
+        s.table_put("pool", "m2", "2").await.unwrap();
+        assert!(s.table_remove("pool", "m1").await.unwrap());
     }
     // a crash mid-append leaves half a line
     use std::io::Write;
@@ -54,6 +57,7 @@ async fn embedded_survives_restart_and_torn_write() {
     assert_eq!(s.resolve_host("h.localhost").await.unwrap().as_deref(), Some("a"));
     assert_eq!(s.jobs().await.unwrap().len(), 1, "queued jobs survive a restart");
     assert!(s.project_by_name("web").await.unwrap().is_some());
+    assert_eq!(s.table_list("pool").await.unwrap(), vec![("m2".to_string(), "2".to_string())]);
     // garbage in the middle is an error, not silent loss
     std::fs::write(&path, "garbage\n{}\n").unwrap();
     assert!(EmbeddedStore::open(&path).is_err());

@@ -2,6 +2,7 @@
 //!
 //! * [`redis::RedisServer`] — a private `redis-server` on a free port, killed on drop;
 //! * [`git`] — real repositories made with the `git` command;
+//! * [`hetzner`] — a stateful fake of the Hetzner Cloud API with fault injection;
 //! * [`http`] — a small HTTP/1.1 client that sets `Host` (so `*.localhost` previews can
 //!   be reached through one listening socket);
 //! * [`browser::Browser`] — headless Chromium driven through chromedriver (WebDriver);
@@ -11,6 +12,7 @@
 
 pub mod browser;
 pub mod git;
+pub mod hetzner;
 pub mod http;
 pub mod redis;
 pub mod wrangler;

@@ -147,6 +147,8 @@ struct NewProject {
     ttl_hours: Option<f64>,
     #[serde(default)]
     idle_timeout_secs: Option<u64>,
+    #[serde(default)]
+    machine: wakegate_core::route::MachineSpec,
 }
 
 #[derive(Deserialize)]
@@ -454,6 +456,7 @@ impl Waker {
             ttl_hours,
             idle_timeout_secs: req.idle_timeout_secs.unwrap_or(1800).max(1),
             created_at: now_ms(),
+            machine: req.machine,
         };
         match self.store.create_project(&project).await {
             Ok(()) => ok(201, &project),

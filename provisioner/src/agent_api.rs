@@ -1,0 +1,250 @@
+//! The control-plane endpoint machines' agents call (see `hetzner/agent.py`): they pull
+//! their work and report phases, readiness and failure here. Any provisioner replica
+//! can answer: everything is read from and written to the store, and reports become
+//! lifecycle events through the same compare-and-set driver as everything else.
+//!
+//! Every call names its machine (`X-Wakegate-Machine`) and proves it with the bearer
+//! token made for that machine only (`wakegate_core::sign::machine_token`); a machine
+//! can only report on the preview whose state holds it.
+
+use crate::cloud::Cloud;
+use crate::hetzner::{MachineRecord, MACHINES};
+use crate::now_ms;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+use wakegate_core::lifecycle::{Event, Phase, State};
+use wakegate_core::sign::{verify_machine_token, Key};
+use wakegate_store::driver::apply;
+use wakegate_store::SharedStore;
+
+/// Longest body an agent may send.
+pub const MAX_BODY: usize = 16 * 1024;
+/// Longest failure reason kept.
+const MAX_REASON: usize = 4096;
+
+pub struct AgentApi {
+    pub store: SharedStore,
+    pub cloud: Arc<dyn Cloud>,
+    pub key: Key,
+    /// What a waiting pool machine is told to wait before asking again, in seconds.
+    pub retry_after: String,
+    pub preview_url_template: String,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn reply(status: u16, body: serde_json::Value) -> Resp {
+    let body = if status == 204 { Bytes::new() } else { Bytes::from(body.to_string()) };
+    Response::builder().status(status).header("content-type", "application/json").body(Full::new(body)).expect("valid")
+}
+
+fn error(status: u16, message: &str) -> Resp {
+    reply(status, json!({ "error": message }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PhaseReport {
+    phase: Phase,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadyReport {
+    port: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailedReport {
+    phase: Phase,
+    reason: String,
+}
+
+/// Serves agents on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, api: Arc<AgentApi>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let api = api.clone();
+                async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+impl AgentApi {
+    pub async fn handle(&self, req: Request<Incoming>) -> Resp {
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return error(413, &format!("body larger than {MAX_BODY} bytes")),
+        };
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let machine = header("x-wakegate-machine").to_string();
+        let token = header("authorization").strip_prefix("Bearer ").unwrap_or("");
+        if machine.is_empty() || !verify_machine_token(&self.key, &machine, token) {
+            return error(401, "unknown machine or wrong token");
+        }
+        match (parts.method.as_str(), parts.uri.path()) {
+            ("GET", "/v1/agent/work") => self.work(&machine).await,
+            ("POST", "/v1/agent/phase") => match serde_json::from_slice::<PhaseReport>(&body) {
+                Ok(r) => self.report(&machine, Report::Phase(r.phase)).await,
+                Err(e) => error(400, &format!("invalid body: {e}")),
+            },
+            ("POST", "/v1/agent/ready") => match serde_json::from_slice::<ReadyReport>(&body) {
+                Ok(r) if r.port > 0 => self.report(&machine, Report::Ready(r.port)).await,
+                Ok(_) => error(400, "port must be 1–65535"),
+                Err(e) => error(400, &format!("invalid body: {e}")),
+            },
+            ("POST", "/v1/agent/failed") => match serde_json::from_slice::<FailedReport>(&body) {
+                Ok(r) => {
+                    let mut reason = r.reason;
+                    if reason.len() > MAX_REASON {
+                        let mut cut = MAX_REASON;
+                        while !reason.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        reason.truncate(cut);
+                    }
+                    self.report(&machine, Report::Failed(r.phase, reason)).await
+                }
+                Err(e) => error(400, &format!("invalid body: {e}")),
+            },
+            _ => error(404, "no such agent call"),
+        }
+    }
+
+    /// The machine's record and the preview it works for, if it works for one now.
+    async fn lookup(&self, machine: &str) -> Result<(MachineRecord, Option<wakegate_core::route::Preview>), Resp> {
+        let raw = match self.store.table_get(MACHINES, machine).await {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return Err(error(410, "this machine is not wanted")),
+            Err(e) => return Err(error(503, &e.to_string())),
+        };
+        let record: MachineRecord = serde_json::from_str(&raw).map_err(|e| error(500, &e.to_string()))?;
+        let Some(preview) = record.preview.clone() else {
+            return Ok((record, None));
+        };
+        match self.store.get_preview(&preview).await {
+            Ok(p) => Ok((record, p.map(|p| p.value))),
+            Err(e) => Err(error(503, &e.to_string())),
+        }
+    }
+
+    async fn work(&self, machine: &str) -> Resp {
+        let (record, preview) = match self.lookup(machine).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let wait = || {
+            Response::builder()
+                .status(204)
+                .header("retry-after", self.retry_after.as_str())
+                .body(Full::new(Bytes::new()))
+                .expect("valid")
+        };
+        let Some(preview) = preview else {
+            return if record.pool.is_some() && record.preview.is_none() {
+                wait()
+            } else {
+                error(410, "this machine is not wanted")
+            };
+        };
+        let holds = preview.state.machines().iter().any(|m| m.as_str() == machine);
+        if !holds {
+            return error(410, "this machine is not wanted");
+        }
+        match &preview.state {
+            State::Building { .. } | State::Waking { .. } | State::Running { .. } => {}
+            // going to sleep: the machine is about to stop
+            _ => return wait(),
+        }
+        let project = match self.store.get_project(&preview.project_id).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return error(410, "the project no longer exists"),
+            Err(e) => return error(503, &e.to_string()),
+        };
+        reply(
+            200,
+            json!({
+                "preview": preview.id,
+                "git_url": project.git_url,
+                "git_ref": preview.git_ref,
+                "preview_url": self.preview_url_template.replace("{label}", &preview.label),
+            }),
+        )
+    }
+
+    async fn report(&self, machine: &str, report: Report) -> Resp {
+        let (record, preview) = match self.lookup(machine).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let Some(preview) = preview else {
+            return error(410, "this machine works for no preview");
+        };
+        let mine = match &preview.state {
+            State::Building { machine: Some(m), .. } | State::Waking { machine: m } => m == machine,
+            State::Running { machine: m, .. } => {
+                // a restarted agent reporting again: nothing changes
+                return if m == machine { reply(204, json!(null)) } else { error(410, "this machine is not wanted") };
+            }
+            _ => false,
+        };
+        if !mine {
+            return error(409, "the preview is not waiting on this machine");
+        }
+        let event = match report {
+            Report::Phase(phase) => {
+                if !matches!(preview.state, State::Building { .. }) {
+                    return reply(204, json!(null));
+                }
+                Event::PhaseReached { phase }
+            }
+            Report::Ready(port) => {
+                let Some(ip) = record.ip else {
+                    return error(503, "the machine's address is not known yet");
+                };
+                let host = if ip.contains(':') { format!("[{ip}]") } else { ip };
+                Event::Ready { machine: machine.to_string(), origin: format!("http://{host}:{port}") }
+            }
+            Report::Failed(phase, reason) => Event::BuildFailed { reason: format!("{}: {reason}", phase.label()) },
+        };
+        match apply(self.store.as_ref(), &preview.id, &event, now_ms()).await {
+            Ok(applied) => {
+                if let Event::Ready { origin, .. } = &event {
+                    info!(%machine, preview = %preview.id, %origin, "machine reported ready");
+                }
+                for m in applied.delete {
+                    let cloud = self.cloud.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = cloud.delete(&m).await {
+                            warn!(machine = %m, error = %e, "delete failed; the reaper will retry");
+                        }
+                    });
+                }
+                reply(204, json!(null))
+            }
+            Err(e) => error(409, &e.to_string()),
+        }
+    }
+}
+
+enum Report {
+    Phase(Phase),
+    Ready(u16),
+    Failed(Phase, String),
+}

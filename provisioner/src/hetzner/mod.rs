@@ -1,0 +1,655 @@
+//! The Hetzner Cloud backend.
+//!
+//! A *machine* is a name, `wg-<hex>`, chosen before anything is created and recorded
+//! in the preview's state at once. The server for it is created with that name (server
+//! names are unique per Hetzner project, so a retried create can never make a second
+//! server for one preview) and labelled `managed-by=wakegate`, `machine`, `preview`,
+//! `project`, and `pool` for pool machines. A hibernated machine is a snapshot image
+//! with the same labels.
+//!
+//! Servers start from the pool image with cloud-init user data that installs the
+//! Wakegate agent ([`userdata`]); the agent pulls its work from the control plane
+//! ([`crate::agent_api`]) and reports phases and readiness there, authenticated by a
+//! token made from the machine's name. Nothing connects to the VM but edge traffic on
+//! 80/443, which the managed firewall allows from Cloudflare's ranges and the control
+//! plane only.
+//!
+//! Bookkeeping lives in the store's tables: [`MACHINES`] (name → [`MachineRecord`]) and
+//! one `pool:<key>` table per pool (ready machines; taking one is an atomic remove).
+
+pub mod api;
+pub mod userdata;
+
+use crate::cloud::{Cloud, CloudError, DeploySpec, MachineInfo, Outcome, Progress};
+use crate::now_ms;
+use api::{ApiError, Client};
+use async_trait::async_trait;
+use hcloud::models;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+use wakegate_core::lifecycle::{MachineId, State};
+use wakegate_core::route::{Preview, Project, SleepMode};
+use wakegate_core::sign::Key;
+use wakegate_store::SharedStore;
+
+/// The label every resource Wakegate makes carries.
+pub const MANAGED_BY: &str = "managed-by";
+pub const MANAGED_BY_VALUE: &str = "wakegate";
+/// Store table: machine name → [`MachineRecord`].
+pub const MACHINES: &str = "hetzner-machines";
+/// Name of the firewall attached to every preview server.
+pub const FIREWALL_NAME: &str = "wakegate-previews";
+
+/// Cloudflare's published edge ranges (https://www.cloudflare.com/ips/).
+pub const CLOUDFLARE_RANGES: &[&str] = &[
+    "173.245.48.0/20",
+    "103.21.244.0/22",
+    "103.22.200.0/22",
+    "103.31.4.0/22",
+    "141.101.64.0/18",
+    "108.162.192.0/18",
+    "190.93.240.0/20",
+    "188.114.96.0/20",
+    "197.234.240.0/22",
+    "198.41.128.0/17",
+    "162.158.0.0/15",
+    "104.16.0.0/13",
+    "104.24.0.0/14",
+    "172.64.0.0/13",
+    "131.0.72.0/22",
+    "2400:cb00::/32",
+    "2606:4700::/32",
+    "2803:f800::/32",
+    "2405:b500::/32",
+    "2405:8100::/32",
+    "2a06:98c0::/29",
+    "2c0f:f248::/32",
+];
+
+/// A pool of ready machines for one (image, server type, location).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    pub server_type: String,
+    pub location: String,
+    /// `None`: the backend's image.
+    #[serde(default)]
+    pub image: Option<String>,
+    pub min_ready: usize,
+    pub max: usize,
+    /// Ready machines older than this are replaced (fresh packages, no drift).
+    pub max_age_secs: u64,
+}
+
+/// The backend's settings (`[hetzner]` in the config file).
+#[derive(Clone, Debug)]
+pub struct HetznerSettings {
+    pub api: api::ClientOptions,
+    /// Default image, server type and location of preview servers.
+    pub image: String,
+    pub server_type: String,
+    pub location: String,
+    /// Where agents reach the control plane, e.g. `https://control.example.com:8443`.
+    pub control_url: String,
+    /// Addresses allowed in besides the edge: the control plane's.
+    pub control_plane_ips: Vec<String>,
+    /// The edge's ranges; Cloudflare's by default.
+    pub edge_ranges: Vec<String>,
+    /// The port the agent serves the app on (behind the firewall's 80/443).
+    pub app_port: u16,
+    pub pools: Vec<PoolSpec>,
+    /// Longest wait for a machine's agent to report ready.
+    pub ready_timeout: Duration,
+    /// Longest graceful shutdown before a hard power-off.
+    pub shutdown_timeout: Duration,
+}
+
+/// What the store knows of a machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineRecord {
+    /// The preview it works for; `None` while it waits in a pool.
+    #[serde(default)]
+    pub preview: Option<String>,
+    #[serde(default)]
+    pub pool: Option<String>,
+    #[serde(default)]
+    pub server_id: Option<i64>,
+    #[serde(default)]
+    pub ip: Option<String>,
+    pub created_at: u64,
+}
+
+/// The store table of one pool's ready machines (machine → created_at).
+pub fn pool_table(key: &str) -> String {
+    format!("hetzner-pool:{key}")
+}
+
+/// A label-safe key for a pool: `<image>.<type>.<location>`.
+pub fn pool_key(image: &str, server_type: &str, location: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' }).collect()
+    };
+    let mut k = format!("{}.{}.{}", clean(image), clean(server_type), clean(location));
+    k.truncate(63);
+    k
+}
+
+fn backend(e: impl std::fmt::Display) -> CloudError {
+    CloudError::Backend(e.to_string())
+}
+
+fn api_err(e: ApiError) -> CloudError {
+    match e {
+        ApiError::Action { .. } => CloudError::Failed(e.to_string()),
+        ApiError::Api { status, .. } if (400..500).contains(&status) && status != 404 && status != 409 => {
+            CloudError::Failed(e.to_string())
+        }
+        _ => CloudError::Backend(e.to_string()),
+    }
+}
+
+pub struct HetznerCloud {
+    client: Client,
+    settings: HetznerSettings,
+    store: SharedStore,
+    key: Key,
+    firewall: tokio::sync::OnceCell<i64>,
+}
+
+/// Label values: at most 63 of `[a-zA-Z0-9._-]`.
+fn label_value(s: &str) -> String {
+    let mut v: String =
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    v.truncate(63);
+    v
+}
+
+impl HetznerCloud {
+    pub fn new(settings: HetznerSettings, store: SharedStore, key: Key) -> Result<HetznerCloud, CloudError> {
+        let client = Client::new(settings.api.clone()).map_err(backend)?;
+        Ok(HetznerCloud { client, settings, store, key, firewall: tokio::sync::OnceCell::new() })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn settings(&self) -> &HetznerSettings {
+        &self.settings
+    }
+
+    fn new_name() -> MachineId {
+        let mut b = [0u8; 6];
+        getrandom::fill(&mut b).expect("OS randomness");
+        format!("wg-{}", hex::encode(b))
+    }
+
+    async fn record(&self, machine: &str) -> Result<Option<MachineRecord>, CloudError> {
+        match self.store.table_get(MACHINES, machine).await.map_err(backend)? {
+            Some(raw) => Ok(Some(serde_json::from_str(&raw).map_err(backend)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_record(&self, machine: &str, r: &MachineRecord) -> Result<(), CloudError> {
+        let raw = serde_json::to_string(r).map_err(backend)?;
+        self.store.table_put(MACHINES, machine, &raw).await.map_err(backend)
+    }
+
+    fn spec_of(&self, project: &Project) -> (String, String, String) {
+        (
+            self.settings.image.clone(),
+            project.machine.server_type.clone().unwrap_or_else(|| self.settings.server_type.clone()),
+            project.machine.location.clone().unwrap_or_else(|| self.settings.location.clone()),
+        )
+    }
+
+    /// The rules of the preview firewall: 80/443 from the edge and the control plane.
+    pub fn firewall_rules(&self) -> Vec<models::Rule> {
+        let mut sources = self.settings.edge_ranges.clone();
+        sources.extend(self.settings.control_plane_ips.iter().cloned());
+        ["80", "443"]
+            .into_iter()
+            .map(|port| models::Rule {
+                description: Some(Some(format!("HTTP{} from the edge and control plane", if port == "443" { "S" } else { "" }))),
+                destination_ips: None,
+                direction: models::rule::Direction::In,
+                port: Some(Some(port.into())),
+                protocol: models::rule::Protocol::Tcp,
+                source_ips: Some(sources.clone()),
+            })
+            .collect()
+    }
+
+    /// Finds or creates the managed firewall and brings its rules up to date.
+    pub async fn ensure_firewall(&self) -> Result<i64, CloudError> {
+        self.firewall
+            .get_or_try_init(|| async {
+                let rules = self.firewall_rules();
+                let sel = format!("{MANAGED_BY}={MANAGED_BY_VALUE},role=previews");
+                let existing = self.client.firewalls(&sel).await.map_err(api_err)?;
+                if let Some(fw) = existing.into_iter().find(|f| f.name == FIREWALL_NAME) {
+                    let same = fw.rules.len() == rules.len()
+                        && fw.rules.iter().zip(&rules).all(|(have, want)| {
+                            Some(&have.source_ips) == want.source_ips.as_ref()
+                                && have.port.as_deref() == want.port.clone().flatten().as_deref()
+                        });
+                    if !same {
+                        info!(firewall = fw.id, "updating the preview firewall's rules");
+                        self.client.set_firewall_rules(fw.id, rules).await.map_err(api_err)?;
+                    }
+                    return Ok(fw.id);
+                }
+                let labels =
+                    HashMap::from([(MANAGED_BY.to_string(), MANAGED_BY_VALUE.to_string()), ("role".into(), "previews".into())]);
+                let req = models::CreateFirewallRequest {
+                    apply_to: None,
+                    labels: Some(labels),
+                    name: FIREWALL_NAME.into(),
+                    rules: Some(rules),
+                };
+                match self.client.create_firewall(&req).await {
+                    Ok(fw) => {
+                        info!(firewall = fw.id, "created the preview firewall");
+                        Ok(fw.id)
+                    }
+                    // another replica made it first
+                    Err(e) if e.code() == Some("uniqueness_error") => {
+                        let found = self.client.firewalls(&sel).await.map_err(api_err)?;
+                        found.into_iter().find(|f| f.name == FIREWALL_NAME).map(|f| f.id).ok_or_else(|| api_err(e))
+                    }
+                    Err(e) => Err(api_err(e)),
+                }
+            })
+            .await
+            .copied()
+    }
+
+    fn labels(&self, machine: &str, record: &MachineRecord, project: Option<&str>) -> HashMap<String, String> {
+        let mut l = HashMap::from([
+            (MANAGED_BY.to_string(), MANAGED_BY_VALUE.to_string()),
+            ("machine".to_string(), machine.to_string()),
+        ]);
+        if let Some(p) = &record.preview {
+            l.insert("preview".into(), label_value(p));
+        }
+        if let Some(p) = project {
+            l.insert("project".into(), label_value(p));
+        }
+        if let Some(p) = &record.pool {
+            l.insert("pool".into(), p.clone());
+        }
+        l
+    }
+
+    /// Creates the server for `machine` unless it exists; returns it once running.
+    async fn ensure_server(
+        &self,
+        machine: &str,
+        image: &str,
+        server_type: &str,
+        location: &str,
+        record: &mut MachineRecord,
+        project: Option<&str>,
+    ) -> Result<models::Server, CloudError> {
+        if let Some(s) = self.client.server_by_name(machine).await.map_err(api_err)? {
+            return self.note_server(machine, record, s).await;
+        }
+        let firewall = self.ensure_firewall().await?;
+        let user_data = userdata::cloud_config(&userdata::AgentConfig {
+            control: self.settings.control_url.clone(),
+            machine: machine.to_string(),
+            token: wakegate_core::sign::machine_token(&self.key, machine),
+            root: "/srv/wakegate".into(),
+            port: self.settings.app_port,
+        });
+        let req = models::CreateServerRequest {
+            firewalls: Some(vec![models::CreateServerRequestFirewalls { firewall }]),
+            labels: Some(self.labels(machine, record, project)),
+            location: Some(location.to_string()),
+            start_after_create: Some(true),
+            user_data: Some(user_data),
+            ..models::CreateServerRequest::new(image.to_string(), machine.to_string(), server_type.to_string())
+        };
+        let created = match self.client.create_server(&req).await {
+            Ok(c) => c,
+            // created by an earlier attempt whose answer was lost
+            Err(e) if e.code() == Some("uniqueness_error") => {
+                let s = self.client.server_by_name(machine).await.map_err(api_err)?.ok_or_else(|| api_err(e))?;
+                return self.note_server(machine, record, s).await;
+            }
+            Err(e) => return Err(api_err(e)),
+        };
+        info!(machine, server = created.server.id, image, server_type, location, "server created");
+        record.server_id = Some(created.server.id);
+        record.ip = created.server.public_net.ipv4.as_ref().map(|v| v.ip.clone());
+        self.put_record(machine, record).await?;
+        self.client.wait(*created.action).await.map_err(api_err)?;
+        Ok(*created.server)
+    }
+
+    async fn note_server(
+        &self,
+        machine: &str,
+        record: &mut MachineRecord,
+        s: models::Server,
+    ) -> Result<models::Server, CloudError> {
+        let ip = s.public_net.ipv4.as_ref().map(|v| v.ip.clone());
+        if record.server_id != Some(s.id) || record.ip != ip {
+            record.server_id = Some(s.id);
+            record.ip = ip;
+            self.put_record(machine, record).await?;
+        }
+        Ok(s)
+    }
+
+    /// Waits until the agent reports: the preview leaves `Building`/`Waking` on `machine`.
+    async fn await_report(&self, preview: &str, machine: &str) -> Result<Outcome, CloudError> {
+        let deadline = tokio::time::Instant::now() + self.settings.ready_timeout;
+        let mut after = 0;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(CloudError::Failed(format!(
+                    "machine {machine} did not report ready within {}s",
+                    self.settings.ready_timeout.as_secs()
+                )));
+            }
+            let Some(p) = self.store.wait_preview(preview, after, deadline - now).await.map_err(backend)? else {
+                return Ok(Outcome::Reported);
+            };
+            after = p.version;
+            match &p.value.state {
+                State::Building { machine: Some(m), .. } | State::Waking { machine: m } if m == machine => {}
+                _ => return Ok(Outcome::Reported),
+            }
+        }
+    }
+
+    /// Takes a ready machine from the pool for `key`, if any; exactly one caller gets it.
+    async fn take_from_pool(&self, key: &str, preview: &Preview, project: &Project) -> Option<MachineId> {
+        let table = pool_table(key);
+        let mut ready = self.store.table_list(&table).await.ok()?;
+        ready.sort_by(|a, b| b.1.cmp(&a.1)); // the youngest first: the oldest get recycled
+        for (machine, _) in ready {
+            if !self.store.table_remove(&table, &machine).await.unwrap_or(false) {
+                continue; // another build took it
+            }
+            let mut record = self.record(&machine).await.ok().flatten().unwrap_or_default();
+            record.preview = Some(preview.id.clone());
+            if self.put_record(&machine, &record).await.is_err() {
+                continue;
+            }
+            if let Some(id) = record.server_id {
+                let labels = self.labels(&machine, &record, Some(&project.name));
+                if let Err(e) = self.client.set_server_labels(id, labels).await {
+                    warn!(%machine, error = %e, "labelling a pool machine failed");
+                }
+            }
+            info!(%machine, pool = key, preview = %preview.id, "took a ready machine from the pool");
+            return Some(machine);
+        }
+        None
+    }
+
+    /// One round of the pool keeper: recycle old ready machines, refill to `min_ready`
+    /// without passing `max`. Returns how many machines it created.
+    pub async fn keep_pools(&self) -> usize {
+        let mut created = 0;
+        for spec in &self.settings.pools {
+            let image = spec.image.clone().unwrap_or_else(|| self.settings.image.clone());
+            let key = pool_key(&image, &spec.server_type, &spec.location);
+            let table = pool_table(&key);
+            let Ok(mut ready) = self.store.table_list(&table).await else { continue };
+            let now = now_ms();
+            let max_age = spec.max_age_secs * 1000;
+            for (machine, born) in ready.clone() {
+                let born: u64 = born.parse().unwrap_or(0);
+                if now.saturating_sub(born) >= max_age && self.store.table_remove(&table, &machine).await.unwrap_or(false)
+                {
+                    info!(%machine, pool = %key, "recycling an old pool machine");
+                    ready.retain(|(m, _)| *m != machine);
+                    if let Err(e) = self.delete(&machine).await {
+                        warn!(%machine, error = %e, "deleting an old pool machine failed; the reaper will");
+                    }
+                }
+            }
+            if ready.len() >= spec.min_ready {
+                continue;
+            }
+            // machines of this pool not assigned yet, including ones still booting
+            let sel = format!("{MANAGED_BY}={MANAGED_BY_VALUE},pool={key},!preview");
+            let Ok(existing) = self.client.servers(&sel).await else { continue };
+            let room = spec.max.saturating_sub(existing.len());
+            let want = (spec.min_ready - ready.len()).min(room);
+            let jobs = (0..want).map(|_| self.add_to_pool(&key, &image, spec));
+            created += futures_util::future::join_all(jobs).await.into_iter().filter(|ok| *ok).count();
+        }
+        created
+    }
+
+    async fn add_to_pool(&self, key: &str, image: &str, spec: &PoolSpec) -> bool {
+        let machine = Self::new_name();
+        let mut record = MachineRecord { pool: Some(key.to_string()), created_at: now_ms(), ..Default::default() };
+        if self.put_record(&machine, &record).await.is_err() {
+            return false;
+        }
+        match self.ensure_server(&machine, image, &spec.server_type, &spec.location, &mut record, None).await {
+            Ok(_) => {
+                let born = record.created_at.to_string();
+                self.store.table_put(&pool_table(key), &machine, &born).await.is_ok()
+            }
+            Err(e) => {
+                warn!(%machine, error = %e, "creating a pool machine failed");
+                let _ = self.delete(&machine).await;
+                false
+            }
+        }
+    }
+
+    /// Runs the pool keeper every `every` until `stop` turns true.
+    pub async fn run_pools(self: Arc<Self>, every: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let n = self.keep_pools().await;
+            if n > 0 {
+                info!(created = n, "pool keeper refilled");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    async fn snapshots_of(&self, machine: &str) -> Result<Vec<models::Image>, CloudError> {
+        let sel = format!("{MANAGED_BY}={MANAGED_BY_VALUE},machine={machine}");
+        let mut imgs = self.client.snapshots(&sel).await.map_err(api_err)?;
+        imgs.sort_by_key(|i| api::parse_time(&i.created).unwrap_or(0));
+        Ok(imgs)
+    }
+
+    async fn shutdown(&self, server: i64) -> Result<(), CloudError> {
+        match tokio::time::timeout(self.settings.shutdown_timeout, self.client.server_action(server, "shutdown")).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                warn!(server, error = %e, "graceful shutdown failed; powering off");
+                self.client.server_action(server, "poweroff").await.map_err(api_err)
+            }
+            Err(_) => {
+                warn!(server, "graceful shutdown timed out; powering off");
+                self.client.server_action(server, "poweroff").await.map_err(api_err)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Cloud for HetznerCloud {
+    async fn create(&self, preview: &Preview, project: &Project) -> Result<MachineId, CloudError> {
+        let (image, server_type, location) = self.spec_of(project);
+        let key = pool_key(&image, &server_type, &location);
+        if self.settings.pools.iter().any(|p| p.server_type == server_type && p.location == location) {
+            if let Some(m) = self.take_from_pool(&key, preview, project).await {
+                return Ok(m);
+            }
+        }
+        let machine = Self::new_name();
+        let record = MachineRecord { preview: Some(preview.id.clone()), created_at: now_ms(), ..Default::default() };
+        self.put_record(&machine, &record).await?;
+        Ok(machine)
+    }
+
+    async fn deploy(
+        &self,
+        machine: &MachineId,
+        spec: &DeploySpec,
+        progress: &dyn Progress,
+    ) -> Result<Outcome, CloudError> {
+        let mut record = self.record(machine).await?.unwrap_or(MachineRecord {
+            preview: Some(spec.preview_id.clone()),
+            created_at: now_ms(),
+            ..Default::default()
+        });
+        if record.preview.as_deref() != Some(spec.preview_id.as_str()) {
+            record.preview = Some(spec.preview_id.clone());
+            self.put_record(machine, &record).await?;
+        }
+        let (image, server_type, location) = self.spec_of(&spec.project);
+        let project = spec.project.name.clone();
+        self.ensure_server(machine, &image, &server_type, &location, &mut record, Some(&project)).await?;
+        // from here the agent on the machine pulls its work and reports each phase
+        let _ = progress;
+        self.await_report(&spec.preview_id, machine).await
+    }
+
+    async fn start(&self, machine: &MachineId, project: &Project) -> Result<Outcome, CloudError> {
+        let mut record = self.record(machine).await?.unwrap_or_default();
+        let preview = record.preview.clone().ok_or_else(|| CloudError::NotFound(machine.clone()))?;
+        match self.client.server_by_name(machine).await.map_err(api_err)? {
+            Some(s) => {
+                self.note_server(machine, &mut record, s.clone()).await?;
+                if s.status != models::server::Status::Running {
+                    self.client.server_action(s.id, "poweron").await.map_err(api_err)?;
+                }
+            }
+            None => {
+                // hibernated: the newest snapshot becomes the server again
+                let snaps = self.snapshots_of(machine).await?;
+                let Some(snap) = snaps.last() else {
+                    return Err(CloudError::NotFound(machine.clone()));
+                };
+                let (_, server_type, location) = self.spec_of(project);
+                let image = snap.id.to_string();
+                self.ensure_server(machine, &image, &server_type, &location, &mut record, Some(&project.name)).await?;
+            }
+        }
+        let outcome = self.await_report(&preview, machine).await?;
+        // awake again: the snapshots are spent (the next hibernation makes a new one)
+        if let Ok(snaps) = self.snapshots_of(machine).await {
+            for s in snaps {
+                if let Err(e) = self.client.delete_image(s.id).await {
+                    warn!(%machine, image = s.id, error = %e, "deleting a used snapshot failed");
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn stop(&self, machine: &MachineId, project: &Project) -> Result<(), CloudError> {
+        let record = self.record(machine).await?.unwrap_or_default();
+        let Some(server) = self.client.server_by_name(machine).await.map_err(api_err)? else {
+            // already hibernated by an earlier attempt?
+            return if self.snapshots_of(machine).await?.is_empty() {
+                Err(CloudError::NotFound(machine.clone()))
+            } else {
+                Ok(())
+            };
+        };
+        if server.status != models::server::Status::Off {
+            self.shutdown(server.id).await?;
+        }
+        if project.machine.sleep_mode == SleepMode::Hibernate {
+            let mut labels = self.labels(machine, &record, Some(&project.name));
+            labels.remove("pool");
+            let description = format!("wakegate hibernation of {machine}");
+            let image = self.client.create_snapshot(server.id, &description, labels).await.map_err(api_err)?;
+            // keep only the snapshot just made
+            for old in self.snapshots_of(machine).await? {
+                if old.id != image {
+                    self.client.delete_image(old.id).await.map_err(api_err)?;
+                }
+            }
+            self.client.delete_server(server.id).await.map_err(api_err)?;
+            info!(%machine, image, "hibernated: snapshot kept, server deleted");
+        } else {
+            info!(%machine, "stopped");
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, machine: &MachineId) -> Result<(), CloudError> {
+        let sel = format!("{MANAGED_BY}={MANAGED_BY_VALUE},machine={machine}");
+        let mut servers = self.client.servers(&sel).await.map_err(api_err)?;
+        if let Some(s) = self.client.server_by_name(machine).await.map_err(api_err)? {
+            if !servers.iter().any(|x| x.id == s.id) {
+                servers.push(s);
+            }
+        }
+        for s in servers {
+            self.client.delete_server(s.id).await.map_err(api_err)?;
+        }
+        for img in self.snapshots_of(machine).await? {
+            self.client.delete_image(img.id).await.map_err(api_err)?;
+        }
+        if let Some(r) = self.record(machine).await? {
+            if let Some(pool) = r.pool {
+                let _ = self.store.table_remove(&pool_table(&pool), machine).await;
+            }
+        }
+        self.store.table_remove(MACHINES, machine).await.map_err(backend)?;
+        info!(%machine, "machine deleted");
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<MachineInfo>, CloudError> {
+        let sel = format!("{MANAGED_BY}={MANAGED_BY_VALUE}");
+        let mut by_machine: BTreeMap<String, MachineInfo> = BTreeMap::new();
+        let mut add = |labels: &HashMap<String, String>, fallback: &str, created: &str| {
+            let id = labels.get("machine").cloned().unwrap_or_else(|| fallback.to_string());
+            let created_at = api::parse_time(created).unwrap_or(0);
+            let e = by_machine.entry(id.clone()).or_insert(MachineInfo {
+                id,
+                preview_id: labels.get("preview").cloned().unwrap_or_default(),
+                created_at,
+                held: false,
+            });
+            e.created_at = e.created_at.min(created_at);
+        };
+        for s in self.client.servers(&sel).await.map_err(api_err)? {
+            add(&s.labels, &s.name, &s.created);
+        }
+        for i in self.client.snapshots(&sel).await.map_err(api_err)? {
+            add(&i.labels, &format!("image-{}", i.id), &i.created);
+        }
+        // ready pool machines belong to the backend
+        let mut held = std::collections::HashSet::new();
+        for spec in &self.settings.pools {
+            let image = spec.image.clone().unwrap_or_else(|| self.settings.image.clone());
+            let table = pool_table(&pool_key(&image, &spec.server_type, &spec.location));
+            for (m, _) in self.store.table_list(&table).await.map_err(backend)? {
+                held.insert(m);
+            }
+        }
+        let mut out: Vec<MachineInfo> = by_machine.into_values().collect();
+        for m in &mut out {
+            m.held = held.contains(&m.id);
+        }
+        Ok(out)
+    }
+}
