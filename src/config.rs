@@ -62,6 +62,71 @@ pub struct Config {
     pub route_ttl: Duration,
     pub hold_timeout: Duration,
     pub activity_every: Duration,
+    /// Where previews run: `local` (child processes on this machine) or `hetzner`.
+    pub backend: BackendKind,
+    pub hetzner: HetznerConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Local,
+    Hetzner,
+}
+
+/// `WAKEGATE_HETZNER_*` and the agent endpoint's settings.
+#[derive(Clone, Debug)]
+pub struct HetznerConfig {
+    pub token: Option<String>,
+    pub api_url: String,
+    pub image: String,
+    pub server_type: String,
+    pub location: String,
+    /// Where the agent endpoint listens.
+    pub agent_addr: SocketAddr,
+    /// What agents on the machines call; default `http://<agent addr>`.
+    pub control_url: Option<String>,
+    /// Signs the machines' agent tokens; the same on every provisioner replica.
+    pub machine_key: Option<Key>,
+    pub control_plane_ips: Vec<String>,
+    pub edge_ranges: Vec<String>,
+    pub app_port: u16,
+    pub pools: Vec<wakegate_provisioner::hetzner::PoolSpec>,
+    pub action_poll: Duration,
+    pub backoff: Duration,
+    pub ready_timeout: Duration,
+    pub agent_retry: Duration,
+}
+
+fn list(src: &dyn Source, key: &str) -> Option<Vec<String>> {
+    src.get(key).map(|v| v.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+}
+
+/// `WAKEGATE_POOLS`: comma-separated `<server type>@<location>:<min ready>:<max>:<max age secs>`.
+pub fn parse_pools(v: &str) -> Result<Vec<wakegate_provisioner::hetzner::PoolSpec>, ConfigError> {
+    let bad = |reason: String| ConfigError::Invalid { key: "WAKEGATE_POOLS", reason };
+    let mut out = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let parts: Vec<&str> = item.split(':').collect();
+        let [kind, min, max, age] = parts.as_slice() else {
+            return Err(bad(format!("{item:?}: expected <type>@<location>:<min>:<max>:<max age secs>")));
+        };
+        let (server_type, location) =
+            kind.split_once('@').ok_or_else(|| bad(format!("{item:?}: expected <type>@<location>")))?;
+        let num = |s: &str| s.parse::<u64>().map_err(|e| bad(format!("{item:?}: {s:?}: {e}")));
+        let (min_ready, max, max_age_secs) = (num(min)? as usize, num(max)? as usize, num(age)?);
+        if max < min_ready || max_age_secs == 0 {
+            return Err(bad(format!("{item:?}: max must be ≥ min and the age positive")));
+        }
+        out.push(wakegate_provisioner::hetzner::PoolSpec {
+            server_type: server_type.into(),
+            location: location.into(),
+            image: None,
+            min_ready,
+            max,
+            max_age_secs,
+        });
+    }
+    Ok(out)
 }
 
 fn parse<T: std::str::FromStr>(src: &dyn Source, key: &'static str, default: T) -> Result<T, ConfigError>
@@ -132,6 +197,41 @@ impl Config {
             route_ttl: secs(src, "WAKEGATE_ROUTE_CACHE_SECS", 2.0)?,
             hold_timeout: secs(src, "WAKEGATE_HOLD_SECS", 30.0)?,
             activity_every: secs(src, "WAKEGATE_ACTIVITY_SECS", 1.0)?,
+            backend: match src.get("WAKEGATE_BACKEND").as_deref() {
+                None | Some("local") => BackendKind::Local,
+                Some("hetzner") => BackendKind::Hetzner,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        key: "WAKEGATE_BACKEND",
+                        reason: format!("{other:?}: expected local or hetzner"),
+                    })
+                }
+            },
+            hetzner: HetznerConfig {
+                token: secret(src, "WAKEGATE_HETZNER_TOKEN", "WAKEGATE_HETZNER_TOKEN_FILE")?,
+                api_url: src
+                    .get("WAKEGATE_HETZNER_URL")
+                    .unwrap_or_else(|| wakegate_provisioner::hetzner::api::BASE_URL.into()),
+                image: src.get("WAKEGATE_HETZNER_IMAGE").unwrap_or_else(|| "ubuntu-24.04".into()),
+                server_type: src.get("WAKEGATE_HETZNER_SERVER_TYPE").unwrap_or_else(|| "cx22".into()),
+                location: src.get("WAKEGATE_HETZNER_LOCATION").unwrap_or_else(|| "fsn1".into()),
+                agent_addr: parse(src, "WAKEGATE_AGENT_ADDR", "127.0.0.1:7002".parse().expect("valid default"))?,
+                control_url: src.get("WAKEGATE_CONTROL_URL"),
+                machine_key: key(src, "WAKEGATE_MACHINE_KEY", "WAKEGATE_MACHINE_KEY_FILE")?,
+                control_plane_ips: list(src, "WAKEGATE_CONTROL_PLANE_IPS").unwrap_or_default(),
+                edge_ranges: list(src, "WAKEGATE_EDGE_RANGES").unwrap_or_else(|| {
+                    wakegate_provisioner::hetzner::CLOUDFLARE_RANGES.iter().map(|s| s.to_string()).collect()
+                }),
+                app_port: parse(src, "WAKEGATE_APP_PORT", 80)?,
+                pools: match src.get("WAKEGATE_POOLS") {
+                    Some(v) => parse_pools(&v)?,
+                    None => Vec::new(),
+                },
+                action_poll: secs(src, "WAKEGATE_HETZNER_POLL_SECS", 1.0)?,
+                backoff: secs(src, "WAKEGATE_HETZNER_BACKOFF_SECS", 0.5)?,
+                ready_timeout: secs(src, "WAKEGATE_READY_TIMEOUT_SECS", 900.0)?,
+                agent_retry: secs(src, "WAKEGATE_AGENT_RETRY_SECS", 1.0)?,
+            },
         })
     }
 
@@ -184,5 +284,25 @@ mod tests {
         assert!(e.to_string().contains("WAKEGATE_PREVIEW_BASE"));
         let e = Config::from_source(&src(&[("WAKEGATE_EDGE_ADDR", "nope")])).unwrap_err();
         assert!(e.to_string().contains("WAKEGATE_EDGE_ADDR"));
+        let e = Config::from_source(&src(&[("WAKEGATE_BACKEND", "aws")])).unwrap_err();
+        assert!(e.to_string().contains("WAKEGATE_BACKEND"));
+    }
+
+    #[test]
+    fn pools_parse_and_refuse() {
+        let p = parse_pools("cx22@fsn1:2:5:86400, cpx31@nbg1:0:1:3600").unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            (p[0].server_type.as_str(), p[0].location.as_str(), p[0].min_ready, p[0].max),
+            ("cx22", "fsn1", 2, 5)
+        );
+        assert_eq!(p[1].max_age_secs, 3600);
+        for bad in ["cx22:1:2:3", "cx22@fsn1:3:2:60", "cx22@fsn1:1:2", "cx22@fsn1:a:2:60", "cx22@fsn1:1:2:0"] {
+            let e = parse_pools(bad).unwrap_err().to_string();
+            assert!(e.contains("WAKEGATE_POOLS"), "{bad}: {e}");
+        }
+        let c = Config::from_source(&src(&[])).unwrap();
+        assert_eq!(c.backend, BackendKind::Local);
+        assert!(c.hetzner.edge_ranges.iter().any(|r| r == "173.245.48.0/20"));
     }
 }

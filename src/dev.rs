@@ -9,8 +9,6 @@ use tokio::net::TcpListener;
 use wakegate_core::lifecycle::{Event, State};
 use wakegate_core::sign::Key;
 use wakegate_edge::native::{Edge, EdgeConfig};
-use wakegate_provisioner::cloud::Cloud;
-use wakegate_provisioner::local::LocalCloud;
 use wakegate_provisioner::now_ms;
 use wakegate_provisioner::runner::Provisioner;
 use wakegate_store::driver::apply;
@@ -27,6 +25,9 @@ pub struct Dev {
     pub operator_token: String,
     /// `http://{label}.localhost:<edge port>`
     pub preview_url_template: String,
+    /// The Hetzner backend when configured (tests reach its pool keeper through it).
+    pub hetzner: Option<Arc<wakegate_provisioner::hetzner::HetznerCloud>>,
+    pub agent_addr: Option<SocketAddr>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -73,16 +74,20 @@ impl Dev {
             scheme: "http",
         });
         let machines_dir = std::path::absolute(cfg.data_dir.join("machines"))?;
-        let cloud: Arc<dyn Cloud> = Arc::new(LocalCloud::new(&machines_dir)?);
-        let provisioner =
-            Arc::new(Provisioner::new(store.clone(), cloud, cfg.provisioner_settings(preview_url_template.clone())));
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let tasks = vec![
+        let backend = crate::backend::start(cfg, store.clone(), &preview_url_template, stop_rx.clone()).await?;
+        let provisioner = Arc::new(Provisioner::new(
+            store.clone(),
+            backend.cloud.clone(),
+            cfg.provisioner_settings(preview_url_template.clone()),
+        ));
+        let mut tasks = backend.tasks;
+        tasks.extend([
             tokio::spawn(wakegate_waker::serve(waker_listener, waker)),
             tokio::spawn(wakegate_edge::native::serve(edge_listener, edge)),
             tokio::spawn(provisioner.clone().run_jobs(stop_rx.clone())),
             tokio::spawn(provisioner.clone().run_sweeps(stop_rx)),
-        ];
+        ]);
         Ok(Dev {
             edge_addr,
             waker_addr,
@@ -91,6 +96,8 @@ impl Dev {
             machines_dir,
             operator_token,
             preview_url_template,
+            hetzner: backend.hetzner,
+            agent_addr: backend.agent_addr,
             stop,
             tasks,
         })

@@ -3,11 +3,13 @@
 //! * [`config`] — every setting, parsed once from an abstract source (the environment
 //!   in production, a map in tests); a bad value is a [`config::ConfigError`] naming
 //!   the key;
+//! * [`backend`] — the configured machine backend (local or Hetzner) and its tasks;
 //! * [`dev`] — edge, waker and provisioner in one process on the embedded store and
 //!   the local backend, with a demo project (what `wakegate dev` runs, and what the
 //!   end-to-end tests drive);
 //! * [`parts`] — the same pieces started one at a time against Redis.
 
+pub mod backend;
 pub mod config;
 pub mod demo;
 pub mod dev;

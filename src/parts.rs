@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use wakegate_edge::native::{Edge, EdgeConfig};
-use wakegate_provisioner::local::LocalCloud;
 use wakegate_provisioner::runner::Provisioner;
 use wakegate_store::{RedisStore, SharedStore};
 use wakegate_waker::{refs::GitRefs, Waker, WakerConfig};
@@ -55,12 +54,16 @@ pub async fn edge(cfg: Config) -> anyhow::Result<()> {
 
 pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
     let store = redis(&cfg).await?;
-    let cloud = Arc::new(LocalCloud::new(std::path::absolute(cfg.data_dir.join("machines"))?)?);
-    let p = Arc::new(Provisioner::new(store, cloud, cfg.provisioner_settings(cfg.preview_url(cfg.edge_addr.port()))));
-    tracing::info!(worker = %p.worker, "provisioner running");
+    let template = cfg.preview_url(cfg.edge_addr.port());
     let (_stop, rx) = tokio::sync::watch::channel(false);
+    let backend = crate::backend::start(&cfg, store.clone(), &template, rx.clone()).await?;
+    let p = Arc::new(Provisioner::new(store, backend.cloud.clone(), cfg.provisioner_settings(template)));
+    tracing::info!(worker = %p.worker, "provisioner running");
     let sweeps = tokio::spawn(p.clone().run_sweeps(rx.clone()));
     p.run_jobs(rx).await;
     sweeps.abort();
+    for t in backend.tasks {
+        t.abort();
+    }
     Ok(())
 }

@@ -94,6 +94,7 @@ class Handler(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     port = int(os.environ["PORT"])
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    print(f"demo app listening on 127.0.0.1:{port}", flush=True)
+    host = os.environ.get("HOST", "127.0.0.1")
+    server = ThreadingHTTPServer((host, port), Handler)
+    print(f"demo app listening on {host}:{port}", flush=True)
     server.serve_forever()

@@ -11,7 +11,6 @@
 //! set; stopping sends SIGTERM to the group, then SIGKILL.
 
 use crate::cloud::{Cloud, CloudError, DeploySpec, MachineInfo, Outcome, Progress};
-use wakegate_core::route::{Preview, Project};
 use crate::manifest::Manifest;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -20,6 +19,7 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wakegate_core::lifecycle::{MachineId, Phase};
+use wakegate_core::route::{Preview, Project};
 
 #[derive(Serialize, Deserialize)]
 struct MachineFile {

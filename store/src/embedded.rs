@@ -125,7 +125,11 @@ impl State {
         ops.extend(self.activity_of.iter().map(|(p, at)| Op::Touch { preview: p.clone(), at: *at }));
         ops.extend(self.jobs.values().map(|j| Op::Job { job: j.clone() }));
         for (table, rows) in &self.tables {
-            ops.extend(rows.iter().map(|(k, v)| Op::Table { table: table.clone(), key: k.clone(), value: Some(v.clone()) }));
+            ops.extend(rows.iter().map(|(k, v)| Op::Table {
+                table: table.clone(),
+                key: k.clone(),
+                value: Some(v.clone()),
+            }));
         }
         ops
     }

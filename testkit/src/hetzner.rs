@@ -259,9 +259,8 @@ fn labels_of(v: Option<&Value>) -> Result<BTreeMap<String, String>, String> {
     let obj = v.as_object().ok_or("labels must be an object")?;
     for (k, v) in obj {
         let v = v.as_str().ok_or("label values must be strings")?;
-        let valid = |s: &str, max: usize| {
-            s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        };
+        let valid =
+            |s: &str, max: usize| s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if k.is_empty() || !valid(k.rsplit('/').next().unwrap_or(k), 63) || !valid(v, 63) {
             return Err(format!("invalid label {k}={v}"));
         }
@@ -321,6 +320,11 @@ impl HetznerState {
 
     pub fn user_data(&self, id: i64) -> Option<String> {
         self.servers.get(&id).and_then(|s| s.user_data.clone())
+    }
+
+    /// Leaves only `n` requests in the rate-limit budget.
+    pub fn drain_budget(&mut self, n: f64) {
+        self.rate_remaining = n;
     }
 
     /// Deletes a server behind the provisioner's back (a lost machine).
@@ -424,16 +428,8 @@ impl HetznerState {
             None => false,
         };
         let finish_at = now + ms + self.faults.slow_by_ms;
-        let a = Action {
-            id,
-            command: command.into(),
-            resource,
-            started: now,
-            finish_at,
-            status: "running",
-            fail,
-            done,
-        };
+        let a =
+            Action { id, command: command.into(), resource, started: now, finish_at, status: "running", fail, done };
         self.actions.insert(id, a);
         id
     }
@@ -1047,10 +1043,11 @@ impl AgentVms {
         let Some(ud) = &b.user_data else { return Ok(()) };
         let files = cloud_config_files(ud)?;
         let script = files.get(AGENT_PATH).ok_or("no agent in the user data")?;
-        let mut config: Value = serde_json::from_slice(files.get(AGENT_CONFIG).ok_or("no agent config")?)
-            .map_err(|e| e.to_string())?;
+        let mut config: Value =
+            serde_json::from_slice(files.get(AGENT_CONFIG).ok_or("no agent config")?).map_err(|e| e.to_string())?;
         config["root"] = json!(disk.join("srv").to_string_lossy());
         config["port"] = json!(crate::free_port());
+        config["host"] = json!("127.0.0.1");
         let etc = disk.join("etc");
         std::fs::create_dir_all(&etc).map_err(|e| e.to_string())?;
         std::fs::write(etc.join("agent.py"), script).map_err(|e| e.to_string())?;

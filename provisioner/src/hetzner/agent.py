@@ -160,8 +160,10 @@ def start(m, work):
     global app
     report("/v1/agent/phase", {"phase": "start"})
     logf = open(os.path.join(ROOT, "app.log"), "a")
+    # the app stays in the agent's process group (and systemd's cgroup): stopping the
+    # agent stops it
     app = subprocess.Popen(["sh", "-c", m["run"]], cwd=SRC, env=app_env(m, work), stdout=logf,
-                           stderr=subprocess.STDOUT, start_new_session=True)
+                           stderr=subprocess.STDOUT)
     report("/v1/agent/phase", {"phase": "health"})
     deadline = time.monotonic() + m["start_timeout_secs"]
     while time.monotonic() < deadline:
@@ -177,10 +179,11 @@ def start(m, work):
 
 def stop_app(*_):
     if app is not None and app.poll() is None:
+        app.terminate()
         try:
-            os.killpg(app.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+            app.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            app.kill()
     sys.exit(0)
 
 

@@ -276,7 +276,10 @@ impl Client {
         Ok(found.into_iter().find(|s| s.name == name))
     }
 
-    pub async fn create_server(&self, req: &models::CreateServerRequest) -> Result<models::CreateServerResponse, ApiError> {
+    pub async fn create_server(
+        &self,
+        req: &models::CreateServerRequest,
+    ) -> Result<models::CreateServerResponse, ApiError> {
         self.call(reqwest::Method::POST, "/servers", &[], Some(req)).await
     }
 
@@ -351,9 +354,11 @@ impl Client {
     }
 
     pub async fn firewalls(&self, label_selector: &str) -> Result<Vec<models::Firewall>, ApiError> {
-        self.list("/firewalls", &[("label_selector", label_selector.to_string())], |r: models::ListFirewallsResponse| {
-            (r.firewalls, *r.meta)
-        })
+        self.list(
+            "/firewalls",
+            &[("label_selector", label_selector.to_string())],
+            |r: models::ListFirewallsResponse| (r.firewalls, *r.meta),
+        )
         .await
     }
 

@@ -214,7 +214,10 @@ impl HetznerCloud {
         ["80", "443"]
             .into_iter()
             .map(|port| models::Rule {
-                description: Some(Some(format!("HTTP{} from the edge and control plane", if port == "443" { "S" } else { "" }))),
+                description: Some(Some(format!(
+                    "HTTP{} from the edge and control plane",
+                    if port == "443" { "S" } else { "" }
+                ))),
                 destination_ips: None,
                 direction: models::rule::Direction::In,
                 port: Some(Some(port.into())),
@@ -243,8 +246,10 @@ impl HetznerCloud {
                     }
                     return Ok(fw.id);
                 }
-                let labels =
-                    HashMap::from([(MANAGED_BY.to_string(), MANAGED_BY_VALUE.to_string()), ("role".into(), "previews".into())]);
+                let labels = HashMap::from([
+                    (MANAGED_BY.to_string(), MANAGED_BY_VALUE.to_string()),
+                    ("role".into(), "previews".into()),
+                ]);
                 let req = models::CreateFirewallRequest {
                     apply_to: None,
                     labels: Some(labels),
@@ -408,7 +413,8 @@ impl HetznerCloud {
             let max_age = spec.max_age_secs * 1000;
             for (machine, born) in ready.clone() {
                 let born: u64 = born.parse().unwrap_or(0);
-                if now.saturating_sub(born) >= max_age && self.store.table_remove(&table, &machine).await.unwrap_or(false)
+                if now.saturating_sub(born) >= max_age
+                    && self.store.table_remove(&table, &machine).await.unwrap_or(false)
                 {
                     info!(%machine, pool = %key, "recycling an old pool machine");
                     ready.retain(|(m, _)| *m != machine);
@@ -475,7 +481,8 @@ impl HetznerCloud {
     }
 
     async fn shutdown(&self, server: i64) -> Result<(), CloudError> {
-        match tokio::time::timeout(self.settings.shutdown_timeout, self.client.server_action(server, "shutdown")).await {
+        match tokio::time::timeout(self.settings.shutdown_timeout, self.client.server_action(server, "shutdown")).await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 warn!(server, error = %e, "graceful shutdown failed; powering off");
