@@ -147,6 +147,10 @@ pub struct Faults {
     pub slow_by_ms: u64,
     /// The n-th mutating request from now is carried out but never answered.
     pub crash_after_mutations: Option<u32>,
+    /// The n-th mutating request from now is never answered nor carried out.
+    pub crash_before_mutations: Option<u32>,
+    /// Set when an injected crash happened.
+    pub crashed: bool,
 }
 
 /// A record of billing: how long each server existed (Hetzner bills stopped servers in
@@ -563,6 +567,18 @@ impl HetznerState {
             return self.reply(now, s, b);
         }
         let mutating = method != "GET";
+        if mutating {
+            if let Some(n) = self.faults.crash_before_mutations.as_mut() {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.faults.crash_before_mutations = None;
+                    self.faults.crashed = true;
+                    let mut r = self.reply(now, 503, Value::Null);
+                    r.hang = true;
+                    return r;
+                }
+            }
+        }
         let (status, body) = self.route(now, method, path, query, body);
         let mut r = self.reply(now, status, body);
         if mutating && status < 400 {
@@ -570,6 +586,7 @@ impl HetznerState {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     self.faults.crash_after_mutations = None;
+                    self.faults.crashed = true;
                     r.hang = true;
                 }
             }
