@@ -245,10 +245,22 @@ async fn the_reaper_deletes_orphans_and_a_vanished_server_fails_its_preview() {
         Some([("managed-by".to_string(), "wakegate".to_string()), ("machine".into(), "wg-orphan".into())].into());
     client.create_server(&req).await.unwrap();
     let foreign = hcloud::models::CreateServerRequest::new("ubuntu-24.04".into(), "not-ours".into(), "cx22".into());
-    client.create_server(&foreign).await.unwrap();
-    eventually(WAIT, "the orphan to be reaped", || async {
+    let foreign = client.create_server(&foreign).await.unwrap();
+    client.wait(*foreign.action).await.unwrap();
+    // orphaned snapshots: one of a machine no record knows, one without a machine label
+    let labels = |m: Option<&str>| {
+        let mut l = std::collections::HashMap::from([("managed-by".to_string(), "wakegate".to_string())]);
+        if let Some(m) = m {
+            l.insert("machine".into(), m.into());
+        }
+        l
+    };
+    client.create_snapshot(foreign.server.id, "stray", labels(Some("wg-gone"))).await.unwrap();
+    client.create_snapshot(foreign.server.id, "stray", labels(None)).await.unwrap();
+    assert_eq!(c.fake.with(|s| s.images()).len(), 2);
+    eventually(WAIT, "the orphans to be reaped", || async {
         let names: Vec<String> = servers(&c).into_iter().map(|s| s.1).collect();
-        (!names.contains(&"wg-orphan".to_string())).then_some(())
+        (!names.contains(&"wg-orphan".to_string()) && c.fake.with(|s| s.images()).is_empty()).then_some(())
     })
     .await;
     let names: Vec<String> = servers(&c).into_iter().map(|s| s.1).collect();
@@ -294,4 +306,78 @@ async fn the_client_paces_itself_before_the_rate_limit() {
     let e = bad.servers("").await.unwrap_err().to_string();
     assert!(e.contains("401") && e.contains("unauthorized"), "{e}");
     drop(c.vms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_paginated_and_slow_actions_time_out() {
+    let c = cloud().await;
+    let mut opts = wakegate_provisioner::hetzner::api::ClientOptions::new(c.fake.url(), c.fake.token.clone());
+    opts.action_poll = std::time::Duration::from_millis(20);
+    opts.action_timeout = std::time::Duration::from_millis(300);
+    let client = wakegate_provisioner::hetzner::api::Client::new(opts).unwrap();
+    for i in 0..120 {
+        let mut req = hcloud::models::CreateServerRequest::new("ubuntu-24.04".into(), format!("s{i}"), "cx22".into());
+        let role = if i % 2 == 0 { "even" } else { "odd" };
+        req.labels = Some([("managed-by".to_string(), "wakegate".to_string()), ("role".into(), role.into())].into());
+        client.create_server(&req).await.unwrap();
+    }
+    let before = calls(&c, "GET /v1/servers");
+    assert_eq!(client.servers("managed-by=wakegate").await.unwrap().len(), 120);
+    assert_eq!(calls(&c, "GET /v1/servers") - before, 3, "three pages of 50");
+    assert_eq!(client.servers("managed-by=wakegate,role=odd").await.unwrap().len(), 60);
+    assert_eq!(client.servers("role in (odd,even),role!=odd").await.unwrap().len(), 60);
+    let e = client.servers("a b").await.unwrap_err().to_string();
+    assert!(e.contains("400") || e.contains("invalid"), "{e}");
+
+    c.fake.with(|s| s.faults.slow_by_ms = 5_000);
+    let req = hcloud::models::CreateServerRequest::new("ubuntu-24.04".into(), "slow".into(), "cx22".into());
+    let created = client.create_server(&req).await.unwrap();
+    let e = client.wait(*created.action).await.unwrap_err();
+    assert!(matches!(e, wakegate_provisioner::hetzner::api::ApiError::ActionTimeout { .. }), "{e}");
+    drop(c.vms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_agent_endpoint_refuses_forged_and_foreign_reports() {
+    let c = cloud().await;
+    let w = world(&c, &[]).await;
+    let p = w.running("main").await;
+    let id = p["id"].as_str().unwrap();
+    let machine = w.machine_of(id).await;
+    let agent = w.dev.agent_addr.unwrap();
+    let key = wakegate_core::sign::Key::new(MACHINE_KEY.as_bytes().to_vec());
+    let call = |m: String, token: String, method: &'static str, path: &'static str, body: String| async move {
+        let auth = format!("Bearer {token}");
+        let headers = [("x-wakegate-machine", m.as_str()), ("authorization", auth.as_str())];
+        wakegate_testkit::http::send(agent, method, "control", path, &headers, body).await.unwrap()
+    };
+    let good = wakegate_core::sign::machine_token(&key, &machine);
+    // its own machine may ask for work
+    let r = call(machine.clone(), good.clone(), "GET", "/v1/agent/work", String::new()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["git_ref"], "main");
+    // a forged token, another machine's token, no machine: refused
+    let forged = wakegate_core::sign::machine_token(&wakegate_core::sign::Key::new(b"guessed".to_vec()), &machine);
+    for (m, t) in [(machine.clone(), forged), ("wg-other".to_string(), good.clone()), (String::new(), good.clone())] {
+        let r = call(m, t, "POST", "/v1/agent/ready", r#"{"port":1}"#.into()).await;
+        assert_eq!(r.status, 401, "{}", r.body);
+    }
+    // a machine that holds no preview cannot report on one
+    let stranger = "wg-stranger".to_string();
+    let st = wakegate_core::sign::machine_token(&key, &stranger);
+    let r = call(stranger, st, "POST", "/v1/agent/ready", r#"{"port":1}"#.into()).await;
+    assert_eq!(r.status, 410, "{}", r.body);
+    // bad bodies get clear errors; an oversized one is refused whole
+    let r = call(machine.clone(), good.clone(), "POST", "/v1/agent/ready", r#"{"port":0}"#.into()).await;
+    assert_eq!(r.status, 400);
+    let r = call(machine.clone(), good.clone(), "POST", "/v1/agent/phase", r#"{"phase":"dancing"}"#.into()).await;
+    assert_eq!(r.status, 400);
+    let big = format!(r#"{{"phase":"build","reason":"{}"}}"#, "x".repeat(64 * 1024));
+    let r = call(machine.clone(), good.clone(), "POST", "/v1/agent/failed", big).await;
+    assert_eq!(r.status, 413);
+    // none of that changed the preview
+    let v = w.show(id).await;
+    assert_eq!(v["state"], "running");
+    assert!(content(&w, &p).await.contains("main"));
+    w.stop().await;
 }

@@ -601,6 +601,10 @@ impl Cloud for HetznerCloud {
     }
 
     async fn delete(&self, machine: &MachineId) -> Result<(), CloudError> {
+        // a managed image without a machine label is listed as `image-<id>`
+        if let Some(id) = machine.strip_prefix("image-").and_then(|i| i.parse::<i64>().ok()) {
+            return self.client.delete_image(id).await.map_err(api_err);
+        }
         let sel = format!("{MANAGED_BY}={MANAGED_BY_VALUE},machine={machine}");
         let mut servers = self.client.servers(&sel).await.map_err(api_err)?;
         if let Some(s) = self.client.server_by_name(machine).await.map_err(api_err)? {
