@@ -56,6 +56,14 @@ resource "hcloud_firewall" "control" {
   }
 }
 
+# spread: a second control-plane server (a standby provisioner replica) never shares
+# a physical host with the first
+resource "hcloud_placement_group" "control" {
+  name   = "${var.name}-control"
+  type   = "spread"
+  labels = local.labels
+}
+
 resource "hcloud_primary_ip" "control" {
   name          = "${var.name}-control-v4"
   type          = "ipv4"
@@ -66,13 +74,14 @@ resource "hcloud_primary_ip" "control" {
 }
 
 resource "hcloud_server" "control" {
-  name         = "${var.name}-control"
-  server_type  = var.server_type
-  image        = var.image
-  location     = var.location
-  ssh_keys     = var.ssh_key_ids
-  firewall_ids = [hcloud_firewall.control.id]
-  labels       = local.labels
+  name               = "${var.name}-control"
+  server_type        = var.server_type
+  image              = var.image
+  location           = var.location
+  ssh_keys           = var.ssh_key_ids
+  firewall_ids       = [hcloud_firewall.control.id]
+  placement_group_id = hcloud_placement_group.control.id
+  labels             = local.labels
 
   public_net {
     ipv4_enabled = true
