@@ -66,8 +66,12 @@ async fn build_visit_stop_wake_erase_on_hetzner() {
     let id = p["id"].as_str().unwrap();
     assert!(content(&w, &p).await.contains("main"), "the main branch's page");
 
-    // one server, labelled, firewalled, deployed by cloud-init's agent
+    // one server, labelled, firewalled, deployed by cloud-init's agent; the edge reaches
+    // it by its reverse-DNS name (Workers cannot fetch IP addresses)
     let machine = w.machine_of(id).await;
+    let state = w.dev.store.get_preview(id).await.unwrap().unwrap().value.state;
+    let wakegate_core::lifecycle::State::Running { origin, .. } = state else { panic!("{state:?}") };
+    assert!(origin.starts_with("http://localhost:"), "{origin}");
     let list = servers(&c);
     assert_eq!(list.len(), 1, "{list:?}");
     let (sid, name, status, labels) = &list[0];

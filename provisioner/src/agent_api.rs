@@ -215,10 +215,9 @@ impl AgentApi {
                 Event::PhaseReached { phase }
             }
             Report::Ready(port) => {
-                let Some(ip) = record.ip else {
+                let Some(host) = record.origin_host() else {
                     return error(503, "the machine's address is not known yet");
                 };
-                let host = if ip.contains(':') { format!("[{ip}]") } else { ip };
                 Event::Ready { machine: machine.to_string(), origin: format!("http://{host}:{port}") }
             }
             Report::Failed(phase, reason) => Event::BuildFailed { reason: format!("{}: {reason}", phase.label()) },

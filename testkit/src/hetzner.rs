@@ -466,10 +466,12 @@ impl HetznerState {
                 "labels": {}, "architecture": "x86"
             }),
         };
+        // Hetzner's reverse-DNS name is `static.<ip reversed>.clients.your-server.de`; here
+        // it is `localhost`, a name that resolves to the loopback address the agent uses
         json!({
             "id": s.id, "name": s.name, "status": s.status, "created": rfc3339(s.created),
             "public_net": {
-                "ipv4": {"id": s.id + 7_000_000, "ip": "127.0.0.1", "blocked": false, "dns_ptr": "static.localhost"},
+                "ipv4": {"id": s.id + 7_000_000, "ip": "127.0.0.1", "blocked": false, "dns_ptr": "localhost"},
                 "ipv6": {"id": s.id + 8_000_000, "ip": "::1/128", "blocked": false, "dns_ptr": []},
                 "floating_ips": [],
                 "firewalls": s.firewalls.iter().map(|f| json!({"id": f, "status": "applied"})).collect::<Vec<_>>(),

@@ -119,7 +119,31 @@ pub struct MachineRecord {
     pub server_id: Option<i64>,
     #[serde(default)]
     pub ip: Option<String>,
+    /// The name the edge reaches the server by: Workers can fetch hostnames only (not
+    /// IP addresses) and only on the scheme's default port. This is the server's
+    /// reverse-DNS name, Hetzner's `static.<ip reversed>.clients.your-server.de`, which
+    /// resolves to it; the IP address when there is none.
+    #[serde(default)]
+    pub host: Option<String>,
     pub created_at: u64,
+}
+
+impl MachineRecord {
+    /// Host part of the machine's origin URL.
+    pub fn origin_host(&self) -> Option<String> {
+        let host = self.host.clone().or_else(|| self.ip.clone())?;
+        Some(if host.contains(':') { format!("[{host}]") } else { host })
+    }
+}
+
+/// The IPv4 address and its reverse-DNS name, as the API reports them.
+fn address_of(s: &models::Server) -> (Option<String>, Option<String>) {
+    let v4 = s.public_net.ipv4.as_ref();
+    let ip = v4.map(|v| v.ip.clone());
+    let name = v4.map(|v| v.dns_ptr.trim_end_matches('.').to_string()).filter(|n| {
+        !n.is_empty() && n.parse::<std::net::IpAddr>().is_err() && wakegate_core::host::normalize_host(n).is_ok()
+    });
+    (ip, name)
 }
 
 /// The store table of one pool's ready machines (machine → created_at).
@@ -330,7 +354,7 @@ impl HetznerCloud {
         };
         info!(machine, server = created.server.id, image, server_type, location, "server created");
         record.server_id = Some(created.server.id);
-        record.ip = created.server.public_net.ipv4.as_ref().map(|v| v.ip.clone());
+        (record.ip, record.host) = address_of(&created.server);
         self.put_record(machine, record).await?;
         self.client.wait(*created.action).await.map_err(api_err)?;
         Ok(*created.server)
@@ -342,10 +366,10 @@ impl HetznerCloud {
         record: &mut MachineRecord,
         s: models::Server,
     ) -> Result<models::Server, CloudError> {
-        let ip = s.public_net.ipv4.as_ref().map(|v| v.ip.clone());
-        if record.server_id != Some(s.id) || record.ip != ip {
+        let (ip, host) = address_of(&s);
+        if record.server_id != Some(s.id) || record.ip != ip || record.host != host {
             record.server_id = Some(s.id);
-            record.ip = ip;
+            (record.ip, record.host) = (ip, host);
             self.put_record(machine, record).await?;
         }
         Ok(s)
