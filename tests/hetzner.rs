@@ -273,14 +273,10 @@ async fn the_reaper_deletes_orphans_and_a_vanished_server_fails_its_preview() {
 
     // the preview's server disappears behind our back
     let sid = servers(&c).into_iter().find(|s| s.3.get("preview").map(String::as_str) == Some(id)).unwrap().0;
-    c.fake.with(|s| s.vanish(sid, wall_ms()));
+    c.fake.with(|s| s.vanish(sid, wakegate_provisioner::now_ms()));
     let failed = w.wait_state(id, "failed").await;
     assert!(failed["reason"].as_str().unwrap().contains("disappeared"), "{failed}");
     w.stop().await;
-}
-
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

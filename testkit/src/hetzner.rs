@@ -617,17 +617,8 @@ impl HetznerState {
         let id = |i: usize| parts.get(i).and_then(|s| s.parse::<i64>().ok());
         match (method, parts.as_slice()) {
             ("GET", ["servers"]) => {
-                let sel = q.get("label_selector").cloned().unwrap_or_default();
-                let name = q.get("name");
-                let mut items = Vec::new();
-                for s in self.servers.values() {
-                    match selector_matches(&sel, &s.labels) {
-                        Ok(true) if name.is_none_or(|n| *n == s.name) => items.push(self.server_json(s)),
-                        Ok(_) => {}
-                        Err(e) => return err(400, "invalid_input", &e),
-                    }
-                }
-                page("servers", items, &q)
+                let found = self.servers.values().map(|s| (&s.labels, Some(s.name.as_str()), s));
+                listing("servers", found, |s| self.server_json(s), &q)
             }
             ("POST", ["servers"]) => self.create_server(now, &body),
             ("GET", ["servers", _]) => match id(1).and_then(|i| self.servers.get(&i)) {
@@ -674,19 +665,11 @@ impl HetznerState {
                 None => err(404, "not_found", "action not found"),
             },
             ("GET", ["images"]) => {
-                let sel = q.get("label_selector").cloned().unwrap_or_default();
                 if q.get("type").is_some_and(|t| t != "snapshot") {
                     return page("images", Vec::new(), &q);
                 }
-                let mut items = Vec::new();
-                for i in self.images.values() {
-                    match selector_matches(&sel, &i.labels) {
-                        Ok(true) => items.push(self.image_json(i)),
-                        Ok(false) => {}
-                        Err(e) => return err(400, "invalid_input", &e),
-                    }
-                }
-                page("images", items, &q)
+                let found = self.images.values().map(|i| (&i.labels, None, i));
+                listing("images", found, |i| self.image_json(i), &q)
             }
             ("GET", ["images", _]) => match id(1).and_then(|i| self.images.get(&i)) {
                 Some(i) => (200, json!({"image": self.image_json(i)})),
@@ -701,16 +684,8 @@ impl HetznerState {
                 None => err(404, "not_found", "image not found"),
             },
             ("GET", ["firewalls"]) => {
-                let sel = q.get("label_selector").cloned().unwrap_or_default();
-                let mut items = Vec::new();
-                for f in self.firewalls.values() {
-                    match selector_matches(&sel, &f.labels) {
-                        Ok(true) if q.get("name").is_none_or(|n| *n == f.name) => items.push(self.firewall_json(f)),
-                        Ok(_) => {}
-                        Err(e) => return err(400, "invalid_input", &e),
-                    }
-                }
-                page("firewalls", items, &q)
+                let found = self.firewalls.values().map(|f| (&f.labels, Some(f.name.as_str()), f));
+                listing("firewalls", found, |f| self.firewall_json(f), &q)
             }
             ("POST", ["firewalls"]) => {
                 let Some(name) = body.get("name").and_then(Value::as_str) else {
@@ -875,6 +850,26 @@ fn check_rules(v: Option<&Value>) -> Result<Vec<Value>, String> {
         }
     }
     Ok(rules)
+}
+
+/// A list endpoint: the items matching `label_selector` (and `name`, for resources that
+/// have one), one page of them.
+fn listing<'a, T: 'a>(
+    key: &str,
+    items: impl Iterator<Item = (&'a BTreeMap<String, String>, Option<&'a str>, &'a T)>,
+    json: impl Fn(&T) -> Value,
+    q: &HashMap<String, String>,
+) -> (u16, Value) {
+    let sel = q.get("label_selector").map(String::as_str).unwrap_or("");
+    let mut out = Vec::new();
+    for (labels, name, item) in items {
+        match selector_matches(sel, labels) {
+            Ok(true) if q.get("name").is_none_or(|n| Some(n.as_str()) == name) => out.push(json(item)),
+            Ok(_) => {}
+            Err(e) => return err(400, "invalid_input", &e),
+        }
+    }
+    page(key, out, q)
 }
 
 fn page(key: &str, items: Vec<Value>, q: &HashMap<String, String>) -> (u16, Value) {

@@ -148,7 +148,7 @@ impl Client {
         // the budget refills evenly: one request every 3600/limit seconds
         let per = Duration::from_secs_f64(3600.0 / limit as f64);
         let until_reset = Duration::from_secs(reset.saturating_sub(unix_now()));
-        Some(per.mul_f64((self.opts.reserve - remaining + 1) as f64).min(until_reset).max(per.min(until_reset)))
+        Some(per.mul_f64((self.opts.reserve - remaining + 1) as f64).min(until_reset))
     }
 
     fn backoff(&self, attempt: u32) -> Duration {

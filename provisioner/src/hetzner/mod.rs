@@ -161,6 +161,11 @@ pub fn pool_key(image: &str, server_type: &str, location: &str) -> String {
     k
 }
 
+/// Everything Wakegate made for one machine: its server, its snapshots.
+fn machine_selector(machine: &str) -> String {
+    format!("{MANAGED_BY}={MANAGED_BY_VALUE},machine={machine}")
+}
+
 fn backend(e: impl std::fmt::Display) -> CloudError {
     CloudError::Backend(e.to_string())
 }
@@ -221,6 +226,13 @@ impl HetznerCloud {
     async fn put_record(&self, machine: &str, r: &MachineRecord) -> Result<(), CloudError> {
         let raw = serde_json::to_string(r).map_err(backend)?;
         self.store.table_put(MACHINES, machine, &raw).await.map_err(backend)
+    }
+
+    /// A pool's image and its key.
+    fn pool_of(&self, spec: &PoolSpec) -> (String, String) {
+        let image = spec.image.clone().unwrap_or_else(|| self.settings.image.clone());
+        let key = pool_key(&image, &spec.server_type, &spec.location);
+        (image, key)
     }
 
     fn spec_of(&self, project: &Project) -> (String, String, String) {
@@ -314,7 +326,8 @@ impl HetznerCloud {
         l
     }
 
-    /// Creates the server for `machine` unless it exists; returns it once running.
+    /// Creates the server for `machine` unless it exists (Hetzner answers a second create
+    /// of the name with `uniqueness_error`); returns it once running.
     async fn ensure_server(
         &self,
         machine: &str,
@@ -324,9 +337,6 @@ impl HetznerCloud {
         record: &mut MachineRecord,
         project: Option<&str>,
     ) -> Result<models::Server, CloudError> {
-        if let Some(s) = self.client.server_by_name(machine).await.map_err(api_err)? {
-            return self.note_server(machine, record, s).await;
-        }
         let firewall = self.ensure_firewall().await?;
         let user_data = userdata::cloud_config(&userdata::AgentConfig {
             control: self.settings.control_url.clone(),
@@ -345,7 +355,7 @@ impl HetznerCloud {
         };
         let created = match self.client.create_server(&req).await {
             Ok(c) => c,
-            // created by an earlier attempt whose answer was lost
+            // created already, e.g. by an earlier attempt whose answer was lost
             Err(e) if e.code() == Some("uniqueness_error") => {
                 let s = self.client.server_by_name(machine).await.map_err(api_err)?.ok_or_else(|| api_err(e))?;
                 return self.note_server(machine, record, s).await;
@@ -429,8 +439,7 @@ impl HetznerCloud {
     pub async fn keep_pools(&self) -> usize {
         let mut created = 0;
         for spec in &self.settings.pools {
-            let image = spec.image.clone().unwrap_or_else(|| self.settings.image.clone());
-            let key = pool_key(&image, &spec.server_type, &spec.location);
+            let (image, key) = self.pool_of(spec);
             let table = pool_table(&key);
             let Ok(mut ready) = self.store.table_list(&table).await else { continue };
             let now = now_ms();
@@ -498,8 +507,7 @@ impl HetznerCloud {
     }
 
     async fn snapshots_of(&self, machine: &str) -> Result<Vec<models::Image>, CloudError> {
-        let sel = format!("{MANAGED_BY}={MANAGED_BY_VALUE},machine={machine}");
-        let mut imgs = self.client.snapshots(&sel).await.map_err(api_err)?;
+        let mut imgs = self.client.snapshots(&machine_selector(machine)).await.map_err(api_err)?;
         imgs.sort_by_key(|i| api::parse_time(&i.created).unwrap_or(0));
         Ok(imgs)
     }
@@ -525,7 +533,7 @@ impl Cloud for HetznerCloud {
     async fn create(&self, preview: &Preview, project: &Project) -> Result<MachineId, CloudError> {
         let (image, server_type, location) = self.spec_of(project);
         let key = pool_key(&image, &server_type, &location);
-        if self.settings.pools.iter().any(|p| p.server_type == server_type && p.location == location) {
+        if self.settings.pools.iter().any(|p| self.pool_of(p).1 == key) {
             if let Some(m) = self.take_from_pool(&key, preview, project).await {
                 return Ok(m);
             }
@@ -540,7 +548,8 @@ impl Cloud for HetznerCloud {
         &self,
         machine: &MachineId,
         spec: &DeploySpec,
-        progress: &dyn Progress,
+        // the agent on the machine reports its phases itself
+        _progress: &dyn Progress,
     ) -> Result<Outcome, CloudError> {
         let mut record = self.record(machine).await?.unwrap_or(MachineRecord {
             preview: Some(spec.preview_id.clone()),
@@ -554,8 +563,6 @@ impl Cloud for HetznerCloud {
         let (image, server_type, location) = self.spec_of(&spec.project);
         let project = spec.project.name.clone();
         self.ensure_server(machine, &image, &server_type, &location, &mut record, Some(&project)).await?;
-        // from here the agent on the machine pulls its work and reports each phase
-        let _ = progress;
         self.await_report(&spec.preview_id, machine).await
     }
 
@@ -564,7 +571,7 @@ impl Cloud for HetznerCloud {
         let preview = record.preview.clone().ok_or_else(|| CloudError::NotFound(machine.clone()))?;
         match self.client.server_by_name(machine).await.map_err(api_err)? {
             Some(s) => {
-                self.note_server(machine, &mut record, s.clone()).await?;
+                let s = self.note_server(machine, &mut record, s).await?;
                 if s.status != models::server::Status::Running {
                     self.client.server_action(s.id, "poweron").await.map_err(api_err)?;
                 }
@@ -629,14 +636,8 @@ impl Cloud for HetznerCloud {
         if let Some(id) = machine.strip_prefix("image-").and_then(|i| i.parse::<i64>().ok()) {
             return self.client.delete_image(id).await.map_err(api_err);
         }
-        let sel = format!("{MANAGED_BY}={MANAGED_BY_VALUE},machine={machine}");
-        let mut servers = self.client.servers(&sel).await.map_err(api_err)?;
-        if let Some(s) = self.client.server_by_name(machine).await.map_err(api_err)? {
-            if !servers.iter().any(|x| x.id == s.id) {
-                servers.push(s);
-            }
-        }
-        for s in servers {
+        // every server Wakegate makes carries its machine label from creation on
+        for s in self.client.servers(&machine_selector(machine)).await.map_err(api_err)? {
             self.client.delete_server(s.id).await.map_err(api_err)?;
         }
         for img in self.snapshots_of(machine).await? {
@@ -675,8 +676,7 @@ impl Cloud for HetznerCloud {
         // ready pool machines belong to the backend
         let mut held = std::collections::HashSet::new();
         for spec in &self.settings.pools {
-            let image = spec.image.clone().unwrap_or_else(|| self.settings.image.clone());
-            let table = pool_table(&pool_key(&image, &spec.server_type, &spec.location));
+            let table = pool_table(&self.pool_of(spec).1);
             for (m, _) in self.store.table_list(&table).await.map_err(backend)? {
                 held.insert(m);
             }
