@@ -27,12 +27,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wakegate_core::lifecycle::State;
 use wakegate_core::route::{Preview, Project};
 use wakegate_core::sign::{self, Key};
-use wakegate_edge::native::{Edge, EdgeConfig};
+use wakegate_edge::native::{EdgeConfig, EdgeServer};
 use wakegate_store::{EmbeddedStore, RedisStore, SharedStore};
 use wakegate_testkit::{free_port, http, tempdir};
 use wakegate_waker::{refs::GitRefs, Waker, WakerConfig};
 
-const LOAD_SECS: u32 = 4;
+const LOAD_SECS: u32 = 3;
+/// wrk runs per row; the median is reported.
+const RUNS: usize = 5;
 const PREVIEWS_AT_SCALE: usize = 100_000;
 const LOOKUPS: usize = 2_000;
 const CACHE_ROUTES: usize = 20_000;
@@ -60,7 +62,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// nginx: static files on one port, a keep-alive reverse proxy to it on another.
-fn nginx(dir: &std::path::Path, static_port: u16, proxy_port: u16) -> Proc {
+/// nginx: static files on one port, keep-alive reverse proxies to it on two more: one
+/// with `proxy_buffering off` (streams like the edge), one with nginx's default buffering.
+fn nginx(dir: &std::path::Path, static_port: u16, proxy_port: u16, buffered_port: u16) -> Proc {
     let www = dir.join("www");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("hello.txt"), "hello from the origin\n").unwrap();
@@ -79,6 +83,10 @@ http {{
   server {{
     listen 127.0.0.1:{proxy_port};
     location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }}
+  }}
+  server {{
+    listen 127.0.0.1:{buffered_port};
+    location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }}
   }}
 }}
 "#,
@@ -105,6 +113,8 @@ struct Wrk {
     rps: f64,
     p50: f64,
     p99: f64,
+    /// Lowest and highest req/s of the runs.
+    spread: (f64, f64),
 }
 
 fn parse_latency(v: &str) -> f64 {
@@ -138,14 +148,18 @@ fn wrk(url: &str, host: &str, threads: u32, conns: u32, secs: u32) -> Wrk {
             .expect("wrk (apt-get install wrk)")
     };
     run(1); // warm-up
-            // two shared cores make single runs noisy: the median run of three, by req/s
-    let mut runs: Vec<Wrk> = (0..3).map(|_| parse_wrk(&String::from_utf8_lossy(&run(secs).stdout))).collect();
+            // two shared cores make single runs noisy: the median of RUNS runs, by req/s, and the
+            // spread of all of them
+    let mut runs: Vec<Wrk> = (0..RUNS).map(|_| parse_wrk(&String::from_utf8_lossy(&run(secs).stdout))).collect();
     runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-    runs.swap_remove(1)
+    let spread = (runs[0].rps, runs[runs.len() - 1].rps);
+    let mut median = runs.swap_remove(runs.len() / 2);
+    median.spread = spread;
+    median
 }
 
 fn parse_wrk(out: &str) -> Wrk {
-    let mut w = Wrk { rps: f64::NAN, p50: f64::NAN, p99: f64::NAN };
+    let mut w = Wrk { rps: f64::NAN, p50: f64::NAN, p99: f64::NAN, spread: (f64::NAN, f64::NAN) };
     for line in out.lines() {
         let t = line.trim();
         if let Some(v) = t.strip_prefix("Requests/sec:") {
@@ -333,8 +347,8 @@ async fn main() {
 
     // ---------- proxy overhead ----------
     let dir = tempdir("bench-nginx");
-    let (sp, pp) = (free_port(), free_port());
-    let _nginx = nginx(&dir, sp, pp);
+    let (sp, pp, bp) = (free_port(), free_port(), free_port());
+    let _nginx = nginx(&dir, sp, pp, bp);
     for _ in 0..100 {
         if http::send(SocketAddr::from(([127, 0, 0, 1], sp)), "GET", "x", "/hello.txt", &[], "").await.is_ok() {
             break;
@@ -349,20 +363,18 @@ async fn main() {
     store.put_preview(&running_preview(1_000_000, &format!("http://{ws}")), None).await.unwrap();
     store.bind_host("bench-ws.localhost", "pv1000000").await.unwrap();
     let waker = waker_on(store.clone()).await;
-    let edge = Edge::new(EdgeConfig {
-        waker_url: format!("http://{waker}"),
-        edge_key: Key::new(EDGE_KEY.as_bytes().to_vec()),
-        csrf_key: Key::new(b"csrf-key-for-the-benchmarks".to_vec()),
-        origin_key: Key::new(b"origin-key-for-the-benchmarks".to_vec()),
-        route_ttl: Duration::from_secs(3600),
-        hold_timeout: Duration::from_secs(30),
-        activity_every: Duration::from_secs(1),
-        scheme: "http",
-    });
+    let mut edge_cfg = EdgeConfig::new(
+        format!("http://{waker}"),
+        Key::new(EDGE_KEY.as_bytes().to_vec()),
+        Key::new(b"csrf-key-for-the-benchmarks".to_vec()),
+        Key::new(b"origin-key-for-the-benchmarks".to_vec()),
+    );
+    edge_cfg.route_ttl = Duration::from_secs(3600);
+    edge_cfg.max_per_ip = 100_000;
     // as `wakegate edge` serves: a single-threaded runtime per core
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    let edge_addr =
-        wakegate_edge::native::serve_threads("127.0.0.1:0".parse().unwrap(), edge.clone(), threads).unwrap();
+    let edge = EdgeServer::start("127.0.0.1:0".parse().unwrap(), edge_cfg, threads).unwrap();
+    let edge_addr = edge.addr;
     let host = "bench-0.localhost";
     let r = http::send(edge_addr, "GET", host, "/hello.txt", &[("user-agent", "bench")], "").await.unwrap();
     assert_eq!(r.body, "hello from the origin\n");
@@ -377,8 +389,9 @@ async fn main() {
     }
 
     row(&mut md, "## Proxy overhead (wrk, loopback)\n".into());
-    row(&mut md, "| scenario | path | req/s | p50 ms | p99 ms | req/s vs nginx proxy | p99 added over direct |".into());
-    row(&mut md, "|---|---|---:|---:|---:|---:|---:|".into());
+    row(&mut md, format!("Each row: the median of {RUNS} wrk runs of {LOAD_SECS} s (by req/s) after a 1 s warm-up; *spread* is the lowest and highest req/s of those runs. Ratios are against nginx with `proxy_buffering off` (it streams, as the edge does) and with nginx's default buffering, both measured in the same run.\n"));
+    row(&mut md, "| scenario | path | req/s (spread) | p50 ms | p99 ms | vs nginx unbuffered | vs nginx buffered | p99 added over direct |".into());
+    row(&mut md, "|---|---|---:|---:|---:|---:|---:|---:|".into());
     let cases = [
         ("small file, 2 threads × 50 connections", "/hello.txt", 2, 50),
         ("small file, 1 connection", "/hello.txt", 1, 1),
@@ -386,17 +399,26 @@ async fn main() {
     ];
     for (name, path, t, c) in cases {
         let direct = wrk(&format!("http://127.0.0.1:{sp}{path}"), host, t, c, LOAD_SECS);
-        let nginx_proxy = wrk(&format!("http://127.0.0.1:{pp}{path}"), host, t, c, LOAD_SECS);
+        let nginx_off = wrk(&format!("http://127.0.0.1:{pp}{path}"), host, t, c, LOAD_SECS);
+        let nginx_buf = wrk(&format!("http://127.0.0.1:{bp}{path}"), host, t, c, LOAD_SECS);
         let via_edge = wrk(&format!("http://{edge_addr}{path}"), host, t, c, LOAD_SECS);
-        for (label, w) in [("direct", &direct), ("nginx proxy", &nginx_proxy), ("wakegate edge", &via_edge)] {
+        for (label, w) in [
+            ("direct", &direct),
+            ("nginx, proxy_buffering off", &nginx_off),
+            ("nginx, default buffering", &nginx_buf),
+            ("wakegate edge", &via_edge),
+        ] {
             row(
                 &mut md,
                 format!(
-                    "| {name} | {label} | {:.0} | {:.3} | {:.3} | {:.2}× | {:+.3} ms |",
+                    "| {name} | {label} | {:.0} ({:.0}–{:.0}) | {:.3} | {:.3} | {:.2}× | {:.2}× | {:+.3} ms |",
                     w.rps,
+                    w.spread.0,
+                    w.spread.1,
                     w.p50,
                     w.p99,
-                    w.rps / nginx_proxy.rps,
+                    w.rps / nginx_off.rps,
+                    w.rps / nginx_buf.rps,
                     w.p99 - direct.p99
                 ),
             );
@@ -436,31 +458,45 @@ async fn main() {
     let big_store: SharedStore = Arc::new(EmbeddedStore::in_memory());
     fill(&big_store, CACHE_ROUTES, &origin).await;
     let big_waker = waker_on(big_store).await;
-    let cache_edge = Edge::new(EdgeConfig {
-        waker_url: format!("http://{big_waker}"),
-        edge_key: Key::new(EDGE_KEY.as_bytes().to_vec()),
-        csrf_key: Key::new(b"c".repeat(16)),
-        origin_key: Key::new(b"o".repeat(16)),
-        route_ttl: Duration::from_secs(3600),
-        hold_timeout: Duration::from_secs(30),
-        activity_every: Duration::from_secs(1),
-        scheme: "http",
-    });
+    let mut cache_cfg = EdgeConfig::new(
+        format!("http://{big_waker}"),
+        Key::new(EDGE_KEY.as_bytes().to_vec()),
+        Key::new(b"c".repeat(16)),
+        Key::new(b"o".repeat(16)),
+    );
+    cache_cfg.route_ttl = Duration::from_secs(3600);
+    cache_cfg.activity_every = Duration::from_millis(100);
+    cache_cfg.max_per_ip = 100_000;
+    let cache_edge = EdgeServer::start("127.0.0.1:0".parse().unwrap(), cache_cfg, 1).unwrap();
+    // warm the thread (pools, buffers) before the baseline
+    http::send(cache_edge.addr, "GET", "bench-0.localhost", "/hello.txt", &[("user-agent", "bench")], "")
+        .await
+        .unwrap();
     let before = rss_kib();
     let per_task = CACHE_ROUTES / 8;
     let mut tasks = Vec::new();
     for t in 0..8 {
-        let e = cache_edge.clone();
+        let addr = cache_edge.addr;
         tasks.push(tokio::spawn(async move {
             for i in t * per_task..(t + 1) * per_task {
-                let h = wakegate_core::host::normalize_host(&format!("bench-{i}.localhost")).unwrap();
-                e.route(&h).await.unwrap().unwrap();
+                let r = http::send(
+                    addr,
+                    "GET",
+                    &format!("bench-{i}.localhost"),
+                    "/hello.txt",
+                    &[("user-agent", "bench")],
+                    "",
+                )
+                .await
+                .unwrap();
+                assert_eq!(r.status, 200);
             }
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let after = rss_kib();
     assert_eq!(cache_edge.cached_routes(), CACHE_ROUTES);
     let per_entry = (after.saturating_sub(before)) as f64 * 1024.0 / CACHE_ROUTES as f64;

@@ -62,9 +62,70 @@ pub struct Config {
     pub route_ttl: Duration,
     pub hold_timeout: Duration,
     pub activity_every: Duration,
+    /// The native edge's limits, timeouts and forwarding policy.
+    pub edge: EdgeSettings,
     /// Where previews run: `local` (child processes on this machine) or `hetzner`.
     pub backend: BackendKind,
     pub hetzner: HetznerConfig,
+}
+
+/// `WAKEGATE_EDGE_*`-style settings of the native edge (defaults are the edge crate's).
+#[derive(Clone, Debug)]
+pub struct EdgeSettings {
+    pub negative_ttl: Duration,
+    pub cache_capacity: usize,
+    /// `X-Forwarded-Proto`: `http`, or `https` behind a TLS terminator.
+    pub scheme: &'static str,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub max_uri: usize,
+    pub max_head: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_per_ip: usize,
+}
+
+impl EdgeSettings {
+    fn from_source(src: &dyn Source) -> Result<EdgeSettings, ConfigError> {
+        use wakegate_edge::{cache, native, pipeline};
+        let secs_default = |d: Duration| d.as_secs_f64();
+        Ok(EdgeSettings {
+            negative_ttl: secs(src, "WAKEGATE_NEGATIVE_CACHE_SECS", cache::DEFAULT_NEGATIVE_TTL_MS as f64 / 1000.0)?,
+            cache_capacity: count(src, "WAKEGATE_ROUTE_CACHE_MAX", cache::DEFAULT_CAPACITY, 1..=10_000_000)?,
+            scheme: match src.get("WAKEGATE_EDGE_SCHEME").as_deref() {
+                None | Some("http") => "http",
+                Some("https") => "https",
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        key: "WAKEGATE_EDGE_SCHEME",
+                        reason: format!("{other:?}: expected http or https"),
+                    })
+                }
+            },
+            trusted_proxies: list(src, "WAKEGATE_TRUSTED_PROXIES")
+                .unwrap_or_default()
+                .iter()
+                .map(|n| {
+                    n.parse::<ipnet::IpNet>()
+                        .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .map_err(|e| ConfigError::Invalid {
+                            key: "WAKEGATE_TRUSTED_PROXIES",
+                            reason: format!("{n:?}: {e}"),
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+            max_uri: count(src, "WAKEGATE_MAX_URI_BYTES", pipeline::DEFAULT_MAX_URI, 256..=1 << 20)?,
+            max_head: count(src, "WAKEGATE_MAX_HEADER_BYTES", pipeline::DEFAULT_MAX_HEAD, 1024..=1 << 20)?,
+            header_read_timeout: secs(
+                src,
+                "WAKEGATE_HEADER_READ_SECS",
+                secs_default(native::DEFAULT_HEADER_READ_TIMEOUT),
+            )?,
+            idle_timeout: secs(src, "WAKEGATE_IDLE_SECS", secs_default(native::DEFAULT_IDLE_TIMEOUT))?,
+            max_connections: count(src, "WAKEGATE_MAX_CONNECTIONS", native::DEFAULT_MAX_CONNECTIONS, 1..=10_000_000)?,
+            max_per_ip: count(src, "WAKEGATE_MAX_CONNECTIONS_PER_IP", native::DEFAULT_MAX_PER_IP, 1..=10_000_000)?,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,12 +200,31 @@ where
     }
 }
 
+/// Longest duration any setting takes: ten years.
+const MAX_SECS: f64 = 10.0 * 365.0 * 86_400.0;
+
 fn secs(src: &dyn Source, key: &'static str, default: f64) -> Result<Duration, ConfigError> {
     let v: f64 = parse(src, key, default)?;
-    if !(v.is_finite() && v > 0.0) {
-        return Err(ConfigError::Invalid { key, reason: "must be a positive number of seconds".into() });
+    if !(v.is_finite() && v > 0.0 && v <= MAX_SECS) {
+        return Err(ConfigError::Invalid { key, reason: format!("must be a number of seconds in (0, {MAX_SECS}]") });
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+fn count(
+    src: &dyn Source,
+    key: &'static str,
+    default: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> Result<usize, ConfigError> {
+    let v: usize = parse(src, key, default)?;
+    if !range.contains(&v) {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: format!("{v} is outside {}..={}", range.start(), range.end()),
+        });
+    }
+    Ok(v)
 }
 
 /// A secret from `KEY` or from the file named by `KEY_FILE`.
@@ -197,6 +277,7 @@ impl Config {
             route_ttl: secs(src, "WAKEGATE_ROUTE_CACHE_SECS", 2.0)?,
             hold_timeout: secs(src, "WAKEGATE_HOLD_SECS", 30.0)?,
             activity_every: secs(src, "WAKEGATE_ACTIVITY_SECS", 1.0)?,
+            edge: EdgeSettings::from_source(src)?,
             backend: match src.get("WAKEGATE_BACKEND").as_deref() {
                 None | Some("local") => BackendKind::Local,
                 Some("hetzner") => BackendKind::Hetzner,
@@ -248,6 +329,31 @@ impl Config {
             orphan_grace: self.orphan_grace,
             preview_url_template,
         }
+    }
+
+    /// The native edge's configuration, with these keys.
+    pub fn edge_config(
+        &self,
+        waker_url: String,
+        edge_key: Key,
+        csrf_key: Key,
+        origin_key: Key,
+    ) -> wakegate_edge::native::EdgeConfig {
+        let e = &self.edge;
+        let mut c = wakegate_edge::native::EdgeConfig::new(waker_url, edge_key, csrf_key, origin_key);
+        c.route_ttl = self.route_ttl;
+        c.hold_timeout = self.hold_timeout;
+        c.activity_every = self.activity_every;
+        c.negative_ttl = e.negative_ttl;
+        c.cache_capacity = e.cache_capacity;
+        c.scheme = e.scheme;
+        c.trusted_proxies = e.trusted_proxies.clone();
+        c.limits = wakegate_edge::pipeline::Limits { max_uri: e.max_uri, max_head: e.max_head };
+        c.header_read_timeout = e.header_read_timeout;
+        c.idle_timeout = e.idle_timeout;
+        c.max_connections = e.max_connections;
+        c.max_per_ip = e.max_per_ip;
+        c
     }
 
     pub fn preview_url(&self, edge_port: u16) -> String {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use wakegate_core::lifecycle::{Event, State};
 use wakegate_core::sign::Key;
-use wakegate_edge::native::{Edge, EdgeConfig};
+use wakegate_edge::native::EdgeServer;
 use wakegate_provisioner::now_ms;
 use wakegate_provisioner::runner::Provisioner;
 use wakegate_store::driver::apply;
@@ -29,6 +29,7 @@ pub struct Dev {
     pub hetzner: Option<Arc<wakegate_provisioner::hetzner::HetznerCloud>>,
     pub agent_addr: Option<SocketAddr>,
     stop: tokio::sync::watch::Sender<bool>,
+    edge: Option<EdgeServer>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -41,15 +42,24 @@ impl Dev {
     /// `store` with the local backend under `<data>/machines`.
     pub async fn start(cfg: &Config, store: SharedStore) -> anyhow::Result<Dev> {
         use anyhow::Context as _;
-        let edge_listener = TcpListener::bind(cfg.edge_addr)
-            .await
-            .with_context(|| format!("cannot listen on {} for the edge (set WAKEGATE_EDGE_ADDR)", cfg.edge_addr))?;
         let waker_listener = TcpListener::bind(cfg.waker_addr)
             .await
             .with_context(|| format!("cannot listen on {} for waker (set WAKEGATE_WAKER_ADDR)", cfg.waker_addr))?;
-        let edge_addr = edge_listener.local_addr()?;
         let waker_addr = waker_listener.local_addr()?;
         let edge_key = key_or_random(&cfg.edge_key);
+        // one serving thread is plenty on a developer's machine
+        let edge = EdgeServer::start(
+            cfg.edge_addr,
+            cfg.edge_config(
+                format!("http://{waker_addr}"),
+                edge_key.clone(),
+                key_or_random(&cfg.csrf_key),
+                key_or_random(&cfg.origin_key),
+            ),
+            1,
+        )
+        .with_context(|| format!("cannot listen on {} for the edge (set WAKEGATE_EDGE_ADDR)", cfg.edge_addr))?;
+        let edge_addr = edge.addr;
         let operator_token = cfg.operator_token.clone().unwrap_or_else(random_secret);
         let preview_url_template = cfg.preview_url(edge_addr.port());
 
@@ -63,16 +73,6 @@ impl Dev {
             },
             Arc::new(GitRefs::new(Duration::from_secs(2))),
         ));
-        let edge = Edge::new(EdgeConfig {
-            waker_url: format!("http://{waker_addr}"),
-            edge_key,
-            csrf_key: key_or_random(&cfg.csrf_key),
-            origin_key: key_or_random(&cfg.origin_key),
-            route_ttl: cfg.route_ttl,
-            hold_timeout: cfg.hold_timeout,
-            activity_every: cfg.activity_every,
-            scheme: "http",
-        });
         let machines_dir = std::path::absolute(cfg.data_dir.join("machines"))?;
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let backend = crate::backend::start(cfg, store.clone(), &preview_url_template, stop_rx.clone()).await?;
@@ -84,7 +84,6 @@ impl Dev {
         let mut tasks = backend.tasks;
         tasks.extend([
             tokio::spawn(wakegate_waker::serve(waker_listener, waker)),
-            tokio::spawn(wakegate_edge::native::serve(edge_listener, edge)),
             tokio::spawn(provisioner.clone().run_jobs(stop_rx.clone())),
             tokio::spawn(provisioner.clone().run_sweeps(stop_rx)),
         ]);
@@ -99,6 +98,7 @@ impl Dev {
             hetzner: backend.hetzner,
             agent_addr: backend.agent_addr,
             stop,
+            edge: Some(edge),
             tasks,
         })
     }
@@ -119,6 +119,7 @@ impl Dev {
                 }
             }
         }
+        self.edge.take();
         for t in self.tasks.drain(..) {
             t.abort();
         }

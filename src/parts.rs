@@ -5,7 +5,7 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use wakegate_edge::native::{Edge, EdgeConfig};
+use wakegate_edge::native::EdgeServer;
 use wakegate_provisioner::runner::Provisioner;
 use wakegate_store::{RedisStore, SharedStore};
 use wakegate_waker::{refs::GitRefs, Waker, WakerConfig};
@@ -35,20 +35,19 @@ pub async fn waker(cfg: Config) -> anyhow::Result<()> {
 }
 
 pub async fn edge(cfg: Config) -> anyhow::Result<()> {
-    let edge = Edge::new(EdgeConfig {
-        waker_url: cfg.waker_url.clone(),
-        edge_key: Config::require_key(&cfg.edge_key, "WAKEGATE_EDGE_KEY")?,
-        csrf_key: Config::require_key(&cfg.csrf_key, "WAKEGATE_CSRF_KEY")?,
-        origin_key: Config::require_key(&cfg.origin_key, "WAKEGATE_ORIGIN_KEY")?,
-        route_ttl: cfg.route_ttl,
-        hold_timeout: cfg.hold_timeout,
-        activity_every: cfg.activity_every,
-        scheme: "http",
-    });
+    let edge = cfg.edge_config(
+        cfg.waker_url.clone(),
+        Config::require_key(&cfg.edge_key, "WAKEGATE_EDGE_KEY")?,
+        Config::require_key(&cfg.csrf_key, "WAKEGATE_CSRF_KEY")?,
+        Config::require_key(&cfg.origin_key, "WAKEGATE_ORIGIN_KEY")?,
+    );
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let addr = wakegate_edge::native::serve_threads(cfg.edge_addr, edge, threads)?;
+    let server = EdgeServer::start(cfg.edge_addr, edge, threads)
+        .with_context(|| format!("binding the edge to {} (WAKEGATE_EDGE_ADDR)", cfg.edge_addr))?;
+    let addr = server.addr;
     tracing::info!(%addr, threads, waker = %cfg.waker_url, "edge listening");
     std::future::pending::<()>().await;
+    drop(server);
     Ok(())
 }
 

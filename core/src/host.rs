@@ -6,6 +6,7 @@
 //! that names the problem; nothing is guessed.
 
 use sha2::{Digest, Sha256};
+use std::borrow::{Borrow, Cow};
 use std::fmt;
 
 /// Longest DNS label (RFC 1035).
@@ -23,6 +24,14 @@ pub struct Host(String);
 
 impl Host {
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Lets maps keyed by `Host` be searched with a borrowed, already-canonical `&str`
+/// (see [`canonical_host`]) without building a `Host`.
+impl Borrow<str> for Host {
+    fn borrow(&self) -> &str {
         &self.0
     }
 }
@@ -62,6 +71,13 @@ pub enum HostError {
 /// empty labels, characters outside LDH after IDNA mapping and anything over the DNS
 /// length limits.
 pub fn normalize_host(raw: &str) -> Result<Host, HostError> {
+    canonical_host(raw).map(|c| Host(c.into_owned()))
+}
+
+/// [`normalize_host`] without the allocation when `raw` is already canonical (lowercase
+/// ASCII, with or without a port): the hot path of the edge, which looks the borrowed
+/// name up in its route cache and only builds a [`Host`] on a miss.
+pub fn canonical_host(raw: &str) -> Result<Cow<'_, str>, HostError> {
     if raw.len() > MAX_RAW_HOST {
         return Err(HostError::TooLong);
     }
@@ -88,10 +104,12 @@ pub fn normalize_host(raw: &str) -> Result<Host, HostError> {
     if name.is_empty() {
         return Err(HostError::Empty);
     }
-    let ascii = if name.is_ascii() {
-        name.to_ascii_lowercase()
+    let ascii: Cow<'_, str> = if !name.is_ascii() {
+        Cow::Owned(idna::domain_to_ascii_strict(name).map_err(|_| HostError::Idna)?)
+    } else if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
     } else {
-        idna::domain_to_ascii_strict(name).map_err(|_| HostError::Idna)?
+        Cow::Borrowed(name)
     };
     if ascii.len() > MAX_HOST {
         return Err(HostError::HostLength);
@@ -102,7 +120,7 @@ pub fn normalize_host(raw: &str) -> Result<Host, HostError> {
     if ascii.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit())) {
         return Err(HostError::IpLiteral);
     }
-    Ok(Host(ascii))
+    Ok(ascii)
 }
 
 fn check_label(label: &str) -> Result<(), HostError> {
@@ -208,8 +226,15 @@ mod tests {
     }
 
     #[test]
+    fn canonical_names_are_borrowed() {
+        assert!(matches!(canonical_host("a-b.localhost:8080"), Ok(Cow::Borrowed("a-b.localhost"))));
+        assert!(matches!(canonical_host("A.localhost"), Ok(Cow::Owned(_))));
+    }
+
+    #[test]
     fn maps_idna() {
         assert_eq!(normalize_host("Bücher.example").unwrap().as_str(), "xn--bcher-kva.example");
+        assert_eq!(normalize_host("bücher.example:8080").unwrap().as_str(), "xn--bcher-kva.example");
         assert_eq!(normalize_host("xn--bcher-kva.example").unwrap().as_str(), "xn--bcher-kva.example");
     }
 

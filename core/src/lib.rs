@@ -8,6 +8,7 @@
 //! * [`lifecycle`] — a preview's [`lifecycle::State`], the [`lifecycle::Event`]s that move
 //!   it and the pure [`lifecycle::transition`] that returns the next state plus the
 //!   [`lifecycle::Effect`]s a driver must perform;
+//! * [`redirect`] — the one `return_to` sanitizer (same-origin paths only);
 //! * [`route`] — the record the edge routes on, and the wire types edge and waker share;
 //! * [`sign`] — HMAC request signing (edge → waker, edge → origin) and CSRF tokens;
 //! * [`ttl`] — TTL arithmetic in fractional hours.
@@ -18,6 +19,7 @@
 pub mod form;
 pub mod host;
 pub mod lifecycle;
+pub mod redirect;
 pub mod route;
 pub mod sign;
 pub mod ttl;

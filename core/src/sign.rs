@@ -66,15 +66,63 @@ pub fn body_digest(body: &[u8]) -> String {
     hex::encode(Sha256::digest(body))
 }
 
-fn canonical(method: &str, path: &str, digest: &str, t: Millis, nonce: &str) -> String {
-    format!("{}\n{}\n{}\n{}\n{}", method.to_ascii_uppercase(), path, digest, t, nonce)
+/// Feeds `METHOD \n path \n digest \n t \n nonce` to the MAC piece by piece: no
+/// canonical string is built.
+fn feed(mac: &mut HmacSha256, method: &str, path: &str, digest: &str, t: Millis, nonce: &str) {
+    for chunk in method.as_bytes().chunks(16) {
+        let mut upper = [0u8; 16];
+        upper[..chunk.len()].copy_from_slice(chunk);
+        upper.make_ascii_uppercase();
+        mac.update(&upper[..chunk.len()]);
+    }
+    let mut digits = [0u8; 20];
+    let t = decimal(t, &mut digits);
+    for part in [path.as_bytes(), digest.as_bytes(), t, nonce.as_bytes()] {
+        mac.update(b"\n");
+        mac.update(part);
+    }
+}
+
+/// `n` in decimal, written into the end of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
 }
 
 /// Signs a request; returns the header value.
 pub fn sign(key: &Key, method: &str, path: &str, digest: &str, t: Millis, nonce: &str) -> String {
+    let mut out = String::with_capacity(SIGNATURE_LEN + nonce.len());
+    sign_into(key, method, path, digest, t, nonce, &mut out);
+    out
+}
+
+/// Longest header value [`sign`] makes, without the nonce.
+pub const SIGNATURE_LEN: usize = "t=,n=,s=".len() + 20 + 64;
+
+/// [`sign`] into a buffer the caller reuses (cleared first): the edge signs every proxied
+/// request and keeps one buffer per thread.
+pub fn sign_into(key: &Key, method: &str, path: &str, digest: &str, t: Millis, nonce: &str, out: &mut String) {
     let mut mac = key.mac();
-    mac.update(canonical(method, path, digest, t, nonce).as_bytes());
-    format!("t={t},n={nonce},s={}", hex::encode(mac.finalize().into_bytes()))
+    feed(&mut mac, method, path, digest, t, nonce);
+    let tag = mac.finalize().into_bytes();
+    let mut digits = [0u8; 20];
+    out.clear();
+    out.push_str("t=");
+    out.push_str(std::str::from_utf8(decimal(t, &mut digits)).unwrap_or("0"));
+    out.push_str(",n=");
+    out.push_str(nonce);
+    out.push_str(",s=");
+    let mut hex_tag = [0u8; 64];
+    if hex::encode_to_slice(tag, &mut hex_tag).is_ok() {
+        out.push_str(std::str::from_utf8(&hex_tag).unwrap_or(""));
+    }
 }
 
 /// A verified signature's timestamp and nonce.
@@ -113,7 +161,7 @@ pub fn verify(
         return Err(SignError::Skew);
     }
     let mut mac = key.mac();
-    mac.update(canonical(method, path, digest, t, n).as_bytes());
+    feed(&mut mac, method, path, digest, t, n);
     mac.verify_slice(&s).map_err(|_| SignError::Mismatch)?;
     Ok(Signed { t, nonce: n.to_string() })
 }
@@ -214,6 +262,19 @@ mod tests {
 
     fn key() -> Key {
         Key::new(b"k".to_vec())
+    }
+
+    #[test]
+    fn signs_the_documented_canonical_string() {
+        let canonical = "POST\n/v1/edge/wake?x=1\nabc\n1700000000123\nn0nce";
+        let mut mac = key().mac();
+        mac.update(canonical.as_bytes());
+        let want = format!("t=1700000000123,n=n0nce,s={}", hex::encode(mac.finalize().into_bytes()));
+        assert_eq!(sign(&key(), "post", "/v1/edge/wake?x=1", "abc", 1_700_000_000_123, "n0nce"), want);
+        let mut buf = String::from("leftover");
+        sign_into(&key(), "POST", "/v1/edge/wake?x=1", "abc", 1_700_000_000_123, "n0nce", &mut buf);
+        assert_eq!(buf, want);
+        assert!(sign(&key(), "M", "/", "", 0, "n").starts_with("t=0,n=n,s="));
     }
 
     #[test]

@@ -8,8 +8,10 @@ use wakegate_core::route::{RouteRecord, RouteStatus};
 pub struct RequestInfo {
     /// `Accept` names `text/html` (a person in a browser).
     pub wants_html: bool,
-    /// A crawler, unfurler, probe or prefetch: never wakes, never counts.
-    pub is_bot: bool,
+    /// A person's request: may wake or rebuild a preview and counts as activity. False
+    /// for crawlers, unfurlers, probes, prefetches and previews, and for `HEAD` and
+    /// `OPTIONS` (CORS preflights), which no person's visit needs a machine for.
+    pub may_wake: bool,
 }
 
 /// Which splash page.
@@ -33,8 +35,8 @@ pub enum PageKind {
 /// What to do with a request to a known preview host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Forward to the origin.
-    Proxy { origin: String },
+    /// Forward to the origin the route names (`route.status.origin()`).
+    Proxy,
     /// Show a page; when `wake`, start the wake after the page is sent.
     Page { page: PageKind, wake: bool },
     /// An API client: (wake and) wait, bounded, until the preview runs.
@@ -45,20 +47,20 @@ pub enum Decision {
 
 /// Decides what a request gets. Pure and total.
 pub fn decide(route: &RouteRecord, req: RequestInfo) -> Decision {
-    if let Some(origin) = route.status.origin() {
-        return Decision::Proxy { origin: origin.to_string() };
+    if route.status.origin().is_some() {
+        return Decision::Proxy;
     }
     let state = route.status.as_str();
     let unavailable = |status, retry_after| Decision::Unavailable { status, retry_after, state };
     match (&route.status, req.wants_html) {
-        (RouteStatus::Sleeping, true) => Decision::Page { page: PageKind::Waking, wake: !req.is_bot },
-        (RouteStatus::Sleeping, false) if req.is_bot => unavailable(503, Some(30)),
+        (RouteStatus::Sleeping, true) => Decision::Page { page: PageKind::Waking, wake: req.may_wake },
+        (RouteStatus::Sleeping, false) if !req.may_wake => unavailable(503, Some(30)),
         (RouteStatus::Sleeping, false) => Decision::Hold { wake: true },
         (RouteStatus::Waking, true) => Decision::Page { page: PageKind::Waking, wake: false },
         (RouteStatus::Building { phase, .. }, true) => {
             Decision::Page { page: PageKind::Building { phase: *phase }, wake: false }
         }
-        (RouteStatus::Waking | RouteStatus::Building { .. }, false) if req.is_bot => unavailable(503, Some(30)),
+        (RouteStatus::Waking | RouteStatus::Building { .. }, false) if !req.may_wake => unavailable(503, Some(30)),
         (RouteStatus::Waking | RouteStatus::Building { .. }, false) => Decision::Hold { wake: false },
         (RouteStatus::Failed { phase, reason }, true) => {
             Decision::Page { page: PageKind::Failed { phase: *phase, reason: reason.clone() }, wake: false }
@@ -93,19 +95,19 @@ mod tests {
         }
     }
 
-    const HTML: RequestInfo = RequestInfo { wants_html: true, is_bot: false };
-    const API: RequestInfo = RequestInfo { wants_html: false, is_bot: false };
-    const BOT_HTML: RequestInfo = RequestInfo { wants_html: true, is_bot: true };
-    const BOT_API: RequestInfo = RequestInfo { wants_html: false, is_bot: true };
+    const HTML: RequestInfo = RequestInfo { wants_html: true, may_wake: true };
+    const API: RequestInfo = RequestInfo { wants_html: false, may_wake: true };
+    const BOT_HTML: RequestInfo = RequestInfo { wants_html: true, may_wake: false };
+    const BOT_API: RequestInfo = RequestInfo { wants_html: false, may_wake: false };
 
     #[test]
     fn running_and_redeploying_proxy() {
         let r = route(RouteStatus::Running { origin: "http://127.0.0.1:9".into() });
         for req in [HTML, API, BOT_HTML, BOT_API] {
-            assert_eq!(decide(&r, req), Decision::Proxy { origin: "http://127.0.0.1:9".into() });
+            assert_eq!(decide(&r, req), Decision::Proxy);
         }
         let r = route(RouteStatus::Building { phase: Phase::Build, origin: Some("http://o".into()) });
-        assert_eq!(decide(&r, HTML), Decision::Proxy { origin: "http://o".into() });
+        assert_eq!(decide(&r, HTML), Decision::Proxy);
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! What both front doors (native and Worker) do the same way, without I/O: classify a
-//! request, turn a decision into a concrete page, shape the status JSON the splash page
-//! polls, and check the rebuild form. Time and keys are arguments.
+//! The pure steps of the pipeline, without I/O: classify a request, turn a decision into
+//! a concrete page, shape the status JSON the splash page polls, and check the rebuild
+//! form. Time and keys are arguments.
 
 use crate::{bots, PageKind, RequestInfo};
 use wakegate_core::host::{normalize_host, Host};
+use wakegate_core::redirect::safe_return_to;
 use wakegate_core::route::{RouteRecord, RouteStatus};
 use wakegate_core::sign::{self, Key};
 use wakegate_core::{form, ttl, Millis};
@@ -14,12 +15,13 @@ pub const MAX_FORM: usize = 8 * 1024;
 /// Longest single status long-poll to waker.
 pub const STATUS_WAIT_MS: u64 = 25_000;
 
-/// Classifies a request from a header lookup.
-pub fn request_info(get: impl Fn(&str) -> Option<String>) -> RequestInfo {
-    let purpose = get("sec-purpose").or_else(|| get("purpose")).or_else(|| get("x-moz"));
+/// Classifies a request: what it wants, and whether it is a person's (see
+/// [`RequestInfo::may_wake`]). `header` looks a request header up by lowercase name.
+pub fn request_info<'a>(method: &str, header: impl Fn(&str) -> Option<&'a str>) -> RequestInfo {
+    let speculative_method = method.eq_ignore_ascii_case("HEAD") || method.eq_ignore_ascii_case("OPTIONS");
     RequestInfo {
-        wants_html: get("accept").is_some_and(|a| a.contains("text/html")),
-        is_bot: bots::is_bot(get("user-agent").as_deref(), purpose.as_deref()),
+        wants_html: header("accept").is_some_and(|a| a.contains("text/html")),
+        may_wake: !speculative_method && !bots::is_bot(header),
     }
 }
 
@@ -63,20 +65,6 @@ pub fn status_json(r: &RouteRecord) -> serde_json::Value {
     })
 }
 
-/// Headers every splash page carries.
-pub fn page_headers(page: &Page) -> Vec<(&'static str, &'static str)> {
-    let mut h = vec![
-        ("content-type", "text/html; charset=utf-8"),
-        ("cache-control", "no-store"),
-        ("x-robots-tag", "noindex"),
-        ("x-wakegate", "splash"),
-    ];
-    if page.status() == 503 {
-        h.push(("retry-after", "5"));
-    }
-    h
-}
-
 /// Why a rebuild form was refused: status and the sentence to show.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -95,7 +83,7 @@ pub fn check_rebuild_form(
     now: Millis,
 ) -> Result<String, Refusal> {
     let refuse = |reason: String| Refusal { status: 403, reason };
-    if info.is_bot {
+    if !info.may_wake {
         return Err(refuse("Automated clients cannot rebuild previews.".into()));
     }
     if let Some(origin) = origin_header {
@@ -110,7 +98,7 @@ pub fn check_rebuild_form(
             "The form has expired or was not sent from this page ({e}). Reload the page and try again."
         )));
     }
-    Ok(form::get(&pairs, "return_to").filter(|p| p.starts_with('/') && !p.starts_with("//")).unwrap_or("/").to_string())
+    Ok(safe_return_to(form::get(&pairs, "return_to").unwrap_or("/")).to_string())
 }
 
 #[cfg(test)]
@@ -121,7 +109,7 @@ mod tests {
     fn rebuild_form_checks() {
         let key = Key::new(b"csrf-key".to_vec());
         let host = normalize_host("a.localhost").unwrap();
-        let person = RequestInfo { wants_html: true, is_bot: false };
+        let person = RequestInfo { wants_html: true, may_wake: true };
         let token = sign::csrf_token(&key, "a.localhost", 1000);
         let body = format!("csrf={token}&return_to=%2Fx");
         assert_eq!(check_rebuild_form(person, None, &host, &body, &key, 2000), Ok("/x".into()));
@@ -131,9 +119,13 @@ mod tests {
         );
         assert!(check_rebuild_form(person, Some("http://evil.example"), &host, &body, &key, 2000).is_err());
         assert!(check_rebuild_form(person, None, &host, "csrf=1.00", &key, 2000).is_err());
-        let bot = RequestInfo { wants_html: true, is_bot: true };
+        let bot = RequestInfo { wants_html: true, may_wake: false };
         assert!(check_rebuild_form(bot, None, &host, &body, &key, 2000).is_err());
         let evil_return = format!("csrf={token}&return_to=%2F%2Fevil.example");
         assert_eq!(check_rebuild_form(person, None, &host, &evil_return, &key, 2000), Ok("/".into()));
+        for evil in ["%2F%0A", "%2F%5Cevil.example", "%2F%09%2Fevil.example", "%2F%0D%0ASet-Cookie:%20a=b"] {
+            let body = format!("csrf={token}&return_to={evil}");
+            assert_eq!(check_rebuild_form(person, None, &host, &body, &key, 2000), Ok("/".into()), "{evil}");
+        }
     }
 }

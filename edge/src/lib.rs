@@ -1,24 +1,31 @@
 //! Wakegate's edge.
 //!
+//! * [`pipeline`] — the one request pipeline both front doors run: limits, host,
+//!   reserved paths, route (cache, single-flight), decision, proxy / page / hold, the
+//!   stale-route step, the rebuild form, activity. A front door supplies only the
+//!   platform hooks ([`pipeline::Platform`]);
 //! * [`decide`] — the routing decision, pure and total: a route record and what we know
-//!   about the request in, a [`Decision`] out (proxy, a splash page and whether to wake,
-//!   hold an API client until the preview is up, or a plain unavailable answer). Builds
-//!   for wasm32: the Cloudflare Worker and the native edge share it;
+//!   about the request in, a [`Decision`] out;
+//! * [`cache`] — the bounded route cache (LRU, negative entries, prepared origins);
+//! * [`answer`] — pages, JSON and redirects as data, and the one place errors become
+//!   statuses;
 //! * [`bots`] — who must never wake or rebuild anything (crawlers, unfurlers, probes,
-//!   prefetches);
-//! * [`front`] — what both front doors do alike without I/O (request classification,
-//!   pages, status JSON, the rebuild form check);
-//! * `native` — the hyper front door (not on wasm32): route cache, proxy with streaming
-//!   and WebSocket pass-through, splash pages, wake after the page is sent, batched
-//!   activity;
-//! * `worker` — the same as a Cloudflare Worker (wasm32 only), see `wrangler.toml`.
+//!   prefetches), as data with sources;
+//! * [`front`] — the pure steps (request classification, pages, status JSON, the rebuild
+//!   form check);
+//! * `native` — the hyper front door (not on wasm32): threads, accept loop, connection
+//!   limits and timeouts, forwarding;
+//! * `worker` — the Cloudflare Worker front door (wasm32 only), see `wrangler.toml`.
 #![forbid(unsafe_code)]
 
+pub mod answer;
 pub mod bots;
+pub mod cache;
 mod decide;
 pub mod front;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native;
+pub mod pipeline;
 #[cfg(target_arch = "wasm32")]
 mod worker;
 

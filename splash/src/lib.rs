@@ -160,13 +160,10 @@ pub fn render(page: &Page, cx: &Context<'_>) -> String {
     .unwrap_or_else(|e| format!("<!doctype html><title>Wakegate</title><p>page error: {e}</p>"))
 }
 
-/// Only same-site paths are allowed as a return target.
+/// Only plain same-origin paths are allowed as a return target (the sanitizer the edge
+/// uses too).
 fn safe_return(path: &str) -> String {
-    if path.starts_with('/') && !path.starts_with("//") && !path.starts_with("/\\") {
-        path.to_string()
-    } else {
-        "/".to_string()
-    }
+    wakegate_core::redirect::safe_return_to(path).to_string()
 }
 
 #[cfg(test)]

@@ -1,0 +1,467 @@
+//! The native front door (hyper): what a preview URL does on a machine without
+//! Cloudflare. Only platform glue lives here; the request pipeline is
+//! [`crate::pipeline`].
+//!
+//! * `mod.rs` — the server: one single-threaded runtime per core, each with its own
+//!   `SO_REUSEPORT` listener, origin pool, route cache and activity set (a request never
+//!   touches another thread, and takes no lock); the accept loop with total and per-IP
+//!   connection caps and a back-off on errors such as `EMFILE`; per connection a
+//!   header-read timeout, an idle timeout and hyper's head limits;
+//! * `platform.rs` — the [`Platform`](crate::pipeline::Platform) hooks: forwarding,
+//!   waker calls, answers, work after the response;
+//! * `body.rs` — the body types (enums, not boxes).
+
+mod body;
+mod platform;
+
+use crate::cache::{CachePolicy, DEFAULT_CAPACITY, DEFAULT_NEGATIVE_TTL_MS};
+use crate::pipeline::{Limits, Pipeline, Settings, State};
+use http::HeaderValue;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ipnet::IpNet;
+use platform::Native;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::warn;
+use wakegate_core::sign::Key;
+
+pub use body::ResponseBody;
+
+/// Default time a client has to send a request head.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a connection may go without a byte either way before it is closed
+/// (a response in progress is finished first).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default cap on open client connections, all threads together.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default cap on open connections from one IP address.
+pub const DEFAULT_MAX_PER_IP: usize = 256;
+
+/// How the native edge serves.
+#[derive(Clone, Debug)]
+pub struct EdgeConfig {
+    /// Base URL of waker, e.g. `http://127.0.0.1:7001`.
+    pub waker_url: String,
+    pub edge_key: Key,
+    pub csrf_key: Key,
+    /// Signs requests to origins so they can tell the edge from the internet.
+    pub origin_key: Key,
+    /// How long a running route is cached.
+    pub route_ttl: Duration,
+    /// How long "no preview at this host" is cached.
+    pub negative_ttl: Duration,
+    /// Most hosts cached per thread.
+    pub cache_capacity: usize,
+    /// How long an API client is held while its preview wakes.
+    pub hold_timeout: Duration,
+    /// How often activity is reported to waker.
+    pub activity_every: Duration,
+    /// `X-Forwarded-Proto` for proxied requests: `http`, or `https` behind a TLS
+    /// terminator.
+    pub scheme: &'static str,
+    /// Peers whose `X-Forwarded-*` / `Forwarded` headers are kept (and appended to).
+    pub trusted_proxies: Vec<IpNet>,
+    pub limits: Limits,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_per_ip: usize,
+}
+
+impl EdgeConfig {
+    /// The defaults, with the waker address and the three keys.
+    pub fn new(waker_url: impl Into<String>, edge_key: Key, csrf_key: Key, origin_key: Key) -> EdgeConfig {
+        EdgeConfig {
+            waker_url: waker_url.into().trim_end_matches('/').to_string(),
+            edge_key,
+            csrf_key,
+            origin_key,
+            route_ttl: Duration::from_secs(2),
+            negative_ttl: Duration::from_millis(DEFAULT_NEGATIVE_TTL_MS),
+            cache_capacity: DEFAULT_CAPACITY,
+            hold_timeout: Duration::from_secs(30),
+            activity_every: Duration::from_secs(1),
+            scheme: "http",
+            trusted_proxies: Vec::new(),
+            limits: Limits::default(),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_per_ip: DEFAULT_MAX_PER_IP,
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        Settings {
+            edge_key: self.edge_key.clone(),
+            csrf_key: self.csrf_key.clone(),
+            origin_key: self.origin_key.clone(),
+            cache: CachePolicy {
+                route_ttl_ms: self.route_ttl.as_millis() as u64,
+                negative_ttl_ms: self.negative_ttl.as_millis() as u64,
+                capacity: self.cache_capacity,
+            },
+            hold_ms: self.hold_timeout.as_millis() as u64,
+            activity_every_ms: self.activity_every.as_millis() as u64,
+            limits: self.limits,
+        }
+    }
+}
+
+/// What the pipeline knows of a request's connection, computed once per connection.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The peer is a trusted proxy.
+    pub trusted: bool,
+    /// The peer's address as a header value.
+    ip_value: HeaderValue,
+    /// `Forwarded: for=…;proto=…` for this peer.
+    forwarded: HeaderValue,
+}
+
+impl ConnInfo {
+    fn new(peer: SocketAddr, cfg: &EdgeConfig) -> ConnInfo {
+        let ip = peer.ip();
+        let node = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        ConnInfo {
+            peer,
+            trusted: cfg.trusted_proxies.iter().any(|n| n.contains(&ip)),
+            ip_value: HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown")),
+            forwarded: HeaderValue::from_str(&format!("for={node};proto={}", cfg.scheme))
+                .unwrap_or(HeaderValue::from_static("for=unknown")),
+        }
+    }
+}
+
+thread_local! {
+    /// This serving thread's pipeline (for work that outlives a request, e.g. WebSocket
+    /// activity).
+    static PIPELINE: RefCell<Option<Rc<Pipeline<Native>>>> = const { RefCell::new(None) };
+}
+
+fn with_state(f: impl FnOnce(&State)) {
+    PIPELINE.with(|p| {
+        if let Some(p) = p.borrow().as_ref() {
+            f(&p.platform.state)
+        }
+    })
+}
+
+/// Open connections, all threads together, and per IP.
+struct Connections {
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    max_total: usize,
+    max_per_ip: usize,
+}
+
+/// One admitted connection; gives its place back when dropped.
+struct Admitted {
+    conns: Arc<Connections>,
+    ip: IpAddr,
+}
+
+impl Connections {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            drop(per_ip);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        *n += 1;
+        Some(Admitted { conns: self.clone(), ip })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.conns.total.fetch_sub(1, Ordering::AcqRel);
+        let mut per_ip = self.conns.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A running native edge. Dropping it (or [`EdgeServer::stop`]) stops every thread.
+pub struct EdgeServer {
+    pub addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    cached: Vec<Arc<AtomicUsize>>,
+    conns: Arc<Connections>,
+}
+
+impl EdgeServer {
+    /// Serves on `addr` with `threads` single-threaded runtimes, each with its own
+    /// `SO_REUSEPORT` listener (port 0 is resolved by the first). Returns once every
+    /// thread listens.
+    pub fn start(addr: SocketAddr, cfg: EdgeConfig, threads: usize) -> std::io::Result<EdgeServer> {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let cfg = Arc::new(cfg);
+        let conns = Arc::new(Connections {
+            total: AtomicUsize::new(0),
+            per_ip: Mutex::default(),
+            max_total: cfg.max_connections.max(1),
+            max_per_ip: cfg.max_per_ip.max(1),
+        });
+        let mut bound = addr;
+        let mut cached = Vec::new();
+        for i in 0..threads.max(1) {
+            let at = bound;
+            let bind = move || -> std::io::Result<std::net::TcpListener> {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(at),
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )?;
+                socket.set_reuse_address(true)?;
+                socket.set_reuse_port(true)?;
+                socket.set_nonblocking(true)?;
+                socket.bind(&at.into())?;
+                socket.listen(4096)?;
+                Ok(socket.into())
+            };
+            let listener = bind()?;
+            bound = listener.local_addr()?;
+            cached.push(spawn_thread(i, listener, cfg.clone(), conns.clone(), stop_rx.clone())?);
+        }
+        Ok(EdgeServer { addr: bound, stop, cached, conns })
+    }
+
+    /// Cached hosts over all threads (as of each thread's last activity tick).
+    pub fn cached_routes(&self) -> usize {
+        self.cached.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Open client connections.
+    pub fn connections(&self) -> usize {
+        self.conns.total.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(self) {}
+}
+
+impl Drop for EdgeServer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn spawn_thread(
+    i: usize,
+    listener: std::net::TcpListener,
+    cfg: Arc<EdgeConfig>,
+    conns: Arc<Connections>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<Arc<AtomicUsize>> {
+    let cached = Arc::new(AtomicUsize::new(0));
+    let report = cached.clone();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name(format!("edge-{i}")).spawn(move || {
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => return warn!(error = %e, "edge listener"),
+            };
+            let mut prefix = [0u8; 8];
+            if getrandom::fill(&mut prefix).is_err() {
+                prefix = (std::process::id() as u64 ^ ((i as u64) << 40)).to_le_bytes();
+            }
+            let settings = cfg.settings();
+            let native = Native {
+                cfg: cfg.clone(),
+                client: platform::client(),
+                state: State::new(settings.cache, u64::from_le_bytes(prefix)),
+            };
+            let pipeline = Pipeline::new(native, settings);
+            PIPELINE.with(|p| *p.borrow_mut() = Some(pipeline.clone()));
+            let flusher = {
+                let pipeline = pipeline.clone();
+                let every = cfg.activity_every.max(Duration::from_millis(10));
+                async move {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        pipeline.flush_activity().await;
+                        report.store(pipeline.platform.state.cached_routes(), Ordering::Relaxed);
+                    }
+                }
+            };
+            tokio::select! {
+                _ = accept_loop(listener, pipeline, cfg, conns) => {}
+                _ = flusher => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            PIPELINE.with(|p| p.borrow_mut().take());
+        });
+    })?;
+    Ok(cached)
+}
+
+/// Answer to a connection over the caps, written without waiting, before it is closed.
+const OVER_CAPACITY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nretry-after: 1\r\nconnection: close\r\n\r\n";
+
+async fn accept_loop(
+    listener: TcpListener,
+    pipeline: Rc<Pipeline<Native>>,
+    cfg: Arc<EdgeConfig>,
+    conns: Arc<Connections>,
+) {
+    let mut backoff = Duration::from_millis(5);
+    let mut failures: u64 = 0;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let Some(admitted) = conns.admit(peer.ip()) else {
+                    let _ = stream.try_write(OVER_CAPACITY);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::task::spawn_local(serve_connection(stream, peer, pipeline.clone(), cfg.clone(), admitted));
+            }
+            Err(e) => {
+                // out of descriptors (EMFILE/ENFILE) or memory: wait instead of spinning,
+                // and say so (the first time, then every 100th)
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(100) {
+                    warn!(error = %e, failures, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// A TCP stream that counts its reads and writes, so an idle connection can be found
+/// without a clock read per I/O.
+struct Watched {
+    inner: TcpStream,
+    // Arc (not Rc) because an upgraded connection's IO must be `Send`; only this stream
+    // writes it, so a relaxed load and store (no locked instruction) is enough
+    ticks: Arc<AtomicU64>,
+}
+
+impl Watched {
+    fn tick(&self) {
+        self.ticks.store(self.ticks.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if r.is_ready() {
+            this.tick();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            this.tick();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if r.is_ready() {
+            this.tick();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    pipeline: Rc<Pipeline<Native>>,
+    cfg: Arc<EdgeConfig>,
+    _admitted: Admitted,
+) {
+    let conn = Rc::new(ConnInfo::new(peer, &cfg));
+    let ticks = Arc::new(AtomicU64::new(0));
+    let io = TokioIo::new(Watched { inner: stream, ticks: ticks.clone() });
+    let svc = service_fn(move |req| {
+        let pipeline = pipeline.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, std::convert::Infallible>(pipeline.handle(&conn, req).await) }
+    });
+    let limits = cfg.limits;
+    // room for a head somewhat over the limits, so the pipeline can answer it with the
+    // edge's own 414/431 page; beyond this hyper answers 431 itself
+    let buffer = (limits.max_head + limits.max_uri + 64 * 1024).max(8192);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(cfg.header_read_timeout).max_buf_size(buffer);
+    let served = builder.serve_connection(io, svc).with_upgrades();
+    tokio::pin!(served);
+    let idle = cfg.idle_timeout.max(Duration::from_millis(10));
+    let check = idle / 4;
+    let (mut seen, mut quiet) = (ticks.load(Ordering::Relaxed), Duration::ZERO);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            _ = served.as_mut() => return,
+            _ = tokio::time::sleep(check), if !closing => {
+                let now = ticks.load(Ordering::Relaxed);
+                if now == seen {
+                    quiet += check;
+                } else {
+                    (seen, quiet) = (now, Duration::ZERO);
+                }
+                if quiet >= idle {
+                    // finishes a response in progress, then closes
+                    served.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
