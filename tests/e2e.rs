@@ -141,6 +141,22 @@ async fn erased_preview_confirm_to_rebuild() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hostile_return_to_sends_the_visitor_home() {
+    let w = World::start().await;
+    let p = w.running("main").await;
+    let id = p["id"].as_str().unwrap();
+    w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
+    w.wait_state(id, "erased").await;
+    let token = csrf_of(&w.visit(&p, "/").await.body);
+    // a line break in return_to once reached a panic after the rebuild was accepted
+    let r = post_form(&w, &p, &format!("csrf={token}&return_to=%2F%0A"), &[]).await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.header("location"), Some("/"));
+    w.wait_state(id, "running").await;
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sleeping_preview_wakes_once_for_200_visits_and_holds_api_clients() {
     let w = World::start().await;
     let p = w.running("main").await;
@@ -218,6 +234,22 @@ async fn bots_and_probes_never_wake_nor_count() {
     .await
     .unwrap();
     assert_eq!(r.status, 503);
+    // Google's unfurlers and safety checks, Safari's previews, HEAD and CORS preflights
+    for (method, headers) in [
+        ("GET", vec![("user-agent", "Google-PageRenderer Google (+https://developers.google.com/+/web/snippet/)")]),
+        ("GET", vec![("user-agent", "Mozilla/5.0 (compatible; GoogleOther)")]),
+        ("GET", vec![("user-agent", "Google-Safety")]),
+        ("GET", vec![("user-agent", http::BROWSER_UA), ("x-purpose", "preview")]),
+        ("HEAD", vec![("user-agent", http::BROWSER_UA)]),
+        ("OPTIONS", vec![("user-agent", http::BROWSER_UA), ("access-control-request-method", "POST")]),
+    ] {
+        let mut h = headers.clone();
+        h.push(("accept", "text/html"));
+        let r = http::send(w.edge, method, &w.host(&p), "/", &h, "").await.unwrap();
+        assert_eq!(r.status, 503, "{method} {headers:?}");
+        let r = http::send(w.edge, method, &w.host(&p), "/api/hello", &headers, "").await.unwrap();
+        assert_eq!(r.status, 503, "{method} {headers:?}");
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(w.show(&id).await["state"], "sleeping");
     assert_eq!(w.dev.store.last_activity(&id).await.unwrap(), before, "bots are not activity");
