@@ -176,7 +176,7 @@ impl State {
     }
 
     /// Writes a fresh nonce (unique per thread and process: prefix + counter).
-    fn nonce(&self, out: &mut [u8; 32]) -> usize {
+    fn nonce(&self, out: &mut [u8; 32]) {
         let n = self.counter.get().wrapping_add(1);
         self.counter.set(n);
         let v = (u128::from(self.nonce_prefix) << 64) | u128::from(n);
@@ -184,14 +184,13 @@ impl State {
         for (i, slot) in out.iter_mut().enumerate() {
             *slot = hex[((v >> (124 - 4 * i)) & 0xf) as usize];
         }
-        32
     }
 
     /// Signs into the reused buffer and hands the header value to `f`.
     fn sign<R>(&self, key: &Key, method: &str, path: &str, digest: &str, now: Millis, f: impl FnOnce(&str) -> R) -> R {
         let mut nonce = [0u8; 32];
-        let len = self.nonce(&mut nonce);
-        let nonce = std::str::from_utf8(&nonce[..len]).unwrap_or("0");
+        self.nonce(&mut nonce);
+        let nonce = std::str::from_utf8(&nonce).unwrap_or("0");
         let mut buf = self.signature.borrow_mut();
         sign::sign_into(key, method, path, digest, now, nonce, &mut buf);
         f(&buf)
@@ -202,7 +201,7 @@ impl State {
 enum Plan {
     Answer(Answer),
     Page { answer: Answer, wake: Option<Host> },
-    Proxy { route: Rc<Route>, info: RequestInfo },
+    Proxy { route: Rc<Route>, info: RequestInfo, signature: HeaderValue },
     Hold { route: Rc<Route>, wake: bool, info: RequestInfo },
     Status { host: Host, after: u64 },
     Rebuild { host: Host, info: RequestInfo, origin: Option<String> },
@@ -232,7 +231,7 @@ impl<P: Platform> Pipeline<P> {
         let result = match plan {
             Ok(Plan::Answer(a)) => return self.platform.respond(a),
             Ok(Plan::Page { answer, wake }) => return self.page_then_wake(cx, answer, wake),
-            Ok(Plan::Proxy { route, info }) => return self.proxy(cx, req, route, info).await,
+            Ok(Plan::Proxy { route, info, signature }) => return self.proxy(cx, req, route, info, signature).await,
             Ok(Plan::Hold { route, wake, info }) => return self.hold(cx, req, route, wake, info).await,
             Ok(Plan::Status { host, after }) => self.status(&host, after, STATUS_WAIT_MS).await.map(|r| match r {
                 Some(r) => Answer::json(200, &status_json(&r)),
@@ -298,7 +297,7 @@ impl<P: Platform> Pipeline<P> {
             return Ok(Plan::Answer(Answer::page(&Page::NotFound { host: host.into_owned() }, &Context::default())));
         };
         Ok(match decide(&route.record, info) {
-            Decision::Proxy => Plan::Proxy { route, info },
+            Decision::Proxy => Plan::Proxy { signature: self.origin_signature(head), route, info },
             Decision::Page { page, wake } => Plan::Page {
                 answer: self.page(&page, &route, head.path_and_query),
                 wake: wake.then(|| route.host.clone()),
@@ -438,19 +437,27 @@ impl<P: Platform> Pipeline<P> {
 
     // ---------- proxy and hold ----------
 
-    async fn proxy(self: &Rc<Self>, cx: &P::Cx, req: P::Request, route: Rc<Route>, info: RequestInfo) -> P::Response {
-        let signature = {
-            let head = self.platform.head(&req);
-            let now = self.platform.now();
-            self.state().sign(
-                &self.settings.origin_key,
-                head.method,
-                head.path_and_query,
-                sign::UNSIGNED_PAYLOAD,
-                now,
-                |s| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("")),
-            )
-        };
+    /// `x-wakegate-origin-signature` for a request with this head, signed now.
+    fn origin_signature(&self, head: Head<'_>) -> HeaderValue {
+        let now = self.platform.now();
+        self.state().sign(
+            &self.settings.origin_key,
+            head.method,
+            head.path_and_query,
+            sign::UNSIGNED_PAYLOAD,
+            now,
+            |s| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("")),
+        )
+    }
+
+    async fn proxy(
+        self: &Rc<Self>,
+        cx: &P::Cx,
+        req: P::Request,
+        route: Rc<Route>,
+        info: RequestInfo,
+        signature: HeaderValue,
+    ) -> P::Response {
         match self.platform.forward(cx, req, Forward { route: &route, info, signature }).await {
             Ok(resp) => {
                 if info.may_wake {
@@ -498,7 +505,8 @@ impl<P: Platform> Pipeline<P> {
                 Ok(Some(r)) => {
                     if r.status.origin().is_some() {
                         let fresh = Rc::new(Route::new(route.host.clone(), r));
-                        return self.proxy(cx, req, fresh, info).await;
+                        let signature = self.origin_signature(self.platform.head(&req));
+                        return self.proxy(cx, req, fresh, info, signature).await;
                     }
                     if matches!(r.status, RouteStatus::Failed { .. } | RouteStatus::Erased { .. } | RouteStatus::Gone) {
                         return self.platform.respond(Answer::json(

@@ -259,8 +259,6 @@ impl EdgeServer {
     pub fn connections(&self) -> usize {
         self.conns.total.load(Ordering::Relaxed)
     }
-
-    pub fn stop(self) {}
 }
 
 impl Drop for EdgeServer {
