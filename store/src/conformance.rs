@@ -57,6 +57,50 @@ where
     enqueue_wakes_job_waiters(fresh().await).await;
     status_waits(fresh().await).await;
     tables_take_once(fresh().await).await;
+    activity_is_forgotten_only_if_unchanged(fresh().await).await;
+    rate_limits_are_gcra(fresh().await).await;
+    nonces_are_claimed_once(fresh().await).await;
+}
+
+pub async fn activity_is_forgotten_only_if_unchanged(s: Arc<dyn Store>) {
+    s.touch(&["a".into(), "b".into()], 10).await.unwrap();
+    s.forget_activity("a", 10).await.unwrap();
+    assert_eq!(s.last_activity("a").await.unwrap(), None);
+    s.touch(&["b".into()], 20).await.unwrap();
+    // the sweeper read 10, then b was touched again: it stays
+    s.forget_activity("b", 10).await.unwrap();
+    assert_eq!(s.last_activity("b").await.unwrap(), Some(20));
+    assert_eq!(s.idle_before(100, 10).await.unwrap(), vec![("b".to_string(), 20)]);
+    s.forget_activity("nobody", 1).await.unwrap();
+    // real timestamps survive the trip through a sorted-set score
+    let at = 1_764_000_000_123;
+    s.touch(&["c".into()], at).await.unwrap();
+    s.forget_activity("c", at).await.unwrap();
+    assert_eq!(s.last_activity("c").await.unwrap(), None);
+}
+
+pub async fn rate_limits_are_gcra(s: Arc<dyn Store>) {
+    let hour = std::time::Duration::from_secs(3600);
+    let t = now();
+    for i in 0..3 {
+        assert!(s.rate_limit("ip:1", 3, hour, t).await.unwrap(), "use {i} is within the burst");
+    }
+    assert!(!s.rate_limit("ip:1", 3, hour, t).await.unwrap(), "the fourth is refused");
+    assert!(s.rate_limit("ip:2", 3, hour, t).await.unwrap(), "keys are independent");
+    // one use comes back every window / limit
+    assert!(!s.rate_limit("ip:1", 3, hour, t + 1_199_000).await.unwrap());
+    assert!(s.rate_limit("ip:1", 3, hour, t + 1_200_000).await.unwrap());
+    assert!(!s.rate_limit("ip:1", 3, hour, t + 1_200_000).await.unwrap());
+    // absurd values neither panic nor wrap
+    assert!(s.rate_limit("x", 0, hour, t).await.unwrap());
+    assert!(s.rate_limit("y", u32::MAX, std::time::Duration::from_millis(1), t).await.unwrap());
+}
+
+pub async fn nonces_are_claimed_once(s: Arc<dyn Store>) {
+    let t = now();
+    assert!(s.claim_nonce("n1", t + 60_000, t).await.unwrap());
+    assert!(!s.claim_nonce("n1", t + 60_000, t).await.unwrap(), "a replay is refused");
+    assert!(s.claim_nonce("n2", t + 60_000, t).await.unwrap());
 }
 
 pub async fn projects(s: Arc<dyn Store>) {

@@ -1,12 +1,20 @@
-//! The embedded store: state in memory, every change appended to one JSON-lines file
-//! and replayed at start. The file is rewritten compactly when it has grown to several
-//! times the live state. One process owns the file.
+//! The embedded store: state in memory, every change appended to one file and replayed
+//! at start. The file is rewritten compactly when it has grown to several times the live
+//! state. One process owns the file.
+//!
+//! Each record is one line, `<crc32 as 8 hex digits> <json>\n`. At start a last line
+//! without its newline is a write torn by a crash and is dropped; any other line that
+//! fails its checksum or does not parse stops the start with an error naming the file and
+//! line, because it was acknowledged and dropping it would lose data silently. A write
+//! that fails part-way (a full disk) is cut back off the file before the error is
+//! returned, so the next record starts on a clean line. Rate-limit counters and nonces
+//! live in memory only (one process, nothing to share).
 
 use crate::{Enqueued, Lease, Result, Store, StoreError, Versioned};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -26,6 +34,7 @@ enum Op {
     Host { host: String, preview: String },
     Expiry { preview: String, at: Option<Millis> },
     Touch { preview: String, at: Millis },
+    Forget { preview: String, at: Millis },
     Job { job: Job },
     JobDone { id: u64 },
     Table { table: String, key: String, value: Option<String> },
@@ -87,6 +96,12 @@ impl State {
                 self.activity.insert((at, preview.clone()));
                 self.activity_of.insert(preview, at);
             }
+            Op::Forget { preview, at } => {
+                if self.activity_of.get(&preview) == Some(&at) {
+                    self.activity_of.remove(&preview);
+                    self.activity.remove(&(at, preview));
+                }
+            }
             Op::Job { job } => {
                 self.next_job = self.next_job.max(job.id + 1);
                 self.job_keys.insert((job.preview.clone(), job.kind), job.id);
@@ -138,14 +153,73 @@ impl State {
 struct Log {
     path: Option<PathBuf>,
     file: Option<std::fs::File>,
+    /// Bytes of whole records in the file: a failed append is cut back to here.
+    len: u64,
     entries: usize,
+    /// A failed append could not be cut back: the next commit rewrites the file first.
+    dirty: bool,
+}
+
+impl Log {
+    fn memory() -> Log {
+        Log { path: None, file: None, len: 0, entries: 0, dirty: false }
+    }
+}
+
+/// Most rate-limit keys kept; the least recently used beyond it are forgotten.
+const MAX_LIMIT_KEYS: usize = 100_000;
+
+/// In-memory only: rate-limit arrival times and signature nonces.
+struct Ephemeral {
+    limits: lru::LruCache<String, Millis>,
+    nonces: HashMap<String, Millis>,
+    nonce_expiry: BTreeSet<(Millis, String)>,
+}
+
+impl Default for Ephemeral {
+    fn default() -> Ephemeral {
+        Ephemeral {
+            limits: lru::LruCache::new(std::num::NonZeroUsize::new(MAX_LIMIT_KEYS).expect("nonzero")),
+            nonces: HashMap::new(),
+            nonce_expiry: BTreeSet::new(),
+        }
+    }
 }
 
 /// Memory plus an append-only file. `open(None)` keeps everything in memory only.
 pub struct EmbeddedStore {
     inner: Mutex<(State, Log)>,
+    ephemeral: Mutex<Ephemeral>,
     notify: Notify,
     jobs_notify: Notify,
+}
+
+/// One record as a line: checksum, space, JSON, newline.
+fn encode(op: &Op, out: &mut Vec<u8>) -> Result<()> {
+    let json = serde_json::to_vec(op).map_err(|e| StoreError::Backend(e.to_string()))?;
+    out.extend_from_slice(format!("{:08x} ", crc32fast::hash(&json)).as_bytes());
+    out.extend_from_slice(&json);
+    out.push(b'\n');
+    Ok(())
+}
+
+/// Reads one line (without its newline). Lines of a log written before checksums
+/// (`legacy`) are plain JSON.
+fn decode(line: &[u8], legacy: bool) -> std::result::Result<Op, String> {
+    let json = if legacy {
+        line
+    } else {
+        let (sum, json) = match line.split_first_chunk::<9>() {
+            Some((head, json)) if head[8] == b' ' => (&head[..8], json),
+            _ => return Err("no checksum".into()),
+        };
+        let sum = std::str::from_utf8(sum).ok().and_then(|s| u32::from_str_radix(s, 16).ok());
+        if sum != Some(crc32fast::hash(json)) {
+            return Err("checksum mismatch".into());
+        }
+        json
+    };
+    serde_json::from_slice(json).map_err(|e| e.to_string())
 }
 
 fn io_err(e: std::io::Error) -> StoreError {
@@ -156,47 +230,53 @@ impl EmbeddedStore {
     /// A store that lives in memory only.
     pub fn in_memory() -> EmbeddedStore {
         EmbeddedStore {
-            inner: Mutex::new((State::default(), Log { path: None, file: None, entries: 0 })),
+            inner: Mutex::new((State::default(), Log::memory())),
+            ephemeral: Mutex::default(),
             notify: Notify::new(),
             jobs_notify: Notify::new(),
         }
     }
 
     /// Opens (or creates) the store file at `path`, replaying it. A torn last line (a
-    /// crash mid-write) is dropped; any other bad line is an error naming it.
+    /// crash mid-write, no newline) is dropped; any other bad line is an error naming it.
     pub fn open(path: &Path) -> Result<EmbeddedStore> {
         let mut state = State::default();
         let mut entries = 0;
         if path.exists() {
-            let f = std::fs::File::open(path).map_err(io_err)?;
-            let lines: Vec<String> =
-                std::io::BufReader::new(f).lines().collect::<std::io::Result<_>>().map_err(io_err)?;
-            let n = lines.len();
-            for (i, line) in lines.into_iter().enumerate() {
-                if line.trim().is_empty() {
+            let data = std::fs::read(path).map_err(io_err)?;
+            let legacy = data.first() == Some(&b'{');
+            let mut rest = &data[..];
+            let mut line_no = 0;
+            while !rest.is_empty() {
+                line_no += 1;
+                let Some(end) = rest.iter().position(|b| *b == b'\n') else {
+                    tracing::warn!(path = %path.display(), line = line_no, "dropping a torn last record (no newline)");
+                    break;
+                };
+                let (line, tail) = (&rest[..end], &rest[end + 1..]);
+                rest = tail;
+                if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                match serde_json::from_str::<Op>(&line) {
+                match decode(line, legacy) {
                     Ok(op) => {
                         state.apply(op);
                         entries += 1;
                     }
-                    Err(_) if i + 1 == n => {
-                        tracing::warn!(path = %path.display(), "dropping torn last line of the store log")
-                    }
-                    Err(e) => {
-                        return Err(StoreError::Corrupt {
-                            key: format!("{}:{}", path.display(), i + 1),
-                            reason: e.to_string(),
-                        })
+                    Err(reason) => {
+                        return Err(StoreError::Corrupt { key: format!("{}:{line_no}", path.display()), reason })
                     }
                 }
             }
         } else if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_err)?;
         }
+        let mut log = Log::memory();
+        log.path = Some(path.to_path_buf());
+        log.entries = entries;
         let store = EmbeddedStore {
-            inner: Mutex::new((state, Log { path: Some(path.to_path_buf()), file: None, entries })),
+            inner: Mutex::new((state, log)),
+            ephemeral: Mutex::default(),
             notify: Notify::new(),
             jobs_notify: Notify::new(),
         };
@@ -208,22 +288,29 @@ impl EmbeddedStore {
     fn compact(&self) -> Result<()> {
         let mut guard = self.inner.lock().unwrap();
         let (state, log) = &mut *guard;
+        Self::rewrite(state, log)
+    }
+
+    fn rewrite(state: &State, log: &mut Log) -> Result<()> {
         let Some(path) = log.path.clone() else {
             return Ok(());
         };
         let tmp = path.with_extension("tmp");
         let ops = state.snapshot();
+        let mut buf = Vec::new();
+        for op in &ops {
+            encode(op, &mut buf)?;
+        }
         {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io_err)?);
-            for op in &ops {
-                serde_json::to_writer(&mut f, op).map_err(|e| StoreError::Backend(e.to_string()))?;
-                f.write_all(b"\n").map_err(io_err)?;
-            }
-            f.into_inner().map_err(|e| io_err(e.into_error()))?.sync_all().map_err(io_err)?;
+            let mut f = std::fs::File::create(&tmp).map_err(io_err)?;
+            f.write_all(&buf).map_err(io_err)?;
+            f.sync_all().map_err(io_err)?;
         }
         std::fs::rename(&tmp, &path).map_err(io_err)?;
         log.file = Some(std::fs::OpenOptions::new().append(true).open(&path).map_err(io_err)?);
         log.entries = ops.len();
+        log.len = buf.len() as u64;
+        log.dirty = false;
         Ok(())
     }
 
@@ -235,13 +322,23 @@ impl EmbeddedStore {
         if ops.is_empty() {
             return Ok(out);
         }
+        if log.dirty {
+            Self::rewrite(state, log)?;
+        }
         if let Some(file) = log.file.as_mut() {
             let mut buf = Vec::new();
             for op in &ops {
-                serde_json::to_writer(&mut buf, op).map_err(|e| StoreError::Backend(e.to_string()))?;
-                buf.push(b'\n');
+                encode(op, &mut buf)?;
             }
-            file.write_all(&buf).map_err(io_err)?;
+            if let Err(e) = file.write_all(&buf) {
+                // cut the partial record off so the next one starts on a clean line;
+                // if even that fails, the next commit rewrites the whole file
+                if file.set_len(log.len).is_err() {
+                    log.dirty = true;
+                }
+                return Err(io_err(e));
+            }
+            log.len += buf.len() as u64;
             log.entries += ops.len();
         }
         for op in ops {
@@ -350,6 +447,45 @@ impl Store for EmbeddedStore {
         Ok(self.read(|s| {
             s.activity.iter().take_while(|(at, _)| *at < before).take(limit).map(|(at, p)| (p.clone(), *at)).collect()
         }))
+    }
+
+    async fn forget_activity(&self, preview_id: &str, at: Millis) -> Result<()> {
+        self.commit(|s| {
+            if s.activity_of.get(preview_id) != Some(&at) {
+                return Ok((vec![], ()));
+            }
+            Ok((vec![Op::Forget { preview: preview_id.to_string(), at }], ()))
+        })
+    }
+
+    async fn rate_limit(&self, key: &str, limit: u32, window: Duration, now: Millis) -> Result<bool> {
+        let mut e = self.ephemeral.lock().unwrap();
+        let tat = e.limits.get(key).copied().unwrap_or(0);
+        match crate::gcra(tat, limit, window, now) {
+            Some(next) => {
+                e.limits.put(key.to_string(), next);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn claim_nonce(&self, nonce: &str, until: Millis, now: Millis) -> Result<bool> {
+        let mut guard = self.ephemeral.lock().unwrap();
+        let e = &mut *guard;
+        while let Some(first) = e.nonce_expiry.first() {
+            if first.0 > now {
+                break;
+            }
+            let (_, n) = e.nonce_expiry.pop_first().expect("non-empty");
+            e.nonces.remove(&n);
+        }
+        if e.nonces.contains_key(nonce) {
+            return Ok(false);
+        }
+        e.nonces.insert(nonce.to_string(), until);
+        e.nonce_expiry.insert((until, nonce.to_string()));
+        Ok(true)
     }
 
     async fn enqueue(&self, preview_id: &str, kind: JobKind) -> Result<Enqueued> {

@@ -105,6 +105,18 @@ pub trait Store: Send + Sync + 'static {
     async fn last_activity(&self, preview_id: &str) -> Result<Option<Millis>>;
     /// Previews whose last activity is before `before`, oldest first.
     async fn idle_before(&self, before: Millis, limit: usize) -> Result<Vec<(String, Millis)>>;
+    /// Drops a preview's activity entry if it still reads `at` (a touch since then
+    /// keeps it): the idle sweeper clears entries of previews that are not running, so
+    /// they never crowd running ones out of its batch.
+    async fn forget_activity(&self, preview_id: &str, at: Millis) -> Result<()>;
+
+    /// Counts one use of `key`'s budget of `limit` uses per `window` (GCRA: a burst of
+    /// `limit`, then one use every `window / limit`); `false` when it is spent. Shared
+    /// by every replica; an entry expires with its window, so memory stays bounded.
+    async fn rate_limit(&self, key: &str, limit: u32, window: Duration, now: Millis) -> Result<bool>;
+    /// Remembers a signature nonce until `until`; `false` when it was already seen, by
+    /// any replica.
+    async fn claim_nonce(&self, nonce: &str, until: Millis, now: Millis) -> Result<bool>;
 
     /// Adds a job unless one of this kind is already pending or leased for the preview.
     async fn enqueue(&self, preview_id: &str, kind: JobKind) -> Result<Enqueued>;
@@ -164,6 +176,15 @@ pub(crate) async fn wait_with<S: Store + ?Sized>(
         let tick = (deadline - now).min(Duration::from_millis(500));
         let _ = tokio::time::timeout(tick, notified).await;
     }
+}
+
+/// One GCRA step: the new theoretical arrival time, or `None` when the budget is spent.
+/// `tat` is the stored arrival time (0 for a new key).
+pub fn gcra(tat: Millis, limit: u32, window: Duration, now: Millis) -> Option<Millis> {
+    let window = window.as_millis().min(u64::MAX as u128) as Millis;
+    let interval = (window / Millis::from(limit.max(1))).max(1);
+    let next = tat.max(now).saturating_add(interval);
+    (next - now <= window).then_some(next)
 }
 
 /// A random id: 16 hex chars with a prefix.

@@ -8,12 +8,18 @@
 //! * `expiry`, `activity` sorted sets (score = ms);
 //! * `jobs` stream with consumer group `workers`; `jobkey:{preview}:{kind}` → entry id
 //!   makes enqueue idempotent. A claimed job is a pending entry; one idle longer than
-//!   the lease is taken over by the next claim (its worker died).
+//!   the lease is taken over by the next claim (its worker died);
+//! * `limit:{key}` → GCRA arrival time and `nonce:{nonce}`, both expiring with their
+//!   window, so rate limits and replay protection hold across replicas.
+//!
+//! Commands go through a [`ConnectionManager`], which reconnects after Redis restarts or
+//! the network drops: calls fail while Redis is away (callers see `Backend` and retry
+//! later) and work again once it is back, without restarting the process.
 
 use crate::{Enqueued, Lease, Result, Store, StoreError, Versioned};
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +83,20 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
 "#;
 
+const FORGET: &str = r#"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 1
+"#;
+
+const GCRA: &str = r#"
+local tat = tonumber(redis.call('GET', KEYS[1])) or 0
+local now, interval, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local nxt = math.max(tat, now) + interval
+if nxt - now > window then return 0 end
+redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', math.max(1, nxt - now))
+return 1
+"#;
+
 const CREATE_PROJECT: &str = r#"
 if redis.call('SETNX', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('SET', KEYS[2], ARGV[2])
@@ -93,7 +113,7 @@ return 1
 
 /// Redis-backed [`Store`].
 pub struct RedisStore {
-    conn: MultiplexedConnection,
+    conn: ConnectionManager,
     prefix: String,
     notify: Arc<Notify>,
     jobs_notify: Arc<Notify>,
@@ -145,21 +165,13 @@ impl RedisStore {
     /// Connects, creates the job group if needed and starts the status listener.
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisStore> {
         let client = redis::Client::open(url).map_err(be)?;
-        let mut conn = client.get_multiplexed_async_connection().await.map_err(be)?;
-        let stream = format!("{prefix}jobs");
-        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&stream)
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        if let Err(e) = created {
-            if e.code() != Some("BUSYGROUP") {
-                return Err(be(e));
-            }
-        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_max_delay(Duration::from_secs(2))
+            .set_number_of_retries(3);
+        let mut conn = ConnectionManager::new_with_config(client.clone(), config).await.map_err(be)?;
+        ensure_group(&mut conn, &format!("{prefix}jobs")).await?;
         let notify = Arc::new(Notify::new());
         let jobs_notify = Arc::new(Notify::new());
         let pattern = format!("{prefix}status:*");
@@ -174,8 +186,19 @@ impl RedisStore {
         k
     }
 
-    fn conn(&self) -> MultiplexedConnection {
+    fn conn(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+}
+
+/// Creates the job stream's consumer group unless it exists (also after a Redis that
+/// lost its data came back: claims then see `NOGROUP` and call this again).
+async fn ensure_group(conn: &mut ConnectionManager, stream: &str) -> Result<()> {
+    let created: redis::RedisResult<()> =
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("0").arg("MKSTREAM").query_async(conn).await;
+    match created {
+        Err(e) if e.code() != Some("BUSYGROUP") => Err(be(e)),
+        _ => Ok(()),
     }
 }
 
@@ -355,6 +378,46 @@ impl Store for RedisStore {
         Ok(rows.into_iter().map(|(id, s)| (id, s as Millis)).collect())
     }
 
+    async fn forget_activity(&self, preview_id: &str, at: Millis) -> Result<()> {
+        // scores are doubles; ms timestamps are exact in them and print as integers
+        Script::new(FORGET)
+            .key(self.key(&["activity"]))
+            .arg(preview_id)
+            .arg(at.to_string())
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map_err(be)?;
+        Ok(())
+    }
+
+    async fn rate_limit(&self, key: &str, limit: u32, window: Duration, now: Millis) -> Result<bool> {
+        let window = window.as_millis().min(u64::MAX as u128) as u64;
+        let interval = (window / u64::from(limit.max(1))).max(1);
+        let ok: i64 = Script::new(GCRA)
+            .key(self.key(&["limit", key]))
+            .arg(now)
+            .arg(interval)
+            .arg(window)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        Ok(ok == 1)
+    }
+
+    async fn claim_nonce(&self, nonce: &str, until: Millis, now: Millis) -> Result<bool> {
+        let ttl = until.saturating_sub(now).max(1);
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.key(&["nonce", nonce]))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        Ok(set.is_some())
+    }
+
     async fn enqueue(&self, preview_id: &str, kind: JobKind) -> Result<Enqueued> {
         let (job_id, created): (String, i64) = Script::new(ENQUEUE)
             .key(self.key(&["jobkey", preview_id, kind.as_str()]))
@@ -370,13 +433,21 @@ impl Store for RedisStore {
 
     async fn claim(&self, worker: &str, lease: Duration, _now: Millis) -> Result<Option<Lease>> {
         // lease expiry is Redis's own idle time of the pending entry, on Redis's clock
-        let v: Value = Script::new(CLAIM)
-            .key(self.key(&["jobs"]))
-            .arg(worker)
-            .arg(lease.as_millis() as u64)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(be)?;
+        let claim = || async {
+            Script::new(CLAIM)
+                .key(self.key(&["jobs"]))
+                .arg(worker)
+                .arg(lease.as_millis() as u64)
+                .invoke_async::<Value>(&mut self.conn())
+                .await
+        };
+        let v = match claim().await {
+            Err(e) if e.code() == Some("NOGROUP") => {
+                ensure_group(&mut self.conn(), &self.key(&["jobs"])).await?;
+                claim().await.map_err(be)?
+            }
+            r => r.map_err(be)?,
+        };
         if matches!(v, Value::Nil) {
             return Ok(None);
         }
