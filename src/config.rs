@@ -59,6 +59,11 @@ pub struct Config {
     pub sweep_every: Duration,
     pub lease: Duration,
     pub orphan_grace: Duration,
+    /// Cloud API requests the reconciler's listings may spend an hour.
+    pub cloud_requests_per_hour: usize,
+    pub liveness_every: Duration,
+    pub max_builds: usize,
+    pub max_quick_jobs: usize,
     pub route_ttl: Duration,
     pub hold_timeout: Duration,
     pub activity_every: Duration,
@@ -274,6 +279,10 @@ impl Config {
             sweep_every: secs(src, "WAKEGATE_SWEEP_SECS", 5.0)?,
             lease: secs(src, "WAKEGATE_LEASE_SECS", 30.0)?,
             orphan_grace: secs(src, "WAKEGATE_ORPHAN_GRACE_SECS", 120.0)?,
+            cloud_requests_per_hour: count(src, "WAKEGATE_CLOUD_REQUESTS_PER_HOUR", 360, 1..=100_000)?,
+            liveness_every: secs(src, "WAKEGATE_LIVENESS_SECS", 2.0)?,
+            max_builds: count(src, "WAKEGATE_MAX_BUILDS", 4, 1..=256)?,
+            max_quick_jobs: count(src, "WAKEGATE_MAX_QUICK_JOBS", 16, 1..=1024)?,
             route_ttl: secs(src, "WAKEGATE_ROUTE_CACHE_SECS", 2.0)?,
             hold_timeout: secs(src, "WAKEGATE_HOLD_SECS", 30.0)?,
             activity_every: secs(src, "WAKEGATE_ACTIVITY_SECS", 1.0)?,
@@ -328,6 +337,10 @@ impl Config {
             sweep_every: self.sweep_every,
             orphan_grace: self.orphan_grace,
             preview_url_template,
+            cloud_requests_per_hour: self.cloud_requests_per_hour as u32,
+            liveness_every: self.liveness_every,
+            max_builds: self.max_builds,
+            max_quick_jobs: self.max_quick_jobs,
         }
     }
 

@@ -82,11 +82,8 @@ impl Dev {
             cfg.provisioner_settings(preview_url_template.clone()),
         ));
         let mut tasks = backend.tasks;
-        tasks.extend([
-            tokio::spawn(wakegate_waker::serve(waker_listener, waker)),
-            tokio::spawn(provisioner.clone().run_jobs(stop_rx.clone())),
-            tokio::spawn(provisioner.clone().run_sweeps(stop_rx)),
-        ]);
+        tasks.push(tokio::spawn(wakegate_waker::serve(waker_listener, waker)));
+        tasks.extend(provisioner.spawn_all(stop_rx));
         Ok(Dev {
             edge_addr,
             waker_addr,

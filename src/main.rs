@@ -10,17 +10,30 @@ use wakegate::dev::Dev;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "\
-wakegate — preview URLs that always work
+/// Preview URLs that always work: the edge router and wake-on-request provisioner.
+///
+/// Settings come from WAKEGATE_* environment variables; see README.md.
+#[derive(clap::Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
 
-usage:
-  wakegate dev           edge + waker + provisioner in one process, embedded store,
-                         local backend, with a demo project (no Redis or cloud needed)
-  wakegate waker         the control API (needs WAKEGATE_REDIS_URL)
-  wakegate edge          the native edge (needs WAKEGATE_WAKER_URL and keys)
-  wakegate provisioner   the job runner and sweepers, local backend (needs Redis)
-
-settings come from WAKEGATE_* environment variables; see README.md.";
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Edge + waker + provisioner in one process, embedded store, local backend, with a
+    /// demo project (no Redis or cloud needed).
+    Dev,
+    /// The control API (needs WAKEGATE_REDIS_URL).
+    Waker,
+    /// The native edge (needs WAKEGATE_WAKER_URL and the keys).
+    Edge,
+    /// The job runner and sweepers (needs WAKEGATE_REDIS_URL).
+    Provisioner,
+    /// Prints the waker's OpenAPI document.
+    Openapi,
+}
 
 fn init_tracing() {
     let level = match std::env::var("RUST_LOG").unwrap_or_default().to_ascii_lowercase().as_str() {
@@ -35,19 +48,19 @@ fn init_tracing() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cmd = std::env::args().nth(1).unwrap_or_default();
-    if matches!(cmd.as_str(), "" | "-h" | "--help" | "help") {
-        println!("{USAGE}");
+    let cli = <Cli as clap::Parser>::parse();
+    if let Cmd::Openapi = cli.cmd {
+        println!("{}", wakegate_waker::openapi_json());
         return Ok(());
     }
     init_tracing();
     let cfg = Config::from_source(&Env)?;
-    match cmd.as_str() {
-        "dev" => dev(cfg).await,
-        "waker" => wakegate::parts::waker(cfg).await,
-        "edge" => wakegate::parts::edge(cfg).await,
-        "provisioner" => wakegate::parts::provisioner(cfg).await,
-        other => anyhow::bail!("unknown command {other:?}\n\n{USAGE}"),
+    match cli.cmd {
+        Cmd::Dev => dev(cfg).await,
+        Cmd::Waker => wakegate::parts::waker(cfg).await,
+        Cmd::Edge => wakegate::parts::edge(cfg).await,
+        Cmd::Provisioner => wakegate::parts::provisioner(cfg).await,
+        Cmd::Openapi => Ok(()),
     }
 }
 
@@ -62,13 +75,19 @@ async fn dev(cfg: Config) -> anyhow::Result<()> {
         let addr = dev.waker_addr;
         async move { wakegate::operator::call(addr, &token, method, &path, Some(body)).await }
     };
-    let (status, body) = call(
-        "POST",
-        "/v1/projects".into(),
-        serde_json::json!({"name": "demo", "git_url": repo, "ttl_hours": 24, "idle_timeout_secs": 600}),
-    )
-    .await?;
-    anyhow::ensure!(status == 201 || status == 409, "creating the demo project: {status} {body}");
+    // the demo project is created once; a restart finds it
+    let (status, body) = call("GET", "/v1/projects/demo".into(), serde_json::Value::Null).await?;
+    if status == 404 {
+        let (status, body) = call(
+            "POST",
+            "/v1/projects".into(),
+            serde_json::json!({"name": "demo", "git_url": repo, "ttl_hours": 24, "idle_timeout_secs": 600}),
+        )
+        .await?;
+        anyhow::ensure!(status == 201, "creating the demo project: {status} {body}");
+    } else {
+        anyhow::ensure!(status == 200, "reading the demo project: {status} {body}");
+    }
     println!("\nWakegate is running (embedded store, local backend, data in {}).\n", cfg.data_dir.display());
     for branch in wakegate::demo::BRANCHES {
         let (status, p) = call("POST", "/v1/projects/demo/previews".into(), serde_json::json!({"ref": branch})).await?;

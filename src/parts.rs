@@ -58,9 +58,10 @@ pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
     let backend = crate::backend::start(&cfg, store.clone(), &template, rx.clone()).await?;
     let p = Arc::new(Provisioner::new(store, backend.cloud.clone(), cfg.provisioner_settings(template)));
     tracing::info!(worker = %p.worker, "provisioner running");
-    let sweeps = tokio::spawn(p.clone().run_sweeps(rx.clone()));
-    p.run_jobs(rx).await;
-    sweeps.abort();
+    let tasks = p.spawn_all(rx);
+    for t in tasks {
+        let _ = t.await;
+    }
     for t in backend.tasks {
         t.abort();
     }

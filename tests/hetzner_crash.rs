@@ -209,6 +209,9 @@ impl Replica {
                         sweep_every: Duration::from_millis(200),
                         orphan_grace: Duration::from_millis(500),
                         preview_url_template: "http://{label}.localhost:1".into(),
+                        // the fake API has no hourly allowance to protect
+                        cloud_requests_per_hour: 1_000_000,
+                        ..Default::default()
                     },
                 ));
                 let (keep, rx) = tokio::sync::watch::channel(false);

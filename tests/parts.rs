@@ -1,6 +1,7 @@
 //! `wakegate waker`, `wakegate provisioner` and `wakegate edge` as three processes
 //! sharing one Redis: create a preview through the operator API, visit it through the
-//! edge, see the app; put it to sleep and visit again.
+//! edge, see the app; put it to sleep and visit again; restart Redis under them and
+//! see every part carry on without a restart of its own.
 
 mod common;
 
@@ -13,7 +14,7 @@ use wakegate_testkit::{free_port, http, redis::RedisServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_processes_on_redis_serve_a_preview() {
-    let redis = RedisServer::start().await.unwrap();
+    let mut redis = RedisServer::start_persistent().await.unwrap();
     let data = wakegate_testkit::tempdir("parts");
     let (edge_port, waker_port) = (free_port(), free_port());
     let token = "operator-token-for-the-parts-test";
@@ -79,11 +80,28 @@ async fn three_processes_on_redis_serve_a_preview() {
             .unwrap();
     assert_eq!(r.status, 200, "held until awake: {}", r.body);
 
-    // stop the app this test's provisioner started
-    let machine = {
-        let (_, v) = op("GET", format!("/v1/previews/{id}"), None).await;
-        assert_eq!(v["state"], "running");
-        std::fs::read_dir(data.join("machines")).unwrap().flatten().next().unwrap().path()
-    };
-    wakegate_testkit::kill_recorded_group(&machine.join("app.pid"));
+    // Redis goes away and comes back: waker and provisioner reconnect by themselves
+    redis.restart(Duration::from_millis(500)).await.unwrap();
+    let (s, main) = wakegate_testkit::eventually(WAIT, "the waker to answer again", || async {
+        let r =
+            wakegate::operator::call(waker, token, "POST", "/v1/projects/demo/previews", Some(json!({"ref": "main"})))
+                .await
+                .ok()?;
+        (r.0 != 503).then_some(r)
+    })
+    .await;
+    assert_eq!(s, 201, "{main}");
+    let main_host = format!("{}.localhost:{edge_port}", main["label"].as_str().unwrap());
+    wakegate_testkit::eventually(WAIT, "a preview built after the restart", || async {
+        let r = http::get_html(edge, &main_host, "/").await.ok()?;
+        r.body.contains("Hello from the main branch").then_some(())
+    })
+    .await;
+    let (_, v) = op("GET", format!("/v1/previews/{id}"), None).await;
+    assert_eq!(v["state"], "running", "the record from before the restart is there");
+
+    // stop the apps this test's provisioner started
+    for machine in std::fs::read_dir(data.join("machines")).unwrap().flatten() {
+        wakegate_testkit::kill_recorded_group(&machine.path().join("app.pid"));
+    }
 }

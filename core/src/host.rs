@@ -15,8 +15,9 @@ pub const MAX_LABEL: usize = 63;
 pub const MAX_HOST: usize = 253;
 /// Longest raw `Host` header value we even look at.
 pub const MAX_RAW_HOST: usize = 1024;
-/// Hex characters of `sha256(project ":" ref)` in a preview label.
-pub const HASH_LEN: usize = 8;
+/// Hex characters of `sha256(project ":" ref)` in a preview label and id: 64 bits, so no
+/// two refs of any projects are expected to share one (the create checks anyway).
+pub const HASH_LEN: usize = 16;
 
 /// A hostname that passed [`normalize_host`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod form;
+pub mod gitref;
 pub mod host;
 pub mod lifecycle;
 pub mod redirect;

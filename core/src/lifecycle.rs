@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub type MachineId = String;
 
 /// Where a build is. Published live to splash pages.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -58,6 +59,19 @@ impl Phase {
         }
     }
 
+    /// What visitors are told when a preview failed here: short and free of anything
+    /// from the build (its output can hold secrets; operators see it in the API).
+    pub fn failure_summary(self) -> &'static str {
+        match self {
+            Phase::Queued | Phase::Acquiring => "No machine could be prepared for this preview.",
+            Phase::Checkout => "The code could not be checked out.",
+            Phase::RestoringDb => "The database could not be restored.",
+            Phase::Build => "The build failed.",
+            Phase::Start => "The app exited while starting.",
+            Phase::Health => "The app did not answer its health check in time.",
+        }
+    }
+
     /// Human wording for pages.
     pub fn label(self) -> &'static str {
         match self {
@@ -73,6 +87,7 @@ impl Phase {
 }
 
 /// Why a preview was erased.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EraseReason {

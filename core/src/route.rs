@@ -5,6 +5,7 @@ use crate::Millis;
 use serde::{Deserialize, Serialize};
 
 /// A project: a repository whose refs get previews.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Project {
     /// Random, stable id (part of every preview hash).
@@ -24,6 +25,7 @@ pub struct Project {
 }
 
 /// A project's machines: size, place, and how they sleep.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineSpec {
@@ -38,6 +40,7 @@ pub struct MachineSpec {
 }
 
 /// How an idle preview sleeps.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SleepMode {
@@ -94,6 +97,7 @@ impl Preview {
 }
 
 /// What the edge routes on, as waker sends it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteRecord {
     pub preview_id: String,
@@ -108,6 +112,7 @@ pub struct RouteRecord {
 }
 
 /// The part of a preview's state the edge needs.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum RouteStatus {
@@ -123,6 +128,7 @@ pub enum RouteStatus {
     Waking,
     Failed {
         phase: Phase,
+        /// A short public summary ([`Phase::failure_summary`]), never build output.
         reason: String,
     },
     Erased {
@@ -144,7 +150,10 @@ impl RouteStatus {
             // a stop under way is about to be asleep; a wake asked for now is remembered
             State::Stopping { wake_after: false, .. } => RouteStatus::Sleeping,
             State::Stopping { wake_after: true, .. } | State::Waking { .. } => RouteStatus::Waking,
-            State::Failed { phase, reason } => RouteStatus::Failed { phase: *phase, reason: reason.clone() },
+            // the stored reason can hold build output: visitors get the phase's summary
+            State::Failed { phase, .. } => {
+                RouteStatus::Failed { phase: *phase, reason: phase.failure_summary().into() }
+            }
             State::Erasing { reason, .. } | State::Erased { reason } => {
                 RouteStatus::Erased { reason: *reason, rebuildable }
             }
@@ -175,6 +184,7 @@ impl RouteStatus {
 }
 
 /// Body of the edge's wake and rebuild calls.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRequest {
     pub host: String,
@@ -184,6 +194,7 @@ pub struct HostRequest {
 }
 
 /// Body of the edge's batched activity report: hosts that saw traffic since the last one.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActivityBatch {
     pub hosts: Vec<String>,

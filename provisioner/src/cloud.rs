@@ -25,6 +25,15 @@ pub struct MachineInfo {
     pub held: bool,
 }
 
+/// Every machine a backend manages, and what finding out cost.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub machines: Vec<MachineInfo>,
+    /// Cloud API requests the listing made (0 for a local backend); the reconciler
+    /// paces listings by it.
+    pub requests: u32,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CloudError {
     /// The work failed in a way a user can act on (bad ref, build error, health timeout).
@@ -73,5 +82,11 @@ pub trait Cloud: Send + Sync + 'static {
     /// Deletes a machine and everything on it. Deleting a missing machine succeeds.
     async fn delete(&self, machine: &MachineId) -> Result<(), CloudError>;
     /// Every machine this backend manages.
-    async fn list(&self) -> Result<Vec<MachineInfo>, CloudError>;
+    async fn list(&self) -> Result<Listing, CloudError>;
+    /// Which of these running machines' apps have died, with the reason. Backends whose
+    /// machines report for themselves (an agent) answer none.
+    async fn dead(&self, machines: &[MachineId]) -> Result<Vec<(MachineId, String)>, CloudError> {
+        let _ = machines;
+        Ok(Vec::new())
+    }
 }

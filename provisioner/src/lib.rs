@@ -21,6 +21,7 @@ pub mod hetzner;
 pub mod local;
 pub mod manifest;
 pub mod runner;
+pub mod supervise;
 pub mod sweep;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,7 +32,7 @@ pub fn now_ms() -> Millis {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
 }
 
-/// Tunables; `wakegate::config::Config` holds the defaults and builds these.
+/// Tunables; `wakegate::config::Config` builds these from its settings.
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// How long a claimed job is ours without renewal.
@@ -45,4 +46,31 @@ pub struct Settings {
     pub orphan_grace: Duration,
     /// The base of preview URLs, e.g. `http://{label}.localhost:8080`, for `PREVIEW_URL`.
     pub preview_url_template: String,
+    /// Cloud API requests the reconciler's listings may spend an hour (Hetzner allows
+    /// 3,600; the default is a tenth). Listings are spaced to fit, and come early (never
+    /// more often than `sweep_every`) when something suggests the cloud drifted.
+    pub cloud_requests_per_hour: u32,
+    /// How often running previews' apps are checked for life.
+    pub liveness_every: Duration,
+    /// Builds run at once by one provisioner.
+    pub max_builds: usize,
+    /// Wakes, sleeps and erases run at once, beside the builds (so a wake never queues
+    /// behind long builds).
+    pub max_quick_jobs: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            lease: Duration::from_secs(30),
+            poll: Duration::from_millis(500),
+            sweep_every: Duration::from_secs(5),
+            orphan_grace: Duration::from_secs(600),
+            preview_url_template: "http://{label}.localhost:8080".into(),
+            cloud_requests_per_hour: 360,
+            liveness_every: Duration::from_secs(2),
+            max_builds: 4,
+            max_quick_jobs: 16,
+        }
+    }
 }

@@ -10,7 +10,7 @@
 //! Processes run in their own process group on 127.0.0.1 with `PORT` and `PREVIEW_URL`
 //! set; stopping sends SIGTERM to the group, then SIGKILL.
 
-use crate::cloud::{Cloud, CloudError, DeploySpec, MachineInfo, Outcome, Progress};
+use crate::cloud::{Cloud, CloudError, DeploySpec, Listing, MachineInfo, Outcome, Progress};
 use crate::manifest::Manifest;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -306,7 +306,7 @@ impl Cloud for LocalCloud {
         Ok(())
     }
 
-    async fn list(&self) -> Result<Vec<MachineInfo>, CloudError> {
+    async fn list(&self) -> Result<Listing, CloudError> {
         let mut out = Vec::new();
         let mut rd = tokio::fs::read_dir(&self.root).await.map_err(backend)?;
         while let Some(entry) = rd.next_entry().await.map_err(backend)? {
@@ -325,6 +325,26 @@ impl Cloud for LocalCloud {
             out.push(MachineInfo { id, preview_id, created_at, held: false });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Listing { machines: out, requests: 0 })
+    }
+
+    /// An app is dead when the process group its pid file names has no process left
+    /// (one signal-0 per machine, no process spawned).
+    async fn dead(&self, machines: &[MachineId]) -> Result<Vec<(MachineId, String)>, CloudError> {
+        let mut out = Vec::new();
+        for m in machines {
+            let Ok(dir) = self.dir(m) else { continue };
+            let pgid =
+                tokio::fs::read_to_string(dir.join("app.pid")).await.ok().and_then(|t| t.trim().parse::<i32>().ok());
+            let alive = match pgid {
+                Some(pgid) if pgid > 1 => nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), None).is_ok(),
+                _ => false,
+            };
+            if !alive {
+                let tail = log_tail(&dir, "app.log").await;
+                out.push((m.clone(), format!("the app exited while running; the end of its log:\n{tail}")));
+            }
+        }
         Ok(out)
     }
 }

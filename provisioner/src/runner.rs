@@ -1,22 +1,31 @@
-//! The job loop: claim, do, report, complete.
+//! The job loops: claim, do, report, complete.
+//!
+//! Builds and quick jobs (wake, sleep, erase) are claimed from separate lanes with
+//! separate slots, so a wake never queues behind builds. A job's lease is renewed by a
+//! helper that ends with the job (an abort-on-drop handle, also when the job panics);
+//! when the lease is lost to another worker, the job is cancelled at its next await
+//! point so it makes no more cloud calls. A panicking job is logged, not completed: its
+//! lease runs out and it is retried.
 
 use crate::cloud::{Cloud, CloudError, DeploySpec, Outcome, Progress};
 use crate::{now_ms, Settings};
 use async_trait::async_trait;
+use futures_util::FutureExt;
 use std::sync::Arc;
-use tracing::{info, instrument, warn};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{error, info, instrument, warn};
 use wakegate_core::lifecycle::{Event, MachineId, Phase, State};
 use wakegate_store::driver::{apply, Applied, ApplyError};
-use wakegate_store::{Lease, SharedStore};
-
-/// Most jobs run at once by one provisioner.
-pub const MAX_CONCURRENT_JOBS: usize = 8;
+use wakegate_store::{Lane, Lease, SharedStore, StoreError};
 
 pub struct Provisioner {
     pub store: SharedStore,
     pub cloud: Arc<dyn Cloud>,
     pub settings: Settings,
     pub worker: String,
+    /// When the reconciler may list the cloud again, and whether it should as soon as
+    /// that allows.
+    pub(crate) pace: crate::sweep::Pace,
 }
 
 struct StoreProgress<'a> {
@@ -38,18 +47,43 @@ impl Progress for StoreProgress<'_> {
 impl Provisioner {
     pub fn new(store: SharedStore, cloud: Arc<dyn Cloud>, settings: Settings) -> Provisioner {
         let worker = wakegate_store::new_id("w-");
-        Provisioner { store, cloud, settings, worker }
+        Provisioner { store, cloud, settings, worker, pace: Default::default() }
     }
 
-    /// Claims and runs jobs until `stop` turns true.
-    pub async fn run_jobs(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_JOBS));
+    /// Starts the job lanes, the sweepers and the liveness checks, each supervised
+    /// (restarted if it panics), until `stop` turns true.
+    pub fn spawn_all(self: &Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+        let jobs = {
+            let (me, stop) = (self.clone(), stop.clone());
+            crate::supervise::supervise("jobs", move || me.clone().run_jobs(stop.clone()))
+        };
+        let sweeps = {
+            let (me, stop) = (self.clone(), stop.clone());
+            crate::supervise::supervise("sweeps", move || me.clone().run_sweeps(stop.clone()))
+        };
+        let liveness = {
+            let me = self.clone();
+            crate::supervise::supervise("liveness", move || me.clone().run_liveness(stop.clone()))
+        };
+        vec![tokio::spawn(jobs), tokio::spawn(sweeps), tokio::spawn(liveness)]
+    }
+
+    /// Claims and runs jobs of both lanes until `stop` turns true.
+    pub async fn run_jobs(self: Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+        let build = self.clone().run_lane(Lane::Build, self.settings.max_builds, stop.clone());
+        let quick = self.clone().run_lane(Lane::Quick, self.settings.max_quick_jobs, stop);
+        tokio::join!(build, quick);
+    }
+
+    /// Claims and runs one lane's jobs, at most `slots` at once.
+    pub async fn run_lane(self: Arc<Self>, lane: Lane, slots: usize, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(slots.max(1)));
         loop {
             if *stop.borrow() {
                 return;
             }
-            let permit = slots.clone().acquire_owned().await.expect("semaphore open");
-            match self.store.claim(&self.worker, self.settings.lease, now_ms()).await {
+            let Ok(permit) = slots.clone().acquire_owned().await else { return };
+            match self.store.claim(&self.worker, lane, self.settings.lease, now_ms()).await {
                 Ok(Some(lease)) => {
                     let me = self.clone();
                     tokio::spawn(async move {
@@ -70,24 +104,44 @@ impl Provisioner {
     }
 
     /// Runs one claimed job with its lease kept alive; completes it unless the store
-    /// failed (then the lease runs out and the job is retried).
+    /// failed, the lease was lost or the job panicked (then the lease runs out and the
+    /// job is retried).
     pub async fn run_job(&self, lease: Lease) {
-        let renew = {
+        let (lost_tx, lost) = tokio::sync::oneshot::channel::<()>();
+        // ends with this function, whether it returns, is cancelled or unwinds
+        let _renew = {
             let store = self.store.clone();
             let lease = lease.clone();
             let every = self.settings.lease / 3;
             let duration = self.settings.lease;
-            tokio::spawn(async move {
+            AbortOnDropHandle::new(tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
-                    if let Err(e) = store.renew(&lease, duration, now_ms()).await {
-                        warn!(job = %lease.job_id, error = %e, "lease renewal failed");
+                    match store.renew(&lease, duration, now_ms()).await {
+                        Ok(()) => {}
+                        Err(StoreError::LeaseLost(_)) => {
+                            warn!(job = %lease.job_id, "lease lost to another worker; cancelling the job");
+                            let _ = lost_tx.send(());
+                            return;
+                        }
+                        Err(e) => warn!(job = %lease.job_id, error = %e, "lease renewal failed"),
                     }
                 }
-            })
+            }))
         };
-        let result = self.handle(&lease).await;
-        renew.abort();
+        let work = std::panic::AssertUnwindSafe(self.handle(&lease)).catch_unwind();
+        let result = tokio::select! {
+            r = work => r,
+            _ = lost => return,
+        };
+        let result = match result {
+            Ok(r) => r,
+            Err(panic) => {
+                let message = crate::supervise::panic_message(panic.as_ref());
+                error!(job = %lease.job_id, kind = lease.kind.as_str(), panic = %message, "job panicked; it will be retried when its lease runs out");
+                return;
+            }
+        };
         match result {
             Ok(()) => {
                 if let Err(e) = self.store.complete(&lease).await {

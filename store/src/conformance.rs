@@ -1,7 +1,7 @@
 //! The behaviour every [`Store`] must have. `store/tests/` runs it against the embedded
 //! store and against a real `redis-server`.
 
-use crate::{Store, StoreError};
+use crate::{Lane, Store, StoreError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use wakegate_core::lifecycle::{JobKind, Phase, State};
@@ -184,7 +184,7 @@ pub async fn jobs_are_idempotent(s: Arc<dyn Store>) {
     assert!(s.enqueue("p2", JobKind::Wake).await.unwrap().created);
     assert_eq!(s.jobs().await.unwrap().len(), 3);
 
-    let lease = s.claim("w1", Duration::from_secs(30), now()).await.unwrap().unwrap();
+    let lease = s.claim("w1", Lane::Quick, Duration::from_secs(30), now()).await.unwrap().unwrap();
     assert_eq!((lease.preview_id.as_str(), lease.kind), ("p1", JobKind::Wake));
     // still one job while it runs
     assert!(!s.enqueue("p1", JobKind::Wake).await.unwrap().created);
@@ -194,10 +194,13 @@ pub async fn jobs_are_idempotent(s: Arc<dyn Store>) {
     assert!(s.enqueue("p1", JobKind::Wake).await.unwrap().created, "slot freed after completion");
 
     let mut claimed = Vec::new();
-    while let Some(l) = s.claim("w1", Duration::from_secs(30), now()).await.unwrap() {
-        claimed.push((l.preview_id.clone(), l.kind));
-        s.complete(&l).await.unwrap();
-        assert!(claimed.len() < 10);
+    for lane in Lane::ALL {
+        while let Some(l) = s.claim("w1", lane, Duration::from_secs(30), now()).await.unwrap() {
+            assert_eq!(Lane::of(l.kind), lane, "a lane hands out only its own jobs");
+            claimed.push((l.preview_id.clone(), l.kind));
+            s.complete(&l).await.unwrap();
+            assert!(claimed.len() < 10);
+        }
     }
     assert_eq!(claimed.len(), 3);
     assert!(s.jobs().await.unwrap().is_empty());
@@ -206,10 +209,11 @@ pub async fn jobs_are_idempotent(s: Arc<dyn Store>) {
 pub async fn leases_expire_and_are_retried(s: Arc<dyn Store>) {
     s.enqueue("p1", JobKind::Build).await.unwrap();
     let lease = Duration::from_millis(300);
-    let dead = s.claim("dead-worker", lease, now()).await.unwrap().unwrap();
-    assert!(s.claim("w2", lease, now()).await.unwrap().is_none(), "leased job is not handed out twice");
+    assert!(s.claim("w", Lane::Quick, lease, now()).await.unwrap().is_none(), "a build is not a quick job");
+    let dead = s.claim("dead-worker", Lane::Build, lease, now()).await.unwrap().unwrap();
+    assert!(s.claim("w2", Lane::Build, lease, now()).await.unwrap().is_none(), "leased job is not handed out twice");
     tokio::time::sleep(Duration::from_millis(450)).await;
-    let retry = s.claim("w2", lease, now()).await.unwrap().expect("expired lease is retried");
+    let retry = s.claim("w2", Lane::Build, lease, now()).await.unwrap().expect("expired lease is retried");
     assert_eq!(retry.preview_id, "p1");
     assert_eq!(retry.job_id, dead.job_id);
     assert!(matches!(s.renew(&dead, lease, now()).await, Err(StoreError::LeaseLost(_))), "the dead worker lost it");

@@ -32,8 +32,33 @@ pub enum ApplyError {
 
 /// Applies `event` to preview `id` at time `now`.
 pub async fn apply(store: &dyn Store, id: &str, event: &Event, now: Millis) -> Result<Applied, ApplyError> {
+    apply_inner(store, id, event, now, None).await?.ok_or(ApplyError::Store(StoreError::Conflict))
+}
+
+/// Applies `event` only if the preview is still at `version` (what the caller judged
+/// from); `None` when it moved on.
+pub async fn apply_at(
+    store: &dyn Store,
+    id: &str,
+    event: &Event,
+    now: Millis,
+    version: u64,
+) -> Result<Option<Applied>, ApplyError> {
+    apply_inner(store, id, event, now, Some(version)).await
+}
+
+async fn apply_inner(
+    store: &dyn Store,
+    id: &str,
+    event: &Event,
+    now: Millis,
+    expected: Option<u64>,
+) -> Result<Option<Applied>, ApplyError> {
     for _ in 0..64 {
         let current = store.get_preview(id).await?.ok_or_else(|| ApplyError::NotFound(id.to_string()))?;
+        if expected.is_some_and(|v| v != current.version) {
+            return Ok(None);
+        }
         let t = transition(&current.value.state, event, now)?;
         let changed = t.state != current.value.state;
         let mut next = current.value.clone();
@@ -72,7 +97,7 @@ pub async fn apply(store: &dyn Store, id: &str, event: &Event, now: Millis) -> R
         if changed {
             sync_indexes(store, &next, now).await?;
         }
-        return Ok(Applied { preview: Versioned { version, value: next }, delete, stale: t.stale, changed });
+        return Ok(Some(Applied { preview: Versioned { version, value: next }, delete, stale: t.stale, changed }));
     }
     Err(StoreError::Conflict.into())
 }

@@ -10,7 +10,7 @@
 //! returned, so the next record starts on a clean line. Rate-limit counters and nonces
 //! live in memory only (one process, nothing to share).
 
-use crate::{Enqueued, Lease, Result, Store, StoreError, Versioned};
+use crate::{Enqueued, Lane, Lease, Result, Store, StoreError, Versioned};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -507,9 +507,11 @@ impl Store for EmbeddedStore {
         let _ = tokio::time::timeout(timeout, self.jobs_notify.notified()).await;
     }
 
-    async fn claim(&self, worker: &str, lease: Duration, now: Millis) -> Result<Option<Lease>> {
+    async fn claim(&self, worker: &str, lane: Lane, lease: Duration, now: Millis) -> Result<Option<Lease>> {
         self.commit(|s| {
-            let Some(job) = s.jobs.values().find(|j| j.worker.is_none() || j.lease_until <= now) else {
+            let Some(job) =
+                s.jobs.values().find(|j| Lane::of(j.kind) == lane && (j.worker.is_none() || j.lease_until <= now))
+            else {
                 return Ok((vec![], None));
             };
             let mut job = job.clone();

@@ -41,6 +41,32 @@ pub struct Enqueued {
     pub created: bool,
 }
 
+/// Jobs are claimed per lane, so a wake never waits behind builds that take minutes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Build,
+    /// Wakes, sleeps and erases.
+    Quick,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::Build, Lane::Quick];
+
+    pub fn of(kind: JobKind) -> Lane {
+        match kind {
+            JobKind::Build => Lane::Build,
+            _ => Lane::Quick,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Build => "build",
+            Lane::Quick => "quick",
+        }
+    }
+}
+
 /// A job claimed by a worker until the lease runs out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
@@ -120,8 +146,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Adds a job unless one of this kind is already pending or leased for the preview.
     async fn enqueue(&self, preview_id: &str, kind: JobKind) -> Result<Enqueued>;
-    /// Takes the oldest job that is unleased or whose lease ran out.
-    async fn claim(&self, worker: &str, lease: Duration, now: Millis) -> Result<Option<Lease>>;
+    /// Takes the oldest job of `lane` that is unleased or whose lease ran out.
+    async fn claim(&self, worker: &str, lane: Lane, lease: Duration, now: Millis) -> Result<Option<Lease>>;
     /// Extends a lease; `LeaseLost` if another worker took the job.
     async fn renew(&self, lease: &Lease, duration: Duration, now: Millis) -> Result<()>;
     /// Removes a finished job, freeing its (preview, kind) slot.

@@ -6,8 +6,9 @@
 //!   the new version on `status:{id}`; `previews` set;
 //! * `host:{host}` → preview id;
 //! * `expiry`, `activity` sorted sets (score = ms);
-//! * `jobs` stream with consumer group `workers`; `jobkey:{preview}:{kind}` → entry id
-//!   makes enqueue idempotent. A claimed job is a pending entry; one idle longer than
+//! * `jobs:build` and `jobs:quick` streams (one per [`Lane`]) with consumer group
+//!   `workers`; `jobkey:{preview}:{kind}` → entry id makes enqueue idempotent (a key
+//!   whose entry is gone, after a Redis that lost data, no longer counts). A claimed job is a pending entry; one idle longer than
 //!   the lease is taken over by the next claim (its worker died);
 //! * `limit:{key}` → GCRA arrival time and `nonce:{nonce}`, both expiring with their
 //!   window, so rate limits and replay protection hold across replicas.
@@ -16,7 +17,7 @@
 //! the network drops: calls fail while Redis is away (callers see `Backend` and retry
 //! later) and work again once it is back, without restarting the process.
 
-use crate::{Enqueued, Lease, Result, Store, StoreError, Versioned};
+use crate::{Enqueued, Lane, Lease, Result, Store, StoreError, Versioned};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -46,7 +47,7 @@ return nv
 
 const ENQUEUE: &str = r#"
 local existing = redis.call('GET', KEYS[1])
-if existing then return {existing, 0} end
+if existing and #redis.call('XRANGE', KEYS[2], existing, existing) > 0 then return {existing, 0} end
 local id = redis.call('XADD', KEYS[2], '*', 'preview', ARGV[1], 'kind', ARGV[2])
 redis.call('SET', KEYS[1], id)
 redis.call('PUBLISH', KEYS[3], id)
@@ -171,7 +172,9 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(2))
             .set_number_of_retries(3);
         let mut conn = ConnectionManager::new_with_config(client.clone(), config).await.map_err(be)?;
-        ensure_group(&mut conn, &format!("{prefix}jobs")).await?;
+        for lane in Lane::ALL {
+            ensure_group(&mut conn, &format!("{prefix}jobs:{}", lane.as_str())).await?;
+        }
         let notify = Arc::new(Notify::new());
         let jobs_notify = Arc::new(Notify::new());
         let pattern = format!("{prefix}status:*");
@@ -421,7 +424,7 @@ impl Store for RedisStore {
     async fn enqueue(&self, preview_id: &str, kind: JobKind) -> Result<Enqueued> {
         let (job_id, created): (String, i64) = Script::new(ENQUEUE)
             .key(self.key(&["jobkey", preview_id, kind.as_str()]))
-            .key(self.key(&["jobs"]))
+            .key(self.key(&["jobs", Lane::of(kind).as_str()]))
             .key(self.key(&["status", "jobs"]))
             .arg(preview_id)
             .arg(kind.as_str())
@@ -431,11 +434,12 @@ impl Store for RedisStore {
         Ok(Enqueued { job_id, created: created == 1 })
     }
 
-    async fn claim(&self, worker: &str, lease: Duration, _now: Millis) -> Result<Option<Lease>> {
+    async fn claim(&self, worker: &str, lane: Lane, lease: Duration, _now: Millis) -> Result<Option<Lease>> {
         // lease expiry is Redis's own idle time of the pending entry, on Redis's clock
+        let stream = self.key(&["jobs", lane.as_str()]);
         let claim = || async {
             Script::new(CLAIM)
-                .key(self.key(&["jobs"]))
+                .key(&stream)
                 .arg(worker)
                 .arg(lease.as_millis() as u64)
                 .invoke_async::<Value>(&mut self.conn())
@@ -443,7 +447,7 @@ impl Store for RedisStore {
         };
         let v = match claim().await {
             Err(e) if e.code() == Some("NOGROUP") => {
-                ensure_group(&mut self.conn(), &self.key(&["jobs"])).await?;
+                ensure_group(&mut self.conn(), &stream).await?;
                 claim().await.map_err(be)?
             }
             r => r.map_err(be)?,
@@ -457,7 +461,7 @@ impl Store for RedisStore {
 
     async fn renew(&self, lease: &Lease, _duration: Duration, _now: Millis) -> Result<()> {
         let ok: i64 = Script::new(RENEW)
-            .key(self.key(&["jobs"]))
+            .key(self.key(&["jobs", Lane::of(lease.kind).as_str()]))
             .arg(&lease.worker)
             .arg(&lease.job_id)
             .invoke_async(&mut self.conn())
@@ -472,7 +476,7 @@ impl Store for RedisStore {
 
     async fn complete(&self, lease: &Lease) -> Result<()> {
         Script::new(COMPLETE)
-            .key(self.key(&["jobs"]))
+            .key(self.key(&["jobs", Lane::of(lease.kind).as_str()]))
             .key(self.key(&["jobkey", &lease.preview_id, lease.kind.as_str()]))
             .arg(&lease.job_id)
             .invoke_async::<i64>(&mut self.conn())
@@ -482,17 +486,20 @@ impl Store for RedisStore {
     }
 
     async fn jobs(&self) -> Result<Vec<(String, JobKind)>> {
-        let v: Value = redis::cmd("XRANGE")
-            .arg(self.key(&["jobs"]))
-            .arg("-")
-            .arg("+")
-            .query_async(&mut self.conn())
-            .await
-            .map_err(be)?;
-        let Value::Array(entries) = v else {
-            return Ok(vec![]);
-        };
-        Ok(entries.iter().filter_map(parse_entry).map(|(_, p, k)| (p, k)).collect())
+        let mut out = Vec::new();
+        for lane in Lane::ALL {
+            let v: Value = redis::cmd("XRANGE")
+                .arg(self.key(&["jobs", lane.as_str()]))
+                .arg("-")
+                .arg("+")
+                .query_async(&mut self.conn())
+                .await
+                .map_err(be)?;
+            if let Value::Array(entries) = v {
+                out.extend(entries.iter().filter_map(parse_entry).map(|(_, p, k)| (p, k)));
+            }
+        }
+        Ok(out)
     }
 
     async fn wait_preview(&self, id: &str, after: u64, timeout: Duration) -> Result<Option<Versioned<Preview>>> {

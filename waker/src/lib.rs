@@ -1,22 +1,39 @@
-//! Wakegate's waker: the control API.
+//! Wakegate's waker: the control API, on axum.
 //!
-//! * edge calls (`/v1/edge/*`), signed with HMAC ([`wakegate_core::sign`]; bad
-//!   signatures, replays and clock skew are refused): route by host, status long-poll,
-//!   wake, rebuild, batched activity;
-//! * operator calls (`/v1/projects*`, `/v1/previews*`) with a bearer token: projects,
-//!   previews for a ref, list with TTL remaining, pin/unpin, TTL, sleep, erase;
-//! * `/healthz`, `/openapi.json` (the contract in `waker/openapi.json`, checked by a test).
+//! * [`app`] — the router, its tower layers (tracing, a request timeout above the longest
+//!   long-poll, load shedding over a concurrency cap, body limits) and the OpenAPI
+//!   document generated from the handlers' types ([`app::ApiDoc`]), served at
+//!   `/openapi.json`;
+//! * [`auth`] — edge calls are signed with HMAC ([`wakegate_core::sign`]; bad
+//!   signatures, clock skew and replays, remembered in the store so every replica
+//!   refuses them, are 401); operator calls carry a bearer token;
+//! * [`edge`] — route by host, status long-poll, wake, rebuild (rate-limited per IP,
+//!   preview and project in the store), batched activity;
+//! * [`operator`] — projects, previews for a ref, list with TTL remaining, pin/unpin,
+//!   TTL, sleep, wake, rebuild, erase; every field checked, a 400 names the bad one;
+//! * [`error`] — the one error enum and the one place a status is chosen;
+//! * [`refs`] — "does this ref still exist?" via `git ls-remote`: cached (failures
+//!   too), single-flight per ref, bounded, and a timed-out call ends its whole process
+//!   group.
 //!
 //! Wake and rebuild are single-flight: the lifecycle moves once (compare-and-set) and
 //! enqueue is idempotent per preview and kind, so any number of callers make one job.
 #![forbid(unsafe_code)]
 
-mod api;
+pub mod app;
+pub mod auth;
+pub mod edge;
+pub mod error;
+pub mod model;
+pub mod operator;
 pub mod refs;
-mod server;
+mod waker;
 
-pub use api::{PreviewView, Waker, WakerConfig};
-pub use server::serve;
+pub use app::{openapi_json, router};
+pub use model::PreviewView;
+pub use waker::{Waker, WakerConfig};
 
-/// The OpenAPI description of this API.
-pub const OPENAPI: &str = include_str!("../openapi.json");
+/// Serves the API on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, waker: std::sync::Arc<Waker>) {
+    wakegate_serve::serve(listener, router(waker), wakegate_serve::Limits::default()).await
+}

@@ -1,8 +1,17 @@
-//! "Does this ref still exist?", answered with `git ls-remote` and cached briefly.
+//! "Does this ref still exist?", answered with `git ls-remote`.
+//!
+//! Every visit to an erased or failed preview asks, so the answer must be cheap and
+//! the question must never multiply processes: answers are cached (a failure too, a
+//! little longer, so an unreachable remote is not asked again on every visit),
+//! concurrent questions about one ref share one `git` process, at most
+//! [`MAX_CONCURRENT`] run at once, and a call that times out (or whose callers all go
+//! away) ends its whole process group, `git-remote-http` helpers included.
 
 use async_trait::async_trait;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[async_trait]
@@ -11,44 +20,121 @@ pub trait RefChecker: Send + Sync + 'static {
     async fn exists(&self, git_url: &str, git_ref: &str) -> Result<bool, String>;
 }
 
-/// `git ls-remote` with a short positive and negative cache.
-pub struct GitRefs {
+/// Most `git ls-remote` processes at once.
+pub const MAX_CONCURRENT: usize = 8;
+/// Longest one may run.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Remotes and refs remembered.
+const CACHE_ENTRIES: usize = 10_000;
+
+type Key = (String, String);
+type Answer = Result<bool, String>;
+
+struct Inner {
     ttl: Duration,
-    cache: Mutex<HashMap<(String, String), (bool, Instant)>>,
+    failure_ttl: Duration,
+    timeout: Duration,
+    cache: Mutex<lru::LruCache<Key, (Answer, Instant)>>,
+    inflight: Mutex<HashMap<Key, Shared<BoxFuture<'static, Answer>>>>,
+    slots: tokio::sync::Semaphore,
+}
+
+/// `git ls-remote` behind a bounded cache and single flight.
+#[derive(Clone)]
+pub struct GitRefs {
+    inner: Arc<Inner>,
 }
 
 impl GitRefs {
+    /// Answers are kept for `ttl`; failures for `max(ttl, 10 s)`.
     pub fn new(ttl: Duration) -> GitRefs {
-        GitRefs { ttl, cache: Mutex::new(HashMap::new()) }
+        GitRefs::with_timeout(ttl, DEFAULT_TIMEOUT)
+    }
+
+    pub fn with_timeout(ttl: Duration, timeout: Duration) -> GitRefs {
+        GitRefs {
+            inner: Arc::new(Inner {
+                ttl,
+                failure_ttl: ttl.max(Duration::from_secs(10)),
+                timeout,
+                cache: Mutex::new(lru::LruCache::new(NonZeroUsize::new(CACHE_ENTRIES).expect("nonzero"))),
+                inflight: Mutex::default(),
+                slots: tokio::sync::Semaphore::new(MAX_CONCURRENT),
+            }),
+        }
     }
 }
 
 #[async_trait]
 impl RefChecker for GitRefs {
-    async fn exists(&self, git_url: &str, git_ref: &str) -> Result<bool, String> {
+    async fn exists(&self, git_url: &str, git_ref: &str) -> Answer {
         let key = (git_url.to_string(), git_ref.to_string());
-        if let Some((v, at)) = self.cache.lock().unwrap().get(&key) {
-            if at.elapsed() < self.ttl {
-                return Ok(*v);
+        let inner = &self.inner;
+        if let Some((answer, at)) = inner.cache.lock().unwrap().get(&key) {
+            let ttl = if answer.is_ok() { inner.ttl } else { inner.failure_ttl };
+            if at.elapsed() < ttl {
+                return answer.clone();
             }
         }
-        let full = if git_ref.starts_with("refs/") { git_ref.to_string() } else { format!("refs/heads/{git_ref}") };
-        let out = tokio::time::timeout(
-            Duration::from_secs(20),
-            tokio::process::Command::new("git")
-                .args(["ls-remote", "--", git_url, &full])
-                .env("GIT_TERMINAL_PROMPT", "0")
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .map_err(|_| "git ls-remote timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-        }
-        let exists = String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split('\t').nth(1) == Some(full.as_str()));
-        self.cache.lock().unwrap().insert(key, (exists, Instant::now()));
-        Ok(exists)
+        let flight = {
+            let mut inflight = inner.inflight.lock().unwrap();
+            inflight
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let inner = self.inner.clone();
+                    let key = key.clone();
+                    async move {
+                        let answer = match inner.slots.acquire().await {
+                            Ok(_permit) => ls_remote(&key.0, &key.1, inner.timeout).await,
+                            Err(_) => Err("closed".to_string()),
+                        };
+                        inner.cache.lock().unwrap().put(key.clone(), (answer.clone(), Instant::now()));
+                        inner.inflight.lock().unwrap().remove(&key);
+                        answer
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        flight.await
     }
+}
+
+/// Kills a process group when dropped, unless disarmed.
+struct GroupGuard(Option<nix::unistd::Pid>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+async fn ls_remote(git_url: &str, git_ref: &str, timeout: Duration) -> Answer {
+    let full = if git_ref.starts_with("refs/") { git_ref.to_string() } else { format!("refs/heads/{git_ref}") };
+    let child = tokio::process::Command::new("git")
+        .args(["ls-remote", "--", git_url, &full])
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_ASKPASS", "true")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run git: {e}"))?;
+    let mut guard = GroupGuard(child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32)));
+    let out = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .map_err(|_| format!("git ls-remote timed out after {}s", timeout.as_secs()))?
+        .map_err(|e| e.to_string())?;
+    // git waited for its helpers; nothing of the group is left to end
+    guard.0 = None;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(err.trim().chars().take(500).collect());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split('\t').nth(1) == Some(full.as_str())))
 }

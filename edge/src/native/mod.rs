@@ -22,18 +22,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
 use platform::Native;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::warn;
 use wakegate_core::sign::Key;
+use wakegate_serve::{AcceptBackoff, Admitted, Connections, Watched, OVER_CAPACITY};
 
 pub use body::ResponseBody;
 
@@ -160,51 +156,6 @@ fn with_state(f: impl FnOnce(&State)) {
     })
 }
 
-/// Open connections, all threads together, and per IP.
-struct Connections {
-    total: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    max_total: usize,
-    max_per_ip: usize,
-}
-
-/// One admitted connection; gives its place back when dropped.
-struct Admitted {
-    conns: Arc<Connections>,
-    ip: IpAddr,
-}
-
-impl Connections {
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
-        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = per_ip.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
-            drop(per_ip);
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        *n += 1;
-        Some(Admitted { conns: self.clone(), ip })
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        self.conns.total.fetch_sub(1, Ordering::AcqRel);
-        let mut per_ip = self.conns.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// A running native edge. Dropping it (or [`EdgeServer::stop`]) stops every thread.
 pub struct EdgeServer {
     pub addr: SocketAddr,
@@ -220,12 +171,7 @@ impl EdgeServer {
     pub fn start(addr: SocketAddr, cfg: EdgeConfig, threads: usize) -> std::io::Result<EdgeServer> {
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let cfg = Arc::new(cfg);
-        let conns = Arc::new(Connections {
-            total: AtomicUsize::new(0),
-            per_ip: Mutex::default(),
-            max_total: cfg.max_connections.max(1),
-            max_per_ip: cfg.max_per_ip.max(1),
-        });
+        let conns = Connections::new(cfg.max_connections, cfg.max_per_ip);
         let mut bound = addr;
         let mut cached = Vec::new();
         for i in 0..threads.max(1) {
@@ -257,7 +203,7 @@ impl EdgeServer {
 
     /// Open client connections.
     pub fn connections(&self) -> usize {
-        self.conns.total.load(Ordering::Relaxed)
+        self.conns.open()
     }
 }
 
@@ -282,7 +228,7 @@ fn spawn_thread(
         local.block_on(&rt, async move {
             let listener = match TcpListener::from_std(listener) {
                 Ok(l) => l,
-                Err(e) => return warn!(error = %e, "edge listener"),
+                Err(e) => return tracing::warn!(error = %e, "edge listener"),
             };
             let mut prefix = [0u8; 8];
             if getrandom::fill(&mut prefix).is_err() {
@@ -318,22 +264,17 @@ fn spawn_thread(
     Ok(cached)
 }
 
-/// Answer to a connection over the caps, written without waiting, before it is closed.
-const OVER_CAPACITY: &[u8] =
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nretry-after: 1\r\nconnection: close\r\n\r\n";
-
 async fn accept_loop(
     listener: TcpListener,
     pipeline: Rc<Pipeline<Native>>,
     cfg: Arc<EdgeConfig>,
     conns: Arc<Connections>,
 ) {
-    let mut backoff = Duration::from_millis(5);
-    let mut failures: u64 = 0;
+    let mut backoff = AcceptBackoff::default();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                backoff = Duration::from_millis(5);
+                backoff.reset();
                 let Some(admitted) = conns.admit(peer.ip()) else {
                     let _ = stream.try_write(OVER_CAPACITY);
                     continue;
@@ -341,79 +282,8 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 tokio::task::spawn_local(serve_connection(stream, peer, pipeline.clone(), cfg.clone(), admitted));
             }
-            Err(e) => {
-                // out of descriptors (EMFILE/ENFILE) or memory: wait instead of spinning,
-                // and say so (the first time, then every 100th)
-                failures += 1;
-                if failures == 1 || failures.is_multiple_of(100) {
-                    warn!(error = %e, failures, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
+            Err(e) => backoff.failed(&e).await,
         }
-    }
-}
-
-/// A TCP stream that counts its reads and writes, so an idle connection can be found
-/// without a clock read per I/O.
-struct Watched {
-    inner: TcpStream,
-    // Arc (not Rc) because an upgraded connection's IO must be `Send`; only this stream
-    // writes it, so a relaxed load and store (no locked instruction) is enough
-    ticks: Arc<AtomicU64>,
-}
-
-impl Watched {
-    fn tick(&self) {
-        self.ticks.store(self.ticks.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
-    }
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if r.is_ready() {
-            this.tick();
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if r.is_ready() {
-            this.tick();
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if r.is_ready() {
-            this.tick();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -426,7 +296,7 @@ async fn serve_connection(
 ) {
     let conn = Rc::new(ConnInfo::new(peer, &cfg));
     let ticks = Arc::new(AtomicU64::new(0));
-    let io = TokioIo::new(Watched { inner: stream, ticks: ticks.clone() });
+    let io = TokioIo::new(Watched::new(stream, ticks.clone()));
     let svc = service_fn(move |req| {
         let pipeline = pipeline.clone();
         let conn = conn.clone();
@@ -439,27 +309,5 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(cfg.header_read_timeout).max_buf_size(buffer);
     let served = builder.serve_connection(io, svc).with_upgrades();
-    tokio::pin!(served);
-    let idle = cfg.idle_timeout.max(Duration::from_millis(10));
-    let check = idle / 4;
-    let (mut seen, mut quiet) = (ticks.load(Ordering::Relaxed), Duration::ZERO);
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            _ = served.as_mut() => return,
-            _ = tokio::time::sleep(check), if !closing => {
-                let now = ticks.load(Ordering::Relaxed);
-                if now == seen {
-                    quiet += check;
-                } else {
-                    (seen, quiet) = (now, Duration::ZERO);
-                }
-                if quiet >= idle {
-                    // finishes a response in progress, then closes
-                    served.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-            }
-        }
-    }
+    wakegate_serve::serve_connection(served, ticks, cfg.idle_timeout).await;
 }

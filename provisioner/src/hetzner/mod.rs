@@ -20,7 +20,7 @@
 pub mod api;
 pub mod userdata;
 
-use crate::cloud::{Cloud, CloudError, DeploySpec, MachineInfo, Outcome, Progress};
+use crate::cloud::{Cloud, CloudError, DeploySpec, Listing, MachineInfo, Outcome, Progress};
 use crate::now_ms;
 use api::{ApiError, Client};
 use async_trait::async_trait;
@@ -653,7 +653,8 @@ impl Cloud for HetznerCloud {
         Ok(())
     }
 
-    async fn list(&self) -> Result<Vec<MachineInfo>, CloudError> {
+    async fn list(&self) -> Result<Listing, CloudError> {
+        let before = self.client.counters().requests;
         let sel = format!("{MANAGED_BY}={MANAGED_BY_VALUE}");
         let mut by_machine: BTreeMap<String, MachineInfo> = BTreeMap::new();
         let mut add = |labels: &HashMap<String, String>, fallback: &str, created: &str| {
@@ -685,6 +686,7 @@ impl Cloud for HetznerCloud {
         for m in &mut out {
             m.held = held.contains(&m.id);
         }
-        Ok(out)
+        let requests = self.client.counters().requests.saturating_sub(before);
+        Ok(Listing { machines: out, requests: u32::try_from(requests).unwrap_or(u32::MAX) })
     }
 }

@@ -1,0 +1,151 @@
+//! The router: routes, tower layers and the OpenAPI document generated from the
+//! handlers (so the served document is the code).
+
+use crate::error::{ApiError, ErrorBody};
+use crate::model::{Accepted, Health, NewPreview, NewProject, PreviewView, SetTtl, MAX_BODY};
+use crate::waker::Waker;
+use crate::{auth, edge, operator};
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::DefaultBodyLimit;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{middleware, Json, Router};
+use http::StatusCode;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tower::ServiceBuilder;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use wakegate_core::route::{ActivityBatch, HostRequest, Project, RouteRecord};
+
+/// Requests handled at once; more are refused with 503 at once rather than queued.
+pub const MAX_IN_FLIGHT: usize = 1024;
+/// Longest a request may take: above the longest status long-poll.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// The OpenAPI document of the waker.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Wakegate waker", description = "The control API: signed calls from the edge, and operator calls."),
+    paths(
+        health, openapi,
+        edge::route, edge::status, edge::wake, edge::rebuild, edge::activity,
+        operator::list_projects, operator::create_project, operator::get_project, operator::create_preview,
+        operator::list_previews, operator::show, operator::pin, operator::unpin, operator::set_ttl,
+        operator::sleep, operator::wake, operator::erase, operator::rebuild,
+    ),
+    components(schemas(
+        ErrorBody, Accepted, Health, NewProject, NewPreview, SetTtl, PreviewView, Project, RouteRecord,
+        HostRequest, ActivityBatch,
+    )),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "edge", description = "Called by the edge, signed with the shared edge key."),
+        (name = "operator", description = "Called by operators with the bearer token."),
+    )
+)]
+pub struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let c = doc.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "operator_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        c.add_security_scheme(
+            "edge_signature",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                wakegate_core::sign::SIGNATURE_HEADER,
+                "HMAC-SHA256 over method, path, body digest, time and nonce (see wakegate_core::sign)",
+            ))),
+        );
+    }
+}
+
+/// The document as served, made once.
+pub fn openapi_json() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| ApiDoc::openapi().to_pretty_json().expect("the document serializes"))
+}
+
+/// Whether the waker answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health { ok: true })
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "the OpenAPI document", body = Object, content_type = "application/json")))]
+async fn openapi() -> impl IntoResponse {
+    ([(http::header::CONTENT_TYPE, "application/json")], openapi_json())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}
+
+/// Answers made outside the handlers (405 from routing, 503 from the timeout) get the
+/// same JSON error body as everything else.
+async fn json_errors(r: Response) -> Response {
+    let status = r.status();
+    let is_json =
+        r.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.as_u16() < 400 || is_json {
+        return r;
+    }
+    let (mut parts, _) = r.into_parts();
+    let message = status.canonical_reason().unwrap_or("error").to_ascii_lowercase();
+    let body = Json(ErrorBody { error: message, field: None }).into_response();
+    parts.headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, body.into_body())
+}
+
+/// The API with its layers.
+pub fn router(waker: Arc<Waker>) -> Router {
+    let edge = Router::new()
+        .route("/v1/edge/route", get(edge::route))
+        .route("/v1/edge/status", get(edge::status))
+        .route("/v1/edge/wake", post(edge::wake))
+        .route("/v1/edge/rebuild", post(edge::rebuild))
+        .route("/v1/edge/activity", post(edge::activity))
+        .route_layer(middleware::from_fn_with_state(waker.clone(), auth::edge));
+    let operator = Router::new()
+        .route("/v1/projects", get(operator::list_projects).post(operator::create_project))
+        .route("/v1/projects/{name}", get(operator::get_project))
+        .route("/v1/projects/{name}/previews", post(operator::create_preview))
+        .route("/v1/previews", get(operator::list_previews))
+        .route("/v1/previews/{id}", get(operator::show))
+        .route("/v1/previews/{id}/pin", post(operator::pin))
+        .route("/v1/previews/{id}/unpin", post(operator::unpin))
+        .route("/v1/previews/{id}/ttl", put(operator::set_ttl))
+        .route("/v1/previews/{id}/sleep", post(operator::sleep))
+        .route("/v1/previews/{id}/wake", post(operator::wake))
+        .route("/v1/previews/{id}/erase", post(operator::erase))
+        .route("/v1/previews/{id}/rebuild", post(operator::rebuild))
+        .route_layer(middleware::from_fn_with_state(waker.clone(), auth::operator));
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/openapi.json", get(openapi))
+        .merge(edge)
+        .merge(operator)
+        .fallback(not_found)
+        .with_state(waker)
+        .layer(
+            ServiceBuilder::new()
+                .layer(TraceLayer::new_for_http())
+                .layer(middleware::map_response(json_errors))
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                    ApiError::Overloaded("too many requests in flight; try again")
+                }))
+                .load_shed()
+                .concurrency_limit(MAX_IN_FLIGHT)
+                .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT))
+                .layer(DefaultBodyLimit::max(MAX_BODY)),
+        )
+}

@@ -1,0 +1,149 @@
+//! The edge's calls (`/v1/edge/*`), all signed (see [`crate::auth::edge`]).
+
+use crate::error::{ApiError, ErrorBody};
+use crate::model::{Accepted, Body, HostQuery, StatusQuery};
+use crate::waker::{now_ms, Waker};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use std::sync::Arc;
+use std::time::Duration;
+use wakegate_core::host::normalize_host;
+use wakegate_core::lifecycle::{Event, State as Lifecycle};
+use wakegate_core::route::{ActivityBatch, HostRequest, RouteRecord};
+use wakegate_store::driver::apply;
+
+/// Longest status long-poll.
+pub const MAX_WAIT_MS: u64 = 30_000;
+/// Rebuilds one client IP may ask for in an hour.
+pub const REBUILDS_PER_IP_HOUR: u32 = 20;
+/// Rebuilds one preview may get in an hour.
+pub const REBUILDS_PER_PREVIEW_HOUR: u32 = 30;
+/// Rebuilds one project's previews may get together in an hour.
+pub const REBUILDS_PER_PROJECT_HOUR: u32 = 200;
+/// Most hosts in one activity batch.
+pub const MAX_ACTIVITY_HOSTS: usize = 10_000;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q).map_err(|e| ApiError::BadRequest { field: None, message: e.body_text() })
+}
+
+/// The route record for a host.
+#[utoipa::path(get, path = "/v1/edge/route", tag = "edge", params(HostQuery),
+    security(("edge_signature" = [])),
+    responses(
+        (status = 200, body = RouteRecord), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn route(
+    State(w): State<Arc<Waker>>,
+    q: Result<Query<HostQuery>, QueryRejection>,
+) -> Result<Json<RouteRecord>, ApiError> {
+    let q = query(q)?;
+    let (p, project) = w.find_by_host(&q.host).await?;
+    Ok(Json(w.record(p, &project).await))
+}
+
+/// The route record once its version passes `after`, or after `wait` ms.
+#[utoipa::path(get, path = "/v1/edge/status", tag = "edge", params(StatusQuery),
+    security(("edge_signature" = [])),
+    responses(
+        (status = 200, body = RouteRecord), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn status(
+    State(w): State<Arc<Waker>>,
+    q: Result<Query<StatusQuery>, QueryRejection>,
+) -> Result<Json<RouteRecord>, ApiError> {
+    let q = query(q)?;
+    let after = q.after.unwrap_or(0);
+    let wait = q.wait.unwrap_or(0).min(MAX_WAIT_MS);
+    let (p, project) = w.find_by_host(&q.host).await?;
+    let p = if p.version <= after && wait > 0 {
+        w.store
+            .wait_preview(&p.value.id, after, Duration::from_millis(wait))
+            .await?
+            .ok_or_else(|| ApiError::NotFound("preview removed".into()))?
+    } else {
+        p
+    };
+    Ok(Json(w.record(p, &project).await))
+}
+
+/// Wakes a sleeping preview (single-flight).
+#[utoipa::path(post, path = "/v1/edge/wake", tag = "edge", request_body = HostRequest,
+    security(("edge_signature" = [])),
+    responses(
+        (status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 410, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn wake(
+    State(w): State<Arc<Waker>>,
+    Body(req): Body<HostRequest>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let (p, _) = w.find_by_host(&req.host).await?;
+    let a = apply(w.store.as_ref(), &p.value.id, &Event::WakeRequested, now_ms()).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted { state: a.preview.value.state.as_str().to_string(), version: a.preview.version }),
+    ))
+}
+
+/// Rebuilds an erased or failed preview a visitor confirmed; limited per IP, preview
+/// and project.
+#[utoipa::path(post, path = "/v1/edge/rebuild", tag = "edge", request_body = HostRequest,
+    security(("edge_signature" = [])),
+    responses(
+        (status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 410, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn rebuild(
+    State(w): State<Arc<Waker>>,
+    Body(req): Body<HostRequest>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let (p, project) = w.find_by_host(&req.host).await?;
+    if !matches!(p.value.state, Lifecycle::Erased { .. } | Lifecycle::Failed { .. }) {
+        // already building or running: single flight, nothing new to do
+        let a = Accepted { state: p.value.state.as_str().to_string(), version: p.version };
+        return Ok((StatusCode::ACCEPTED, Json(a)));
+    }
+    let now = now_ms();
+    let mut budgets = vec![
+        (format!("rebuild:preview:{}", p.value.id), REBUILDS_PER_PREVIEW_HOUR, "this preview"),
+        (format!("rebuild:project:{}", project.id), REBUILDS_PER_PROJECT_HOUR, "this project"),
+    ];
+    if let Some(ip) = &req.client_ip {
+        let ip: std::net::IpAddr = ip.parse().map_err(|_| ApiError::bad("client_ip", "not an IP address"))?;
+        budgets.insert(0, (format!("rebuild:ip:{ip}"), REBUILDS_PER_IP_HOUR, "this address"));
+    }
+    for (key, limit, what) in budgets {
+        if !w.store.rate_limit(&key, limit, HOUR, now).await? {
+            return Err(ApiError::TooManyRequests(format!("too many rebuilds of {what}; try again later")));
+        }
+    }
+    Ok((StatusCode::ACCEPTED, Json(w.rebuild(p, &project).await?)))
+}
+
+/// Hosts that saw traffic since the last report.
+#[utoipa::path(post, path = "/v1/edge/activity", tag = "edge", request_body = ActivityBatch,
+    security(("edge_signature" = [])),
+    responses(
+        (status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn activity(State(w): State<Arc<Waker>>, Body(batch): Body<ActivityBatch>) -> Result<StatusCode, ApiError> {
+    if batch.hosts.len() > MAX_ACTIVITY_HOSTS {
+        return Err(ApiError::bad("hosts", format!("at most {MAX_ACTIVITY_HOSTS} hosts a batch")));
+    }
+    let mut ids = Vec::with_capacity(batch.hosts.len());
+    for h in &batch.hosts {
+        let Ok(host) = normalize_host(h) else {
+            continue;
+        };
+        if let Some(id) = w.store.resolve_host(host.as_str()).await? {
+            ids.push(id);
+        }
+    }
+    w.store.touch(&ids, now_ms()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

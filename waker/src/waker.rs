@@ -1,0 +1,155 @@
+//! The waker's state and the logic its handlers share.
+
+use crate::error::ApiError;
+use crate::model::{Accepted, PreviewView};
+use crate::refs::RefChecker;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tracing::{info, warn};
+use wakegate_core::host::normalize_host;
+use wakegate_core::lifecycle::{Event, State};
+use wakegate_core::route::{Preview, Project, RouteRecord, RouteStatus};
+use wakegate_core::sign::Key;
+use wakegate_core::{ttl, Millis};
+use wakegate_store::driver::apply;
+use wakegate_store::{SharedStore, Versioned};
+
+pub(crate) fn now_ms() -> Millis {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
+}
+
+#[derive(Clone, Debug)]
+pub struct WakerConfig {
+    /// Shared with the edge: signs edge → waker calls.
+    pub edge_key: Key,
+    /// Bearer token for operator calls.
+    pub operator_token: String,
+    /// Previews answer at `<label>.<preview_base>`.
+    pub preview_base: String,
+    /// The public URL of a preview; `{label}` is replaced.
+    pub preview_url_template: String,
+}
+
+pub struct Waker {
+    pub(crate) store: SharedStore,
+    pub(crate) config: WakerConfig,
+    pub(crate) refs: Arc<dyn RefChecker>,
+}
+
+impl Waker {
+    pub fn new(store: SharedStore, config: WakerConfig, refs: Arc<dyn RefChecker>) -> Waker {
+        Waker { store, config, refs }
+    }
+
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    pub(crate) fn host_of(&self, label: &str) -> String {
+        format!("{label}.{}", self.config.preview_base)
+    }
+
+    pub(crate) async fn find_by_host(&self, raw: &str) -> Result<(Versioned<Preview>, Project), ApiError> {
+        let host = normalize_host(raw).map_err(|e| ApiError::bad("host", format!("bad host: {e}")))?;
+        let id = self.store.resolve_host(host.as_str()).await?;
+        let id = id.ok_or_else(|| ApiError::NotFound(format!("no preview at {host}")))?;
+        self.load(&id).await
+    }
+
+    pub(crate) async fn load(&self, id: &str) -> Result<(Versioned<Preview>, Project), ApiError> {
+        let p = self.store.get_preview(id).await?.ok_or_else(|| ApiError::NotFound(format!("no preview {id}")))?;
+        let project = self
+            .store
+            .get_project(&p.value.project_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound("the preview's project is gone".into()))?;
+        Ok((p, project))
+    }
+
+    /// The edge's view; for erased and failed previews, asks git (cached) whether the
+    /// ref still exists and records "gone" (or back) accordingly.
+    pub(crate) async fn record(&self, p: Versioned<Preview>, project: &Project) -> RouteRecord {
+        let mut p = p;
+        let mut rebuildable = true;
+        if matches!(p.value.state, State::Erased { .. } | State::Failed { .. } | State::Gone) {
+            match self.refs.exists(&project.git_url, &p.value.git_ref).await {
+                Ok(exists) => {
+                    rebuildable = exists;
+                    let event = match (&p.value.state, exists) {
+                        (State::Gone, true) => Some(Event::RefRestored),
+                        (State::Erased { .. } | State::Failed { .. }, false) => Some(Event::RefDeleted),
+                        _ => None,
+                    };
+                    if let Some(event) = event {
+                        match apply(self.store.as_ref(), &p.value.id, &event, now_ms()).await {
+                            Ok(a) => {
+                                info!(preview = %p.value.id, state = a.preview.value.state.as_str(), "ref check");
+                                p = a.preview;
+                            }
+                            Err(e) => warn!(preview = %p.value.id, error = %e, "recording the ref check failed"),
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(preview = %p.value.id, error = %e, "cannot ask the remote; assuming the ref exists")
+                }
+            }
+        }
+        let remaining = p.value.expires_at(project).map(|at| ttl::remaining(at, now_ms()));
+        RouteRecord {
+            preview_id: p.value.id.clone(),
+            project: p.value.project.clone(),
+            git_ref: p.value.git_ref.clone(),
+            status: RouteStatus::from_state(&p.value.state, rebuildable),
+            version: p.version,
+            ttl_remaining_ms: remaining,
+            pinned: p.value.pinned,
+        }
+    }
+
+    /// Rebuilds an erased or failed preview once git says its ref is still there.
+    pub(crate) async fn rebuild(&self, p: Versioned<Preview>, project: &Project) -> Result<Accepted, ApiError> {
+        match self.refs.exists(&project.git_url, &p.value.git_ref).await {
+            Ok(false) => {
+                if let Err(e) = apply(self.store.as_ref(), &p.value.id, &Event::RefDeleted, now_ms()).await {
+                    warn!(preview = %p.value.id, error = %e, "recording the deleted ref failed");
+                }
+                return Err(ApiError::Gone("the branch no longer exists".into()));
+            }
+            Ok(true) => {}
+            Err(e) => warn!(error = %e, "cannot ask the remote; building anyway"),
+        }
+        let a = apply(self.store.as_ref(), &p.value.id, &Event::BuildRequested, now_ms()).await?;
+        info!(preview = %p.value.id, "rebuild requested");
+        Ok(Accepted { state: a.preview.value.state.as_str().to_string(), version: a.preview.version })
+    }
+
+    pub(crate) fn view(&self, p: &Versioned<Preview>, project: &Project) -> PreviewView {
+        let v = &p.value;
+        let remaining = v.expires_at(project).map(|at| ttl::remaining(at, now_ms()));
+        let (phase, reason) = match &v.state {
+            State::Building { phase, .. } => (Some(phase.as_str().to_string()), None),
+            State::Failed { phase, reason } => (Some(phase.as_str().to_string()), Some(reason.clone())),
+            State::Erased { reason } | State::Erasing { reason, .. } => (None, Some(reason.as_str().to_string())),
+            _ => (None, None),
+        };
+        PreviewView {
+            id: v.id.clone(),
+            project: v.project.clone(),
+            git_ref: v.git_ref.clone(),
+            label: v.label.clone(),
+            host: self.host_of(&v.label),
+            url: self.config.preview_url_template.replace("{label}", &v.label),
+            state: v.state.as_str().to_string(),
+            phase,
+            reason,
+            pinned: v.pinned,
+            ttl_hours: v.effective_ttl_hours(project),
+            ttl_remaining_ms: remaining,
+            ttl_remaining: remaining.map(ttl::format_remaining),
+            created_at: v.created_at,
+            last_error: v.last_error.clone(),
+            version: p.version,
+        }
+    }
+}
