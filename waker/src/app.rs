@@ -8,7 +8,7 @@ use crate::{auth, edge, operator};
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, post, put, MethodRouter};
 use axum::{middleware, Json, Router};
 use http::StatusCode;
 use std::sync::{Arc, OnceLock};
@@ -108,32 +108,32 @@ async fn json_errors(r: Response) -> Response {
 
 /// The API with its layers.
 pub fn router(waker: Arc<Waker>) -> Router {
-    let edge = Router::new()
-        .route("/v1/edge/route", get(edge::route))
-        .route("/v1/edge/status", get(edge::status))
-        .route("/v1/edge/wake", post(edge::wake))
-        .route("/v1/edge/rebuild", post(edge::rebuild))
-        .route("/v1/edge/activity", post(edge::activity))
-        .route_layer(middleware::from_fn_with_state(waker.clone(), auth::edge));
-    let operator = Router::new()
-        .route("/v1/projects", get(operator::list_projects).post(operator::create_project))
-        .route("/v1/projects/{name}", get(operator::get_project))
-        .route("/v1/projects/{name}/previews", post(operator::create_preview))
-        .route("/v1/previews", get(operator::list_previews))
-        .route("/v1/previews/{id}", get(operator::show))
-        .route("/v1/previews/{id}/pin", post(operator::pin))
-        .route("/v1/previews/{id}/unpin", post(operator::unpin))
-        .route("/v1/previews/{id}/ttl", put(operator::set_ttl))
-        .route("/v1/previews/{id}/sleep", post(operator::sleep))
-        .route("/v1/previews/{id}/wake", post(operator::wake))
-        .route("/v1/previews/{id}/erase", post(operator::erase))
-        .route("/v1/previews/{id}/rebuild", post(operator::rebuild))
-        .route_layer(middleware::from_fn_with_state(waker.clone(), auth::operator));
+    // authentication wraps each method's handler, not the path: a method the path does
+    // not declare is a 405 before anything else
+    let edge = |m: MethodRouter<Arc<Waker>>| m.route_layer(middleware::from_fn_with_state(waker.clone(), auth::edge));
+    let op = |m: MethodRouter<Arc<Waker>>| m.route_layer(middleware::from_fn_with_state(waker.clone(), auth::operator));
+    let api = Router::new()
+        .route("/v1/edge/route", edge(get(edge::route)))
+        .route("/v1/edge/status", edge(get(edge::status)))
+        .route("/v1/edge/wake", edge(post(edge::wake)))
+        .route("/v1/edge/rebuild", edge(post(edge::rebuild)))
+        .route("/v1/edge/activity", edge(post(edge::activity)))
+        .route("/v1/projects", op(get(operator::list_projects).post(operator::create_project)))
+        .route("/v1/projects/{name}", op(get(operator::get_project)))
+        .route("/v1/projects/{name}/previews", op(post(operator::create_preview)))
+        .route("/v1/previews", op(get(operator::list_previews)))
+        .route("/v1/previews/{id}", op(get(operator::show)))
+        .route("/v1/previews/{id}/pin", op(post(operator::pin)))
+        .route("/v1/previews/{id}/unpin", op(post(operator::unpin)))
+        .route("/v1/previews/{id}/ttl", op(put(operator::set_ttl)))
+        .route("/v1/previews/{id}/sleep", op(post(operator::sleep)))
+        .route("/v1/previews/{id}/wake", op(post(operator::wake)))
+        .route("/v1/previews/{id}/erase", op(post(operator::erase)))
+        .route("/v1/previews/{id}/rebuild", op(post(operator::rebuild)));
     Router::new()
         .route("/healthz", get(health))
         .route("/openapi.json", get(openapi))
-        .merge(edge)
-        .merge(operator)
+        .merge(api)
         .fallback(not_found)
         .with_state(waker)
         .layer(
