@@ -360,7 +360,7 @@ impl Gen {
     fn value(&mut self, depth: u32) -> Value {
         match self.next() % if depth > 2 { 6 } else { 8 } {
             0 => Value::Null,
-            1 => json!(self.next() % 2 == 0),
+            1 => json!(self.next().is_multiple_of(2)),
             2 => json!(*self.pick(&[0i64, -1, 1, 255, 65536, i64::MAX, i64::MIN])),
             3 => json!(*self.pick(&[0.5f64, -0.0, 1e308, -1e308, 1e-300, 8760.000001])),
             4 => json!(*self.pick(&[u64::MAX, 18446744073709551615u64, 30_001])),
@@ -422,8 +422,8 @@ impl Gen {
             (_, Some(props)) => {
                 let mut m = serde_json::Map::new();
                 for name in props.keys() {
-                    if self.next() % 5 != 0 {
-                        let v = if self.next() % 2 == 0 { json!(self.string()) } else { self.value(1) };
+                    if !self.next().is_multiple_of(5) {
+                        let v = if self.next().is_multiple_of(2) { json!(self.string()) } else { self.value(1) };
                         m.insert(name.clone(), v);
                     }
                 }
@@ -464,16 +464,16 @@ async fn generated_input_gets_documented_answers_and_undeclared_methods_405() {
                 let method = method.to_ascii_uppercase();
                 let params = ["nope", "%00", "..", "%2F", "%C3%A9", "demo", "a-b"];
                 let long = "a".repeat(300);
-                let pick_id = if g.next() % 2 == 0 { id.as_str() } else { g.pick(&params) };
+                let pick_id = if g.next().is_multiple_of(2) { id.as_str() } else { g.pick(&params) };
                 let pick_name =
-                    if g.next() % 2 == 0 { "demo" } else { *g.pick(&[params[0], params[1], long.as_str()]) };
+                    if g.next().is_multiple_of(2) { "demo" } else { *g.pick(&[params[0], params[1], long.as_str()]) };
                 let mut path = template.replace("{id}", pick_id).replace("{name}", pick_name);
                 if template.starts_with("/v1/edge/") && method == "GET" {
-                    let h = if g.next() % 2 == 0 { host.clone() } else { g.string() };
+                    let h = if g.next().is_multiple_of(2) { host.clone() } else { g.string() };
                     let enc = |s: &str| s.bytes().map(|b| format!("%{b:02X}")).collect::<String>();
                     path = format!("{path}?host={}", enc(&h));
-                    if g.next() % 2 == 0 {
-                        path.push_str(*g.pick(&[
+                    if g.next().is_multiple_of(2) {
+                        path.push_str(g.pick(&[
                             "&after=99999999999999999999",
                             "&after=-1",
                             "&wait=50",
@@ -483,7 +483,8 @@ async fn generated_input_gets_documented_answers_and_undeclared_methods_405() {
                     }
                 }
                 let schema = op.pointer("/requestBody/content/application~1json/schema");
-                let body = if schema.is_some() || g.next() % 4 == 0 { g.body(&spec, schema) } else { String::new() };
+                let body =
+                    if schema.is_some() || g.next().is_multiple_of(4) { g.body(&spec, schema) } else { String::new() };
                 let r = if template.starts_with("/v1/edge/") {
                     nonce += 1;
                     signed(&w, &method, &path, &body, now(), &format!("gen{nonce}")).await
