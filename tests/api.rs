@@ -473,13 +473,14 @@ async fn generated_input_gets_documented_answers_and_undeclared_methods_405() {
                     let enc = |s: &str| s.bytes().map(|b| format!("%{b:02X}")).collect::<String>();
                     path = format!("{path}?host={}", enc(&h));
                     if g.next().is_multiple_of(2) {
-                        path.push_str(g.pick(&[
+                        let extra = g.pick::<&str>(&[
                             "&after=99999999999999999999",
                             "&after=-1",
                             "&wait=50",
                             "&wait=x",
                             "&after=1&wait=20",
-                        ]));
+                        ]);
+                        path.push_str(extra);
                     }
                 }
                 let schema = op.pointer("/requestBody/content/application~1json/schema");
