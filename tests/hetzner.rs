@@ -375,9 +375,18 @@ async fn the_agent_endpoint_refuses_forged_and_foreign_reports() {
     let big = format!(r#"{{"phase":"build","reason":"{}"}}"#, "x".repeat(64 * 1024));
     let r = call(machine.clone(), good.clone(), "POST", "/v1/agent/failed", big).await;
     assert_eq!(r.status, 413);
+    let r = call(machine.clone(), good.clone(), "GET", "/v1/agent/ready", String::new()).await;
+    assert_eq!(r.status, 405, "an undeclared method");
     // none of that changed the preview
     let v = w.show(id).await;
     assert_eq!(v["state"], "running");
     assert!(content(&w, &p).await.contains("main"));
+    // the agent saw its app exit: the preview is failed with the reason, for operators
+    let r =
+        call(machine.clone(), good.clone(), "POST", "/v1/agent/exited", r#"{"reason":"the app exited (137)"}"#.into())
+            .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let v = w.wait_state(id, "failed").await;
+    assert!(v["reason"].as_str().unwrap().contains("exited (137)"), "{v}");
     w.stop().await;
 }

@@ -5,15 +5,20 @@
 //!
 //! Every call names its machine (`X-Wakegate-Machine`) and proves it with the bearer
 //! token made for that machine only (`wakegate_core::sign::machine_token`); a machine
-//! can only report on the preview whose state holds it.
+//! can only report on the preview whose state holds it. An agent whose app exits while
+//! running reports it (`/v1/agent/exited`): the preview is marked failed with the
+//! reason, and its page offers a retry.
+//!
+//! Served on axum through [`wakegate_serve`] (connection caps, header-read and idle
+//! timeouts); undeclared methods are 405.
 
 use crate::cloud::Cloud;
 use crate::hetzner::{MachineRecord, MACHINES};
 use crate::now_ms;
+use axum::extract::{Extension, State as Api};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
+use http_body_util::Full;
+use hyper::Response;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -68,65 +73,131 @@ struct FailedReport {
     reason: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExitReport {
+    reason: String,
+}
+
+/// The machine a call proved it is.
+#[derive(Clone)]
+struct Machine(String);
+
+fn to_axum(r: Resp) -> axum::response::Response {
+    r.map(axum::body::Body::new)
+}
+
+fn cut(mut reason: String) -> String {
+    if reason.len() > MAX_REASON {
+        let mut at = MAX_REASON;
+        while !reason.is_char_boundary(at) {
+            at -= 1;
+        }
+        reason.truncate(at);
+    }
+    reason
+}
+
+/// Reads a bounded JSON body of `T`; 413 or 400 otherwise.
+async fn body<T: serde::de::DeserializeOwned>(b: axum::body::Body) -> Result<T, Resp> {
+    let bytes = axum::body::to_bytes(b, MAX_BODY)
+        .await
+        .map_err(|_| error(413, &format!("body larger than {MAX_BODY} bytes")))?;
+    serde_json::from_slice(&bytes).map_err(|e| error(400, &format!("invalid body: {e}")))
+}
+
+fn header(h: &axum::http::HeaderMap, name: &str) -> String {
+    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+}
+
+async fn authenticate(
+    Api(api): Api<Arc<AgentApi>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let machine = header(req.headers(), "x-wakegate-machine");
+    let auth = header(req.headers(), "authorization");
+    let proven = {
+        let token = auth.strip_prefix("Bearer ").unwrap_or("");
+        !machine.is_empty() && verify_machine_token(&api.key, &machine, token)
+    };
+    if !proven {
+        return to_axum(error(401, "unknown machine or wrong token"));
+    }
+    req.extensions_mut().insert(Machine(machine));
+    next.run(req).await
+}
+
+async fn work(Api(api): Api<Arc<AgentApi>>, Extension(Machine(m)): Extension<Machine>) -> axum::response::Response {
+    to_axum(api.work(&m).await)
+}
+
+async fn phase(
+    Api(api): Api<Arc<AgentApi>>,
+    Extension(Machine(m)): Extension<Machine>,
+    b: axum::body::Body,
+) -> axum::response::Response {
+    to_axum(match body::<PhaseReport>(b).await {
+        Ok(r) => api.report(&m, Report::Phase(r.phase)).await,
+        Err(e) => e,
+    })
+}
+
+async fn ready(
+    Api(api): Api<Arc<AgentApi>>,
+    Extension(Machine(m)): Extension<Machine>,
+    b: axum::body::Body,
+) -> axum::response::Response {
+    to_axum(match body::<ReadyReport>(b).await {
+        Ok(r) if r.port > 0 => api.report(&m, Report::Ready(r.port)).await,
+        Ok(_) => error(400, "port must be 1–65535"),
+        Err(e) => e,
+    })
+}
+
+async fn failed(
+    Api(api): Api<Arc<AgentApi>>,
+    Extension(Machine(m)): Extension<Machine>,
+    b: axum::body::Body,
+) -> axum::response::Response {
+    to_axum(match body::<FailedReport>(b).await {
+        Ok(r) => api.report(&m, Report::Failed(r.phase, cut(r.reason))).await,
+        Err(e) => e,
+    })
+}
+
+async fn exited(
+    Api(api): Api<Arc<AgentApi>>,
+    Extension(Machine(m)): Extension<Machine>,
+    b: axum::body::Body,
+) -> axum::response::Response {
+    to_axum(match body::<ExitReport>(b).await {
+        Ok(r) => api.report(&m, Report::Exited(cut(r.reason))).await,
+        Err(e) => e,
+    })
+}
+
+/// The agent endpoint's routes.
+pub fn router(api: Arc<AgentApi>) -> axum::Router {
+    use axum::routing::{get, post, MethodRouter};
+    let auth =
+        |m: MethodRouter<Arc<AgentApi>>| m.route_layer(axum::middleware::from_fn_with_state(api.clone(), authenticate));
+    axum::Router::new()
+        .route("/v1/agent/work", auth(get(work)))
+        .route("/v1/agent/phase", auth(post(phase)))
+        .route("/v1/agent/ready", auth(post(ready)))
+        .route("/v1/agent/failed", auth(post(failed)))
+        .route("/v1/agent/exited", auth(post(exited)))
+        .fallback(|| async { to_axum(error(404, "no such agent call")) })
+        .with_state(api.clone())
+}
+
 /// Serves agents on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, api: Arc<AgentApi>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let api = api.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let api = api.clone();
-                async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    wakegate_serve::serve(listener, router(api), wakegate_serve::Limits::default()).await
 }
 
 impl AgentApi {
-    pub async fn handle(&self, req: Request<Incoming>) -> Resp {
-        let (parts, body) = req.into_parts();
-        let body = match Limited::new(body, MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return error(413, &format!("body larger than {MAX_BODY} bytes")),
-        };
-        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
-        let machine = header("x-wakegate-machine").to_string();
-        let token = header("authorization").strip_prefix("Bearer ").unwrap_or("");
-        if machine.is_empty() || !verify_machine_token(&self.key, &machine, token) {
-            return error(401, "unknown machine or wrong token");
-        }
-        match (parts.method.as_str(), parts.uri.path()) {
-            ("GET", "/v1/agent/work") => self.work(&machine).await,
-            ("POST", "/v1/agent/phase") => match serde_json::from_slice::<PhaseReport>(&body) {
-                Ok(r) => self.report(&machine, Report::Phase(r.phase)).await,
-                Err(e) => error(400, &format!("invalid body: {e}")),
-            },
-            ("POST", "/v1/agent/ready") => match serde_json::from_slice::<ReadyReport>(&body) {
-                Ok(r) if r.port > 0 => self.report(&machine, Report::Ready(r.port)).await,
-                Ok(_) => error(400, "port must be 1–65535"),
-                Err(e) => error(400, &format!("invalid body: {e}")),
-            },
-            ("POST", "/v1/agent/failed") => match serde_json::from_slice::<FailedReport>(&body) {
-                Ok(r) => {
-                    let mut reason = r.reason;
-                    if reason.len() > MAX_REASON {
-                        let mut cut = MAX_REASON;
-                        while !reason.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        reason.truncate(cut);
-                    }
-                    self.report(&machine, Report::Failed(r.phase, reason)).await
-                }
-                Err(e) => error(400, &format!("invalid body: {e}")),
-            },
-            _ => error(404, "no such agent call"),
-        }
-    }
-
     /// The machine's record and the preview it works for, if it works for one now.
     async fn lookup(&self, machine: &str) -> Result<(MachineRecord, Option<wakegate_core::route::Preview>), Resp> {
         let raw = match self.store.table_get(MACHINES, machine).await {
@@ -196,9 +267,10 @@ impl AgentApi {
         let Some(preview) = preview else {
             return error(410, "this machine works for no preview");
         };
-        let mine = match &preview.state {
-            State::Building { machine: Some(m), .. } | State::Waking { machine: m } => m == machine,
-            State::Running { machine: m, .. } => {
+        let mine = match (&preview.state, &report) {
+            (State::Running { machine: m, .. }, Report::Exited(_)) => m == machine,
+            (State::Building { machine: Some(m), .. } | State::Waking { machine: m }, _) => m == machine,
+            (State::Running { machine: m, .. }, _) => {
                 // a restarted agent reporting again: nothing changes
                 return if m == machine { reply(204, json!(null)) } else { error(410, "this machine is not wanted") };
             }
@@ -221,6 +293,7 @@ impl AgentApi {
                 Event::Ready { machine: machine.to_string(), origin: format!("http://{host}:{port}") }
             }
             Report::Failed(phase, reason) => Event::BuildFailed { reason: format!("{}: {reason}", phase.label()) },
+            Report::Exited(reason) => Event::MachineLost { machine: machine.to_string(), reason },
         };
         match apply(self.store.as_ref(), &preview.id, &event, now_ms()).await {
             Ok(applied) => {
@@ -246,4 +319,6 @@ enum Report {
     Phase(Phase),
     Ready(u16),
     Failed(Phase, String),
+    /// The app exited while the preview ran.
+    Exited(String),
 }

@@ -219,6 +219,10 @@ def main():
     log("ready")
     code = app.wait()
     log(f"the app exited ({code})")
+    # the control plane marks the preview failed (its page offers a retry) instead of
+    # sending visitors to a dead port
+    report("/v1/agent/exited", {"reason": f"the app exited ({code}) while running:\n"
+                                          + tail(os.path.join(ROOT, "app.log"))})
     sys.exit(1)
 
 
