@@ -60,7 +60,9 @@ pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(worker = %p.worker, "provisioner running");
     let tasks = p.spawn_all(rx);
     for t in tasks {
-        let _ = t.await;
+        if let Err(e) = t.await {
+            tracing::error!(error = %e, "a provisioner task ended abnormally");
+        }
     }
     for t in backend.tasks {
         t.abort();

@@ -132,49 +132,40 @@ async fn work(Api(api): Api<Arc<AgentApi>>, Extension(Machine(m)): Extension<Mac
     to_axum(api.work(&m).await)
 }
 
-async fn phase(
-    Api(api): Api<Arc<AgentApi>>,
-    Extension(Machine(m)): Extension<Machine>,
+/// Reads a `T`, turns it into a [`Report`] (or a 400 with the message) and records it.
+async fn record<T: serde::de::DeserializeOwned>(
+    api: &AgentApi,
+    machine: &str,
     b: axum::body::Body,
+    to_report: impl FnOnce(T) -> Result<Report, &'static str>,
 ) -> axum::response::Response {
-    to_axum(match body::<PhaseReport>(b).await {
-        Ok(r) => api.report(&m, Report::Phase(r.phase)).await,
+    to_axum(match body::<T>(b).await.map(to_report) {
+        Ok(Ok(r)) => api.report(machine, r).await,
+        Ok(Err(message)) => error(400, message),
         Err(e) => e,
     })
 }
 
-async fn ready(
-    Api(api): Api<Arc<AgentApi>>,
-    Extension(Machine(m)): Extension<Machine>,
-    b: axum::body::Body,
-) -> axum::response::Response {
-    to_axum(match body::<ReadyReport>(b).await {
-        Ok(r) if r.port > 0 => api.report(&m, Report::Ready(r.port)).await,
-        Ok(_) => error(400, "port must be 1–65535"),
-        Err(e) => e,
-    })
+type Call = (Api<Arc<AgentApi>>, Extension<Machine>, axum::body::Body);
+
+async fn phase((Api(api), Extension(Machine(m)), b): Call) -> axum::response::Response {
+    record(&api, &m, b, |r: PhaseReport| Ok(Report::Phase(r.phase))).await
 }
 
-async fn failed(
-    Api(api): Api<Arc<AgentApi>>,
-    Extension(Machine(m)): Extension<Machine>,
-    b: axum::body::Body,
-) -> axum::response::Response {
-    to_axum(match body::<FailedReport>(b).await {
-        Ok(r) => api.report(&m, Report::Failed(r.phase, cut(r.reason))).await,
-        Err(e) => e,
+async fn ready((Api(api), Extension(Machine(m)), b): Call) -> axum::response::Response {
+    record(&api, &m, b, |r: ReadyReport| match r.port {
+        0 => Err("port must be 1–65535"),
+        port => Ok(Report::Ready(port)),
     })
+    .await
 }
 
-async fn exited(
-    Api(api): Api<Arc<AgentApi>>,
-    Extension(Machine(m)): Extension<Machine>,
-    b: axum::body::Body,
-) -> axum::response::Response {
-    to_axum(match body::<ExitReport>(b).await {
-        Ok(r) => api.report(&m, Report::Exited(cut(r.reason))).await,
-        Err(e) => e,
-    })
+async fn failed((Api(api), Extension(Machine(m)), b): Call) -> axum::response::Response {
+    record(&api, &m, b, |r: FailedReport| Ok(Report::Failed(r.phase, cut(r.reason)))).await
+}
+
+async fn exited((Api(api), Extension(Machine(m)), b): Call) -> axum::response::Response {
+    record(&api, &m, b, |r: ExitReport| Ok(Report::Exited(cut(r.reason)))).await
 }
 
 /// The agent endpoint's routes.

@@ -85,8 +85,7 @@ pub trait Cloud: Send + Sync + 'static {
     async fn list(&self) -> Result<Listing, CloudError>;
     /// Which of these running machines' apps have died, with the reason. Backends whose
     /// machines report for themselves (an agent) answer none.
-    async fn dead(&self, machines: &[MachineId]) -> Result<Vec<(MachineId, String)>, CloudError> {
-        let _ = machines;
+    async fn dead(&self, _machines: &[MachineId]) -> Result<Vec<(MachineId, String)>, CloudError> {
         Ok(Vec::new())
     }
 }

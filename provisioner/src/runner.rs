@@ -121,6 +121,7 @@ impl Provisioner {
                         Ok(()) => {}
                         Err(StoreError::LeaseLost(_)) => {
                             warn!(job = %lease.job_id, "lease lost to another worker; cancelling the job");
+                            // the job may have just finished: nobody to tell then
                             let _ = lost_tx.send(());
                             return;
                         }

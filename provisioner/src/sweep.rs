@@ -52,7 +52,8 @@ impl Provisioner {
                 return;
             }
             let r = self.sweep_once().await;
-            if r != Report::default() && r != (Report { listed: r.listed, ..Report::default() }) {
+            // a sweep that only listed the cloud is not news
+            if r != (Report { listed: r.listed, ..Report::default() }) {
                 info!(?r, "sweep");
             }
             tokio::select! {
@@ -237,7 +238,7 @@ impl Provisioner {
     /// Whether the cloud may be listed now; if so, books the listing.
     fn may_list(&self) -> bool {
         let now = tokio::time::Instant::now();
-        let next = *self.pace.next_list.lock().unwrap();
+        let next = *self.pace.next_list.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match next {
             None => true,
             Some(at) if now >= at => true,
@@ -251,7 +252,8 @@ impl Provisioner {
         let budget = self.settings.cloud_requests_per_hour.max(1);
         let spacing = Duration::from_secs(3600).mul_f64(f64::from(requests) / f64::from(budget));
         let spacing = spacing.max(self.settings.sweep_every);
-        *self.pace.next_list.lock().unwrap() = Some(tokio::time::Instant::now() + spacing);
+        *self.pace.next_list.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(tokio::time::Instant::now() + spacing);
         self.pace.soon.store(false, Ordering::Release);
     }
 

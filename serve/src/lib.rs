@@ -54,30 +54,45 @@ impl Default for Limits {
 /// `ConnectInfo<SocketAddr>`.
 pub async fn serve(listener: TcpListener, router: Router, limits: Limits) {
     let conns = Connections::new(limits.max_connections, limits.max_per_ip);
+    accept(listener, &conns, |stream, peer, admitted| {
+        let router = router.clone();
+        tokio::spawn(async move {
+            let ticks = Arc::new(AtomicU64::new(0));
+            let io = TokioIo::new(Watched::new(stream, ticks.clone()));
+            let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                router.clone().oneshot(req)
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+            let served = builder.serve_connection(io, svc);
+            serve_connection(served, ticks, limits.idle_timeout).await;
+            drop(admitted);
+        });
+    })
+    .await
+}
+
+/// Accepts connections forever: each one under the caps is handed to `on_conn` (with
+/// `TCP_NODELAY` set); one over them gets a 503 and is closed; failed accepts back off.
+pub async fn accept(
+    listener: TcpListener,
+    conns: &Arc<Connections>,
+    mut on_conn: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr, Admitted),
+) {
     let mut backoff = AcceptBackoff::default();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 backoff.reset();
                 let Some(admitted) = conns.admit(peer.ip()) else {
+                    // best effort: the socket closes either way
                     let _ = stream.try_write(OVER_CAPACITY);
                     continue;
                 };
+                // best effort: only latency depends on it
                 let _ = stream.set_nodelay(true);
-                let router = router.clone();
-                tokio::spawn(async move {
-                    let ticks = Arc::new(AtomicU64::new(0));
-                    let io = TokioIo::new(Watched::new(stream, ticks.clone()));
-                    let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                        req.extensions_mut().insert(ConnectInfo(peer));
-                        router.clone().oneshot(req)
-                    });
-                    let mut builder = hyper::server::conn::http1::Builder::new();
-                    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-                    let served = builder.serve_connection(io, svc);
-                    serve_connection(served, ticks, limits.idle_timeout).await;
-                    drop(admitted);
-                });
+                on_conn(stream, peer, admitted);
             }
             Err(e) => backoff.failed(&e).await,
         }

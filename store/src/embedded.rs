@@ -167,7 +167,7 @@ impl Log {
 }
 
 /// Most rate-limit keys kept; the least recently used beyond it are forgotten.
-const MAX_LIMIT_KEYS: usize = 100_000;
+const MAX_LIMIT_KEYS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(100_000).unwrap();
 
 /// In-memory only: rate-limit arrival times and signature nonces.
 struct Ephemeral {
@@ -178,11 +178,7 @@ struct Ephemeral {
 
 impl Default for Ephemeral {
     fn default() -> Ephemeral {
-        Ephemeral {
-            limits: lru::LruCache::new(std::num::NonZeroUsize::new(MAX_LIMIT_KEYS).expect("nonzero")),
-            nonces: HashMap::new(),
-            nonce_expiry: BTreeSet::new(),
-        }
+        Ephemeral { limits: lru::LruCache::new(MAX_LIMIT_KEYS), nonces: HashMap::new(), nonce_expiry: BTreeSet::new() }
     }
 }
 

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 #[async_trait]
@@ -25,7 +25,7 @@ pub const MAX_CONCURRENT: usize = 8;
 /// Longest one may run.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Remotes and refs remembered.
-const CACHE_ENTRIES: usize = 10_000;
+const CACHE_ENTRIES: NonZeroUsize = NonZeroUsize::new(10_000).unwrap();
 
 type Key = (String, String);
 type Answer = Result<bool, String>;
@@ -57,7 +57,7 @@ impl GitRefs {
                 ttl,
                 failure_ttl: ttl.max(Duration::from_secs(10)),
                 timeout,
-                cache: Mutex::new(lru::LruCache::new(NonZeroUsize::new(CACHE_ENTRIES).expect("nonzero"))),
+                cache: Mutex::new(lru::LruCache::new(CACHE_ENTRIES)),
                 inflight: Mutex::default(),
                 slots: tokio::sync::Semaphore::new(MAX_CONCURRENT),
             }),
@@ -70,14 +70,14 @@ impl RefChecker for GitRefs {
     async fn exists(&self, git_url: &str, git_ref: &str) -> Answer {
         let key = (git_url.to_string(), git_ref.to_string());
         let inner = &self.inner;
-        if let Some((answer, at)) = inner.cache.lock().unwrap().get(&key) {
+        if let Some((answer, at)) = lock(&inner.cache).get(&key) {
             let ttl = if answer.is_ok() { inner.ttl } else { inner.failure_ttl };
             if at.elapsed() < ttl {
                 return answer.clone();
             }
         }
         let flight = {
-            let mut inflight = inner.inflight.lock().unwrap();
+            let mut inflight = lock(&inner.inflight);
             inflight
                 .entry(key.clone())
                 .or_insert_with(|| {
@@ -88,8 +88,8 @@ impl RefChecker for GitRefs {
                             Ok(_permit) => ls_remote(&key.0, &key.1, inner.timeout).await,
                             Err(_) => Err("closed".to_string()),
                         };
-                        inner.cache.lock().unwrap().put(key.clone(), (answer.clone(), Instant::now()));
-                        inner.inflight.lock().unwrap().remove(&key);
+                        lock(&inner.cache).put(key.clone(), (answer.clone(), Instant::now()));
+                        lock(&inner.inflight).remove(&key);
                         answer
                     }
                     .boxed()
@@ -101,12 +101,18 @@ impl RefChecker for GitRefs {
     }
 }
 
+/// The maps hold plain data: one left by a panicking holder is still consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Kills a process group when dropped, unless disarmed.
 struct GroupGuard(Option<nix::unistd::Pid>);
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         if let Some(pgid) = self.0 {
+            // ESRCH (already gone) is the only expected failure
             let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         }
     }

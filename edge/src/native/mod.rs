@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use wakegate_core::sign::Key;
-use wakegate_serve::{AcceptBackoff, Admitted, Connections, Watched, OVER_CAPACITY};
+use wakegate_serve::{Admitted, Connections, Watched};
 
 pub use body::ResponseBody;
 
@@ -270,21 +270,10 @@ async fn accept_loop(
     cfg: Arc<EdgeConfig>,
     conns: Arc<Connections>,
 ) {
-    let mut backoff = AcceptBackoff::default();
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                backoff.reset();
-                let Some(admitted) = conns.admit(peer.ip()) else {
-                    let _ = stream.try_write(OVER_CAPACITY);
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                tokio::task::spawn_local(serve_connection(stream, peer, pipeline.clone(), cfg.clone(), admitted));
-            }
-            Err(e) => backoff.failed(&e).await,
-        }
-    }
+    wakegate_serve::accept(listener, &conns, |stream, peer, admitted| {
+        tokio::task::spawn_local(serve_connection(stream, peer, pipeline.clone(), cfg.clone(), admitted));
+    })
+    .await
 }
 
 async fn serve_connection(
