@@ -61,6 +61,7 @@ pub struct Config {
     pub orphan_grace: Duration,
     /// Cloud API requests the reconciler's listings may spend an hour.
     pub cloud_requests_per_hour: usize,
+    pub cloud_list_every: Duration,
     pub liveness_every: Duration,
     pub max_builds: usize,
     pub max_quick_jobs: usize,
@@ -280,6 +281,7 @@ impl Config {
             lease: secs(src, "WAKEGATE_LEASE_SECS", 30.0)?,
             orphan_grace: secs(src, "WAKEGATE_ORPHAN_GRACE_SECS", 120.0)?,
             cloud_requests_per_hour: count(src, "WAKEGATE_CLOUD_REQUESTS_PER_HOUR", 360, 1..=100_000)?,
+            cloud_list_every: secs(src, "WAKEGATE_CLOUD_LIST_SECS", 60.0)?,
             liveness_every: secs(src, "WAKEGATE_LIVENESS_SECS", 2.0)?,
             max_builds: count(src, "WAKEGATE_MAX_BUILDS", 4, 1..=256)?,
             max_quick_jobs: count(src, "WAKEGATE_MAX_QUICK_JOBS", 16, 1..=1024)?,
@@ -338,6 +340,7 @@ impl Config {
             orphan_grace: self.orphan_grace,
             preview_url_template,
             cloud_requests_per_hour: self.cloud_requests_per_hour as u32,
+            list_every: self.cloud_list_every,
             liveness_every: self.liveness_every,
             max_builds: self.max_builds,
             max_quick_jobs: self.max_quick_jobs,

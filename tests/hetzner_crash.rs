@@ -211,6 +211,7 @@ impl Replica {
                         preview_url_template: "http://{label}.localhost:1".into(),
                         // the fake API has no hourly allowance to protect
                         cloud_requests_per_hour: 1_000_000,
+                        list_every: Duration::from_millis(200),
                         ..Default::default()
                     },
                 ));

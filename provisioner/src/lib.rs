@@ -24,13 +24,11 @@ pub mod runner;
 pub mod supervise;
 pub mod sweep;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use wakegate_core::Millis;
+use std::time::Duration;
 
-/// Wall-clock now in ms. Only drivers read the clock; `core` never does.
-pub fn now_ms() -> Millis {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
-}
+/// Wall-clock now in ms (tokio's clock: simulated time under a paused test clock).
+/// Only drivers read the clock; `core` never does.
+pub use wakegate_store::now_ms;
 
 /// Tunables; `wakegate::config::Config` builds these from its settings.
 #[derive(Clone, Debug)]
@@ -50,6 +48,10 @@ pub struct Settings {
     /// 3,600; the default is a tenth). Listings are spaced to fit, and come early (never
     /// more often than `sweep_every`) when something suggests the cloud drifted.
     pub cloud_requests_per_hour: u32,
+    /// The usual gap between the reconciler's cloud listings (the budget may space them
+    /// further; drift brings one sooner). Orphans are reaped within this plus
+    /// `orphan_grace`.
+    pub list_every: Duration,
     /// How often running previews' apps are checked for life.
     pub liveness_every: Duration,
     /// Builds run at once by one provisioner.
@@ -68,6 +70,7 @@ impl Default for Settings {
             orphan_grace: Duration::from_secs(600),
             preview_url_template: "http://{label}.localhost:8080".into(),
             cloud_requests_per_hour: 360,
+            list_every: Duration::from_secs(60),
             liveness_every: Duration::from_secs(2),
             max_builds: 4,
             max_quick_jobs: 16,

@@ -4,7 +4,8 @@
 //! Every step survives bad data and a store that is down: arithmetic on operator values
 //! saturates, a failed read is logged (once a sweep) and the step tries again next time.
 //! Listing the cloud costs API requests, so the reconciler's listings are paced to
-//! [`Settings::cloud_requests_per_hour`](crate::Settings) and come early (never more
+//! [`Settings::cloud_requests_per_hour`](crate::Settings), come every
+//! [`Settings::list_every`](crate::Settings) otherwise, and come early (never more
 //! often than a sweep) when something suggests drift: a delete that failed, a machine
 //! found dead.
 
@@ -251,7 +252,7 @@ impl Provisioner {
     fn listed(&self, requests: u32) {
         let budget = self.settings.cloud_requests_per_hour.max(1);
         let spacing = Duration::from_secs(3600).mul_f64(f64::from(requests) / f64::from(budget));
-        let spacing = spacing.max(self.settings.sweep_every);
+        let spacing = spacing.max(self.settings.list_every).max(self.settings.sweep_every);
         *self.pace.next_list.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
             Some(tokio::time::Instant::now() + spacing);
         self.pace.soon.store(false, Ordering::Release);

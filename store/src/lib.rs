@@ -26,6 +26,24 @@ use wakegate_core::Millis;
 pub use embedded::EmbeddedStore;
 pub use redis_store::RedisStore;
 
+/// Wall-clock time in ms since the Unix epoch, as tokio's clock sees it. In production
+/// this is the system clock. Under tokio's paused test clock (`start_paused`) it moves
+/// with the simulated time only, so a simulation runs the real waker and provisioner
+/// through simulated days. Every reader of "now" in the control plane uses this.
+pub fn now_ms() -> Millis {
+    let wall =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i128).unwrap_or(0);
+    // tokio's now equals the monotonic now unless the clock is paused (then it is where
+    // the simulation has moved it); the difference is the simulation's offset
+    let tokio_now = tokio::time::Instant::now().into_std();
+    let real_now = std::time::Instant::now();
+    let offset = match tokio_now.checked_duration_since(real_now) {
+        Some(ahead) => ahead.as_millis() as i128,
+        None => -(real_now.duration_since(tokio_now).as_millis() as i128),
+    };
+    u64::try_from(wall + offset).unwrap_or(0)
+}
+
 /// A value with the version it was read at. Versions start at 1 and grow by one a write.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Versioned<T> {

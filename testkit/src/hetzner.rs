@@ -180,7 +180,30 @@ pub struct HetznerState {
     pub meter: Meter,
     /// Every request as "METHOD /path".
     pub calls: Vec<String>,
+    /// Every request with its time and query, in order.
+    pub log: Vec<Call>,
     events: Vec<VmEvent>,
+    /// When set (a random state), each action takes 0.75–1.5× its stated duration, as
+    /// cloud timings vary; `None`: exactly the stated duration.
+    pub jitter: Option<u64>,
+}
+
+/// One request the fake received.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub at: u64,
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    /// Answered 429.
+    pub limited: bool,
+}
+
+impl Call {
+    /// The request's `label_selector`, decoded.
+    pub fn label_selector(&self) -> Option<String> {
+        self.query.split('&').find_map(|kv| kv.strip_prefix("label_selector=")).and_then(decode)
+    }
 }
 
 pub struct Reply {
@@ -288,8 +311,21 @@ impl HetznerState {
             rate_at: 0,
             meter: Meter::default(),
             calls: Vec::new(),
+            log: Vec::new(),
             events: Vec::new(),
+            jitter: None,
         }
+    }
+
+    /// One occurrence of a stated duration (see [`HetznerState::jitter`]).
+    fn vary(&mut self, ms: u64) -> u64 {
+        let Some(x) = self.jitter.as_mut() else { return ms };
+        // xorshift64*
+        *x ^= *x >> 12;
+        *x ^= *x << 25;
+        *x ^= *x >> 27;
+        let unit = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
+        (ms as f64 * (0.75 + 0.75 * unit)) as u64
     }
 
     fn id(&mut self) -> i64 {
@@ -431,7 +467,7 @@ impl HetznerState {
             }
             None => false,
         };
-        let finish_at = now + ms + self.faults.slow_by_ms;
+        let finish_at = now + self.vary(ms) + self.faults.slow_by_ms;
         let a =
             Action { id, command: command.into(), resource, started: now, finish_at, status: "running", fail, done };
         self.actions.insert(id, a);
@@ -556,8 +592,12 @@ impl HetznerState {
     pub fn handle(&mut self, now: u64, method: &str, path: &str, query: &str, body: &[u8]) -> Reply {
         self.advance(now);
         self.calls.push(format!("{method} {path}"));
+        self.log.push(Call { at: now, method: method.into(), path: path.into(), query: query.into(), limited: false });
         self.refill(now);
         if self.faults.rate_limited > 0 || self.rate_remaining < 1.0 {
+            if let Some(c) = self.log.last_mut() {
+                c.limited = true;
+            }
             self.faults.rate_limited = self.faults.rate_limited.saturating_sub(1);
             let (s, b) = err(429, "rate_limit_exceeded", "rate limit exceeded");
             return self.reply(now, s, b);
@@ -915,53 +955,72 @@ pub trait VmPlayer: Send + Sync + 'static {
     fn event(&self, event: VmEvent);
 }
 
-/// The fake served over HTTP on 127.0.0.1 with wall time.
+/// The fake served over HTTP on 127.0.0.1.
 pub struct FakeHetzner {
     pub addr: SocketAddr,
     pub token: String,
     pub state: Arc<Mutex<HetznerState>>,
+    /// Wakes the ticker: something may have changed the next deadline.
+    changed: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
     ticker: tokio::task::JoinHandle<()>,
 }
 
-fn wall_ms() -> u64 {
+/// Wall time in ms since the epoch.
+pub fn wall_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 impl FakeHetzner {
+    /// The fake on wall time.
     pub async fn start(durations: Durations, player: Arc<dyn VmPlayer>) -> FakeHetzner {
+        FakeHetzner::start_with(HetznerState::new(durations), player, wall_ms).await
+    }
+
+    /// The fake on the given clock (ms since the epoch): a simulation passes one that
+    /// follows tokio's paused clock. Actions end, and the player hears of it, exactly at
+    /// their deadlines.
+    pub async fn start_with(state: HetznerState, player: Arc<dyn VmPlayer>, clock: fn() -> u64) -> FakeHetzner {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let token = "fake-hcloud-token-0123456789".to_string();
-        let state = Arc::new(Mutex::new(HetznerState::new(durations)));
-        state.lock().unwrap().rate_at = wall_ms();
+        let state = Arc::new(Mutex::new(state));
+        state.lock().unwrap().rate_at = clock();
+        let changed = Arc::new(tokio::sync::Notify::new());
         let ticker = {
-            let state = state.clone();
+            let (state, changed) = (state.clone(), changed.clone());
             let player = player.clone();
             tokio::spawn(async move {
                 loop {
-                    let events = {
+                    let (events, next) = {
                         let mut s = state.lock().unwrap();
-                        s.advance(wall_ms());
-                        s.take_events()
+                        s.advance(clock());
+                        (s.take_events(), s.next_deadline())
                     };
                     for e in events {
                         player.event(e);
                     }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let wait = next.map_or(3_600_000, |at| at.saturating_sub(clock()));
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(wait.max(1))) => {}
+                        _ = changed.notified() => {}
+                    }
                 }
             })
         };
         let task = {
-            let state = state.clone();
+            let (state, changed) = (state.clone(), changed.clone());
             let token = token.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else { continue };
                     let state = state.clone();
                     let token = token.clone();
+                    let changed = changed.clone();
                     tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req| serve(state.clone(), token.clone(), req));
+                        let svc = hyper::service::service_fn(move |req| {
+                            serve(state.clone(), token.clone(), changed.clone(), clock, req)
+                        });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                             .await;
@@ -969,7 +1028,7 @@ impl FakeHetzner {
                 }
             })
         };
-        FakeHetzner { addr, token, state, task, ticker }
+        FakeHetzner { addr, token, state, changed, task, ticker }
     }
 
     /// The base URL that replaces `https://api.hetzner.cloud/v1`.
@@ -978,7 +1037,9 @@ impl FakeHetzner {
     }
 
     pub fn with<T>(&self, f: impl FnOnce(&mut HetznerState) -> T) -> T {
-        f(&mut self.state.lock().unwrap())
+        let out = f(&mut self.state.lock().unwrap());
+        self.changed.notify_one();
+        out
     }
 }
 
@@ -992,6 +1053,8 @@ impl Drop for FakeHetzner {
 async fn serve(
     state: Arc<Mutex<HetznerState>>,
     token: String,
+    changed: Arc<tokio::sync::Notify>,
+    clock: fn() -> u64,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let method = req.method().as_str().to_string();
@@ -1003,7 +1066,9 @@ async fn serve(
         let (status, body) = err(401, "unauthorized", "unable to authenticate");
         Reply { status, body, headers: vec![], hang: false }
     } else {
-        state.lock().unwrap().handle(wall_ms(), &method, &path, &query, &body)
+        let reply = state.lock().unwrap().handle(clock(), &method, &path, &query, &body);
+        changed.notify_one();
+        reply
     };
     if reply.hang {
         std::future::pending::<()>().await;

@@ -11,7 +11,6 @@
 //! Every process started here is stopped by PID when its handle drops.
 
 pub mod browser;
-pub mod costsim;
 pub mod git;
 pub mod hetzner;
 pub mod http;

@@ -45,6 +45,7 @@ pub fn settings(data: &std::path::Path, extra: &[(&str, &str)]) -> Config {
         ("WAKEGATE_WAKER_ADDR", "127.0.0.1:0"),
         ("WAKEGATE_SWEEP_SECS", "0.2"),
         ("WAKEGATE_CLOUD_REQUESTS_PER_HOUR", "100000"),
+        ("WAKEGATE_CLOUD_LIST_SECS", "0.3"),
         ("WAKEGATE_LIVENESS_SECS", "0.3"),
         ("WAKEGATE_ORPHAN_GRACE_SECS", "2"),
         ("WAKEGATE_ROUTE_CACHE_SECS", "0.5"),

@@ -4,19 +4,16 @@ use crate::error::ApiError;
 use crate::model::{Accepted, PreviewView};
 use crate::refs::RefChecker;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 use wakegate_core::host::normalize_host;
 use wakegate_core::lifecycle::{Event, State};
 use wakegate_core::route::{Preview, Project, RouteRecord, RouteStatus};
 use wakegate_core::sign::Key;
-use wakegate_core::{ttl, Millis};
+use wakegate_core::ttl;
 use wakegate_store::driver::apply;
 use wakegate_store::{SharedStore, Versioned};
 
-pub(crate) fn now_ms() -> Millis {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
-}
+pub(crate) use wakegate_store::now_ms;
 
 #[derive(Clone, Debug)]
 pub struct WakerConfig {

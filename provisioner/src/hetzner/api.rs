@@ -33,7 +33,10 @@ pub struct ClientOptions {
     pub backoff_max: Duration,
     /// Requests kept in reserve: below this many remaining, calls are paced.
     pub reserve: u64,
+    /// First wait before polling a running action; each later wait is 1.5× longer, up
+    /// to `action_poll_max` (a 45 s snapshot costs 14 polls, not 45).
     pub action_poll: Duration,
+    pub action_poll_max: Duration,
     pub action_timeout: Duration,
     pub request_timeout: Duration,
 }
@@ -48,6 +51,7 @@ impl ClientOptions {
             backoff_max: Duration::from_secs(60),
             reserve: 20,
             action_poll: Duration::from_secs(1),
+            action_poll_max: Duration::from_secs(5),
             action_timeout: Duration::from_secs(600),
             request_timeout: Duration::from_secs(30),
         }
@@ -104,7 +108,7 @@ pub struct Client {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    crate::now_ms() / 1000
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -384,6 +388,7 @@ impl Client {
     pub async fn wait(&self, action: models::Action) -> Result<models::Action, ApiError> {
         let deadline = tokio::time::Instant::now() + self.opts.action_timeout;
         let mut a = action;
+        let mut pause = self.opts.action_poll;
         loop {
             match a.status {
                 models::action::Status::Success => return Ok(a),
@@ -400,7 +405,8 @@ impl Client {
                     secs: self.opts.action_timeout.as_secs(),
                 });
             }
-            tokio::time::sleep(self.opts.action_poll).await;
+            tokio::time::sleep(pause).await;
+            pause = pause.mul_f64(1.5).min(self.opts.action_poll_max.max(self.opts.action_poll));
             let r: models::GetActionResponse = self.get(&format!("/actions/{}", a.id), &[]).await?;
             a = *r.action;
         }
