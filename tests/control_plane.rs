@@ -138,7 +138,8 @@ async fn a_crashed_app_is_noticed_and_can_be_rebuilt() {
     assert!(reason.contains("exited") && reason.contains("demo app listening"), "the log for operators: {reason}");
     let page = w.visit(&p, "/").await;
     assert_eq!(page.status, 503);
-    assert!(page.body.contains("Try again"), "{}", page.body);
+    assert!(page.body.contains("This preview stopped") && page.body.contains("Start it again"), "{}", page.body);
+    assert_eq!(failed["phase"], "run", "{failed}");
     assert!(!page.body.contains("demo app listening"), "no log lines for visitors: {}", page.body);
     let (s, _) = w.op("POST", &format!("/v1/previews/{id}/rebuild"), None).await;
     assert_eq!(s, 202);

@@ -34,6 +34,8 @@ pub enum Phase {
     Build,
     Start,
     Health,
+    /// Not a build phase: the app, or its machine, stopped while the preview ran.
+    Run,
 }
 
 impl Phase {
@@ -56,6 +58,7 @@ impl Phase {
             Phase::Build => "build",
             Phase::Start => "start",
             Phase::Health => "health",
+            Phase::Run => "run",
         }
     }
 
@@ -69,6 +72,7 @@ impl Phase {
             Phase::Build => "The build failed.",
             Phase::Start => "The app exited while starting.",
             Phase::Health => "The app did not answer its health check in time.",
+            Phase::Run => "The app or its machine stopped unexpectedly.",
         }
     }
 
@@ -82,6 +86,7 @@ impl Phase {
             Phase::Build => "Building",
             Phase::Start => "Starting the app",
             Phase::Health => "Waiting for the app to answer",
+            Phase::Run => "Running",
         }
     }
 }
@@ -437,7 +442,7 @@ pub fn transition(state: &State, event: &Event, _now: crate::Millis) -> Result<T
         (
             S::Running { machine, .. } | S::Stopping { machine, .. } | S::Sleeping { machine } | S::Waking { machine },
             E::MachineLost { machine: lost, reason },
-        ) if machine == lost => to(S::Failed { phase: Phase::Start, reason: reason.clone() }, vec![delete(machine)]),
+        ) if machine == lost => to(S::Failed { phase: Phase::Run, reason: reason.clone() }, vec![delete(machine)]),
         (S::Erasing { machines, reason }, E::MachineLost { machine: lost, .. }) if machines.contains(lost) => {
             let rest: Vec<MachineId> = machines.iter().filter(|m| *m != lost).cloned().collect();
             let state = if rest.is_empty() {

@@ -111,6 +111,15 @@ pub fn render(page: &Page, cx: &Context<'_>) -> String {
             "",
             form(csrf, "Rebuild this preview"),
         ),
+        Page::Failed { phase: Phase::Run, reason, csrf } => (
+            "Preview stopped",
+            "This preview stopped".to_string(),
+            "It stopped while it was running.".to_string(),
+            Some(reason.clone()),
+            false,
+            "",
+            form(csrf, "Start it again"),
+        ),
         Page::Failed { phase, reason, csrf } => (
             "Preview failed",
             "This preview failed to start".to_string(),
@@ -207,6 +216,8 @@ mod tests {
         assert_eq!(Page::Gone.status(), 410);
         assert_eq!(safe_return("//evil.example"), "/");
         assert_eq!(safe_return("https://evil.example"), "/");
+        let stopped = render(&Page::Failed { phase: Phase::Run, reason: "r".into(), csrf: "t".into() }, &cx());
+        assert!(stopped.contains("This preview stopped") && stopped.contains("Start it again"), "{stopped}");
         let failed = render(&Page::Failed { phase: Phase::Build, reason: "exit 2".into(), csrf: "t".into() }, &cx());
         assert!(failed.contains("exit 2") && failed.contains("Try again"));
     }
