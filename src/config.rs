@@ -61,6 +61,7 @@ pub struct Config {
     pub orphan_grace: Duration,
     /// Cloud API requests the reconciler's listings may spend an hour.
     pub cloud_requests_per_hour: usize,
+    /// The usual gap between the reconciler's cloud listings.
     pub cloud_list_every: Duration,
     pub liveness_every: Duration,
     pub max_builds: usize,
@@ -264,6 +265,8 @@ impl Config {
         let base = wakegate_core::host::normalize_host(&base)
             .map_err(|e| ConfigError::Invalid { key: "WAKEGATE_PREVIEW_BASE", reason: e.to_string() })?
             .to_string();
+        // the provisioner's own defaults are the defaults of its settings
+        let prov = wakegate_provisioner::Settings::default();
         Ok(Config {
             data_dir: src.get("WAKEGATE_DATA").map(PathBuf::from).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             edge_addr: parse(src, "WAKEGATE_EDGE_ADDR", DEFAULT_EDGE_ADDR.parse().expect("valid default"))?,
@@ -277,14 +280,19 @@ impl Config {
             csrf_key: key(src, "WAKEGATE_CSRF_KEY", "WAKEGATE_CSRF_KEY_FILE")?,
             origin_key: key(src, "WAKEGATE_ORIGIN_KEY", "WAKEGATE_ORIGIN_KEY_FILE")?,
             operator_token: secret(src, "WAKEGATE_OPERATOR_TOKEN", "WAKEGATE_OPERATOR_TOKEN_FILE")?,
-            sweep_every: secs(src, "WAKEGATE_SWEEP_SECS", 5.0)?,
-            lease: secs(src, "WAKEGATE_LEASE_SECS", 30.0)?,
-            orphan_grace: secs(src, "WAKEGATE_ORPHAN_GRACE_SECS", 120.0)?,
-            cloud_requests_per_hour: count(src, "WAKEGATE_CLOUD_REQUESTS_PER_HOUR", 360, 1..=100_000)?,
-            cloud_list_every: secs(src, "WAKEGATE_CLOUD_LIST_SECS", 60.0)?,
-            liveness_every: secs(src, "WAKEGATE_LIVENESS_SECS", 2.0)?,
-            max_builds: count(src, "WAKEGATE_MAX_BUILDS", 4, 1..=256)?,
-            max_quick_jobs: count(src, "WAKEGATE_MAX_QUICK_JOBS", 16, 1..=1024)?,
+            sweep_every: secs(src, "WAKEGATE_SWEEP_SECS", prov.sweep_every.as_secs_f64())?,
+            lease: secs(src, "WAKEGATE_LEASE_SECS", prov.lease.as_secs_f64())?,
+            orphan_grace: secs(src, "WAKEGATE_ORPHAN_GRACE_SECS", prov.orphan_grace.as_secs_f64())?,
+            cloud_requests_per_hour: count(
+                src,
+                "WAKEGATE_CLOUD_REQUESTS_PER_HOUR",
+                prov.cloud_requests_per_hour as usize,
+                1..=100_000,
+            )?,
+            cloud_list_every: secs(src, "WAKEGATE_CLOUD_LIST_SECS", prov.list_every.as_secs_f64())?,
+            liveness_every: secs(src, "WAKEGATE_LIVENESS_SECS", prov.liveness_every.as_secs_f64())?,
+            max_builds: count(src, "WAKEGATE_MAX_BUILDS", prov.max_builds, 1..=256)?,
+            max_quick_jobs: count(src, "WAKEGATE_MAX_QUICK_JOBS", prov.max_quick_jobs, 1..=1024)?,
             route_ttl: secs(src, "WAKEGATE_ROUTE_CACHE_SECS", 2.0)?,
             hold_timeout: secs(src, "WAKEGATE_HOLD_SECS", 30.0)?,
             activity_every: secs(src, "WAKEGATE_ACTIVITY_SECS", 1.0)?,

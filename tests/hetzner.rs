@@ -313,6 +313,7 @@ async fn lists_are_paginated_and_slow_actions_time_out() {
     let c = cloud().await;
     let mut opts = wakegate_provisioner::hetzner::api::ClientOptions::new(c.fake.url(), c.fake.token.clone());
     opts.action_poll = std::time::Duration::from_millis(20);
+    opts.action_poll_max = std::time::Duration::from_millis(100);
     opts.action_timeout = std::time::Duration::from_millis(300);
     let client = wakegate_provisioner::hetzner::api::Client::new(opts).unwrap();
     for i in 0..120 {

@@ -44,6 +44,7 @@ struct Rig {
 fn settings(fake: &FakeHetzner, agent: SocketAddr) -> HetznerSettings {
     let mut api = ClientOptions::new(fake.url(), fake.token.clone());
     api.action_poll = Duration::from_millis(20);
+    api.action_poll_max = Duration::from_millis(100);
     api.backoff_base = Duration::from_millis(20);
     api.action_timeout = Duration::from_secs(20);
     api.request_timeout = Duration::from_secs(60);

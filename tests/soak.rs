@@ -15,10 +15,10 @@ use common::*;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
-use wakegate_core::lifecycle::State;
+use wakegate_core::lifecycle::{Phase, State};
 use wakegate_provisioner::local::group_alive;
 use wakegate_store::Store;
 use wakegate_testkit::{free_port, git::Repo, http, redis::RedisServer, Proc};
@@ -41,8 +41,10 @@ enum Known {
     /// Building, waking or running, as far as the test knows.
     Active,
     Asleep,
-    /// Erased, or failed after its app was killed: a rebuild brings it back.
-    Down,
+    /// Erased: a rebuild brings it back.
+    Erased,
+    /// Its app was killed: it fails, and a rebuild brings it back.
+    Crashed,
 }
 
 struct Preview {
@@ -62,18 +64,21 @@ impl Rng {
     }
 }
 
-fn pick(rng: &mut Rng, previews: &[Preview], known: Known) -> Option<usize> {
-    let matching: Vec<usize> = (0..previews.len()).filter(|i| previews[*i].known == known).collect();
+fn pick(rng: &mut Rng, previews: &[Preview], known: &[Known]) -> Option<usize> {
+    let matching: Vec<usize> = (0..previews.len()).filter(|i| known.contains(&previews[*i].known)).collect();
     (!matching.is_empty()).then(|| matching[rng.below(matching.len())])
 }
 
-/// The machine directory whose `owner` file names `preview`.
-fn machine_dir_of(machines: &Path, preview: &str) -> Option<PathBuf> {
-    std::fs::read_dir(machines)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|d| std::fs::read_to_string(d.join("owner")).is_ok_and(|o| o == preview) && d.join("app.pid").exists())
+/// Ends the apps the provisioners started, also when an assertion fails.
+struct EndApps(PathBuf);
+
+impl Drop for EndApps {
+    fn drop(&mut self) {
+        for dir in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            wakegate_testkit::kill_recorded_group(&dir.path().join("app.pid"));
+            wakegate_testkit::kill_recorded_group(&dir.path().join("build.pid"));
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,6 +86,7 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
     let mut redis = RedisServer::start_persistent().await.unwrap();
     let data = wakegate_testkit::tempdir("soak");
     let machines = data.join("machines");
+    let _end_apps = EndApps(machines.clone());
     let logs = data.join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let repo = Repo::new(&[("wakegate.toml", MANIFEST), ("index.html", "main")]);
@@ -92,7 +98,7 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
     let spawn = |part: &str, n: usize, waker: SocketAddr| {
         let log = std::fs::File::create(logs.join(format!("{part}-{n}.log"))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wakegate"));
-        cmd.arg(part).stdout(Stdio::null()).stderr(log);
+        cmd.arg(part).stdout(log.try_clone().unwrap()).stderr(log);
         for (k, v) in [
             ("WAKEGATE_REDIS_URL", redis.url()),
             ("WAKEGATE_DATA", data.display().to_string()),
@@ -141,6 +147,8 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
         assert_eq!(s, 201, "{v}");
     }
 
+    // the test reads records straight from Redis
+    let store = wakegate_store::RedisStore::connect(&redis.url(), "wg:").await.unwrap();
     let seed = 0x50A4_u64 ^ std::process::id() as u64;
     eprintln!("soak seed {seed:#x}");
     let mut rng = Rng(seed | 1);
@@ -154,25 +162,38 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
     while events < MAX_EVENTS && began.elapsed() < EVENT_TIME {
         events += 1;
         if restarted.is_none() && previews.len() >= PREVIEWS / 2 {
-            // Redis goes away under all four processes and comes back
-            redis.restart(Duration::from_millis(500)).await.unwrap();
+            // Redis goes away under all four processes and comes back, with calls on
+            // both wakers under way meanwhile: each is answered, 200 or 503
+            let calls = async {
+                let mut answers = Vec::new();
+                for n in 0..40 {
+                    let r = wakegate::operator::call(wakers[n % 2], TOKEN, "GET", "/v1/projects", None).await;
+                    answers.push(r.map(|r| r.0).unwrap_or(0));
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                answers
+            };
+            let (restart, answers) = tokio::join!(redis.restart(Duration::from_millis(500)), calls);
+            restart.unwrap();
+            assert!(answers.iter().all(|s| *s == 200 || *s == 503), "during the restart: {answers:?}");
+            eprintln!("answers while Redis restarted: {answers:?}");
             restarted = Some(Instant::now());
         }
         let active = previews.iter().filter(|p| p.known == Known::Active).count();
         let roll = rng.below(100);
         let (kind, target) = if active >= MAX_ACTIVE {
-            let i = pick(&mut rng, &previews, Known::Active).unwrap();
+            let i = pick(&mut rng, &previews, &[Known::Active]).unwrap();
             (if roll < 75 { "sleep" } else { "erase" }, Some(i))
         } else if roll < 50 && previews.len() < PREVIEWS {
             ("create", None)
         } else if roll < 62 {
-            ("wake", pick(&mut rng, &previews, Known::Asleep))
+            ("wake", pick(&mut rng, &previews, &[Known::Asleep]))
         } else if roll < 72 {
-            ("rebuild", pick(&mut rng, &previews, Known::Down))
+            ("rebuild", pick(&mut rng, &previews, &[Known::Erased, Known::Crashed]))
         } else if roll < 80 {
-            ("crash", pick(&mut rng, &previews, Known::Active))
+            ("crash", pick(&mut rng, &previews, &[Known::Active]))
         } else if roll < 92 {
-            ("sleep", pick(&mut rng, &previews, Known::Active))
+            ("sleep", pick(&mut rng, &previews, &[Known::Active]))
         } else {
             ("erase", (!previews.is_empty()).then(|| rng.below(previews.len())))
         };
@@ -181,17 +202,25 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
                 let n = previews.len();
                 let body = json!({"ref": format!("change-{}", n / PROJECTS)});
                 let r = op("POST", format!("/v1/projects/p{}/previews", n % PROJECTS), Some(body)).await;
-                if r.0 == 201 {
+                // 200: it was created by an earlier call whose answer was lost
+                if r.0 == 201 || r.0 == 200 {
                     previews.push(Preview { id: r.1["id"].as_str().unwrap().to_string(), known: Known::Active });
                 }
                 r
             }
             ("crash", Some(i)) => {
-                // the app dies (kill -9 of its process group), if it runs yet
-                match machine_dir_of(&machines, &previews[i].id) {
+                // the app of a running preview dies (kill -9 of its process group)
+                let running_on = match store.get_preview(&previews[i].id).await {
+                    Ok(Some(p)) => match p.value.state {
+                        State::Running { machine, .. } => Some(machines.join(machine)),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                match running_on {
                     Some(dir) if group_alive(&dir, "app.pid").await => {
                         wakegate_testkit::kill_recorded_group(&dir.join("app.pid"));
-                        previews[i].known = Known::Down;
+                        previews[i].known = Known::Crashed;
                         crashes += 1;
                         (200, Value::Null)
                     }
@@ -203,7 +232,7 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
                 if r.0 == 202 {
                     previews[i].known = match kind {
                         "sleep" => Known::Asleep,
-                        "erase" => Known::Down,
+                        "erase" => Known::Erased,
                         _ => Known::Active,
                     };
                 }
@@ -216,7 +245,8 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
         }
         // the answers the API documents for these calls; 503 only while Redis comes back
         let documented = match status {
-            0 => target.is_none() || kind == "crash",
+            // an event with nothing to act on was skipped; a create always has
+            0 => kind != "create" && (target.is_none() || kind == "crash"),
             200 | 201 | 202 | 409 => true,
             503 => restarted.is_some_and(|at| at.elapsed() < Duration::from_secs(30)),
             _ => false,
@@ -236,7 +266,6 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
     assert_eq!(previews.len(), PREVIEWS, "every preview was created within the bound");
 
     // settle: every preview in a resting state
-    let store = wakegate_store::RedisStore::connect(&redis.url(), "wg:").await.unwrap();
     let settle_began = Instant::now();
     let settled = loop {
         let all = store.list_previews().await.unwrap();
@@ -263,45 +292,54 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
     let ids: HashSet<&str> = settled.iter().map(|p| p.value.id.as_str()).collect();
     let lost: Vec<&str> = previews.iter().map(|p| p.id.as_str()).filter(|id| !ids.contains(id)).collect();
     assert!(lost.is_empty(), "records lost: {lost:?}");
-    let mut by_state: HashMap<&str, usize> = HashMap::new();
+    let mut by_state: HashMap<&'static str, usize> = HashMap::new();
     for p in &settled {
         *by_state.entry(p.value.state.as_str()).or_default() += 1;
     }
     eprintln!("settled in {:?}: {by_state:?}", settle_began.elapsed());
 
-    // what runs agrees with the records, once the reaper has had its grace period
-    let held: HashMap<String, &State> = settled
-        .iter()
-        .flat_map(|p| p.value.state.machines().into_iter().map(move |m| (m.clone(), &p.value.state)))
-        .collect();
-    let disagreements = || async {
-        let mut out = Vec::new();
+    // what runs agrees with the records, once the reaper has had its grace period and
+    // liveness has seen the last crashes; records are read afresh each round
+    let reap_began = Instant::now();
+    let settled = loop {
+        let all = store.list_previews().await.unwrap();
+        let held: HashMap<String, &State> = all
+            .iter()
+            .flat_map(|p| p.value.state.machines().into_iter().map(move |m| (m.clone(), &p.value.state)))
+            .collect();
+        let mut disagree = Vec::new();
+        for p in &all {
+            if !matches!(
+                p.value.state,
+                State::Running { .. } | State::Sleeping { .. } | State::Erased { .. } | State::Failed { .. }
+            ) {
+                disagree.push(format!("{}: still {}", p.value.id, p.value.state.as_str()));
+            }
+        }
         for dir in std::fs::read_dir(&machines).unwrap().flatten().map(|e| e.path()) {
             let name = dir.file_name().unwrap().to_string_lossy().into_owned();
             let alive = group_alive(&dir, "app.pid").await || group_alive(&dir, "build.pid").await;
             match held.get(&name) {
-                None => out.push(format!("{name}: no preview holds it (alive: {alive})")),
-                Some(State::Running { .. }) if !alive => out.push(format!("{name}: running without an app")),
-                Some(State::Sleeping { .. }) if alive => out.push(format!("{name}: asleep with a live app")),
+                None => disagree.push(format!("{name}: no preview holds it (alive: {alive})")),
+                Some(State::Running { .. }) if !alive => disagree.push(format!("{name}: running without an app")),
+                Some(State::Sleeping { .. }) if alive => disagree.push(format!("{name}: asleep with a live app")),
                 Some(_) => {}
             }
         }
         for (m, state) in &held {
             if !machines.join(m).exists() {
-                out.push(format!("{m}: held by a {} preview but gone", state.as_str()));
+                disagree.push(format!("{m}: held by a {} preview but gone", state.as_str()));
             }
         }
-        out
-    };
-    let reap_began = Instant::now();
-    loop {
-        let d = disagreements().await;
-        if d.is_empty() {
-            break;
+        if disagree.is_empty() {
+            break all;
         }
-        assert!(reap_began.elapsed() < Duration::from_secs(60), "the machines disagree with the records: {d:#?}");
+        assert!(
+            reap_began.elapsed() < Duration::from_secs(60),
+            "the machines disagree with the records: {disagree:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    };
     // every running preview's app answers at its origin
     for p in &settled {
         if let State::Running { origin, .. } = &p.value.state {
@@ -309,6 +347,25 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
             let r = http::send(addr, "GET", "app", "/", &[], "").await.unwrap();
             assert_eq!(r.status, 200, "{} at {origin}", p.value.id);
         }
+    }
+    // each preview ended where the last thing done to it leads
+    let by_id: HashMap<&str, &State> = settled.iter().map(|p| (p.value.id.as_str(), &p.value.state)).collect();
+    let mut wrong = Vec::new();
+    for p in &previews {
+        let state = by_id[p.id.as_str()];
+        let fits = match p.known {
+            Known::Active => matches!(state, State::Running { .. }),
+            Known::Asleep => matches!(state, State::Sleeping { .. }),
+            Known::Erased => matches!(state, State::Erased { .. }),
+            Known::Crashed => matches!(state, State::Failed { phase: Phase::Run, .. }),
+        };
+        if !fits {
+            wrong.push(format!("{}: {:?} but {state:?}", p.id, p.known));
+        }
+    }
+    assert!(wrong.is_empty(), "{} previews not where their last event leads: {wrong:#?}", wrong.len());
+    for state in ["running", "sleeping", "erased", "failed"] {
+        assert!(by_state.get(state).is_some_and(|n| *n > 0), "some previews end {state}: {by_state:?}");
     }
 
     // both replicas of each part lived through it all, and nothing panicked
@@ -319,9 +376,5 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
     for log in std::fs::read_dir(&logs).unwrap().flatten() {
         let text = std::fs::read_to_string(log.path()).unwrap();
         assert!(!text.contains("panicked"), "{}: {}", log.path().display(), text);
-    }
-    for dir in std::fs::read_dir(&machines).unwrap().flatten() {
-        wakegate_testkit::kill_recorded_group(&dir.path().join("app.pid"));
-        wakegate_testkit::kill_recorded_group(&dir.path().join("build.pid"));
     }
 }

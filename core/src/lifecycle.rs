@@ -439,10 +439,13 @@ pub fn transition(state: &State, event: &Event, _now: crate::Millis) -> Result<T
         (S::Gone, E::RefRestored) => to(S::Erased { reason: EraseReason::Manual }, vec![]),
         (_, E::RefRestored) => same(state),
 
+        (S::Running { machine, .. }, E::MachineLost { machine: lost, reason }) if machine == lost => {
+            to(S::Failed { phase: Phase::Run, reason: reason.clone() }, vec![delete(machine)])
+        }
         (
-            S::Running { machine, .. } | S::Stopping { machine, .. } | S::Sleeping { machine } | S::Waking { machine },
+            S::Stopping { machine, .. } | S::Sleeping { machine } | S::Waking { machine },
             E::MachineLost { machine: lost, reason },
-        ) if machine == lost => to(S::Failed { phase: Phase::Run, reason: reason.clone() }, vec![delete(machine)]),
+        ) if machine == lost => to(S::Failed { phase: Phase::Start, reason: reason.clone() }, vec![delete(machine)]),
         (S::Erasing { machines, reason }, E::MachineLost { machine: lost, .. }) if machines.contains(lost) => {
             let rest: Vec<MachineId> = machines.iter().filter(|m| *m != lost).cloned().collect();
             let state = if rest.is_empty() {

@@ -30,7 +30,8 @@ use std::time::Duration;
 /// Only drivers read the clock; `core` never does.
 pub use wakegate_store::now_ms;
 
-/// Tunables; `wakegate::config::Config` builds these from its settings.
+/// Tunables; `wakegate::config::Config` builds these from its settings, and these
+/// defaults are its defaults.
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// How long a claimed job is ours without renewal.
@@ -67,7 +68,7 @@ impl Default for Settings {
             lease: Duration::from_secs(30),
             poll: Duration::from_millis(500),
             sweep_every: Duration::from_secs(5),
-            orphan_grace: Duration::from_secs(600),
+            orphan_grace: Duration::from_secs(120),
             preview_url_template: "http://{label}.localhost:8080".into(),
             cloud_requests_per_hour: 360,
             list_every: Duration::from_secs(60),

@@ -8,7 +8,9 @@
 //! * `build.log`, `app.log`.
 //!
 //! Processes run in their own process group on 127.0.0.1 with `PORT` and `PREVIEW_URL`
-//! set; stopping sends SIGTERM to the group, then SIGKILL.
+//! set; stopping sends SIGTERM to the group, then SIGKILL. Every start gets a fresh port
+//! below the kernel's ephemeral range, reserved by a file in `ports/` beside the machines
+//! root (shared by every provisioner on that root) and given back when the app stops.
 
 use crate::cloud::{Cloud, CloudError, DeploySpec, Listing, MachineInfo, Outcome, Progress};
 use crate::manifest::Manifest;
@@ -30,6 +32,9 @@ struct MachineFile {
 
 pub struct LocalCloud {
     root: PathBuf,
+    /// Port reservations (`<port>` files), beside the machines: shared by every
+    /// provisioner using this root.
+    ports: PathBuf,
 }
 
 fn backend(e: impl std::fmt::Display) -> CloudError {
@@ -40,7 +45,9 @@ impl LocalCloud {
     pub fn new(root: impl Into<PathBuf>) -> std::io::Result<LocalCloud> {
         let root = root.into();
         std::fs::create_dir_all(&root)?;
-        Ok(LocalCloud { root })
+        let ports = root.parent().map_or_else(|| root.join(".ports"), |p| p.join("ports"));
+        std::fs::create_dir_all(&ports)?;
+        Ok(LocalCloud { root, ports })
     }
 
     fn dir(&self, machine: &MachineId) -> Result<PathBuf, CloudError> {
@@ -117,8 +124,46 @@ fn app_env(mf: &MachineFile) -> Vec<(String, String)> {
     env
 }
 
-fn free_port() -> Result<u16, CloudError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0").map_err(backend)?.local_addr().map_err(backend)?.port())
+/// Ports apps get: below the kernel's ephemeral range, so no outgoing connection takes
+/// one between the check and the app's bind (a health check would then reach someone
+/// else), and reserved with a file in `ports`, so two provisioners sharing a machines
+/// root never hand out the same one.
+fn reserve_port(ports: &Path) -> Result<u16, CloudError> {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 10_000;
+    for _ in 0..256 {
+        let port = if ephemeral_start > LOWEST + 1000 {
+            let mut b = [0u8; 2];
+            getrandom::fill(&mut b).map_err(backend)?;
+            LOWEST + u16::from_le_bytes(b) % (ephemeral_start - LOWEST)
+        } else {
+            std::net::TcpListener::bind("127.0.0.1:0").map_err(backend)?.local_addr().map_err(backend)?.port()
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(ports.join(port.to_string())) {
+            Ok(_) => return Ok(port),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(backend(e)),
+        }
+    }
+    Err(backend("no free port for the app"))
+}
+
+/// Gives a machine's port back (its app has stopped).
+async fn release_port(ports: &Path, dir: &Path) {
+    let port = tokio::fs::read(dir.join("machine.json"))
+        .await
+        .ok()
+        .and_then(|raw| serde_json::from_slice::<MachineFile>(&raw).ok())
+        .map(|mf| mf.port);
+    if let Some(port) = port {
+        let _ = tokio::fs::remove_file(ports.join(port.to_string())).await;
+    }
 }
 
 async fn health_ok(port: u16, path: &str) -> bool {
@@ -236,7 +281,8 @@ impl Cloud for LocalCloud {
             .await
             .map_err(|_| CloudError::Failed(format!("the repository has no {} at its root", crate::manifest::FILE)))?;
         let manifest = Manifest::parse(&text).map_err(CloudError::Failed)?;
-        let mf = MachineFile { manifest, port: free_port()?, preview_url: spec.preview_url.clone() };
+        release_port(&self.ports, &dir).await;
+        let mf = MachineFile { manifest, port: reserve_port(&self.ports)?, preview_url: spec.preview_url.clone() };
         tokio::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&mf).map_err(backend)?)
             .await
             .map_err(backend)?;
@@ -275,13 +321,14 @@ impl Cloud for LocalCloud {
         let dir = self.dir(machine)?;
         let raw = tokio::fs::read(dir.join("machine.json")).await.map_err(|_| CloudError::NotFound(machine.clone()))?;
         let mut mf: MachineFile = serde_json::from_slice(&raw).map_err(backend)?;
-        if std::net::TcpListener::bind(("127.0.0.1", mf.port)).is_err() && !group_alive(&dir, "app.pid").await {
-            // someone else took the port while we slept
-            mf.port = free_port()?;
-            tokio::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&mf).map_err(backend)?)
-                .await
-                .map_err(backend)?;
-        }
+        // a fresh port for every start: while the app slept, its old port may have gone
+        // to another preview's app, and a health check there would pass for the wrong app
+        stop_group(&dir, "app.pid").await;
+        let _ = tokio::fs::remove_file(self.ports.join(mf.port.to_string())).await;
+        mf.port = reserve_port(&self.ports)?;
+        tokio::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&mf).map_err(backend)?)
+            .await
+            .map_err(backend)?;
         self.start_app(machine, &dir, &mf).await.map(Outcome::Ready)
     }
 
@@ -291,6 +338,7 @@ impl Cloud for LocalCloud {
             return Err(CloudError::NotFound(machine.clone()));
         }
         stop_group(&dir, "app.pid").await;
+        release_port(&self.ports, &dir).await;
         Ok(())
     }
 
@@ -301,6 +349,7 @@ impl Cloud for LocalCloud {
         }
         stop_group(&dir, "build.pid").await;
         stop_group(&dir, "app.pid").await;
+        release_port(&self.ports, &dir).await;
         tokio::fs::remove_dir_all(&dir).await.map_err(backend)?;
         tracing::info!(%machine, "machine deleted");
         Ok(())
@@ -314,7 +363,12 @@ impl Cloud for LocalCloud {
             if !id.starts_with("m-") {
                 continue;
             }
-            let meta = entry.metadata().await.map_err(backend)?;
+            // another provisioner may delete a machine while this one lists
+            let meta = match entry.metadata().await {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(backend(e)),
+            };
             let created_at = meta
                 .modified()
                 .ok()

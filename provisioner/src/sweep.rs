@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{info, warn};
-use wakegate_core::lifecycle::{EraseReason, Event, State};
+use wakegate_core::lifecycle::{EraseReason, Event, MachineId, State};
 use wakegate_store::driver::{apply, apply_at, sync_indexes};
 
 /// Most items one batch handles.
@@ -263,32 +263,12 @@ impl Provisioner {
     /// machines no record references (after the grace period) and fails previews whose
     /// machine vanished.
     pub async fn reconcile(&self, r: &mut Report) {
-        let list = self.may_list();
-        // machines first: one created after this listing is not judged this round
-        let machines = if list {
-            let crate::cloud::Listing { machines, requests } = match self.cloud.list().await {
-                Ok(l) => l,
-                Err(e) => {
-                    self.listed(1);
-                    return warn!(error = %e, "listing machines failed");
-                }
-            };
-            self.listed(requests);
-            r.listed += 1;
-            Some(machines)
-        } else {
-            None
-        };
         let (previews, jobs) = match (self.store.list_previews().await, self.store.jobs().await) {
             (Ok(p), Ok(j)) => (p, j),
             (Err(e), _) | (_, Err(e)) => return warn!(error = %e, "reconcile: reading the store failed"),
         };
         let jobs: HashSet<_> = jobs.into_iter().collect();
-        let mut referenced = HashSet::new();
         for p in &previews {
-            for m in p.value.state.machines() {
-                referenced.insert(m.clone());
-            }
             if let Some(kind) = p.value.state.pending_job() {
                 if !jobs.contains(&(p.value.id.clone(), kind)) {
                     match self.store.enqueue(&p.value.id, kind).await {
@@ -301,7 +281,27 @@ impl Provisioner {
                 }
             }
         }
-        let Some(machines) = machines else { return };
+        // records, then the cloud, then the records again. A preview that runs in the
+        // first read had its machine before the listing, so a machine missing from the
+        // listing is lost. A listed machine no record in the second read holds existed
+        // before that read, so nothing being built is taken for an orphan (the grace
+        // period is a second guard, not the only one).
+        if !self.may_list() {
+            return;
+        }
+        let crate::cloud::Listing { machines, requests } = match self.cloud.list().await {
+            Ok(l) => l,
+            Err(e) => {
+                self.listed(1);
+                return warn!(error = %e, "listing machines failed");
+            }
+        };
+        self.listed(requests);
+        r.listed += 1;
+        let referenced: HashSet<MachineId> = match self.store.list_previews().await {
+            Ok(fresh) => fresh.iter().flat_map(|p| p.value.state.machines().into_iter().cloned()).collect(),
+            Err(e) => return warn!(error = %e, "reconcile: reading the store failed"),
+        };
         let now = now_ms();
         let grace = self.settings.orphan_grace.as_millis().min(u64::MAX as u128) as u64;
         let existing: HashSet<_> = machines.iter().map(|m| m.id.clone()).collect();

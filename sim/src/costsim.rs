@@ -2,8 +2,9 @@
 //! what each way of sleeping costs in billed server-hours and Hetzner API requests,
 //! and how long a visitor waits for a wake.
 //!
-//! Nothing of Wakegate is re-implemented here. Each mode is one tokio runtime on a
-//! paused clock (time jumps to the next timer whenever every task waits) running:
+//! What decides the cost is Wakegate's own code; only the visitors and the machines are
+//! played. Each mode is one tokio runtime on a paused clock (time jumps to the next
+//! timer whenever every task waits) running:
 //! * the waker's router, called in process with signed edge requests and operator
 //!   requests — previews are created, visited (route, wake, status long-poll, activity)
 //!   and erased when their branch merges through the API the edge and forges use;
@@ -13,6 +14,12 @@
 //!   (stopped or not) and each snapshot by the GB-hour;
 //! * the agent endpoint, which simulated machines call as the real agent does: after
 //!   the boot they ask for work and report ready once the app would be up.
+//!
+//! Played, not run: the visitor's side of the edge and splash page (one route lookup, a
+//! wake, status long-polls, one activity report per visit; no route cache or hold), and
+//! the agent (`agent.py`). A round trip over loopback may let the paused clock jump to
+//! the next timer (at most the job lanes' 0.5 s poll), so wake times can read up to a
+//! few seconds high and vary slightly from run to run.
 //!
 //! The fake's action durations are the stated Hetzner timings, each occurrence 0.75–1.5×.
 //! Every request the provisioner sends to the fake is counted, listings included.
@@ -93,11 +100,14 @@ pub struct Outcome {
     pub wake_waits: Vec<u64>,
     /// Visits that found the preview erased by the TTL (a rebuild is offered).
     pub after_ttl: usize,
+    /// Visits that got to the end of what they did (the rest were cut off by the end).
+    pub finished: usize,
     /// Visits that found the preview failed, or whose wake never finished: what they saw.
     pub failed: Vec<String>,
     /// Requests the provisioner sent to the Hetzner API.
     pub api_requests: usize,
-    /// Of those, the reconciler's listings (every managed server and snapshot).
+    /// Of those, the reconciler's listing requests (every managed server and snapshot:
+    /// two or more a listing).
     pub api_listings: usize,
     /// Of those, action polls (`GET /actions/{id}`).
     pub api_action_polls: usize,
@@ -267,6 +277,8 @@ impl Api {
 #[derive(Default)]
 struct Visits {
     count: usize,
+    /// Visits that got to the end of what they did.
+    finished: usize,
     wake_waits: Vec<u64>,
     after_ttl: usize,
     failed: Vec<String>,
@@ -278,6 +290,11 @@ const GIVE_UP: Duration = Duration::from_secs(30 * 60);
 /// One visit, as the edge and the splash page make it: look the host up; a running app
 /// is used (activity reported); an asleep one is woken and waited for.
 async fn visit(api: Arc<Api>, host: String, visits: Arc<Mutex<Visits>>) {
+    visit_once(&api, &host, &visits).await;
+    visits.lock().unwrap_or_else(|e| e.into_inner()).finished += 1;
+}
+
+async fn visit_once(api: &Api, host: &str, visits: &Mutex<Visits>) {
     let began = Instant::now();
     let record = |f: &dyn Fn(&mut Visits)| f(&mut visits.lock().unwrap_or_else(|e| e.into_inner()));
     let fail = |what: String| visits.lock().unwrap_or_else(|e| e.into_inner()).failed.push(what);
@@ -504,6 +521,7 @@ pub async fn simulate(w: &Workload, t: &Timings, mode: Mode, plans: &[Plan]) -> 
     out.wake_waits = v.wake_waits;
     out.wake_waits.sort_unstable();
     out.after_ttl = v.after_ttl;
+    out.finished = v.finished;
     out.failed = v.failed;
     out.orphans = orphans;
     Ok(out)
@@ -543,7 +561,7 @@ pub fn report(w: &Workload, t: &Timings) -> anyhow::Result<String> {
         t.delete / 1000, t.boot / 1000, t.app_start / 1000, t.first_deploy / 1000, EUR_PER_SERVER_HOUR,
         EUR_PER_GB_MONTH, SNAPSHOT_GB
     ));
-    s.push_str("| mode | billed server-hours | vs always-on | snapshot GB-h | € / week | visits that waited for a wake | wake p50 | wake p95 | visits after TTL | failed visits | API requests / h (busiest hour) | reconciler listings / action polls / 429s |\n");
+    s.push_str("| mode | billed server-hours | vs always-on | snapshot GB-h | € / week | visits that waited for a wake | wake p50 | wake p95 | visits after TTL | failed visits | API requests / h (busiest hour) | reconciler listing requests / action polls / 429s |\n");
     s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut results = Vec::new();
     for mode in Mode::ALL {

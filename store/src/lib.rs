@@ -29,19 +29,21 @@ pub use redis_store::RedisStore;
 /// Wall-clock time in ms since the Unix epoch, as tokio's clock sees it. In production
 /// this is the system clock. Under tokio's paused test clock (`start_paused`) it moves
 /// with the simulated time only, so a simulation runs the real waker and provisioner
-/// through simulated days. Every reader of "now" in the control plane uses this.
+/// through simulated days. The waker, the provisioner and the Hetzner client read "now"
+/// (as wall time) through this.
 pub fn now_ms() -> Millis {
     let wall =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i128).unwrap_or(0);
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
     // tokio's now equals the monotonic now unless the clock is paused (then it is where
-    // the simulation has moved it); the difference is the simulation's offset
+    // the simulation has moved it); the difference is the simulation's offset. Summed in
+    // nanoseconds and rounded once.
     let tokio_now = tokio::time::Instant::now().into_std();
     let real_now = std::time::Instant::now();
     let offset = match tokio_now.checked_duration_since(real_now) {
-        Some(ahead) => ahead.as_millis() as i128,
-        None => -(real_now.duration_since(tokio_now).as_millis() as i128),
+        Some(ahead) => ahead.as_nanos() as i128,
+        None => -(real_now.duration_since(tokio_now).as_nanos() as i128),
     };
-    u64::try_from(wall + offset).unwrap_or(0)
+    u64::try_from((wall + offset) / 1_000_000).unwrap_or(0)
 }
 
 /// A value with the version it was read at. Versions start at 1 and grow by one a write.

@@ -34,8 +34,9 @@ pub struct ClientOptions {
     /// Requests kept in reserve: below this many remaining, calls are paced.
     pub reserve: u64,
     /// First wait before polling a running action; each later wait is 1.5× longer, up
-    /// to `action_poll_max` (a 45 s snapshot costs 14 polls, not 45).
+    /// to `action_poll_max` (a 45 s snapshot costs 12 polls, not 45).
     pub action_poll: Duration,
+    /// The longest wait between two polls of one action.
     pub action_poll_max: Duration,
     pub action_timeout: Duration,
     pub request_timeout: Duration,
