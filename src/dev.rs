@@ -111,7 +111,9 @@ impl Dev {
                     if apply(self.store.as_ref(), &p.value.id, &Event::SleepRequested, now_ms()).await.is_ok()
                         && self.provisioner.cloud.stop(machine, &project).await.is_ok()
                     {
-                        let _ = apply(self.store.as_ref(), &p.value.id, &Event::Stopped, now_ms()).await;
+                        if let Err(e) = apply(self.store.as_ref(), &p.value.id, &Event::Stopped, now_ms()).await {
+                            tracing::warn!(preview = %p.value.id, error = %e, "recording a stop at shutdown failed");
+                        }
                     }
                 }
             }

@@ -154,6 +154,17 @@ fn reserve_port(ports: &Path) -> Result<u16, CloudError> {
     Err(backend("no free port for the app"))
 }
 
+/// Gives a port back. A reservation that is already gone is fine; any other failure
+/// only keeps the port out of use, and is logged.
+async fn unreserve_port(ports: &Path, port: u16) {
+    match tokio::fs::remove_file(ports.join(port.to_string())).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(port, error = %e, "giving a port back failed; it stays reserved")
+        }
+        _ => {}
+    }
+}
+
 /// Gives a machine's port back (its app has stopped).
 async fn release_port(ports: &Path, dir: &Path) {
     let port = tokio::fs::read(dir.join("machine.json"))
@@ -162,7 +173,7 @@ async fn release_port(ports: &Path, dir: &Path) {
         .and_then(|raw| serde_json::from_slice::<MachineFile>(&raw).ok())
         .map(|mf| mf.port);
     if let Some(port) = port {
-        let _ = tokio::fs::remove_file(ports.join(port.to_string())).await;
+        unreserve_port(ports, port).await;
     }
 }
 
@@ -322,14 +333,15 @@ impl Cloud for LocalCloud {
         let raw = tokio::fs::read(dir.join("machine.json")).await.map_err(|_| CloudError::NotFound(machine.clone()))?;
         let mut mf: MachineFile = serde_json::from_slice(&raw).map_err(backend)?;
         // a fresh port for every start: while the app slept, its old port may have gone
-        // to another preview's app, and a health check there would pass for the wrong app
-        stop_group(&dir, "app.pid").await;
-        let _ = tokio::fs::remove_file(self.ports.join(mf.port.to_string())).await;
-        mf.port = reserve_port(&self.ports)?;
+        // to another preview's app, and a health check there would pass for the wrong app.
+        // The old one is given back once start_app has stopped whatever held it.
+        let old = std::mem::replace(&mut mf.port, reserve_port(&self.ports)?);
         tokio::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&mf).map_err(backend)?)
             .await
             .map_err(backend)?;
-        self.start_app(machine, &dir, &mf).await.map(Outcome::Ready)
+        let started = self.start_app(machine, &dir, &mf).await;
+        unreserve_port(&self.ports, old).await;
+        started.map(Outcome::Ready)
     }
 
     async fn stop(&self, machine: &MachineId, _: &Project) -> Result<(), CloudError> {

@@ -483,7 +483,9 @@ impl HetznerCloud {
             }
             Err(e) => {
                 warn!(%machine, error = %e, "creating a pool machine failed");
-                let _ = self.delete(&machine).await;
+                if let Err(e) = self.delete(&machine).await {
+                    warn!(%machine, error = %e, "deleting the failed pool machine failed; the reaper will");
+                }
                 false
             }
         }
@@ -645,7 +647,9 @@ impl Cloud for HetznerCloud {
         }
         if let Some(r) = self.record(machine).await? {
             if let Some(pool) = r.pool {
-                let _ = self.store.table_remove(&pool_table(&pool), machine).await;
+                if let Err(e) = self.store.table_remove(&pool_table(&pool), machine).await {
+                    warn!(%machine, error = %e, "removing a deleted machine from its pool failed");
+                }
             }
         }
         self.store.table_remove(MACHINES, machine).await.map_err(backend)?;
