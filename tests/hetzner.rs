@@ -47,7 +47,7 @@ fn servers(c: &Cloud) -> Vec<(i64, String, String, std::collections::BTreeMap<St
 }
 
 fn calls(c: &Cloud, what: &str) -> usize {
-    c.fake.with(|s| s.calls.iter().filter(|l| l.as_str() == what).count())
+    c.fake.with(|s| s.calls().filter(|l| l == what).count())
 }
 
 async fn content(w: &World, p: &Value) -> String {

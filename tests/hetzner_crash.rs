@@ -379,7 +379,7 @@ async fn replicas_on_one_redis_do_each_job_once() {
     for id in &ids {
         rig.wait(id, "running", |s| matches!(s, State::Running { .. })).await;
     }
-    let creates = rig.fake.with(|s| s.calls.iter().filter(|c| c.as_str() == "POST /v1/servers").count());
+    let creates = rig.fake.with(|s| s.calls().filter(|c| c == "POST /v1/servers").count());
     assert_eq!(creates, 6, "one server per preview, however many replicas");
     for id in &ids {
         assert_eq!(rig.op("POST", &format!("/v1/previews/{id}/sleep"), None).await.0, 202);
@@ -387,7 +387,7 @@ async fn replicas_on_one_redis_do_each_job_once() {
     for id in &ids {
         rig.wait(id, "sleeping", |s| matches!(s, State::Sleeping { .. })).await;
     }
-    let shutdowns = rig.fake.with(|s| s.calls.iter().filter(|c| c.ends_with("/actions/shutdown")).count());
+    let shutdowns = rig.fake.with(|s| s.calls().filter(|c| c.ends_with("/actions/shutdown")).count());
     assert_eq!(shutdowns, 6, "each sleep ran once");
     drop(replicas);
 }

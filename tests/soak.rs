@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use wakegate_core::lifecycle::{Phase, State};
 use wakegate_provisioner::local::group_alive;
 use wakegate_store::Store;
-use wakegate_testkit::{free_port, git::Repo, http, redis::RedisServer, Proc};
+use wakegate_testkit::{free_port, git::Repo, http, redis::RedisServer, Proc, Rng};
 
 const PREVIEWS: usize = 1000;
 const PROJECTS: usize = 20;
@@ -52,21 +52,9 @@ struct Preview {
     known: Known,
 }
 
-/// xorshift64*: the same seed makes the same sequence of choices.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1) as u64) as usize
-    }
-}
-
 fn pick(rng: &mut Rng, previews: &[Preview], known: &[Known]) -> Option<usize> {
     let matching: Vec<usize> = (0..previews.len()).filter(|i| known.contains(&previews[*i].known)).collect();
-    (!matching.is_empty()).then(|| matching[rng.below(matching.len())])
+    (!matching.is_empty()).then(|| matching[rng.below(matching.len() as u64) as usize])
 }
 
 /// Ends the apps the provisioners started, also when an assertion fails.
@@ -151,7 +139,7 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
     let store = wakegate_store::RedisStore::connect(&redis.url(), "wg:").await.unwrap();
     let seed = 0x50A4_u64 ^ std::process::id() as u64;
     eprintln!("soak seed {seed:#x}");
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut previews: Vec<Preview> = Vec::new();
     let mut statuses: HashMap<(&'static str, u16), usize> = HashMap::new();
     let mut unexpected = Vec::new();
@@ -195,7 +183,7 @@ async fn a_thousand_previews_on_two_replicas_of_each_part_through_a_redis_restar
         } else if roll < 92 {
             ("sleep", pick(&mut rng, &previews, &[Known::Active]))
         } else {
-            ("erase", (!previews.is_empty()).then(|| rng.below(previews.len())))
+            ("erase", (!previews.is_empty()).then(|| rng.below(previews.len() as u64) as usize))
         };
         let (status, body) = match (kind, target) {
             ("create", _) => {

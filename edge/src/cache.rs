@@ -167,19 +167,8 @@ impl RouteCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::tests::route as record;
     use wakegate_core::host::normalize_host;
-
-    fn record(status: RouteStatus) -> RouteRecord {
-        RouteRecord {
-            preview_id: "p".into(),
-            project: "web".into(),
-            git_ref: "main".into(),
-            status,
-            version: 1,
-            ttl_remaining_ms: None,
-            pinned: false,
-        }
-    }
 
     fn running() -> RouteRecord {
         record(RouteStatus::Running { origin: "http://127.0.0.1:9".into() })

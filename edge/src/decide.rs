@@ -80,10 +80,11 @@ pub fn decide(route: &RouteRecord, req: RequestInfo) -> Decision {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn route(status: RouteStatus) -> RouteRecord {
+    /// A route record in this state (shared with the cache's tests).
+    pub(crate) fn route(status: RouteStatus) -> RouteRecord {
         RouteRecord {
             preview_id: "p".into(),
             project: "web".into(),

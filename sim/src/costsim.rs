@@ -24,7 +24,7 @@
 //! The fake's action durations are the stated Hetzner timings, each occurrence 0.75–1.5×.
 //! Every request the provisioner sends to the fake is counted, listings included.
 
-use crate::workload::{plan, vary, Plan, Rng, Timings, Workload, DAY, HOUR, MIN};
+use crate::workload::{plan, Plan, Rng, Timings, Workload, DAY, HOUR, MIN};
 use axum::body::Body;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -170,7 +170,7 @@ impl VmPlayer for SimVms {
                 let token = config["token"].as_str().unwrap_or_default().to_string();
                 let (boot, deploy, start) = {
                     let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-                    (vary(&mut rng, self.t.boot), vary(&mut rng, self.t.first_deploy), vary(&mut rng, self.t.app_start))
+                    (rng.vary(self.t.boot), rng.vary(self.t.first_deploy), rng.vary(self.t.app_start))
                 };
                 let built = self.built.clone();
                 let task = tokio::spawn(async move {
@@ -367,11 +367,11 @@ pub async fn simulate(w: &Workload, t: &Timings, mode: Mode, plans: &[Plan]) -> 
         firewall: 1_000,
     });
     hetzner.rate_limit = 3600;
-    hetzner.jitter = Some(w.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    hetzner.jitter = Some(Rng::new(w.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
     let vms = Arc::new(SimVms {
         t: t.clone(),
         agent: OnceLock::new(),
-        rng: Mutex::new(Rng(w.seed.wrapping_add(0x5EED) | 1)),
+        rng: Mutex::new(Rng::new(w.seed.wrapping_add(0x5EED))),
         running: Mutex::default(),
         built: Arc::default(),
     });

@@ -80,27 +80,7 @@ impl Default for Workload {
     }
 }
 
-/// A small seeded generator (xorshift64*): the same seed makes the same week.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    pub fn exp(&mut self, mean: u64) -> u64 {
-        (-(1.0 - self.unit()).ln() * mean as f64) as u64
-    }
-}
+pub use wakegate_testkit::Rng;
 
 /// One preview's life: when it is created, visited and merged.
 #[derive(Clone, Debug)]
@@ -112,7 +92,7 @@ pub struct Plan {
 
 /// The previews of the week (the same for every mode).
 pub fn plan(w: &Workload) -> Vec<Plan> {
-    let mut rng = Rng(w.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(w.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let end = w.days * DAY;
     let work = |t: u64| {
         let h = t % DAY / HOUR;
@@ -164,9 +144,4 @@ pub fn plan(w: &Workload) -> Vec<Plan> {
     }
     out.sort_by_key(|p| p.arrive);
     out
-}
-
-/// One occurrence of a stated duration: 0.75× to 1.5× (cloud timings vary).
-pub fn vary(rng: &mut Rng, ms: u64) -> u64 {
-    (ms as f64 * (0.75 + 0.75 * rng.unit())) as u64
 }

@@ -178,14 +178,12 @@ pub struct HetznerState {
     rate_remaining: f64,
     rate_at: u64,
     pub meter: Meter,
-    /// Every request as "METHOD /path".
-    pub calls: Vec<String>,
     /// Every request with its time and query, in order.
     pub log: Vec<Call>,
     events: Vec<VmEvent>,
     /// When set (a random state), each action takes 0.75–1.5× its stated duration, as
     /// cloud timings vary; `None`: exactly the stated duration.
-    pub jitter: Option<u64>,
+    pub jitter: Option<crate::Rng>,
 }
 
 /// One request the fake received.
@@ -310,22 +308,20 @@ impl HetznerState {
             rate_remaining: 3600.0,
             rate_at: 0,
             meter: Meter::default(),
-            calls: Vec::new(),
             log: Vec::new(),
             events: Vec::new(),
             jitter: None,
         }
     }
 
+    /// Every request as "METHOD /path", in order.
+    pub fn calls(&self) -> impl Iterator<Item = String> + '_ {
+        self.log.iter().map(|c| format!("{} {}", c.method, c.path))
+    }
+
     /// One occurrence of a stated duration (see [`HetznerState::jitter`]).
     fn vary(&mut self, ms: u64) -> u64 {
-        let Some(x) = self.jitter.as_mut() else { return ms };
-        // xorshift64*
-        *x ^= *x >> 12;
-        *x ^= *x << 25;
-        *x ^= *x >> 27;
-        let unit = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
-        (ms as f64 * (0.75 + 0.75 * unit)) as u64
+        self.jitter.as_mut().map_or(ms, |r| r.vary(ms))
     }
 
     fn id(&mut self) -> i64 {
@@ -591,7 +587,6 @@ impl HetznerState {
     /// Handles one request at `now`.
     pub fn handle(&mut self, now: u64, method: &str, path: &str, query: &str, body: &[u8]) -> Reply {
         self.advance(now);
-        self.calls.push(format!("{method} {path}"));
         self.log.push(Call { at: now, method: method.into(), path: path.into(), query: query.into(), limited: false });
         self.refill(now);
         if self.faults.rate_limited > 0 || self.rate_remaining < 1.0 {

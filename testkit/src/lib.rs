@@ -15,6 +15,9 @@ pub mod git;
 pub mod hetzner;
 pub mod http;
 pub mod redis;
+pub mod rng;
+
+pub use rng::Rng;
 pub mod wrangler;
 
 use std::path::PathBuf;
