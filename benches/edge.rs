@@ -43,7 +43,16 @@ const CONCURRENT_FIRST: usize = 1_000;
 
 struct Proc(Child);
 impl Drop for Proc {
+    /// SIGTERM first, so nginx's master takes its workers with it (SIGKILL would leave
+    /// them running), then SIGKILL if it has not gone within two seconds.
     fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        for _ in 0..40 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

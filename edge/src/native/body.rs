@@ -3,6 +3,7 @@
 //! ([`ResponseBody`]), a client body that remembers whether it broke ([`ClientBody`]),
 //! and a page body that signals once it has been sent ([`AfterSent`]).
 
+use super::pool::PooledBody;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -103,7 +104,7 @@ impl Drop for AfterSent {
 
 /// What goes back to a client.
 pub enum ResponseBody {
-    Incoming(Incoming),
+    Origin(PooledBody),
     Full(Full<Bytes>),
     AfterSent(AfterSent),
     Empty,
@@ -115,7 +116,7 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ResponseBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            ResponseBody::Origin(b) => Pin::new(b).poll_frame(cx),
             ResponseBody::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             ResponseBody::AfterSent(b) => Pin::new(&mut b.inner).poll_frame(cx).map_err(|never| match never {}),
             ResponseBody::Empty => Poll::Ready(None),
@@ -124,7 +125,7 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ResponseBody::Incoming(b) => b.is_end_stream(),
+            ResponseBody::Origin(b) => b.is_end_stream(),
             ResponseBody::Full(b) => b.is_end_stream(),
             ResponseBody::AfterSent(b) => b.inner.is_end_stream(),
             ResponseBody::Empty => true,
@@ -133,7 +134,7 @@ impl Body for ResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ResponseBody::Incoming(b) => b.size_hint(),
+            ResponseBody::Origin(b) => b.size_hint(),
             ResponseBody::Full(b) => b.size_hint(),
             ResponseBody::AfterSent(b) => b.inner.size_hint(),
             ResponseBody::Empty => SizeHint::with_exact(0),

@@ -9,10 +9,12 @@
 //!   header-read timeout, an idle timeout and hyper's head limits;
 //! * `platform.rs` — the [`Platform`](crate::pipeline::Platform) hooks: forwarding,
 //!   waker calls, answers, work after the response;
+//! * `pool.rs` — the thread's connections to origins and the waker;
 //! * `body.rs` — the body types (enums, not boxes).
 
 mod body;
 mod platform;
+mod pool;
 
 use crate::cache::{CachePolicy, DEFAULT_CAPACITY, DEFAULT_NEGATIVE_TTL_MS};
 use crate::pipeline::{Limits, Pipeline, Settings, State};
@@ -172,6 +174,8 @@ impl EdgeServer {
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let cfg = Arc::new(cfg);
         let conns = Connections::new(cfg.max_connections, cfg.max_per_ip);
+        let waker = platform::WakerAddr::parse(&cfg.waker_url)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let mut bound = addr;
         let mut cached = Vec::new();
         for i in 0..threads.max(1) {
@@ -191,7 +195,7 @@ impl EdgeServer {
             };
             let listener = bind()?;
             bound = listener.local_addr()?;
-            cached.push(spawn_thread(i, listener, cfg.clone(), conns.clone(), stop_rx.clone())?);
+            cached.push(spawn_thread(i, listener, cfg.clone(), waker.clone(), conns.clone(), stop_rx.clone())?);
         }
         Ok(EdgeServer { addr: bound, stop, cached, conns })
     }
@@ -217,6 +221,7 @@ fn spawn_thread(
     i: usize,
     listener: std::net::TcpListener,
     cfg: Arc<EdgeConfig>,
+    waker: platform::WakerAddr,
     conns: Arc<Connections>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<Arc<AtomicUsize>> {
@@ -237,7 +242,8 @@ fn spawn_thread(
             let settings = cfg.settings();
             let native = Native {
                 cfg: cfg.clone(),
-                client: platform::client(),
+                pool: platform::pool(),
+                waker,
                 state: State::new(settings.cache, u64::from_le_bytes(prefix)),
             };
             let pipeline = Pipeline::new(native, settings);
@@ -249,6 +255,7 @@ fn spawn_thread(
                     loop {
                         tokio::time::sleep(every).await;
                         pipeline.flush_activity().await;
+                        pipeline.platform.pool.sweep();
                         report.store(pipeline.platform.state.cached_routes(), Ordering::Relaxed);
                     }
                 }

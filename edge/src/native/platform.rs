@@ -9,19 +9,19 @@
 //! that breaks off or is malformed is the client's error (400), not the origin's (502).
 
 use super::body::{ClientBody, OutBody, ResponseBody};
+use super::pool::{Pool, PooledBody};
 use super::{ConnInfo, EdgeConfig};
 use crate::answer::{Answer, EdgeError};
 use crate::pipeline::{Failed, Forward, Head, Platform, State};
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::warn;
@@ -33,18 +33,35 @@ const WAKER_TIMEOUT: Duration = Duration::from_secs(35);
 
 pub struct Native {
     pub(super) cfg: std::sync::Arc<EdgeConfig>,
-    pub(super) client: Client<HttpConnector, OutBody>,
+    pub(super) pool: Rc<Pool>,
+    pub(super) waker: WakerAddr,
     pub(super) state: State,
 }
 
-pub(super) fn client() -> Client<HttpConnector, OutBody> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(connector)
+/// Where the waker is, parsed once: scheme, authority (also the `Host` sent) and any
+/// path prefix.
+#[derive(Clone)]
+pub(super) struct WakerAddr {
+    scheme: Scheme,
+    authority: Authority,
+    host: HeaderValue,
+    prefix: String,
+}
+
+impl WakerAddr {
+    pub(super) fn parse(url: &str) -> Result<WakerAddr, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("waker URL {url:?}: {e}"))?;
+        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
+            return Err(format!("waker URL {url:?} is not absolute"));
+        };
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|e| format!("waker URL {url:?}: {e}"))?;
+        Ok(WakerAddr { scheme, authority, host, prefix: uri.path().trim_end_matches('/').to_string() })
+    }
+}
+
+/// The thread's pool of connections to origins and the waker.
+pub(super) fn pool() -> Rc<Pool> {
+    Pool::new(Duration::from_secs(5), Duration::from_secs(60), 256)
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -139,7 +156,7 @@ impl Native {
 
     fn finish(
         &self,
-        mut resp: Response<Incoming>,
+        mut resp: Response<PooledBody>,
         to: &Forward<'_>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<ResponseBody> {
@@ -175,7 +192,7 @@ impl Native {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
-        Response::from_parts(parts, ResponseBody::Incoming(body))
+        Response::from_parts(parts, ResponseBody::Origin(body))
     }
 }
 
@@ -235,14 +252,16 @@ impl Platform for Native {
         signature: &str,
         body: Vec<u8>,
     ) -> Result<(u16, Vec<u8>), EdgeError> {
+        let w = &self.waker;
         let req = Request::builder()
             .method(Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET))
-            .uri(format!("{}{}", self.cfg.waker_url, path))
+            .uri(format!("{}{}", w.prefix, path))
+            .header(header::HOST, w.host.clone())
             .header(sign::SIGNATURE_HEADER, signature)
             .header(header::CONTENT_TYPE, "application/json")
             .body(OutBody::Full(Full::new(Bytes::from(body))))
             .map_err(|e| EdgeError::Waker(e.to_string()))?;
-        let resp = tokio::time::timeout(WAKER_TIMEOUT, self.client.request(req))
+        let resp = tokio::time::timeout(WAKER_TIMEOUT, self.pool.send(&w.scheme, &w.authority, req))
             .await
             .map_err(|_| EdgeError::Waker("timed out".into()))?
             .map_err(|e| EdgeError::Waker(e.to_string()))?;
@@ -279,23 +298,23 @@ impl Platform for Native {
         } else {
             None
         };
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(origin.scheme.clone());
-        uri.authority = Some(origin.authority.clone());
-        uri.path_and_query = Some(pq.clone());
-        let uri = Uri::from_parts(uri).map_err(|e| fail(EdgeError::Origin(e.to_string()), &pq))?;
+        let uri = Uri::from(pq.clone());
         // the client's headers move to the origin request, edited in place: no copies
         let mut headers = std::mem::take(&mut parts.headers);
         strip_hop_by_hop(&mut headers, upgrade);
         self.forwarding(&mut headers, cx, &to.route.host_value);
         headers.insert(sign::ORIGIN_SIGNATURE_HEADER, to.signature.clone());
+        if !headers.contains_key(header::HOST) {
+            // an absolute-form request without `Host`: the origin still sees the public host
+            headers.insert(header::HOST, to.route.host_value.clone());
+        }
         let (body, broken) = ClientBody::watch(body);
         let mut out = Request::new(OutBody::Client(body));
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
         *out.version_mut() = http::Version::HTTP_11;
         *out.headers_mut() = headers;
-        match self.client.request(out).await {
+        match self.pool.send(&origin.scheme, &origin.authority, out).await {
             Ok(resp) => Ok(self.finish(resp, &to, client_upgrade)),
             Err(e) if broken.load(Ordering::Relaxed) => Err(fail(EdgeError::ClientBody(e.to_string()), &pq)),
             Err(e) => Err(fail(EdgeError::Origin(e.to_string()), &pq)),
