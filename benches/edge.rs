@@ -345,6 +345,106 @@ fn rss_kib() -> u64 {
         .unwrap()
 }
 
+/// The wake path: first request to first byte, and a thousand concurrent first requests
+/// (`WAKEGATE_BENCH_ONLY=wake` runs only this, and writes nothing).
+async fn wake_path(md: &mut String) {
+    let row = |md: &mut String, line: String| {
+        println!("{line}");
+        md.push_str(&line);
+        md.push('\n');
+    };
+    // ---------- the wake path ----------
+    row(md, "## The wake path (local backend, the demo app)\n".into());
+    // 1000 clients from one address: above the default per-IP connection cap
+    let w = common::World::start_with(&[("WAKEGATE_MAX_CONNECTIONS_PER_IP", "4096")], 600).await;
+    let p = w.running("main").await;
+    let id = p["id"].as_str().unwrap().to_string();
+    let machine = w.machine_of(&id).await;
+    let src = w.dev.machines_dir.join(&machine).join("src");
+    // the app's own start time: its command, to its first healthy answer
+    let mut app_starts = Vec::new();
+    for _ in 0..3 {
+        let port = free_port();
+        let t0 = Instant::now();
+        let _app = Proc(
+            Command::new("python3")
+                .arg("app.py")
+                .current_dir(&src)
+                .env("PORT", port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        loop {
+            if let Ok(r) = http::send(addr, "GET", "x", "/health", &[], "").await {
+                if r.status == 200 {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        app_starts.push(t0.elapsed());
+    }
+    app_starts.sort();
+    let app = app_starts[1];
+    let mut firsts = Vec::new();
+    for _ in 0..3 {
+        w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
+        w.wait_state(&id, "sleeping").await;
+        let t0 = Instant::now();
+        let r = w.api(&p, "/api/hello", &[]).await;
+        firsts.push(t0.elapsed());
+        assert_eq!(r.status, 200);
+    }
+    firsts.sort();
+    let first = firsts[1];
+    row(md, format!("First request to first app byte (API client, held): median {:.0} ms = app's own start {:.0} ms + Wakegate {:.0} ms (3 runs each).\n",
+        ms(first), ms(app), ms(first.saturating_sub(app))));
+
+    w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
+    w.wait_state(&id, "sleeping").await;
+    let starts_before = w.app_starts(&machine);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENT_FIRST {
+        let (edge, host) = (w.edge, w.host(&p));
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = http::send(
+                edge,
+                "GET",
+                &host,
+                "/api/hello",
+                &[("accept", "application/json"), ("user-agent", "bench")],
+                "",
+            )
+            .await;
+            (r.map(|r| r.status).unwrap_or(0), t.elapsed())
+        }));
+    }
+    let mut done = Vec::new();
+    let mut statuses = std::collections::BTreeMap::new();
+    for t in tasks {
+        let (status, d) = t.await.unwrap();
+        *statuses.entry(status).or_insert(0usize) += 1;
+        done.push(d);
+    }
+    let ok = statuses.get(&200).copied().unwrap_or(0);
+    let others: Vec<String> = statuses
+        .iter()
+        .filter(|(s, _)| **s != 200)
+        .map(|(s, n)| if *s == 0 { format!("{n} no answer") } else { format!("{n} got {s}") })
+        .collect();
+    let others = if others.is_empty() { String::new() } else { format!(" ({})", others.join(", ")) };
+    done.sort();
+    let wakes = w.app_starts(&machine) - starts_before;
+    row(md, format!("{CONCURRENT_FIRST} concurrent first requests: {ok} got the app{others}, {wakes} wake(s); all answered within {:.0} ms (p50 {:.0} ms, p99 {:.0} ms).\n",
+        ms(t0.elapsed()), ms(percentile(&done, 0.5)), ms(percentile(&done, 0.99))));
+    w.stop().await;
+}
+
 #[tokio::main(worker_threads = 2)]
 async fn main() {
     let mut md = String::new();
@@ -397,6 +497,9 @@ async fn main() {
         return;
     }
 
+    if std::env::var("WAKEGATE_BENCH_ONLY").as_deref() == Ok("wake") {
+        return wake_path(&mut md).await;
+    }
     row(&mut md, "## Proxy overhead (wrk, loopback)\n".into());
     row(&mut md, format!("Each row: the median of {RUNS} wrk runs of {LOAD_SECS} s (by req/s) after a 1 s warm-up; *spread* is the lowest and highest req/s of those runs. Ratios are against nginx with `proxy_buffering off` (it streams, as the edge does) and with nginx's default buffering, both measured in the same run.\n"));
     row(&mut md, "| scenario | path | req/s (spread) | p50 ms | p99 ms | vs nginx unbuffered | vs nginx buffered | p99 added over direct |".into());
@@ -512,89 +615,7 @@ async fn main() {
     row(&mut md, format!("\nEdge route cache: {CACHE_ROUTES} running routes added {} KiB of RSS, ≈ {per_entry:.0} bytes a route (≈ {:.0} MiB for {PREVIEWS_AT_SCALE}).\n",
         after.saturating_sub(before), per_entry * PREVIEWS_AT_SCALE as f64 / 1048576.0));
 
-    // ---------- the wake path ----------
-    row(&mut md, "## The wake path (local backend, the demo app)\n".into());
-    // 1000 clients from one address: above the default per-IP connection cap
-    let w = common::World::start_with(&[("WAKEGATE_MAX_CONNECTIONS_PER_IP", "4096")], 600).await;
-    let p = w.running("main").await;
-    let id = p["id"].as_str().unwrap().to_string();
-    let machine = w.machine_of(&id).await;
-    let src = w.dev.machines_dir.join(&machine).join("src");
-    // the app's own start time: its command, to its first healthy answer
-    let mut app_starts = Vec::new();
-    for _ in 0..3 {
-        let port = free_port();
-        let t0 = Instant::now();
-        let _app = Proc(
-            Command::new("python3")
-                .arg("app.py")
-                .current_dir(&src)
-                .env("PORT", port.to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        loop {
-            if let Ok(r) = http::send(addr, "GET", "x", "/health", &[], "").await {
-                if r.status == 200 {
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        app_starts.push(t0.elapsed());
-    }
-    app_starts.sort();
-    let app = app_starts[1];
-    let mut firsts = Vec::new();
-    for _ in 0..3 {
-        w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
-        w.wait_state(&id, "sleeping").await;
-        let t0 = Instant::now();
-        let r = w.api(&p, "/api/hello", &[]).await;
-        firsts.push(t0.elapsed());
-        assert_eq!(r.status, 200);
-    }
-    firsts.sort();
-    let first = firsts[1];
-    row(&mut md, format!("First request to first app byte (API client, held): median {:.0} ms = app's own start {:.0} ms + Wakegate {:.0} ms (3 runs each).\n",
-        ms(first), ms(app), ms(first.saturating_sub(app))));
-
-    w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
-    w.wait_state(&id, "sleeping").await;
-    let starts_before = w.app_starts(&machine);
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..CONCURRENT_FIRST {
-        let (edge, host) = (w.edge, w.host(&p));
-        tasks.push(tokio::spawn(async move {
-            let t = Instant::now();
-            let r = http::send(
-                edge,
-                "GET",
-                &host,
-                "/api/hello",
-                &[("accept", "application/json"), ("user-agent", "bench")],
-                "",
-            )
-            .await;
-            (r.map(|r| r.status).unwrap_or(0), t.elapsed())
-        }));
-    }
-    let mut done = Vec::new();
-    let mut ok = 0;
-    for t in tasks {
-        let (status, d) = t.await.unwrap();
-        ok += (status == 200) as usize;
-        done.push(d);
-    }
-    done.sort();
-    let wakes = w.app_starts(&machine) - starts_before;
-    row(&mut md, format!("{CONCURRENT_FIRST} concurrent first requests: {ok} got the app, {wakes} wake(s); all answered within {:.0} ms (p50 {:.0} ms, p99 {:.0} ms).\n",
-        ms(t0.elapsed()), ms(percentile(&done, 0.5)), ms(percentile(&done, 0.99))));
-    w.stop().await;
+    wake_path(&mut md).await;
 
     let machine_line = format!(
         "{} cores, {}, {}",

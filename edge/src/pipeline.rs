@@ -135,12 +135,19 @@ pub trait Platform: Sized + 'static {
 }
 
 type Lookup = Result<Option<Rc<Route>>, EdgeError>;
+type Flights<K, T> = RefCell<HashMap<K, Shared<LocalBoxFuture<'static, T>>>>;
 
 /// The state one thread (or isolate) keeps: route cache, lookups in flight, activity
 /// not yet reported, and what signing needs.
 pub struct State {
     cache: RefCell<RouteCache>,
-    inflight: RefCell<HashMap<Host, Shared<LocalBoxFuture<'static, Lookup>>>>,
+    /// Route lookups in flight, by host.
+    inflight: Flights<Host, Lookup>,
+    /// Status long-polls in flight, by (host, version after): held API clients of one
+    /// preview share one.
+    waiting: Flights<(Host, u64), Result<Option<RouteRecord>, EdgeError>>,
+    /// Wake calls in flight, by host.
+    waking: Flights<Host, ()>,
     active: RefCell<HashSet<Host>>,
     last_flush: Cell<Millis>,
     nonce_prefix: u64,
@@ -154,6 +161,8 @@ impl State {
         State {
             cache: RefCell::new(RouteCache::new(policy)),
             inflight: RefCell::default(),
+            waiting: RefCell::default(),
+            waking: RefCell::default(),
             active: RefCell::default(),
             last_flush: Cell::new(0),
             nonce_prefix,
@@ -341,28 +350,8 @@ impl<P: Platform> Pipeline<P> {
             Some(Known::NotFound) => return Ok(None),
             None => {}
         }
-        let lookup = {
-            let mut inflight = self.state().inflight.borrow_mut();
-            match inflight.get(host) {
-                Some(f) => f.clone(),
-                None => {
-                    let host = normalize_host(host).map_err(EdgeError::BadHost)?;
-                    let me = self.clone();
-                    let done = host.clone();
-                    let key = host.clone();
-                    let f = async move {
-                        let found = me.fetch_route(host).await;
-                        me.state().inflight.borrow_mut().remove(&done);
-                        found
-                    }
-                    .boxed_local()
-                    .shared();
-                    inflight.insert(key, f.clone());
-                    f
-                }
-            }
-        };
-        lookup.await
+        let host = normalize_host(host).map_err(EdgeError::BadHost)?;
+        self.once(|s| &s.inflight, host.clone(), |me| async move { me.fetch_route(host).await }.boxed_local()).await
     }
 
     async fn fetch_route(&self, host: Host) -> Lookup {
@@ -392,11 +381,64 @@ impl<P: Platform> Pipeline<P> {
         }
     }
 
-    async fn status(&self, host: &Host, after: u64, wait_ms: u64) -> Result<Option<RouteRecord>, EdgeError> {
-        self.waker_record(&format!("/v1/edge/status?host={host}&after={after}&wait={wait_ms}")).await
+    /// Runs `work` once per `key` however many callers ask at the same time (the others
+    /// await its outcome), in the flight table `table` picks.
+    async fn once<K, T>(
+        self: &Rc<Self>,
+        table: fn(&State) -> &Flights<K, T>,
+        key: K,
+        work: impl FnOnce(Rc<Self>) -> LocalBoxFuture<'static, T>,
+    ) -> T
+    where
+        K: std::hash::Hash + Eq + Clone + 'static,
+        T: Clone + 'static,
+    {
+        let flight = {
+            let mut flights = table(self.state()).borrow_mut();
+            match flights.get(&key) {
+                Some(f) => f.clone(),
+                None => {
+                    let me = self.clone();
+                    let done = key.clone();
+                    let run = work(self.clone());
+                    let f = async move {
+                        let out = run.await;
+                        table(me.state()).borrow_mut().remove(&done);
+                        out
+                    }
+                    .boxed_local()
+                    .shared();
+                    flights.insert(key, f.clone());
+                    f
+                }
+            }
+        };
+        flight.await
     }
 
-    async fn wake(&self, host: &Host) {
+    /// The record once its version passes `after` (or after `wait_ms`); one long-poll
+    /// per (host, version) however many held clients wait on it.
+    async fn status(self: &Rc<Self>, host: &Host, after: u64, wait_ms: u64) -> Result<Option<RouteRecord>, EdgeError> {
+        let path = format!("/v1/edge/status?host={host}&after={after}&wait={wait_ms}");
+        self.once(|s| &s.waiting, (host.clone(), after), |me| async move { me.waker_record(&path).await }.boxed_local())
+            .await
+    }
+
+    /// Asks waker to wake `host`; one call however many requests ask at once.
+    async fn wake(self: &Rc<Self>, host: &Host) {
+        let key = host.clone();
+        self.once(
+            |s| &s.waking,
+            key,
+            |me| {
+                let host = host.clone();
+                async move { me.wake_now(&host).await }.boxed_local()
+            },
+        )
+        .await
+    }
+
+    async fn wake_now(&self, host: &Host) {
         let body = serde_json::to_vec(&HostRequest { host: host.to_string(), client_ip: None }).unwrap_or_default();
         match self.waker("POST", "/v1/edge/wake", body).await {
             Ok((202, _)) => {}

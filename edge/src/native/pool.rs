@@ -58,17 +58,44 @@ struct Idle {
     since: Instant,
 }
 
+/// What a waiting request is handed: a connection someone gave back, or the turn to
+/// connect (a connect slot came free).
+type Handoff = Option<SendRequest<OutBody>>;
+
+#[derive(Default)]
+struct Host {
+    /// Most recently used last.
+    idle: Vec<Idle>,
+    /// Connects in progress.
+    connecting: usize,
+    /// Requests waiting for a connection or a connect slot, oldest first.
+    waiters: std::collections::VecDeque<tokio::sync::oneshot::Sender<Handoff>>,
+}
+
 /// The pool; one per edge thread, shared by `Rc`.
+///
+/// At most `max_connecting` connects to one origin run at once; further requests wait
+/// for a connection to come back or a slot to free up. A thousand visitors arriving at
+/// a preview that has just woken would otherwise open a thousand connections at once,
+/// overflow the app's accept backlog, and wait out the kernel's SYN retries (seconds
+/// each).
 pub struct Pool {
-    idle: RefCell<HashMap<Authority, Vec<Idle>>>,
+    hosts: RefCell<HashMap<Authority, Host>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_host: usize,
+    max_connecting: usize,
 }
 
 impl Pool {
     pub fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle_per_host: usize) -> Rc<Pool> {
-        Rc::new(Pool { idle: RefCell::new(HashMap::new()), connect_timeout, idle_timeout, max_idle_per_host })
+        Rc::new(Pool {
+            hosts: RefCell::new(HashMap::new()),
+            connect_timeout,
+            idle_timeout,
+            max_idle_per_host,
+            max_connecting: MAX_CONNECTING,
+        })
     }
 
     /// Sends `req` (origin-form URI, `Host` set by the caller) to `scheme://authority`.
@@ -85,7 +112,7 @@ impl Pool {
         }
         // a pooled connection first; if it turns out closed before the request was
         // written, once more on a fresh one
-        if let Some(mut tx) = self.checkout(authority).await {
+        if let Some(mut tx) = self.checkout(authority).await? {
             match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(self.wrap(authority, tx, resp)),
                 Err(mut e) => match e.take_message() {
@@ -99,20 +126,47 @@ impl Pool {
         Ok(self.wrap(authority, tx, resp))
     }
 
-    /// The most recently used idle connection to `authority` that is still open.
-    async fn checkout(&self, authority: &Authority) -> Option<SendRequest<OutBody>> {
+    /// An idle connection to `authority`, one handed over while waiting, or `None`: the
+    /// caller may connect (a slot is free, or the wait ran out).
+    async fn checkout(&self, authority: &Authority) -> Result<Option<SendRequest<OutBody>>, PoolError> {
         loop {
-            let Idle { mut tx, since } = self.idle.borrow_mut().get_mut(authority)?.pop()?;
-            if tx.is_closed() || since.elapsed() >= self.idle_timeout {
-                continue;
-            }
-            if tx.is_ready() || tx.ready().await.is_ok() {
-                return Some(tx);
+            let wait = {
+                let mut hosts = self.hosts.borrow_mut();
+                let host = hosts.entry(authority.clone()).or_default();
+                match host.idle.pop() {
+                    Some(Idle { tx, since }) => Err((tx, since)),
+                    None if host.connecting < self.max_connecting => return Ok(None),
+                    None => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        host.waiters.push_back(tx);
+                        Ok(rx)
+                    }
+                }
+            };
+            match wait {
+                Err((mut tx, since)) => {
+                    if tx.is_closed() || since.elapsed() >= self.idle_timeout {
+                        continue;
+                    }
+                    if tx.is_ready() || tx.ready().await.is_ok() {
+                        return Ok(Some(tx));
+                    }
+                }
+                Ok(rx) => {
+                    return match tokio::time::timeout(self.connect_timeout, rx).await {
+                        Ok(Ok(Some(tx))) => Ok(Some(tx)),
+                        // our turn to connect
+                        Ok(Ok(None)) => Ok(None),
+                        Ok(Err(_)) => Ok(None),
+                        Err(_) => Err(PoolError::ConnectTimeout),
+                    };
+                }
             }
         }
     }
 
     async fn connect(&self, authority: &Authority) -> Result<SendRequest<OutBody>, PoolError> {
+        let _slot = Slot::take(self, authority);
         let port = authority.port_u16().unwrap_or(80);
         let host = authority.host().trim_start_matches('[').trim_end_matches(']');
         let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect((host, port))).await {
@@ -143,30 +197,76 @@ impl Pool {
         Response::from_parts(parts, PooledBody { inner: body, back, ended })
     }
 
-    fn put(&self, authority: Authority, tx: SendRequest<OutBody>) {
+    /// A connection whose response was read to the end: to the oldest waiter, else idle.
+    fn put(&self, authority: Authority, mut tx: SendRequest<OutBody>) {
         if tx.is_closed() {
-            return;
+            return self.hand_turn(&authority);
         }
-        let mut idle = self.idle.borrow_mut();
-        let list = idle.entry(authority).or_default();
-        if list.len() < self.max_idle_per_host {
-            list.push(Idle { tx, since: Instant::now() });
+        let mut hosts = self.hosts.borrow_mut();
+        let host = hosts.entry(authority).or_default();
+        while let Some(waiter) = host.waiters.pop_front() {
+            match waiter.send(Some(tx)) {
+                Ok(()) => return,
+                Err(back) => tx = back.expect("sent Some"),
+            }
+        }
+        if host.idle.len() < self.max_idle_per_host {
+            host.idle.push(Idle { tx, since: Instant::now() });
         }
     }
 
-    /// Drops idle connections that are closed or past the idle timeout.
+    /// Gives the oldest live waiter the turn to connect.
+    fn hand_turn(&self, authority: &Authority) {
+        if let Some(host) = self.hosts.borrow_mut().get_mut(authority) {
+            while let Some(waiter) = host.waiters.pop_front() {
+                if waiter.send(None).is_ok() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Drops idle connections that are closed or past the idle timeout, and hosts with
+    /// nothing left.
     pub fn sweep(&self) {
         let timeout = self.idle_timeout;
-        self.idle.borrow_mut().retain(|_, list| {
-            list.retain(|i| !i.tx.is_closed() && i.since.elapsed() < timeout);
-            !list.is_empty()
+        self.hosts.borrow_mut().retain(|_, host| {
+            host.idle.retain(|i| !i.tx.is_closed() && i.since.elapsed() < timeout);
+            host.waiters.retain(|w| !w.is_closed());
+            !(host.idle.is_empty() && host.waiters.is_empty() && host.connecting == 0)
         });
     }
 
     /// Idle connections held, all authorities together.
     #[cfg(test)]
     pub fn idle(&self) -> usize {
-        self.idle.borrow().values().map(Vec::len).sum()
+        self.hosts.borrow().values().map(|h| h.idle.len()).sum()
+    }
+}
+
+/// Connects in progress to one origin at once, per thread.
+pub const MAX_CONNECTING: usize = 8;
+
+/// A connect slot, given back (and the turn handed to a waiter) however the connect
+/// ends.
+struct Slot<'a> {
+    pool: &'a Pool,
+    authority: &'a Authority,
+}
+
+impl<'a> Slot<'a> {
+    fn take(pool: &'a Pool, authority: &'a Authority) -> Slot<'a> {
+        pool.hosts.borrow_mut().entry(authority.clone()).or_default().connecting += 1;
+        Slot { pool, authority }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Some(host) = self.pool.hosts.borrow_mut().get_mut(self.authority) {
+            host.connecting = host.connecting.saturating_sub(1);
+        }
+        self.pool.hand_turn(self.authority);
     }
 }
 
