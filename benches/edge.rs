@@ -260,6 +260,7 @@ fn project() -> Project {
         idle_timeout_secs: 86_400,
         created_at: now_ms(),
         machine: Default::default(),
+        org_id: wakegate_core::route::DEFAULT_ORG_ID.into(),
     }
 }
 
@@ -277,6 +278,7 @@ fn running_preview(i: usize, origin: &str) -> Preview {
         ttl_hours: None,
         pinned: true,
         last_error: None,
+        custom_hosts: Vec::new(),
     }
 }
 

@@ -66,6 +66,15 @@ pub struct Config {
     pub liveness_every: Duration,
     pub max_builds: usize,
     pub max_quick_jobs: usize,
+    /// DNS servers that verify org domains (`WAKEGATE_DNS_SERVERS`, comma-separated
+    /// `ip:port`); empty: the system's resolvers.
+    pub dns_servers: Vec<SocketAddr>,
+    /// How long a verified domain's record may be missing before its bases are suspended.
+    pub domain_grace: Duration,
+    /// How often org domains are re-checked and custom names repaired.
+    pub domain_recheck_every: Duration,
+    /// What `*.<base>` records point at (default: the preview base).
+    pub custom_host_target: Option<String>,
     pub route_ttl: Duration,
     pub hold_timeout: Duration,
     pub activity_every: Duration,
@@ -293,6 +302,20 @@ impl Config {
             liveness_every: secs(src, "WAKEGATE_LIVENESS_SECS", prov.liveness_every.as_secs_f64())?,
             max_builds: count(src, "WAKEGATE_MAX_BUILDS", prov.max_builds, 1..=256)?,
             max_quick_jobs: count(src, "WAKEGATE_MAX_QUICK_JOBS", prov.max_quick_jobs, 1..=1024)?,
+            dns_servers: match src.get("WAKEGATE_DNS_SERVERS") {
+                Some(v) => {
+                    v.split(',').map(|a| a.trim().parse::<SocketAddr>()).collect::<Result<Vec<_>, _>>().map_err(
+                        |e| ConfigError::Invalid {
+                            key: "WAKEGATE_DNS_SERVERS",
+                            reason: format!("{v:?}: {e} (comma-separated ip:port)"),
+                        },
+                    )?
+                }
+                None => Vec::new(),
+            },
+            domain_grace: secs(src, "WAKEGATE_DOMAIN_GRACE_SECS", 86_400.0)?,
+            domain_recheck_every: secs(src, "WAKEGATE_DOMAIN_RECHECK_SECS", 3_600.0)?,
+            custom_host_target: src.get("WAKEGATE_CUSTOM_HOST_TARGET"),
             route_ttl: secs(src, "WAKEGATE_ROUTE_CACHE_SECS", 2.0)?,
             hold_timeout: secs(src, "WAKEGATE_HOLD_SECS", 30.0)?,
             activity_every: secs(src, "WAKEGATE_ACTIVITY_SECS", 1.0)?,
@@ -378,6 +401,22 @@ impl Config {
         c.max_connections = e.max_connections;
         c.max_per_ip = e.max_per_ip;
         c
+    }
+
+    /// The org settings of the waker.
+    pub fn org_settings(&self) -> wakegate_waker::orgs::OrgSettings {
+        use wakegate_waker::dns::HickoryTxt;
+        let dns = if self.dns_servers.is_empty() {
+            HickoryTxt::system()
+        } else {
+            HickoryTxt::with_servers(&self.dns_servers)
+        };
+        wakegate_waker::orgs::OrgSettings {
+            dns: std::sync::Arc::new(dns),
+            custom_host_target: self.custom_host_target.clone().unwrap_or_else(|| self.preview_base.clone()),
+            grace: self.domain_grace,
+            recheck_every: self.domain_recheck_every,
+        }
     }
 
     pub fn preview_url(&self, edge_port: u16) -> String {

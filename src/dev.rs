@@ -63,16 +63,19 @@ impl Dev {
         let operator_token = cfg.operator_token.clone().unwrap_or_else(random_secret);
         let preview_url_template = cfg.preview_url(edge_addr.port());
 
-        let waker = Arc::new(Waker::new(
-            store.clone(),
-            WakerConfig {
-                edge_key: edge_key.clone(),
-                operator_token: operator_token.clone(),
-                preview_base: cfg.preview_base.clone(),
-                preview_url_template: preview_url_template.clone(),
-            },
-            Arc::new(GitRefs::new(Duration::from_secs(2))),
-        ));
+        let waker = Arc::new(
+            Waker::new(
+                store.clone(),
+                WakerConfig {
+                    edge_key: edge_key.clone(),
+                    operator_token: operator_token.clone(),
+                    preview_base: cfg.preview_base.clone(),
+                    preview_url_template: preview_url_template.clone(),
+                },
+                Arc::new(GitRefs::new(Duration::from_secs(2))),
+            )
+            .with_orgs(cfg.org_settings()),
+        );
         let machines_dir = std::path::absolute(cfg.data_dir.join("machines"))?;
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let backend = crate::backend::start(cfg, store.clone(), &preview_url_template, stop_rx.clone()).await?;
@@ -82,6 +85,7 @@ impl Dev {
             cfg.provisioner_settings(preview_url_template.clone()),
         ));
         let mut tasks = backend.tasks;
+        tasks.push(tokio::spawn(wakegate_waker::orgs::recheck_loop(waker.clone())));
         tasks.push(tokio::spawn(wakegate_waker::serve(waker_listener, waker)));
         tasks.extend(provisioner.spawn_all(stop_rx));
         Ok(Dev {

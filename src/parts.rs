@@ -18,18 +18,23 @@ async fn redis(cfg: &Config) -> anyhow::Result<SharedStore> {
 pub async fn waker(cfg: Config) -> anyhow::Result<()> {
     let store = redis(&cfg).await?;
     let token = cfg.operator_token.clone().ok_or(ConfigError::Missing("WAKEGATE_OPERATOR_TOKEN"))?;
-    let waker = Arc::new(Waker::new(
-        store,
-        WakerConfig {
-            edge_key: Config::require_key(&cfg.edge_key, "WAKEGATE_EDGE_KEY")?,
-            operator_token: token,
-            preview_base: cfg.preview_base.clone(),
-            preview_url_template: cfg.preview_url(cfg.edge_addr.port()),
-        },
-        Arc::new(GitRefs::new(Duration::from_secs(5))),
-    ));
+    let waker = Arc::new(
+        Waker::new(
+            store,
+            WakerConfig {
+                edge_key: Config::require_key(&cfg.edge_key, "WAKEGATE_EDGE_KEY")?,
+                operator_token: token,
+                preview_base: cfg.preview_base.clone(),
+                preview_url_template: cfg.preview_url(cfg.edge_addr.port()),
+            },
+            Arc::new(GitRefs::new(Duration::from_secs(5))),
+        )
+        .with_orgs(cfg.org_settings()),
+    );
     let listener = TcpListener::bind(cfg.waker_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "waker listening");
+    let _recheck =
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(wakegate_waker::orgs::recheck_loop(waker.clone())));
     wakegate_waker::serve(listener, waker).await;
     Ok(())
 }

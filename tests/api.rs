@@ -146,7 +146,9 @@ fn check(spec: &Value, method: &str, path: &str, r: &http::Response, seen: &mut 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn server_matches_its_openapi_document() {
-    let w = World::start_with(&[("WAKEGATE_EDGE_KEY", EDGE_KEY)], 600).await;
+    let dns = wakegate_testkit::dns::DnsServer::start(&["acme.com"]).await;
+    let servers = dns.addr.to_string();
+    let w = World::start_with(&[("WAKEGATE_EDGE_KEY", EDGE_KEY), ("WAKEGATE_DNS_SERVERS", &servers)], 600).await;
     let spec: Value = serde_json::from_str(wakegate_waker::openapi_json()).unwrap();
     let tok = Some(w.dev.operator_token.as_str());
     let mut seen = BTreeSet::new();
@@ -196,6 +198,40 @@ async fn server_matches_its_openapi_document() {
     ];
     for (m, path, body) in &operator_calls {
         let r = operator(&w, m, path, body, tok).await;
+        check(&spec, m, path, &r, &mut seen);
+    }
+    // orgs, a domain proven through the DNS server, a base
+    let org_calls: Vec<(&str, &str, Value, u16)> = vec![
+        ("GET", "/v1/orgs", Value::Null, 200),
+        ("POST", "/v1/orgs", json!({"name": "acme"}), 201),
+        ("POST", "/v1/orgs", json!({"name": "acme"}), 409),
+        ("POST", "/v1/orgs", json!({"name": "Not A Name"}), 400),
+        ("GET", "/v1/orgs/acme", Value::Null, 200),
+        ("GET", "/v1/orgs/nope", Value::Null, 404),
+        ("POST", "/v1/orgs/acme/domains", json!({"domain": "acme.com"}), 201),
+        ("POST", "/v1/orgs/acme/domains", json!({"domain": "co.uk"}), 400),
+        ("POST", "/v1/orgs/acme/domains/acme.com/verify", Value::Null, 422),
+        ("SET-TXT", "", Value::Null, 0),
+        ("POST", "/v1/orgs/acme/domains/acme.com/verify", Value::Null, 200),
+        ("POST", "/v1/orgs/acme/bases", json!({"base": "acme.com"}), 400),
+        ("POST", "/v1/orgs/acme/bases", json!({"base": "previews.acme.com"}), 201),
+        ("POST", "/v1/orgs/acme/bases", json!({"base": "previews.acme.com"}), 200),
+        ("DELETE", "/v1/orgs/acme/domains/acme.com", Value::Null, 409),
+        ("DELETE", "/v1/orgs/acme/bases/previews.acme.com", Value::Null, 204),
+        ("DELETE", "/v1/orgs/acme/domains/acme.com", Value::Null, 204),
+    ];
+    let mut challenge = Value::Null;
+    for (m, path, body, status) in org_calls {
+        if m == "SET-TXT" {
+            dns.set_txt(challenge["name"].as_str().unwrap(), &[challenge["value"].as_str().unwrap()]).await;
+            continue;
+        }
+        let body = if body.is_null() { String::new() } else { body.to_string() };
+        let r = operator(&w, m, path, &body, tok).await;
+        assert_eq!(r.status, status, "{m} {path}: {}", r.body);
+        if path.ends_with("/domains") && status == 201 {
+            challenge = r.json()["challenge"].clone();
+        }
         check(&spec, m, path, &r, &mut seen);
     }
     w.wait_state(&id, "running").await;
@@ -467,7 +503,15 @@ async fn generated_input_gets_documented_answers_and_undeclared_methods_405() {
                 let pick_id = if g.next().is_multiple_of(2) { id.as_str() } else { g.pick(&params) };
                 let pick_name =
                     if g.next().is_multiple_of(2) { "demo" } else { *g.pick(&[params[0], params[1], long.as_str()]) };
-                let mut path = template.replace("{id}", pick_id).replace("{name}", pick_name);
+                let pick_org = *g.pick(&["default", "acme", params[0], params[1], long.as_str()]);
+                let pick_dns =
+                    *g.pick(&["acme.com", "previews.acme.com", "co.uk", params[1], params[4], long.as_str()]);
+                let mut path = template
+                    .replace("{id}", pick_id)
+                    .replace("{name}", pick_name)
+                    .replace("{org}", pick_org)
+                    .replace("{domain}", pick_dns)
+                    .replace("{base}", pick_dns);
                 if template.starts_with("/v1/edge/") && method == "GET" {
                     let h = if g.next().is_multiple_of(2) { host.clone() } else { g.string() };
                     let enc = |s: &str| s.bytes().map(|b| format!("%{b:02X}")).collect::<String>();

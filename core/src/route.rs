@@ -22,6 +22,30 @@ pub struct Project {
     /// What its previews run on; the backend's defaults fill what is unset.
     #[serde(default)]
     pub machine: MachineSpec,
+    /// The org that owns it (projects stored before orgs existed belong to the default
+    /// org).
+    #[serde(default = "default_org_id")]
+    pub org_id: String,
+}
+
+/// The id of the org every installation has, which projects without one belong to.
+pub const DEFAULT_ORG_ID: &str = "org-default";
+
+fn default_org_id() -> String {
+    DEFAULT_ORG_ID.to_string()
+}
+
+/// A name a preview answers at under one of its org's preview bases.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomHost {
+    pub host: String,
+    /// The org's base it is under.
+    pub base: String,
+    /// Why the name differs from `<project>-<ref-slug>.<base>` (another ref of the
+    /// project maps to that name first), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// A project's machines: size, place, and how they sleep.
@@ -79,6 +103,9 @@ pub struct Preview {
     pub pinned: bool,
     /// The last failure that did not change the state (a failed redeploy).
     pub last_error: Option<String>,
+    /// Where it also answers: one name under each of its org's preview bases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub custom_hosts: Vec<CustomHost>,
 }
 
 impl Preview {

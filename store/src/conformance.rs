@@ -21,6 +21,7 @@ pub fn project(name: &str) -> Project {
         idle_timeout_secs: 600,
         created_at: 1,
         machine: Default::default(),
+        org_id: wakegate_core::route::DEFAULT_ORG_ID.into(),
     }
 }
 
@@ -38,6 +39,7 @@ pub fn preview(id: &str) -> Preview {
         ttl_hours: None,
         pinned: false,
         last_error: None,
+        custom_hosts: Vec::new(),
     }
 }
 
@@ -57,6 +59,7 @@ where
     enqueue_wakes_job_waiters(fresh().await).await;
     status_waits(fresh().await).await;
     tables_take_once(fresh().await).await;
+    tables_compare_and_set(fresh().await).await;
     activity_is_forgotten_only_if_unchanged(fresh().await).await;
     rate_limits_are_gcra(fresh().await).await;
     nonces_are_claimed_once(fresh().await).await;
@@ -152,6 +155,13 @@ pub async fn hosts(s: Arc<dyn Store>) {
     assert!(matches!(s.bind_host("web-main-x.localhost", "b").await, Err(StoreError::Exists(_))));
     assert_eq!(s.resolve_host("web-main-x.localhost").await.unwrap().as_deref(), Some("a"));
     assert!(s.resolve_host("other.localhost").await.unwrap().is_none());
+    // unbinding takes only the preview's own host
+    assert!(!s.unbind_host("web-main-x.localhost", "b").await.unwrap());
+    assert!(s.unbind_host("web-main-x.localhost", "a").await.unwrap());
+    assert!(!s.unbind_host("web-main-x.localhost", "a").await.unwrap());
+    assert!(s.resolve_host("web-main-x.localhost").await.unwrap().is_none());
+    s.bind_host("web-main-x.localhost", "b").await.unwrap();
+    assert_eq!(s.resolve_host("web-main-x.localhost").await.unwrap().as_deref(), Some("b"));
 }
 
 pub async fn ttl_and_activity(s: Arc<dyn Store>) {
@@ -297,4 +307,35 @@ pub async fn tables_take_once(s: Arc<dyn Store>) {
     assert_eq!(s.table_list("pool").await.unwrap(), vec![("m2".to_string(), "200".to_string())]);
     assert_eq!(s.table_get("other", "m1").await.unwrap().as_deref(), Some("x"));
     assert!(s.table_list("empty").await.unwrap().is_empty());
+}
+
+pub async fn tables_compare_and_set(s: Arc<dyn Store>) {
+    // a claim: only one of many concurrent puts on an absent row wins
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.table_swap("claims", "acme.com", None, Some(&format!("org{i}"))).await.unwrap()
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        won += usize::from(t.await.unwrap());
+    }
+    assert_eq!(won, 1);
+    let owner = s.table_get("claims", "acme.com").await.unwrap().unwrap();
+    // a stale expected value writes nothing
+    assert!(!s.table_swap("claims", "acme.com", Some("nobody"), Some("x")).await.unwrap());
+    assert_eq!(s.table_get("claims", "acme.com").await.unwrap().as_deref(), Some(owner.as_str()));
+    // the current value swaps, and removes
+    assert!(s.table_swap("claims", "acme.com", Some(&owner), Some("{\"v\":2}")).await.unwrap());
+    assert_eq!(s.table_get("claims", "acme.com").await.unwrap().as_deref(), Some("{\"v\":2}"));
+    assert!(s.table_swap("claims", "acme.com", Some("{\"v\":2}"), None).await.unwrap());
+    assert_eq!(s.table_get("claims", "acme.com").await.unwrap(), None);
+    // removing an absent row that is expected absent is a no-op that succeeds
+    assert!(s.table_swap("claims", "acme.com", None, None).await.unwrap());
+    // an empty string is a value, not an absence
+    assert!(s.table_swap("claims", "e", None, Some("")).await.unwrap());
+    assert!(!s.table_swap("claims", "e", None, Some("x")).await.unwrap());
+    assert!(s.table_swap("claims", "e", Some(""), Some("x")).await.unwrap());
 }

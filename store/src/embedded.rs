@@ -32,6 +32,7 @@ enum Op {
     Project { project: Project },
     Preview { version: u64, preview: Preview },
     Host { host: String, preview: String },
+    Unhost { host: String },
     Expiry { preview: String, at: Option<Millis> },
     Touch { preview: String, at: Millis },
     Forget { preview: String, at: Millis },
@@ -75,6 +76,9 @@ impl State {
             }
             Op::Host { host, preview } => {
                 self.hosts.insert(host, preview);
+            }
+            Op::Unhost { host } => {
+                self.hosts.remove(&host);
             }
             Op::Expiry { preview, at } => {
                 if let Some(old) = self.expiry_of.remove(&preview) {
@@ -410,6 +414,13 @@ impl Store for EmbeddedStore {
         Ok(self.read(|s| s.hosts.get(host).cloned()))
     }
 
+    async fn unbind_host(&self, host: &str, preview_id: &str) -> Result<bool> {
+        self.commit(|s| match s.hosts.get(host) {
+            Some(p) if p == preview_id => Ok((vec![Op::Unhost { host: host.to_string() }], true)),
+            _ => Ok((vec![], false)),
+        })
+    }
+
     async fn set_expiry(&self, preview_id: &str, at: Option<Millis>) -> Result<()> {
         self.commit(|s| {
             if s.expiry_of.get(preview_id).copied() == at {
@@ -575,5 +586,18 @@ impl Store for EmbeddedStore {
         Ok(self.read(|s| {
             s.tables.get(table).map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
         }))
+    }
+
+    async fn table_swap(&self, table: &str, key: &str, expected: Option<&str>, value: Option<&str>) -> Result<bool> {
+        self.commit(|s| {
+            let current = s.tables.get(table).and_then(|t| t.get(key)).map(String::as_str);
+            if current != expected {
+                return Ok((vec![], false));
+            }
+            if current == value {
+                return Ok((vec![], true));
+            }
+            Ok((vec![Op::Table { table: table.into(), key: key.into(), value: value.map(str::to_string) }], true))
+        })
     }
 }

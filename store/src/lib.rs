@@ -140,6 +140,9 @@ pub trait Store: Send + Sync + 'static {
     /// Points a normalized host at a preview. A host bound to another preview is `Exists`.
     async fn bind_host(&self, host: &str, preview_id: &str) -> Result<()>;
     async fn resolve_host(&self, host: &str) -> Result<Option<String>>;
+    /// Unbinds a host, but only while it still points at `preview_id`; `true` when this
+    /// call removed it.
+    async fn unbind_host(&self, host: &str, preview_id: &str) -> Result<bool>;
 
     /// Sets or clears when a preview's TTL runs out.
     async fn set_expiry(&self, preview_id: &str, at: Option<Millis>) -> Result<()>;
@@ -191,6 +194,11 @@ pub trait Store: Send + Sync + 'static {
     /// doubles as an atomic take between replicas.
     async fn table_remove(&self, table: &str, key: &str) -> Result<bool>;
     async fn table_list(&self, table: &str) -> Result<Vec<(String, String)>>;
+    /// Compare-and-set on a table row: writes `value` (`None` removes the row) only if
+    /// the row still holds `expected` (`None`: absent). `false` when it did not, and
+    /// nothing was written. Records kept as JSON in a table (orgs) are updated this way;
+    /// a put with `expected = None` doubles as an atomic claim of a name.
+    async fn table_swap(&self, table: &str, key: &str, expected: Option<&str>, value: Option<&str>) -> Result<bool>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

@@ -31,6 +31,31 @@ use wakegate_core::Millis;
 
 const GROUP: &str = "workers";
 
+/// Deletes a host key only while it names the preview.
+const UNBIND_HOST: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"#;
+
+/// Compare-and-set on a hash field: ARGV = field, has-expected, expected, has-value, value.
+const TABLE_SWAP: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[2] == '1' then
+  if cur ~= ARGV[3] then return 0 end
+elseif cur then
+  return 0
+end
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 1
+"#;
+
 const CAS: &str = r#"
 local cur = redis.call('HGET', KEYS[1], 'v')
 if ARGV[1] == '' then
@@ -341,6 +366,16 @@ impl Store for RedisStore {
         self.conn().get(self.key(&["host", host])).await.map_err(be)
     }
 
+    async fn unbind_host(&self, host: &str, preview_id: &str) -> Result<bool> {
+        let removed: i64 = Script::new(UNBIND_HOST)
+            .key(self.key(&["host", host]))
+            .arg(preview_id)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        Ok(removed == 1)
+    }
+
     async fn set_expiry(&self, preview_id: &str, at: Option<Millis>) -> Result<()> {
         let key = self.key(&["expiry"]);
         match at {
@@ -526,5 +561,19 @@ impl Store for RedisStore {
     async fn table_list(&self, table: &str) -> Result<Vec<(String, String)>> {
         let all: Vec<(String, String)> = self.conn().hgetall(self.key(&["table", table])).await.map_err(be)?;
         Ok(all)
+    }
+
+    async fn table_swap(&self, table: &str, key: &str, expected: Option<&str>, value: Option<&str>) -> Result<bool> {
+        let swapped: i64 = Script::new(TABLE_SWAP)
+            .key(self.key(&["table", table]))
+            .arg(key)
+            .arg(u8::from(expected.is_some()))
+            .arg(expected.unwrap_or(""))
+            .arg(u8::from(value.is_some()))
+            .arg(value.unwrap_or(""))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        Ok(swapped == 1)
     }
 }

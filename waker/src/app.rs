@@ -4,11 +4,11 @@
 use crate::error::{ApiError, ErrorBody};
 use crate::model::{Accepted, Health, NewPreview, NewProject, PreviewView, SetTtl, MAX_BODY};
 use crate::waker::Waker;
-use crate::{auth, edge, operator};
+use crate::{auth, edge, operator, orgs};
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put, MethodRouter};
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::{middleware, Json, Router};
 use http::StatusCode;
 use std::sync::{Arc, OnceLock};
@@ -35,10 +35,14 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
         operator::list_projects, operator::create_project, operator::get_project, operator::create_preview,
         operator::list_previews, operator::show, operator::pin, operator::unpin, operator::set_ttl,
         operator::sleep, operator::wake, operator::erase, operator::rebuild,
+        orgs::list, orgs::create, orgs::show, orgs::add_domain, orgs::verify, orgs::remove_domain,
+        orgs::add_base, orgs::remove_base,
     ),
     components(schemas(
         ErrorBody, Accepted, Health, NewProject, NewPreview, SetTtl, PreviewView, Project, RouteRecord,
-        HostRequest, ActivityBatch,
+        HostRequest, ActivityBatch, orgs::OrgView, orgs::DomainView, orgs::BaseView, orgs::NewOrg,
+        orgs::NewDomain, orgs::NewBase, orgs::Org, orgs::Domain, orgs::Base, orgs::DomainStatus, orgs::DnsRecord,
+        wakegate_core::route::CustomHost,
     )),
     modifiers(&SecuritySchemes),
     tags(
@@ -118,6 +122,13 @@ pub fn router(waker: Arc<Waker>) -> Router {
         .route("/v1/edge/wake", edge(post(edge::wake)))
         .route("/v1/edge/rebuild", edge(post(edge::rebuild)))
         .route("/v1/edge/activity", edge(post(edge::activity)))
+        .route("/v1/orgs", op(get(orgs::list).post(orgs::create)))
+        .route("/v1/orgs/{org}", op(get(orgs::show)))
+        .route("/v1/orgs/{org}/domains", op(post(orgs::add_domain)))
+        .route("/v1/orgs/{org}/domains/{domain}", op(delete(orgs::remove_domain)))
+        .route("/v1/orgs/{org}/domains/{domain}/verify", op(post(orgs::verify)))
+        .route("/v1/orgs/{org}/bases", op(post(orgs::add_base)))
+        .route("/v1/orgs/{org}/bases/{base}", op(delete(orgs::remove_base)))
         .route("/v1/projects", op(get(operator::list_projects).post(operator::create_project)))
         .route("/v1/projects/{name}", op(get(operator::get_project)))
         .route("/v1/projects/{name}/previews", op(post(operator::create_preview)))

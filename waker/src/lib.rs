@@ -11,6 +11,10 @@
 //!   preview and project in the store), batched activity;
 //! * [`operator`] — projects, previews for a ref, list with TTL remaining, pin/unpin,
 //!   TTL, sleep, wake, rebuild, erase; every field checked, a 400 names the bad one;
+//! * [`orgs`] — orgs, the domains they prove (a TXT record looked up with [`dns`]),
+//!   re-checked and suspended after a grace period, their preview bases (the rules in
+//!   [`names`]: IDNA, look-alikes, the Public Suffix List, other orgs' bases) and the
+//!   names every preview of theirs answers at under them;
 //! * [`error`] — the one error enum and the one place a status is chosen;
 //! * [`refs`] — "does this ref still exist?" via `git ls-remote`: cached (failures
 //!   too), single-flight per ref, bounded, and a timed-out call ends its whole process
@@ -22,10 +26,13 @@
 
 pub mod app;
 pub mod auth;
+pub mod dns;
 pub mod edge;
 pub mod error;
 pub mod model;
+pub mod names;
 pub mod operator;
+pub mod orgs;
 pub mod refs;
 mod waker;
 

@@ -53,6 +53,9 @@ pub struct NewProject {
     pub idle_timeout_secs: Option<u64>,
     #[serde(default)]
     pub machine: MachineSpec,
+    /// The org that owns it, by name (default: `default`).
+    #[serde(default)]
+    pub org: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -79,6 +82,11 @@ pub struct PreviewView {
     pub label: String,
     pub host: String,
     pub url: String,
+    /// Where it also answers, under its org's preview bases.
+    #[serde(default)]
+    pub custom_hosts: Vec<wakegate_core::route::CustomHost>,
+    #[serde(default)]
+    pub custom_urls: Vec<String>,
     pub state: String,
     pub phase: Option<String>,
     /// Why it failed or was erased; for a failure, the full message (build output

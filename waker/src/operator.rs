@@ -74,6 +74,7 @@ fn validate_project(req: NewProject) -> Result<Project, ApiError> {
         idle_timeout_secs: idle,
         created_at: now_ms(),
         machine: req.machine,
+        org_id: wakegate_core::route::DEFAULT_ORG_ID.into(),
     })
 }
 
@@ -87,7 +88,16 @@ pub async fn create_project(
     State(w): State<Arc<Waker>>,
     Body(req): Body<NewProject>,
 ) -> Result<Created<Project>, ApiError> {
-    let project = validate_project(req)?;
+    let org = req.org.clone().unwrap_or_else(|| "default".into());
+    let mut project = validate_project(req)?;
+    project.org_id = w
+        .org_by_name(&org)
+        .await
+        .map_err(|e| match e {
+            ApiError::NotFound(m) => ApiError::bad("org", m),
+            e => e,
+        })?
+        .id;
     w.store.create_project(&project).await?;
     info!(project = %project.name, "project created");
     Ok((StatusCode::CREATED, Json(project)))
@@ -132,6 +142,10 @@ pub async fn create_preview(
         // a crash between writing the record and binding its host is repaired here:
         // binding is idempotent
         w.store.bind_host(&host, &id).await?;
+        if let Err(e) = crate::orgs::sync_hosts(&w, &id).await {
+            warn!(preview = %id, error = %e, "binding custom names; the periodic sync will retry");
+        }
+        let existing = w.store.get_preview(&id).await?.unwrap_or(existing);
         return Ok((StatusCode::OK, Json(w.view(&existing, &project))));
     }
     match w.refs.exists(&project.git_url, &git_ref).await {
@@ -153,6 +167,7 @@ pub async fn create_preview(
         ttl_hours: None,
         pinned: false,
         last_error: None,
+        custom_hosts: Vec::new(),
     };
     // the record first, then the host, then the job: a crash in between leaves a
     // Building record whose job the reconciler re-enqueues
@@ -168,9 +183,15 @@ pub async fn create_preview(
     };
     w.store.bind_host(&host, &id).await?;
     sync_indexes(w.store.as_ref(), &preview, now).await?;
+    // names under the org's bases, before the build starts; a failure here is repaired
+    // by the periodic sync
+    if let Err(e) = crate::orgs::sync_hosts(&w, &id).await {
+        warn!(preview = %id, error = %e, "binding custom names; the periodic sync will retry");
+    }
     w.store.enqueue(&id, JobKind::Build).await?;
     info!(preview = %id, %host, "preview created");
-    Ok((StatusCode::CREATED, Json(w.view(&Versioned { version, value: preview }, &project))))
+    let current = w.store.get_preview(&id).await?.unwrap_or(Versioned { version, value: preview });
+    Ok((StatusCode::CREATED, Json(w.view(&current, &project))))
 }
 
 /// Every preview, with TTL remaining.

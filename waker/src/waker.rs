@@ -2,6 +2,7 @@
 
 use crate::error::ApiError;
 use crate::model::{Accepted, PreviewView};
+use crate::orgs::OrgSettings;
 use crate::refs::RefChecker;
 use std::sync::Arc;
 use tracing::{info, warn};
@@ -31,11 +32,29 @@ pub struct Waker {
     pub(crate) store: SharedStore,
     pub(crate) config: WakerConfig,
     pub(crate) refs: Arc<dyn RefChecker>,
+    pub(crate) orgs: OrgSettings,
 }
 
 impl Waker {
+    /// A waker with the default org settings: the system's resolver, a day's grace, an
+    /// hourly re-check ([`Waker::with_orgs`] changes them).
     pub fn new(store: SharedStore, config: WakerConfig, refs: Arc<dyn RefChecker>) -> Waker {
-        Waker { store, config, refs }
+        let orgs = OrgSettings {
+            dns: Arc::new(crate::dns::HickoryTxt::system()),
+            custom_host_target: config.preview_base.clone(),
+            grace: std::time::Duration::from_secs(24 * 3600),
+            recheck_every: std::time::Duration::from_secs(3600),
+        };
+        Waker { store, config, refs, orgs }
+    }
+
+    pub fn with_orgs(mut self, orgs: OrgSettings) -> Waker {
+        self.orgs = orgs;
+        self
+    }
+
+    pub fn org_settings(&self) -> &OrgSettings {
+        &self.orgs
     }
 
     pub fn store(&self) -> &SharedStore {
@@ -50,7 +69,18 @@ impl Waker {
         let host = normalize_host(raw).map_err(|e| ApiError::bad("host", format!("bad host: {e}")))?;
         let id = self.store.resolve_host(host.as_str()).await?;
         let id = id.ok_or_else(|| ApiError::NotFound(format!("no preview at {host}")))?;
-        self.load(&id).await
+        let (p, project) = self.load(&id).await?;
+        // a name under a base whose domain is no longer proven does not answer
+        if let Some(custom) = p.value.custom_hosts.iter().find(|h| h.host == host.as_str()) {
+            let org = self.org(&project.org_id).await?;
+            let suspended = org
+                .as_ref()
+                .is_none_or(|o| o.bases.iter().find(|b| b.name == custom.base).is_none_or(|b| o.base_suspended(b)));
+            if suspended {
+                return Err(ApiError::NotFound(format!("{host} is under a suspended domain")));
+            }
+        }
+        Ok((p, project))
     }
 
     pub(crate) async fn load(&self, id: &str) -> Result<(Versioned<Preview>, Project), ApiError> {
@@ -82,6 +112,10 @@ impl Waker {
                             Ok(a) => {
                                 info!(preview = %p.value.id, state = a.preview.value.state.as_str(), "ref check");
                                 p = a.preview;
+                                // gone frees its custom names; back from gone takes them again
+                                if let Err(e) = crate::orgs::sync_hosts(self, &p.value.id).await {
+                                    warn!(preview = %p.value.id, error = %e, "syncing custom names");
+                                }
                             }
                             Err(e) => warn!(preview = %p.value.id, error = %e, "recording the ref check failed"),
                         }
@@ -121,6 +155,12 @@ impl Waker {
         Ok(Accepted { state: a.preview.value.state.as_str().to_string(), version: a.preview.version })
     }
 
+    /// A custom name's URL, with the scheme of the default URLs.
+    pub(crate) fn custom_url(&self, host: &str) -> String {
+        let scheme = self.config.preview_url_template.split("://").next().filter(|s| *s == "http").unwrap_or("https");
+        format!("{scheme}://{host}/")
+    }
+
     pub(crate) fn view(&self, p: &Versioned<Preview>, project: &Project) -> PreviewView {
         let v = &p.value;
         let remaining = v.expires_at(project).map(|at| ttl::remaining(at, now_ms()));
@@ -137,6 +177,8 @@ impl Waker {
             label: v.label.clone(),
             host: self.host_of(&v.label),
             url: self.config.preview_url_template.replace("{label}", &v.label),
+            custom_urls: v.custom_hosts.iter().map(|h| self.custom_url(&h.host)).collect(),
+            custom_hosts: v.custom_hosts.clone(),
             state: v.state.as_str().to_string(),
             phase,
             reason,

@@ -1,0 +1,189 @@
+//! Custom org subdomains, driven through the operator API and the edge as an org would:
+//! a real DNS server on 127.0.0.1 serves the org's zone (the test writes its records),
+//! hickory's resolver looks the challenge up, and previews answer under the org's base.
+
+mod common;
+
+use common::World;
+use serde_json::{json, Value};
+use std::time::Duration;
+use wakegate_testkit::dns::DnsServer;
+use wakegate_testkit::http;
+
+async fn op(w: &World, method: &str, path: &str, body: Value) -> (u16, Value) {
+    w.op(method, path, Some(body)).await
+}
+
+fn error(v: &Value) -> String {
+    v["error"].as_str().unwrap_or_default().to_string()
+}
+
+/// Creates `org`, adds `domain`, writes its challenge record and verifies it.
+async fn verified(w: &World, dns: &DnsServer, org: &str, domain: &str) {
+    let (s, v) = op(w, "POST", "/v1/orgs", json!({ "name": org })).await;
+    assert!(s == 201 || s == 409, "{s} {v}");
+    let (s, d) = op(w, "POST", &format!("/v1/orgs/{org}/domains"), json!({ "domain": domain })).await;
+    assert!(s == 201 || s == 200, "{s} {d}");
+    dns.set_txt(d["challenge"]["name"].as_str().unwrap(), &[d["challenge"]["value"].as_str().unwrap()]).await;
+    let (s, v) = w.op("POST", &format!("/v1/orgs/{org}/domains/{domain}/verify"), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["status"], "verified");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_org_proves_its_domain_and_its_previews_answer_under_its_base() {
+    let dns = DnsServer::start(&["acme.com", "globex.com"]).await;
+    let servers = dns.addr.to_string();
+    let w = World::start_with(
+        &[
+            ("WAKEGATE_DNS_SERVERS", servers.as_str()),
+            ("WAKEGATE_DOMAIN_GRACE_SECS", "1"),
+            ("WAKEGATE_DOMAIN_RECHECK_SECS", "0.2"),
+        ],
+        600,
+    )
+    .await;
+
+    // ---- proving ownership: the record to create, and precise failures
+    let (s, v) = op(&w, "POST", "/v1/orgs", json!({ "name": "acme" })).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, d) = op(&w, "POST", "/v1/orgs/acme/domains", json!({ "domain": "ACME.com." })).await;
+    assert_eq!(s, 201, "{d}");
+    assert_eq!(d["name"], "acme.com");
+    assert_eq!(d["status"], "pending");
+    assert_eq!(d["challenge"]["name"], "_wakegate-challenge.acme.com");
+    assert_eq!(d["challenge"]["type"], "TXT");
+    let expected = d["challenge"]["value"].as_str().unwrap().to_string();
+    assert!(expected.starts_with("wakegate-verify="), "{expected}");
+    let (s, v) = w.op("POST", "/v1/orgs/acme/domains/acme.com/verify", None).await;
+    assert_eq!(s, 422, "{v}");
+    assert!(error(&v).contains("does not exist (NXDOMAIN)"), "{v}");
+    dns.set_txt("_wakegate-challenge.acme.com", &["wakegate-verify=someone-else"]).await;
+    let (s, v) = w.op("POST", "/v1/orgs/acme/domains/acme.com/verify", None).await;
+    assert_eq!(s, 422, "{v}");
+    assert!(error(&v).contains("\"wakegate-verify=someone-else\"") && error(&v).contains(&expected), "{v}");
+    dns.set_txt("_wakegate-challenge.acme.com", &["v=spf1 -all", &expected]).await;
+    let (s, v) = w.op("POST", "/v1/orgs/acme/domains/acme.com/verify", None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["status"], "verified");
+
+    // ---- another org can neither take the domain nor use it
+    verified(&w, &dns, "globex", "globex.com").await;
+    let (s, d) = op(&w, "POST", "/v1/orgs/globex/domains", json!({ "domain": "acme.com" })).await;
+    assert_eq!(s, 409, "{d}");
+    assert!(error(&d).contains("verified by another org"), "{d}");
+
+    // ---- bases: hostile names, each refused naming its rule
+    let bad = [
+        ("acme.com", 400, "registrable domain (an apex)"),
+        ("co.uk", 400, "public suffix (ICANN section"),
+        ("github.io", 400, "public suffix (private section"),
+        ("*.previews.acme.com", 400, "is a wildcard"),
+        ("127.0.0.1", 400, "is an IP address"),
+        ("previews..acme.com", 400, "empty label"),
+        ("prеviews.acme.com", 400, "mixes Latin and Cyrillic letters"),
+        ("previews.globex.com", 400, "not a strict subdomain of a domain acme has verified (acme.com)"),
+    ];
+    for (base, status, rule) in bad {
+        let (s, v) = op(&w, "POST", "/v1/orgs/acme/bases", json!({ "base": base })).await;
+        assert_eq!(s, status, "{base}: {v}");
+        assert!(error(&v).contains(rule), "{base}: {v}");
+        assert_eq!(v["field"], "base", "{base}: {v}");
+    }
+    let long = format!("{}.acme.com", "a".repeat(64));
+    let (s, v) = op(&w, "POST", "/v1/orgs/acme/bases", json!({ "base": long })).await;
+    assert!(s == 400 && error(&v).contains("longer than 63 bytes"), "{v}");
+    // normalised, then accepted; the answer says which record to add
+    let (s, b) = op(&w, "POST", "/v1/orgs/acme/bases", json!({ "base": "Previews.ACME.com." })).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["name"], "previews.acme.com");
+    assert_eq!(b["dns"]["name"], "*.previews.acme.com");
+    assert_eq!(b["dns"]["type"], "CNAME");
+    // nesting, across orgs and within one
+    let (s, v) = op(&w, "POST", "/v1/orgs/acme/bases", json!({ "base": "x.previews.acme.com" })).await;
+    assert!(s == 409 && error(&v).contains("is under previews.acme.com"), "{v}");
+    dns.set_txt("_wakegate-challenge.eng.acme.com", &[]).await;
+    let (s, d) = op(&w, "POST", "/v1/orgs/globex/domains", json!({ "domain": "eng.acme.com" })).await;
+    assert_eq!(s, 201, "{d}");
+    dns.set_txt("_wakegate-challenge.eng.acme.com", &[d["challenge"]["value"].as_str().unwrap()]).await;
+    let (s, v) = w.op("POST", "/v1/orgs/globex/domains/eng.acme.com/verify", None).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = op(&w, "POST", "/v1/orgs/globex/bases", json!({ "base": "previews.eng.acme.com" })).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = op(&w, "POST", "/v1/orgs/acme/bases", json!({ "base": "eng.acme.com" })).await;
+    assert!(s == 409 && error(&v).contains("parent of previews.eng.acme.com, a preview base of another org"), "{v}");
+    let (s, v) = op(&w, "POST", "/v1/orgs/acme/bases", json!({ "base": "a.previews.eng.acme.com" })).await;
+    assert!(s == 409 && error(&v).contains("under previews.eng.acme.com, a preview base of another org"), "{v}");
+
+    // ---- previews of the org answer under the base, through the edge
+    let (s, v) = op(
+        &w,
+        "POST",
+        "/v1/projects",
+        json!({ "name": "shop", "git_url": w.repo.url(), "ttl_hours": 24, "idle_timeout_secs": 600, "org": "acme" }),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, p) = op(&w, "POST", "/v1/projects/shop/previews", json!({ "ref": "main" })).await;
+    assert_eq!(s, 201, "{p}");
+    assert_eq!(p["custom_hosts"][0]["host"], "shop-main.previews.acme.com", "{p}");
+    let id = p["id"].as_str().unwrap().to_string();
+    let p = w.wait_state(&id, "running").await;
+    let r = w.api(&p, "/api/hello", &[]).await;
+    assert_eq!(r.status, 200, "the default name: {}", r.body);
+    let custom = format!("shop-main.previews.acme.com:{}", w.edge.port());
+    let r = http::send(w.edge, "GET", &custom, "/api/hello", &[("accept", "application/json")], "").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["hello"], "from the demo app");
+    // the default name keeps working
+    let p = w.show(&id).await;
+    assert_eq!(w.api(&p, "/api/hello", &[]).await.status, 200);
+
+    // two refs that map to one name: the later gets a hash suffix and says so
+    let (s, q) = op(&w, "POST", "/v1/projects/shop/previews", json!({ "ref": "feature/blue" })).await;
+    assert_eq!(s, 201, "{q}");
+    assert_eq!(q["custom_hosts"][0]["host"], "shop-feature-blue.previews.acme.com", "{q}");
+    w.repo.branch("feature-blue", &[("content.html", "<p>the other blue</p>")]);
+    let (s, q2) = op(&w, "POST", "/v1/projects/shop/previews", json!({ "ref": "feature-blue" })).await;
+    assert_eq!(s, 201, "{q2}");
+    let renamed = q2["custom_hosts"][0]["host"].as_str().unwrap();
+    assert!(renamed.starts_with("shop-feature-blue-") && renamed.ends_with(".previews.acme.com"), "{q2}");
+    assert!(q2["custom_hosts"][0]["note"].as_str().unwrap().contains("another ref"), "{q2}");
+
+    // a sleeping preview wakes at its custom name
+    w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
+    w.wait_state(&id, "sleeping").await;
+    // past the edge's route cache (0.5 s here): an API client that meets a cached route
+    // to an app that has just gone to sleep gets a 502 today rather than being held
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = http::send(w.edge, "GET", &custom, "/api/hello", &[("accept", "application/json")], "").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    w.wait_state(&id, "running").await;
+
+    // ---- the record disappears: suspended after the grace period, back when it returns
+    dns.set_txt("_wakegate-challenge.acme.com", &[]).await;
+    wakegate_testkit::eventually(Duration::from_secs(20), "acme.com suspended", || async {
+        let (_, org) = w.op("GET", "/v1/orgs/acme", None).await;
+        let d = org["domains"].as_array().unwrap().iter().find(|d| d["name"] == "acme.com").cloned().unwrap();
+        (d["status"] == "suspended").then_some(org)
+    })
+    .await;
+    let (_, org) = w.op("GET", "/v1/orgs/acme", None).await;
+    assert_eq!(org["bases"][0]["suspended"], true, "{org}");
+    assert!(org["domains"][0]["last_check"].as_str().unwrap().contains("NXDOMAIN"), "{org}");
+    dns.set_txt("_wakegate-challenge.acme.com", &[&expected]).await;
+    wakegate_testkit::eventually(Duration::from_secs(20), "acme.com verified again", || async {
+        let (_, org) = w.op("GET", "/v1/orgs/acme", None).await;
+        (org["bases"][0]["suspended"] == false).then_some(())
+    })
+    .await;
+
+    // ---- removing the base unbinds its names
+    let (s, v) = w.op("DELETE", "/v1/orgs/acme/bases/previews.acme.com", None).await;
+    assert_eq!(s, 204, "{v}");
+    let p = w.show(&id).await;
+    assert_eq!(p["custom_hosts"], json!([]), "{p}");
+    let r = http::send(w.edge, "GET", &custom, "/api/hello", &[("accept", "application/json")], "").await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    w.stop().await;
+}
