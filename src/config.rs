@@ -75,6 +75,8 @@ pub struct Config {
     pub domain_recheck_every: Duration,
     /// What `*.<base>` records point at (default: the preview base).
     pub custom_host_target: Option<String>,
+    /// Cloudflare for SaaS (custom hostnames), when a zone and token are set.
+    pub saas: Option<wakegate_waker::saas::SaasConfig>,
     pub route_ttl: Duration,
     pub hold_timeout: Duration,
     pub activity_every: Duration,
@@ -316,6 +318,23 @@ impl Config {
             domain_grace: secs(src, "WAKEGATE_DOMAIN_GRACE_SECS", 86_400.0)?,
             domain_recheck_every: secs(src, "WAKEGATE_DOMAIN_RECHECK_SECS", 3_600.0)?,
             custom_host_target: src.get("WAKEGATE_CUSTOM_HOST_TARGET"),
+            saas: match (
+                src.get("WAKEGATE_CLOUDFLARE_ZONE_ID"),
+                secret(src, "WAKEGATE_CLOUDFLARE_API_TOKEN", "WAKEGATE_CLOUDFLARE_API_TOKEN_FILE")?,
+            ) {
+                (Some(zone_id), Some(token)) => Some(wakegate_waker::saas::SaasConfig {
+                    api: src
+                        .get("WAKEGATE_CLOUDFLARE_API")
+                        .unwrap_or_else(|| "https://api.cloudflare.com/client/v4".into()),
+                    zone_id,
+                    token,
+                    wildcard: parse(src, "WAKEGATE_CLOUDFLARE_WILDCARD", false)?,
+                    every: secs(src, "WAKEGATE_SAAS_SECS", 30.0)?,
+                }),
+                (None, None) => None,
+                (Some(_), None) => return Err(ConfigError::Missing("WAKEGATE_CLOUDFLARE_API_TOKEN")),
+                (None, Some(_)) => return Err(ConfigError::Missing("WAKEGATE_CLOUDFLARE_ZONE_ID")),
+            },
             route_ttl: secs(src, "WAKEGATE_ROUTE_CACHE_SECS", 2.0)?,
             hold_timeout: secs(src, "WAKEGATE_HOLD_SECS", 30.0)?,
             activity_every: secs(src, "WAKEGATE_ACTIVITY_SECS", 1.0)?,

@@ -74,7 +74,8 @@ impl Dev {
                 },
                 Arc::new(GitRefs::new(Duration::from_secs(2))),
             )
-            .with_orgs(cfg.org_settings()),
+            .with_orgs(cfg.org_settings())
+            .with_saas(cfg.saas.clone()),
         );
         let machines_dir = std::path::absolute(cfg.data_dir.join("machines"))?;
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -86,6 +87,12 @@ impl Dev {
         ));
         let mut tasks = backend.tasks;
         tasks.push(tokio::spawn(wakegate_waker::orgs::recheck_loop(waker.clone())));
+        if let Some(saas) = cfg.saas.clone() {
+            tasks.push(tokio::spawn(wakegate_waker::saas::sync_loop(
+                waker.clone(),
+                wakegate_waker::saas::Client::new(saas),
+            )));
+        }
         tasks.push(tokio::spawn(wakegate_waker::serve(waker_listener, waker)));
         tasks.extend(provisioner.spawn_all(stop_rx));
         Ok(Dev {

@@ -203,6 +203,7 @@ async fn server_matches_its_openapi_document() {
     // orgs, a domain proven through the DNS server, a base
     let org_calls: Vec<(&str, &str, Value, u16)> = vec![
         ("GET", "/v1/orgs", Value::Null, 200),
+        ("GET", "/v1/custom-hostnames", Value::Null, 200),
         ("POST", "/v1/orgs", json!({"name": "acme"}), 201),
         ("POST", "/v1/orgs", json!({"name": "acme"}), 409),
         ("POST", "/v1/orgs", json!({"name": "Not A Name"}), 400),

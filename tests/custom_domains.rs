@@ -187,3 +187,116 @@ async fn an_org_proves_its_domain_and_its_previews_answer_under_its_base() {
     assert_eq!(r.status, 404, "{}", r.body);
     w.stop().await;
 }
+
+/// Each custom name becomes one Cloudflare for SaaS custom hostname (created once,
+/// through 429s; deleted once when the name goes); the preview's view shows what
+/// Cloudflare says, and a name goes live when the fake turns it active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn custom_names_are_cloudflare_custom_hostnames_until_they_go() {
+    use wakegate_testkit::cloudflare::{CloudflareState, FakeCloudflare};
+    let dns = DnsServer::start(&["acme.com"]).await;
+    let cf = FakeCloudflare::start(CloudflareState::new(), wakegate_testkit::hetzner::wall_ms).await;
+    let (zone, token) = cf.with(|s| (s.zone.clone(), s.token.clone()));
+    let (servers, api) = (dns.addr.to_string(), cf.url());
+    let w = World::start_with(
+        &[
+            ("WAKEGATE_DNS_SERVERS", servers.as_str()),
+            ("WAKEGATE_CLOUDFLARE_API", api.as_str()),
+            ("WAKEGATE_CLOUDFLARE_ZONE_ID", zone.as_str()),
+            ("WAKEGATE_CLOUDFLARE_API_TOKEN", token.as_str()),
+            ("WAKEGATE_SAAS_SECS", "0.2"),
+        ],
+        600,
+    )
+    .await;
+    verified(&w, &dns, "acme", "acme.com").await;
+    let (s, v) = op(&w, "POST", "/v1/orgs/acme/bases", json!({ "base": "previews.acme.com" })).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = op(
+        &w,
+        "POST",
+        "/v1/projects",
+        json!({ "name": "shop", "git_url": w.repo.url(), "ttl_hours": 24, "org": "acme" }),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    // Cloudflare rate-limits the first requests: waited out, not lost
+    cf.with(|s| s.limit_next = 2);
+    let mut ids = Vec::new();
+    for r in ["main", "feature/blue"] {
+        let (s, p) = op(&w, "POST", "/v1/projects/shop/previews", json!({ "ref": r })).await;
+        assert_eq!(s, 201, "{p}");
+        ids.push(p["id"].as_str().unwrap().to_string());
+    }
+    let main = "shop-main.previews.acme.com";
+    let pending = wakegate_testkit::eventually(Duration::from_secs(30), "registered with Cloudflare", || async {
+        let p = w.show(&ids[0]).await;
+        let h = p["custom_hostnames"].get(0).cloned()?;
+        (h["status"] == "pending").then_some(h)
+    })
+    .await;
+    assert_eq!(pending["hostname"], main);
+    assert_eq!(pending["live"], false);
+    assert_eq!(pending["ssl_status"], "pending_validation");
+    assert!(pending["errors"][0].as_str().unwrap().contains("CNAME"), "{pending}");
+
+    // the fake turns it active: live in the preview's view
+    cf.with(|s| s.activate(main));
+    wakegate_testkit::eventually(Duration::from_secs(30), "live", || async {
+        let p = w.show(&ids[0]).await;
+        (p["custom_hostnames"][0]["live"] == true).then_some(())
+    })
+    .await;
+    // moved away (the org's CNAME points elsewhere): no longer live, and why
+    cf.with(|s| s.set_status(main, "moved", "active", &["custom hostname does not CNAME to this zone."]));
+    let (_, all) = w.op("GET", "/v1/custom-hostnames", None).await;
+    assert_eq!(all["enabled"], true);
+    assert_eq!(all["in_use"], 2, "{all}");
+    assert_eq!(all["included"], 100);
+
+    // removing the base deletes both hostnames, once each
+    let (s, v) = w.op("DELETE", "/v1/orgs/acme/bases/previews.acme.com", None).await;
+    assert_eq!(s, 204, "{v}");
+    wakegate_testkit::eventually(Duration::from_secs(30), "hostnames deleted", || async {
+        cf.with(|s| s.hostnames.is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    cf.with(|s| {
+        assert_eq!(s.count("POST", "/custom_hostnames"), 2, "one create per name: {:?}", s.log);
+        assert_eq!(s.log.iter().filter(|c| c.method == "DELETE" && c.status == 200).count(), 2, "{:?}", s.log);
+        assert!(s.log.iter().any(|c| c.status == 429), "the rate limit was met");
+    });
+    let (_, all) = w.op("GET", "/v1/custom-hostnames", None).await;
+    assert_eq!(all["in_use"], 0, "{all}");
+    w.stop().await;
+}
+
+/// The client reads every page of a zone's custom hostnames, and reports Cloudflare's
+/// own errors.
+#[tokio::test]
+async fn the_cloudflare_client_pages_and_reports_errors() {
+    use wakegate_testkit::cloudflare::{CloudflareState, FakeCloudflare};
+    use wakegate_waker::saas::{Client, SaasConfig};
+    let cf = FakeCloudflare::start(CloudflareState::new(), wakegate_testkit::hetzner::wall_ms).await;
+    let (zone, token) = cf.with(|s| (s.zone.clone(), s.token.clone()));
+    let config = SaasConfig { api: cf.url(), zone_id: zone, token, wildcard: false, every: Duration::from_secs(1) };
+    let client = Client::new(config.clone());
+    for i in 0..120 {
+        client.create(&format!("p{i}.previews.acme.com")).await.unwrap();
+    }
+    let all = client.list().await.unwrap();
+    assert_eq!(all.len(), 120);
+    assert_eq!(cf.with(|s| s.log.iter().filter(|c| c.method == "GET").count()), 3, "50 a page");
+    let dup = client.create("p1.previews.acme.com").await.unwrap_err().to_string();
+    assert!(dup.contains("409") && dup.contains("Duplicate custom hostname") && dup.contains("1406"), "{dup}");
+    let bad = client.create("*.previews.acme.com").await.unwrap_err().to_string();
+    assert!(bad.contains("400") && bad.contains("Invalid custom hostname"), "{bad}");
+    let found = client.find("p7.previews.acme.com").await.unwrap().unwrap();
+    client.delete(&found.id).await.unwrap();
+    client.delete(&found.id).await.unwrap();
+    assert!(client.get(&found.id).await.unwrap().is_none());
+    let wrong = Client::new(SaasConfig { token: "wrong".into(), ..config });
+    let denied = wrong.list().await.unwrap_err().to_string();
+    assert!(denied.contains("403") && denied.contains("Authentication error"), "{denied}");
+}

@@ -921,7 +921,8 @@ fn page(key: &str, items: Vec<Value>, q: &HashMap<String, String>) -> (u16, Valu
     (200, json!({key: slice, "meta": meta}))
 }
 
-fn decode(s: &str) -> Option<String> {
+/// Percent-decodes a query value (`+` is a space).
+pub fn decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

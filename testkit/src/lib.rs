@@ -11,6 +11,7 @@
 //! Every process started here is stopped by PID when its handle drops.
 
 pub mod browser;
+pub mod cloudflare;
 pub mod dns;
 pub mod git;
 pub mod hetzner;

@@ -36,13 +36,13 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
         operator::list_previews, operator::show, operator::pin, operator::unpin, operator::set_ttl,
         operator::sleep, operator::wake, operator::erase, operator::rebuild,
         orgs::list, orgs::create, orgs::show, orgs::add_domain, orgs::verify, orgs::remove_domain,
-        orgs::add_base, orgs::remove_base,
+        orgs::add_base, orgs::remove_base, operator::custom_hostnames,
     ),
     components(schemas(
         ErrorBody, Accepted, Health, NewProject, NewPreview, SetTtl, PreviewView, Project, RouteRecord,
         HostRequest, ActivityBatch, orgs::OrgView, orgs::DomainView, orgs::BaseView, orgs::NewOrg,
         orgs::NewDomain, orgs::NewBase, orgs::Org, orgs::Domain, orgs::Base, orgs::DomainStatus, orgs::DnsRecord,
-        wakegate_core::route::CustomHost,
+        wakegate_core::route::CustomHost, crate::model::CustomHostnames, crate::saas::Registration,
     )),
     modifiers(&SecuritySchemes),
     tags(
@@ -129,6 +129,7 @@ pub fn router(waker: Arc<Waker>) -> Router {
         .route("/v1/orgs/{org}/domains/{domain}/verify", op(post(orgs::verify)))
         .route("/v1/orgs/{org}/bases", op(post(orgs::add_base)))
         .route("/v1/orgs/{org}/bases/{base}", op(delete(orgs::remove_base)))
+        .route("/v1/custom-hostnames", op(get(operator::custom_hostnames)))
         .route("/v1/projects", op(get(operator::list_projects).post(operator::create_project)))
         .route("/v1/projects/{name}", op(get(operator::get_project)))
         .route("/v1/projects/{name}/previews", op(post(operator::create_preview)))

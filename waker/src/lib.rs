@@ -15,6 +15,8 @@
 //!   re-checked and suspended after a grace period, their preview bases (the rules in
 //!   [`names`]: IDNA, look-alikes, the Public Suffix List, other orgs' bases) and the
 //!   names every preview of theirs answers at under them;
+//! * [`saas`] — custom names registered as Cloudflare for SaaS custom hostnames,
+//!   their status followed until live;
 //! * [`error`] — the one error enum and the one place a status is chosen;
 //! * [`refs`] — "does this ref still exist?" via `git ls-remote`: cached (failures
 //!   too), single-flight per ref, bounded, and a timed-out call ends its whole process
@@ -34,6 +36,7 @@ pub mod names;
 pub mod operator;
 pub mod orgs;
 pub mod refs;
+pub mod saas;
 mod waker;
 
 pub use app::{openapi_json, router};

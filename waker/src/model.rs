@@ -87,6 +87,10 @@ pub struct PreviewView {
     pub custom_hosts: Vec<wakegate_core::route::CustomHost>,
     #[serde(default)]
     pub custom_urls: Vec<String>,
+    /// What Cloudflare for SaaS says of those names (when it is configured): a name is
+    /// `live` once its hostname and certificate are both `active`.
+    #[serde(default)]
+    pub custom_hostnames: Vec<crate::saas::Registration>,
     pub state: String,
     pub phase: Option<String>,
     /// Why it failed or was erased; for a failure, the full message (build output
@@ -99,6 +103,20 @@ pub struct PreviewView {
     pub created_at: u64,
     pub last_error: Option<String>,
     pub version: u64,
+}
+
+/// Custom hostnames registered with Cloudflare for SaaS.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CustomHostnames {
+    /// Whether Cloudflare for SaaS is configured.
+    pub enabled: bool,
+    /// One `*.<base>` per base rather than one per name.
+    pub wildcard: bool,
+    /// Hostnames in use on the zone.
+    pub in_use: usize,
+    /// How many the plan includes before they are billed.
+    pub included: usize,
+    pub hostnames: Vec<crate::saas::Registration>,
 }
 
 /// The answer to a wake or rebuild.

@@ -191,7 +191,7 @@ pub async fn create_preview(
     w.store.enqueue(&id, JobKind::Build).await?;
     info!(preview = %id, %host, "preview created");
     let current = w.store.get_preview(&id).await?.unwrap_or(Versioned { version, value: preview });
-    Ok((StatusCode::CREATED, Json(w.view(&current, &project))))
+    Ok((StatusCode::CREATED, Json(w.with_saas_status(w.view(&current, &project)).await)))
 }
 
 /// Every preview, with TTL remaining.
@@ -212,7 +212,23 @@ pub async fn list_previews(State(w): State<Arc<Waker>>) -> Result<Json<Vec<Previ
         (status = 503, body = ErrorBody)))]
 pub async fn show(State(w): State<Arc<Waker>>, Path(id): Path<String>) -> Result<Json<PreviewView>, ApiError> {
     let (p, project) = w.load(&id).await?;
-    Ok(Json(w.view(&p, &project)))
+    Ok(Json(w.with_saas_status(w.view(&p, &project)).await))
+}
+
+/// Custom hostnames on Cloudflare for SaaS: how many are in use (the plan includes
+/// [`crate::saas::INCLUDED`]) and what Cloudflare says of each.
+#[utoipa::path(get, path = "/v1/custom-hostnames", tag = "operator", security(("operator_token" = [])),
+    responses((status = 200, body = crate::model::CustomHostnames), (status = 401, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+pub async fn custom_hostnames(State(w): State<Arc<Waker>>) -> Result<Json<crate::model::CustomHostnames>, ApiError> {
+    let hostnames: Vec<_> = crate::saas::registrations(&w).await.into_values().collect();
+    Ok(Json(crate::model::CustomHostnames {
+        enabled: w.saas.is_some(),
+        wildcard: w.saas.as_ref().is_some_and(|s| s.wildcard),
+        in_use: hostnames.iter().filter(|r| r.id.is_some()).count(),
+        included: crate::saas::INCLUDED,
+        hostnames,
+    }))
 }
 
 /// Changes a preview's settings with compare-and-set, then its indexes.

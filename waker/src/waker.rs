@@ -33,6 +33,8 @@ pub struct Waker {
     pub(crate) config: WakerConfig,
     pub(crate) refs: Arc<dyn RefChecker>,
     pub(crate) orgs: OrgSettings,
+    /// Cloudflare for SaaS, when configured.
+    pub(crate) saas: Option<crate::saas::SaasConfig>,
 }
 
 impl Waker {
@@ -45,7 +47,27 @@ impl Waker {
             grace: std::time::Duration::from_secs(24 * 3600),
             recheck_every: std::time::Duration::from_secs(3600),
         };
-        Waker { store, config, refs, orgs }
+        Waker { store, config, refs, orgs, saas: None }
+    }
+
+    /// Registers custom names with Cloudflare for SaaS ([`crate::saas::sync_loop`] does
+    /// the work; this makes views show what Cloudflare says).
+    pub fn with_saas(mut self, saas: Option<crate::saas::SaasConfig>) -> Waker {
+        self.saas = saas;
+        self
+    }
+
+    /// Fills a view's custom hostname statuses from Cloudflare's last answers.
+    pub(crate) async fn with_saas_status(&self, mut view: PreviewView) -> PreviewView {
+        if let Some(saas) = &self.saas {
+            let regs = crate::saas::registrations(self).await;
+            view.custom_hostnames = view
+                .custom_hosts
+                .iter()
+                .filter_map(|h| regs.get(&crate::saas::covering(&h.host, &h.base, saas.wildcard)).cloned())
+                .collect();
+        }
+        view
     }
 
     pub fn with_orgs(mut self, orgs: OrgSettings) -> Waker {
@@ -179,6 +201,7 @@ impl Waker {
             url: self.config.preview_url_template.replace("{label}", &v.label),
             custom_urls: v.custom_hosts.iter().map(|h| self.custom_url(&h.host)).collect(),
             custom_hosts: v.custom_hosts.clone(),
+            custom_hostnames: Vec::new(),
             state: v.state.as_str().to_string(),
             phase,
             reason,
