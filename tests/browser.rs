@@ -36,3 +36,33 @@ async fn confirm_to_rebuild_in_chromium() {
     drop(browser);
     w.stop().await;
 }
+
+/// The same at an org's custom name: Chromium resolves `*.previews.acme.com` to
+/// 127.0.0.1 (a host resolver rule), opens the erased preview's custom URL, clicks once,
+/// and the same tab becomes the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn confirm_to_rebuild_at_a_custom_name_in_chromium() {
+    let (w, _dns) = with_custom_base().await;
+    let p = w.running_shop("feature/blue").await;
+    let id = p["id"].as_str().unwrap();
+    w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
+    w.wait_state(id, "erased").await;
+
+    let browser = Browser::start_with(&["--host-resolver-rules=MAP *.previews.acme.com 127.0.0.1"])
+        .await
+        .expect("chromium and chromedriver are installed (scripts/test installs them)");
+    let url = format!("http://{}/", w.custom_host(&p));
+    assert!(url.starts_with("http://shop-feature-blue.previews.acme.com:"), "{url}");
+    browser.goto(&url).await.unwrap();
+    assert_eq!(browser.title().await.unwrap(), "Preview erased · shop");
+    browser.click("#confirm").await.unwrap();
+    wakegate_testkit::eventually(Duration::from_secs(90), "the tab to show the app", || async {
+        let s = browser.page_source().await.ok()?;
+        s.contains("Hello from the feature/blue branch").then_some(s)
+    })
+    .await;
+    assert_eq!(browser.current_url().await.unwrap(), url, "same tab, same URL");
+    assert_eq!(w.show(id).await["state"], "running");
+    drop(browser);
+    w.stop().await;
+}

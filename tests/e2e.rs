@@ -140,6 +140,52 @@ async fn erased_preview_confirm_to_rebuild() {
     w.stop().await;
 }
 
+/// An org's custom name works like the default one, through either front door: it
+/// proxies a running preview, wakes a sleeping one for a held API client, and offers an
+/// erased one's rebuild with a CSRF token bound to the name the form was served on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn custom_names_proxy_wake_and_offer_the_rebuild() {
+    let (w, _dns) = common::with_custom_base().await;
+    let p = w.running_shop("main").await;
+    let id = p["id"].as_str().unwrap().to_string();
+    let custom = w.custom_host(&p);
+    assert!(custom.starts_with("shop-main.previews.acme.com:"), "{custom}");
+    let json = [("accept", "application/json"), ("user-agent", "curl/8.5.0")];
+    let r = http::send(w.edge, "GET", &custom, "/api/hello", &json, "").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["hello"], "from the demo app");
+    let page = http::get_html(w.edge, &custom, "/").await.unwrap();
+    assert!(page.body.contains("Hello from the main branch"), "{}", page.body);
+
+    // asleep: a held API client wakes it at the custom name
+    w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
+    w.wait_state(&id, "sleeping").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = http::send(w.edge, "GET", &custom, "/api/hello", &json, "").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // erased: the custom name keeps offering the rebuild
+    w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
+    w.wait_state(&id, "erased").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let page = http::get_html(w.edge, &custom, "/cart").await.unwrap();
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("This preview was erased"), "{}", page.body);
+    let token = csrf_of(&page.body);
+    // a token served on the default name does not work on the custom one
+    let other = csrf_of(&w.visit(&p, "/").await.body);
+    let origin = format!("http://{custom}");
+    let r = post_form_at(&w, &custom, &format!("csrf={other}"), &[("origin", &origin)]).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = post_form_at(&w, &custom, &format!("csrf={token}&return_to=%2Fcart"), &[("origin", &origin)]).await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.header("location"), Some("/cart"));
+    w.wait_state(&id, "running").await;
+    let r = http::send(w.edge, "GET", &custom, "/api/hello", &json, "").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hostile_return_to_sends_the_visitor_home() {
     let w = World::start().await;

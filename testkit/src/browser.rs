@@ -20,6 +20,12 @@ fn chromium() -> &'static str {
 impl Browser {
     /// Starts chromedriver on a free port and opens a headless Chromium session.
     pub async fn start() -> anyhow::Result<Browser> {
+        Browser::start_with(&[]).await
+    }
+
+    /// [`Browser::start`] with extra Chromium flags, e.g.
+    /// `--host-resolver-rules=MAP *.previews.acme.com 127.0.0.1`.
+    pub async fn start_with(extra_args: &[&str]) -> anyhow::Result<Browser> {
         let port = crate::free_port();
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
@@ -29,7 +35,7 @@ impl Browser {
             .map_err(|e| anyhow::anyhow!("cannot start chromedriver (apt-get install chromium-driver): {e}"))?;
         let mut b = Browser { driver, port, session: String::new() };
         let profile = crate::tempdir("chromium");
-        let caps = json!({"capabilities": {"alwaysMatch": {
+        let mut caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": chromium(),
@@ -38,6 +44,11 @@ impl Browser {
                          "--disable-sync", "--disable-quic", format!("--user-data-dir={}", profile.display())]
             }
         }}});
+        if let Some(args) =
+            caps.pointer_mut("/capabilities/alwaysMatch/goog:chromeOptions/args").and_then(|a| a.as_array_mut())
+        {
+            args.extend(extra_args.iter().map(|a| serde_json::Value::from(*a)));
+        }
         let mut last = None;
         for _ in 0..100 {
             match b.call("POST", "/session", Some(caps.clone())).await {

@@ -188,12 +188,58 @@ pub fn csrf_of(page: &str) -> String {
 }
 
 pub async fn post_form(w: &World, preview: &Value, body: &str, extra: &[(&str, &str)]) -> Response {
+    post_form_at(w, &w.host(preview), body, extra).await
+}
+
+/// The rebuild form posted to `host` (`name:port`).
+pub async fn post_form_at(w: &World, host: &str, body: &str, extra: &[(&str, &str)]) -> Response {
     let mut h = vec![("content-type", "application/x-www-form-urlencoded"), ("accept", "text/html")];
     if !extra.iter().any(|(k, _)| k.eq_ignore_ascii_case("user-agent")) {
         h.push(("user-agent", http::BROWSER_UA));
     }
     h.extend_from_slice(extra);
-    http::send(w.edge, "POST", &w.host(preview), "/_wakegate/rebuild", &h, body.to_string()).await.unwrap()
+    http::send(w.edge, "POST", host, "/_wakegate/rebuild", &h, body.to_string()).await.unwrap()
+}
+
+/// A world whose org `acme` has proven `acme.com` (its TXT record on a DNS server on
+/// 127.0.0.1) and whose project `shop` (the demo repository) answers under the base
+/// `previews.acme.com` too.
+pub async fn with_custom_base() -> (World, wakegate_testkit::dns::DnsServer) {
+    let dns = wakegate_testkit::dns::DnsServer::start(&["acme.com"]).await;
+    let servers = dns.addr.to_string();
+    let w = World::start_with(&[("WAKEGATE_DNS_SERVERS", servers.as_str())], 600).await;
+    let (s, v) = w.op("POST", "/v1/orgs", Some(json!({ "name": "acme" }))).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, d) = w.op("POST", "/v1/orgs/acme/domains", Some(json!({ "domain": "acme.com" }))).await;
+    assert_eq!(s, 201, "{d}");
+    dns.set_txt(d["challenge"]["name"].as_str().unwrap(), &[d["challenge"]["value"].as_str().unwrap()]).await;
+    let (s, v) = w.op("POST", "/v1/orgs/acme/domains/acme.com/verify", None).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = w.op("POST", "/v1/orgs/acme/bases", Some(json!({ "base": "previews.acme.com" }))).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = w
+        .op(
+            "POST",
+            "/v1/projects",
+            Some(json!({ "name": "shop", "git_url": w.repo.url(), "ttl_hours": 24, "org": "acme" })),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    (w, dns)
+}
+
+impl World {
+    /// A running preview of the project `shop` (see [`with_custom_base`]).
+    pub async fn running_shop(&self, git_ref: &str) -> Value {
+        let (s, p) = self.op("POST", "/v1/projects/shop/previews", Some(json!({ "ref": git_ref }))).await;
+        assert!(s == 201 || s == 200, "{s} {p}");
+        self.wait_state(p["id"].as_str().unwrap(), "running").await
+    }
+
+    /// The preview's first custom name with the edge's port.
+    pub fn custom_host(&self, preview: &Value) -> String {
+        format!("{}:{}", preview["custom_hosts"][0]["host"].as_str().expect("a custom name"), self.edge.port())
+    }
 }
 
 fn m_get<'a>(pairs: &'a [(&str, &str)], key: &str) -> Option<&'a str> {
