@@ -135,6 +135,10 @@ async fn an_org_proves_its_domain_and_its_previews_answer_under_its_base() {
     let r = http::send(w.edge, "GET", &custom, "/api/hello", &[("accept", "application/json")], "").await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["hello"], "from the demo app");
+    // the app is told every URL it answers at; PREVIEW_URL stays the default one
+    let urls = r.json()["preview_urls"].as_str().unwrap().to_string();
+    let default = r.json()["preview_url"].as_str().unwrap().to_string();
+    assert_eq!(urls, format!("{default},http://shop-main.previews.acme.com:{}", w.edge.port()));
     // the default name keeps working
     let p = w.show(&id).await;
     assert_eq!(w.api(&p, "/api/hello", &[]).await.status, 200);
@@ -171,18 +175,31 @@ async fn an_org_proves_its_domain_and_its_previews_answer_under_its_base() {
     let (_, org) = w.op("GET", "/v1/orgs/acme", None).await;
     assert_eq!(org["bases"][0]["suspended"], true, "{org}");
     assert!(org["domains"][0]["last_check"].as_str().unwrap().contains("NXDOMAIN"), "{org}");
+    // its names show a page that says so (past the edge's route cache); the default
+    // name still serves
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let page = http::get_html(w.edge, &custom, "/").await.unwrap();
+    assert_eq!(page.status, 403, "{}", page.body);
+    assert!(page.body.contains("This address is suspended") && page.body.contains("_wakegate-challenge.acme.com"));
+    let r = http::send(w.edge, "GET", &custom, "/api/hello", &[("accept", "application/json")], "").await.unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(w.api(&w.show(&id).await, "/api/hello", &[]).await.status, 200);
     dns.set_txt("_wakegate-challenge.acme.com", &[&expected]).await;
     wakegate_testkit::eventually(Duration::from_secs(20), "acme.com verified again", || async {
         let (_, org) = w.op("GET", "/v1/orgs/acme", None).await;
         (org["bases"][0]["suspended"] == false).then_some(())
     })
     .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = http::send(w.edge, "GET", &custom, "/api/hello", &[("accept", "application/json")], "").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
 
     // ---- removing the base unbinds its names
     let (s, v) = w.op("DELETE", "/v1/orgs/acme/bases/previews.acme.com", None).await;
     assert_eq!(s, 204, "{v}");
     let p = w.show(&id).await;
     assert_eq!(p["custom_hosts"], json!([]), "{p}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let r = http::send(w.edge, "GET", &custom, "/api/hello", &[("accept", "application/json")], "").await.unwrap();
     assert_eq!(r.status, 404, "{}", r.body);
     w.stop().await;

@@ -145,7 +145,7 @@ async fn erased_preview_confirm_to_rebuild() {
 /// erased one's rebuild with a CSRF token bound to the name the form was served on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn custom_names_proxy_wake_and_offer_the_rebuild() {
-    let (w, _dns) = common::with_custom_base().await;
+    let (w, dns) = common::with_custom_base().await;
     let p = w.running_shop("main").await;
     let id = p["id"].as_str().unwrap().to_string();
     let custom = w.custom_host(&p);
@@ -183,6 +183,19 @@ async fn custom_names_proxy_wake_and_offer_the_rebuild() {
     w.wait_state(&id, "running").await;
     let r = http::send(w.edge, "GET", &custom, "/api/hello", &json, "").await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
+
+    // the domain's record goes missing: past the grace period its names show a page
+    // that says so and wake nothing; the default name keeps serving
+    dns.set_txt("_wakegate-challenge.acme.com", &[]).await;
+    let page = wakegate_testkit::eventually(Duration::from_secs(20), "the suspended page", || async {
+        let page = http::get_html(w.edge, &custom, "/").await.ok()?;
+        (page.status == 403).then_some(page)
+    })
+    .await;
+    assert!(page.body.contains("This address is suspended"), "{}", page.body);
+    let r = http::send(w.edge, "GET", &custom, "/api/hello", &json, "").await.unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(w.api(&w.show(&id).await, "/api/hello", &[]).await.status, 200);
     w.stop().await;
 }
 

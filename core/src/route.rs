@@ -35,6 +35,22 @@ fn default_org_id() -> String {
     DEFAULT_ORG_ID.to_string()
 }
 
+/// Every URL a preview answers at: the default one (`template` with `{label}`
+/// replaced) first, then one per custom name, with the default URL's scheme and port.
+pub fn preview_urls(template: &str, label: &str, custom_hosts: &[CustomHost]) -> Vec<String> {
+    let scheme = if template.starts_with("http://") { "http" } else { "https" };
+    let tail = template.split("{label}").nth(1).unwrap_or("").split('/').next().unwrap_or("");
+    let port = tail
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    std::iter::once(template.replace("{label}", label))
+        .chain(custom_hosts.iter().map(|h| format!("{scheme}://{}{port}", h.host)))
+        .collect()
+}
+
 /// A name a preview answers at under one of its org's preview bases.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +179,11 @@ pub enum RouteStatus {
         rebuildable: bool,
     },
     Gone,
+    /// The host is an org's custom name under `domain`, whose ownership is no longer
+    /// proven (its TXT record has been missing past the grace period).
+    Suspended {
+        domain: String,
+    },
 }
 
 impl RouteStatus {
@@ -197,6 +218,7 @@ impl RouteStatus {
             RouteStatus::Failed { .. } => "failed",
             RouteStatus::Erased { .. } => "erased",
             RouteStatus::Gone => "gone",
+            RouteStatus::Suspended { .. } => "suspended",
         }
     }
 
@@ -229,3 +251,23 @@ pub struct ActivityBatch {
 
 /// Longest body waker accepts.
 pub const MAX_API_BODY: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preview_urls_put_the_default_first_and_keep_its_scheme_and_port() {
+        let h = |host: &str| CustomHost { host: host.into(), base: "previews.acme.com".into(), note: None };
+        let custom = [h("shop-main.previews.acme.com")];
+        assert_eq!(
+            preview_urls("https://{label}.preview.example.com", "shop-main-1", &custom),
+            ["https://shop-main-1.preview.example.com", "https://shop-main.previews.acme.com"]
+        );
+        assert_eq!(
+            preview_urls("http://{label}.localhost:8080", "x", &custom),
+            ["http://x.localhost:8080", "http://shop-main.previews.acme.com:8080"]
+        );
+        assert_eq!(preview_urls("http://{label}.localhost:8080/", "x", &[]), ["http://x.localhost:8080/"]);
+    }
+}

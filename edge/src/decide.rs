@@ -30,6 +30,10 @@ pub enum PageKind {
         reason: String,
     },
     Gone,
+    /// The custom name's domain is suspended.
+    Suspended {
+        domain: String,
+    },
 }
 
 /// What to do with a request to a known preview host.
@@ -74,6 +78,10 @@ pub fn decide(route: &RouteRecord, req: RequestInfo) -> Decision {
             Decision::Page { page: PageKind::Gone, wake: false }
         }
         (RouteStatus::Erased { rebuildable: false, .. } | RouteStatus::Gone, false) => unavailable(410, None),
+        (RouteStatus::Suspended { domain }, true) => {
+            Decision::Page { page: PageKind::Suspended { domain: domain.clone() }, wake: false }
+        }
+        (RouteStatus::Suspended { .. }, false) => unavailable(403, None),
         // origin() covered these
         (RouteStatus::Running { .. }, _) => unavailable(502, Some(5)),
     }

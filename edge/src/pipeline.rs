@@ -132,6 +132,12 @@ pub trait Platform: Sized + 'static {
     /// Runs `work` in the background (it may outlive the request).
     fn spawn(&self, cx: &Self::Cx, work: LocalBoxFuture<'static, ()>);
     fn warn(&self, what: &str, error: &EdgeError);
+    /// Whether a request may await I/O another request started. The native edge: yes.
+    /// A Worker: no (workerd refuses I/O on behalf of another request), so there each
+    /// request does its own waker calls instead of joining one in flight.
+    fn shares_io_between_requests(&self) -> bool {
+        true
+    }
 }
 
 type Lookup = Result<Option<Rc<Route>>, EdgeError>;
@@ -393,6 +399,9 @@ impl<P: Platform> Pipeline<P> {
         K: std::hash::Hash + Eq + Clone + 'static,
         T: Clone + 'static,
     {
+        if !self.platform.shares_io_between_requests() {
+            return work(self.clone()).await;
+        }
         let flight = {
             let mut flights = table(self.state()).borrow_mut();
             match flights.get(&key) {
@@ -550,7 +559,13 @@ impl<P: Platform> Pipeline<P> {
                         let signature = self.origin_signature(self.platform.head(&req));
                         return self.proxy(cx, req, fresh, info, signature).await;
                     }
-                    if matches!(r.status, RouteStatus::Failed { .. } | RouteStatus::Erased { .. } | RouteStatus::Gone) {
+                    if matches!(
+                        r.status,
+                        RouteStatus::Failed { .. }
+                            | RouteStatus::Erased { .. }
+                            | RouteStatus::Gone
+                            | RouteStatus::Suspended { .. }
+                    ) {
                         return self.platform.respond(Answer::json(
                             503,
                             &serde_json::json!({ "state": r.status.as_str(), "preview": r.preview_id }),

@@ -241,6 +241,10 @@ impl Platform for Workers {
         cx.wait_until(work);
     }
 
+    fn shares_io_between_requests(&self) -> bool {
+        false
+    }
+
     fn warn(&self, what: &str, error: &EdgeError) {
         worker::console_warn!("{what}: {error}");
     }

@@ -39,7 +39,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/headers":
             return self.send_body(200, json.dumps({k.lower(): v for k, v in self.headers.items()}), "application/json")
         if self.path == "/api/hello":
-            return self.send_body(200, json.dumps({"hello": "from the demo app", "preview_url": os.environ.get("PREVIEW_URL")}), "application/json")
+            return self.send_body(200, json.dumps({"hello": "from the demo app", "preview_url": os.environ.get("PREVIEW_URL"), "preview_urls": os.environ.get("PREVIEW_URLS")}), "application/json")
         if self.path == "/stream":
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")

@@ -246,6 +246,11 @@ impl AgentApi {
                 "git_url": project.git_url,
                 "git_ref": preview.git_ref,
                 "preview_url": self.preview_url_template.replace("{label}", &preview.label),
+                "preview_urls": wakegate_core::route::preview_urls(
+                    &self.preview_url_template,
+                    &preview.label,
+                    &preview.custom_hosts,
+                ),
             }),
         )
     }

@@ -12,6 +12,8 @@ pub struct DeploySpec {
     pub git_url: String,
     pub git_ref: String,
     pub preview_url: String,
+    /// The default URL and one per custom name (the app's `PREVIEW_URLS`).
+    pub preview_urls: Vec<String>,
     pub project: Project,
 }
 

@@ -28,6 +28,9 @@ struct MachineFile {
     manifest: Manifest,
     port: u16,
     preview_url: String,
+    /// Machines written before custom names had none.
+    #[serde(default)]
+    preview_urls: Vec<String>,
 }
 
 pub struct LocalCloud {
@@ -121,6 +124,8 @@ fn app_env(mf: &MachineFile) -> Vec<(String, String)> {
     env.push(("PORT".into(), mf.port.to_string()));
     env.push(("HOST".into(), "127.0.0.1".into()));
     env.push(("PREVIEW_URL".into(), mf.preview_url.clone()));
+    let urls = if mf.preview_urls.is_empty() { vec![mf.preview_url.clone()] } else { mf.preview_urls.clone() };
+    env.push(("PREVIEW_URLS".into(), urls.join(",")));
     env
 }
 
@@ -293,7 +298,12 @@ impl Cloud for LocalCloud {
             .map_err(|_| CloudError::Failed(format!("the repository has no {} at its root", crate::manifest::FILE)))?;
         let manifest = Manifest::parse(&text).map_err(CloudError::Failed)?;
         release_port(&self.ports, &dir).await;
-        let mf = MachineFile { manifest, port: reserve_port(&self.ports)?, preview_url: spec.preview_url.clone() };
+        let mf = MachineFile {
+            manifest,
+            port: reserve_port(&self.ports)?,
+            preview_url: spec.preview_url.clone(),
+            preview_urls: spec.preview_urls.clone(),
+        };
         tokio::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&mf).map_err(backend)?)
             .await
             .map_err(backend)?;

@@ -243,6 +243,11 @@ impl Provisioner {
             git_url: project.git_url.clone(),
             git_ref: preview.git_ref.clone(),
             preview_url: self.settings.preview_url_template.replace("{label}", &preview.label),
+            preview_urls: wakegate_core::route::preview_urls(
+                &self.settings.preview_url_template,
+                &preview.label,
+                &preview.custom_hosts,
+            ),
             project,
         };
         let event = match self.cloud.deploy(&machine, &spec, &StoreProgress { p: self, preview: id }).await {

@@ -23,6 +23,9 @@ pub enum Page {
     Failed { phase: Phase, reason: String, csrf: String },
     /// The branch or merge request is gone (410).
     Gone,
+    /// The host is an org's custom name under `domain`, whose ownership record has been
+    /// missing for longer than the grace period (403).
+    Suspended { domain: String },
     /// No preview has this hostname (404).
     NotFound { host: String },
     /// The request itself was bad (400), e.g. a malformed host.
@@ -36,6 +39,7 @@ impl Page {
             Page::Waking | Page::Building { .. } | Page::Failed { .. } => 503,
             Page::ConfirmRebuild { .. } => 200,
             Page::Gone => 410,
+            Page::Suspended { .. } => 403,
             Page::NotFound { .. } => 404,
             Page::BadRequest { .. } => 400,
         }
@@ -129,6 +133,17 @@ pub fn render(page: &Page, cx: &Context<'_>) -> String {
             "",
             form(csrf, "Try again"),
         ),
+        Page::Suspended { domain } => (
+            "Address suspended",
+            "This address is suspended".to_string(),
+            format!(
+                "Previews answer here only while {domain} proves it belongs to its org, and its record (_wakegate-challenge.{domain}) has gone missing. This address works again once the record is back; the preview's own address still works."
+            ),
+            None,
+            false,
+            "",
+            None,
+        ),
         Page::Gone => (
             "Preview gone",
             "This preview is gone".to_string(),
@@ -214,6 +229,9 @@ mod tests {
         let html = render(&Page::NotFound { host: "<x>.localhost".into() }, &Context::default());
         assert!(!html.contains("<x>") && html.contains("&#60;x&#62;.localhost"));
         assert_eq!(Page::Gone.status(), 410);
+        let suspended = render(&Page::Suspended { domain: "acme.com".into() }, &cx());
+        assert!(suspended.contains("This address is suspended") && suspended.contains("_wakegate-challenge.acme.com"));
+        assert_eq!(Page::Suspended { domain: "acme.com".into() }.status(), 403);
         assert_eq!(safe_return("//evil.example"), "/");
         assert_eq!(safe_return("https://evil.example"), "/");
         let stopped = render(&Page::Failed { phase: Phase::Run, reason: "r".into(), csrf: "t".into() }, &cx());

@@ -207,7 +207,16 @@ pub async fn post_form_at(w: &World, host: &str, body: &str, extra: &[(&str, &st
 pub async fn with_custom_base() -> (World, wakegate_testkit::dns::DnsServer) {
     let dns = wakegate_testkit::dns::DnsServer::start(&["acme.com"]).await;
     let servers = dns.addr.to_string();
-    let w = World::start_with(&[("WAKEGATE_DNS_SERVERS", servers.as_str())], 600).await;
+    // a record that goes missing suspends the domain within a second
+    let w = World::start_with(
+        &[
+            ("WAKEGATE_DNS_SERVERS", servers.as_str()),
+            ("WAKEGATE_DOMAIN_GRACE_SECS", "0.5"),
+            ("WAKEGATE_DOMAIN_RECHECK_SECS", "0.2"),
+        ],
+        600,
+    )
+    .await;
     let (s, v) = w.op("POST", "/v1/orgs", Some(json!({ "name": "acme" }))).await;
     assert_eq!(s, 201, "{v}");
     let (s, d) = w.op("POST", "/v1/orgs/acme/domains", Some(json!({ "domain": "acme.com" }))).await;

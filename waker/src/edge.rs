@@ -43,7 +43,29 @@ pub async fn route(
 ) -> Result<Json<RouteRecord>, ApiError> {
     let q = query(q)?;
     let (p, project) = w.find_by_host(&q.host).await?;
-    Ok(Json(w.record(p, &project).await))
+    let suspended = w.suspended_domain(&q.host, &p.value, &project).await?;
+    Ok(Json(suspend(w.record(p, &project).await, suspended)))
+}
+
+/// A custom name under a suspended domain shows that, whatever the preview's state.
+fn suspend(mut r: RouteRecord, domain: Option<String>) -> RouteRecord {
+    if let Some(domain) = domain {
+        r.status = wakegate_core::route::RouteStatus::Suspended { domain };
+    }
+    r
+}
+
+/// Wakes and rebuilds are refused at a custom name whose domain is suspended.
+async fn refuse_suspended(
+    w: &Waker,
+    host: &str,
+    p: &wakegate_core::route::Preview,
+    project: &wakegate_core::route::Project,
+) -> Result<(), ApiError> {
+    match w.suspended_domain(host, p, project).await? {
+        Some(domain) => Err(ApiError::Conflict(format!("{host} is under {domain}, which is suspended"))),
+        None => Ok(()),
+    }
 }
 
 /// The route record once its version passes `after`, or after `wait` ms.
@@ -60,7 +82,8 @@ pub async fn status(
     let after = q.after.unwrap_or(0);
     let wait = q.wait.unwrap_or(0).min(MAX_WAIT_MS);
     let (p, project) = w.find_by_host(&q.host).await?;
-    let p = if p.version <= after && wait > 0 {
+    let suspended = w.suspended_domain(&q.host, &p.value, &project).await?;
+    let p = if p.version <= after && wait > 0 && suspended.is_none() {
         w.store
             .wait_preview(&p.value.id, after, Duration::from_millis(wait))
             .await?
@@ -68,7 +91,7 @@ pub async fn status(
     } else {
         p
     };
-    Ok(Json(w.record(p, &project).await))
+    Ok(Json(suspend(w.record(p, &project).await, suspended)))
 }
 
 /// Wakes a sleeping preview (single-flight).
@@ -82,7 +105,8 @@ pub async fn wake(
     State(w): State<Arc<Waker>>,
     Body(req): Body<HostRequest>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let (p, _) = w.find_by_host(&req.host).await?;
+    let (p, project) = w.find_by_host(&req.host).await?;
+    refuse_suspended(&w, &req.host, &p.value, &project).await?;
     let a = apply(w.store.as_ref(), &p.value.id, &Event::WakeRequested, now_ms()).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -103,6 +127,7 @@ pub async fn rebuild(
     Body(req): Body<HostRequest>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let (p, project) = w.find_by_host(&req.host).await?;
+    refuse_suspended(&w, &req.host, &p.value, &project).await?;
     if !matches!(p.value.state, Lifecycle::Erased { .. } | Lifecycle::Failed { .. }) {
         // already building or running: single flight, nothing new to do
         let a = Accepted { state: p.value.state.as_str().to_string(), version: p.version };

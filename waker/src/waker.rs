@@ -91,18 +91,29 @@ impl Waker {
         let host = normalize_host(raw).map_err(|e| ApiError::bad("host", format!("bad host: {e}")))?;
         let id = self.store.resolve_host(host.as_str()).await?;
         let id = id.ok_or_else(|| ApiError::NotFound(format!("no preview at {host}")))?;
-        let (p, project) = self.load(&id).await?;
-        // a name under a base whose domain is no longer proven does not answer
-        if let Some(custom) = p.value.custom_hosts.iter().find(|h| h.host == host.as_str()) {
-            let org = self.org(&project.org_id).await?;
-            let suspended = org
-                .as_ref()
-                .is_none_or(|o| o.bases.iter().find(|b| b.name == custom.base).is_none_or(|b| o.base_suspended(b)));
-            if suspended {
-                return Err(ApiError::NotFound(format!("{host} is under a suspended domain")));
-            }
-        }
-        Ok((p, project))
+        self.load(&id).await
+    }
+
+    /// The domain `host` is under when it is one of the preview's custom names and that
+    /// domain is no longer proven (or its base is gone): such a name shows the suspended
+    /// page and wakes nothing.
+    pub(crate) async fn suspended_domain(
+        &self,
+        raw_host: &str,
+        p: &Preview,
+        project: &Project,
+    ) -> Result<Option<String>, ApiError> {
+        let Ok(host) = normalize_host(raw_host) else { return Ok(None) };
+        let Some(custom) = p.custom_hosts.iter().find(|h| h.host == host.as_str()) else {
+            return Ok(None);
+        };
+        let org = self.org(&project.org_id).await?;
+        let base = org.as_ref().and_then(|o| o.bases.iter().find(|b| b.name == custom.base).map(|b| (o, b)));
+        Ok(match base {
+            Some((o, b)) if !o.base_suspended(b) => None,
+            Some((_, b)) => Some(b.domain.clone()),
+            None => Some(custom.base.clone()),
+        })
     }
 
     pub(crate) async fn load(&self, id: &str) -> Result<(Versioned<Preview>, Project), ApiError> {
@@ -177,12 +188,6 @@ impl Waker {
         Ok(Accepted { state: a.preview.value.state.as_str().to_string(), version: a.preview.version })
     }
 
-    /// A custom name's URL, with the scheme of the default URLs.
-    pub(crate) fn custom_url(&self, host: &str) -> String {
-        let scheme = self.config.preview_url_template.split("://").next().filter(|s| *s == "http").unwrap_or("https");
-        format!("{scheme}://{host}/")
-    }
-
     pub(crate) fn view(&self, p: &Versioned<Preview>, project: &Project) -> PreviewView {
         let v = &p.value;
         let remaining = v.expires_at(project).map(|at| ttl::remaining(at, now_ms()));
@@ -199,7 +204,14 @@ impl Waker {
             label: v.label.clone(),
             host: self.host_of(&v.label),
             url: self.config.preview_url_template.replace("{label}", &v.label),
-            custom_urls: v.custom_hosts.iter().map(|h| self.custom_url(&h.host)).collect(),
+            custom_urls: wakegate_core::route::preview_urls(
+                &self.config.preview_url_template,
+                &v.label,
+                &v.custom_hosts,
+            )
+            .into_iter()
+            .skip(1)
+            .collect(),
             custom_hosts: v.custom_hosts.clone(),
             custom_hostnames: Vec::new(),
             state: v.state.as_str().to_string(),

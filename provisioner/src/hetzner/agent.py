@@ -3,7 +3,7 @@
 
 It pulls its work from the control plane, so nothing ever connects in to the machine:
 
-  GET  {control}/v1/agent/work    200 {preview, git_url, git_ref, preview_url}: deploy or start
+  GET  {control}/v1/agent/work    200 {preview, git_url, git_ref, preview_url, preview_urls}: deploy or start
                                   204: wait (a pool machine nobody took yet; Retry-After says how long)
                                   410: this machine is not wanted; stay idle
   POST {control}/v1/agent/phase   {"phase": "checkout" | "build" | "start" | "health"}
@@ -108,7 +108,8 @@ def manifest():
 def app_env(m, work):
     env = dict(os.environ)
     env.update({k: str(v) for k, v in m["env"].items()})
-    env.update({"PORT": str(PORT), "HOST": HOST, "PREVIEW_URL": work["preview_url"]})
+    env.update({"PORT": str(PORT), "HOST": HOST, "PREVIEW_URL": work["preview_url"],
+                "PREVIEW_URLS": ",".join(work.get("preview_urls") or [work["preview_url"]])})
     return env
 
 
