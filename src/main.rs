@@ -33,6 +33,32 @@ enum Cmd {
     Provisioner,
     /// Prints the waker's OpenAPI document.
     Openapi,
+    /// Orgs, the domains they prove and their preview bases, through the waker's
+    /// operator API (WAKEGATE_WAKER_URL, WAKEGATE_OPERATOR_TOKEN).
+    Org {
+        #[command(subcommand)]
+        cmd: OrgCmd,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum OrgCmd {
+    /// Every org.
+    List,
+    /// One org: its domains (with the TXT record each needs) and bases.
+    Show { org: String },
+    /// Creates an org.
+    Create { name: String },
+    /// Adds a domain to prove; prints the TXT record to create.
+    AddDomain { org: String, domain: String },
+    /// Looks the domain's TXT record up now; says what it found when it fails.
+    Verify { org: String, domain: String },
+    /// Removes a domain (refused while a base is under it).
+    RemoveDomain { org: String, domain: String },
+    /// Adds a preview base; prints the DNS record to create.
+    AddBase { org: String, base: String },
+    /// Removes a base; its names stop answering.
+    RemoveBase { org: String, base: String },
 }
 
 fn init_tracing() {
@@ -61,7 +87,60 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Edge => wakegate::parts::edge(cfg).await,
         Cmd::Provisioner => wakegate::parts::provisioner(cfg).await,
         Cmd::Openapi => Ok(()),
+        Cmd::Org { cmd } => org(&cfg, cmd).await,
     }
+}
+
+/// A path segment, percent-encoded.
+fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn org(cfg: &Config, cmd: OrgCmd) -> anyhow::Result<()> {
+    let token = cfg.operator_token.clone().context("set WAKEGATE_OPERATOR_TOKEN (or _FILE)")?;
+    let authority = cfg
+        .waker_url
+        .split("://")
+        .nth(1)
+        .map(|rest| rest.split('/').next().unwrap_or(rest))
+        .context("WAKEGATE_WAKER_URL must look like http://host:port")?;
+    let addr = tokio::net::lookup_host(authority)
+        .await
+        .with_context(|| format!("resolving {authority}"))?
+        .next()
+        .with_context(|| format!("{authority} has no address"))?;
+    let (method, path, body) = match cmd {
+        OrgCmd::List => ("GET", "/v1/orgs".to_string(), None),
+        OrgCmd::Show { org } => ("GET", format!("/v1/orgs/{}", seg(&org)), None),
+        OrgCmd::Create { name } => ("POST", "/v1/orgs".into(), Some(serde_json::json!({ "name": name }))),
+        OrgCmd::AddDomain { org, domain } => {
+            ("POST", format!("/v1/orgs/{}/domains", seg(&org)), Some(serde_json::json!({ "domain": domain })))
+        }
+        OrgCmd::Verify { org, domain } => {
+            ("POST", format!("/v1/orgs/{}/domains/{}/verify", seg(&org), seg(&domain)), None)
+        }
+        OrgCmd::RemoveDomain { org, domain } => {
+            ("DELETE", format!("/v1/orgs/{}/domains/{}", seg(&org), seg(&domain)), None)
+        }
+        OrgCmd::AddBase { org, base } => {
+            ("POST", format!("/v1/orgs/{}/bases", seg(&org)), Some(serde_json::json!({ "base": base })))
+        }
+        OrgCmd::RemoveBase { org, base } => ("DELETE", format!("/v1/orgs/{}/bases/{}", seg(&org), seg(&base)), None),
+    };
+    let (status, answer) = wakegate::operator::call(addr, &token, method, &path, body).await?;
+    if status >= 400 {
+        let field = answer["field"].as_str().map(|f| format!(" ({f})")).unwrap_or_default();
+        anyhow::bail!("{status}: {}{field}", answer["error"].as_str().unwrap_or("failed"));
+    }
+    if !answer.is_null() {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    }
+    Ok(())
 }
 
 async fn dev(cfg: Config) -> anyhow::Result<()> {

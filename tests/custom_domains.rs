@@ -317,3 +317,52 @@ async fn the_cloudflare_client_pages_and_reports_errors() {
     let denied = wrong.list().await.unwrap_err().to_string();
     assert!(denied.contains("403") && denied.contains("Authentication error"), "{denied}");
 }
+
+/// The same through the CLI: `wakegate org …` against a running waker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_manages_orgs_domains_and_bases() {
+    let dns = DnsServer::start(&["acme.com"]).await;
+    let servers = dns.addr.to_string();
+    let w = World::start_with(&[("WAKEGATE_DNS_SERVERS", servers.as_str())], 600).await;
+    let waker = format!("http://{}", w.dev.waker_addr);
+    let token = w.dev.operator_token.clone();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wakegate"))
+            .arg("org")
+            .args(args)
+            .env("WAKEGATE_WAKER_URL", &waker)
+            .env("WAKEGATE_OPERATOR_TOKEN", &token)
+            .env("WAKEGATE_DATA", w.data.join("cli"))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = cli(&["create", "acme"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli(&["add-domain", "acme", "ACME.com"]);
+    assert!(ok, "{out}{err}");
+    let d: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(d["challenge"]["name"], "_wakegate-challenge.acme.com");
+    let (ok, _, err) = cli(&["verify", "acme", "acme.com"]);
+    assert!(!ok && err.contains("422") && err.contains("NXDOMAIN"), "{err}");
+    dns.set_txt("_wakegate-challenge.acme.com", &[d["challenge"]["value"].as_str().unwrap()]).await;
+    let (ok, out, err) = cli(&["verify", "acme", "acme.com"]);
+    assert!(ok && out.contains("\"verified\""), "{out}{err}");
+    let (ok, _, err) = cli(&["add-base", "acme", "co.uk"]);
+    assert!(!ok && err.contains("public suffix") && err.contains("(base)"), "{err}");
+    let (ok, out, err) = cli(&["add-base", "acme", "Previews.ACME.com."]);
+    assert!(ok && out.contains("*.previews.acme.com"), "{out}{err}");
+    let (ok, out, _) = cli(&["show", "acme"]);
+    assert!(ok && out.contains("previews.acme.com"), "{out}");
+    let (ok, out, err) = cli(&["remove-base", "acme", "previews.acme.com"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli(&["remove-domain", "acme", "acme.com"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = cli(&["list"]);
+    assert!(ok && out.contains("\"acme\"") && out.contains("\"default\""), "{out}");
+    w.stop().await;
+}
