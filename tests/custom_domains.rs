@@ -157,9 +157,6 @@ async fn an_org_proves_its_domain_and_its_previews_answer_under_its_base() {
     // a sleeping preview wakes at its custom name
     w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
     w.wait_state(&id, "sleeping").await;
-    // past the edge's route cache (0.5 s here): an API client that meets a cached route
-    // to an app that has just gone to sleep gets a 502 today rather than being held
-    tokio::time::sleep(Duration::from_millis(700)).await;
     let r = http::send(w.edge, "GET", &custom, "/api/hello", &[("accept", "application/json")], "").await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     w.wait_state(&id, "running").await;

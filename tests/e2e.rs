@@ -160,7 +160,6 @@ async fn custom_names_proxy_wake_and_offer_the_rebuild() {
     // asleep: a held API client wakes it at the custom name
     w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
     w.wait_state(&id, "sleeping").await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
     let r = http::send(w.edge, "GET", &custom, "/api/hello", &json, "").await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
 
@@ -463,5 +462,13 @@ async fn a_visit_under_a_stale_cached_route_still_wakes_the_preview() {
     assert_eq!(page.status, 503, "{}", page.body);
     assert!(page.body.contains("Waking this preview"), "{}", page.body);
     w.wait_state(&id, "running").await;
+
+    // an API client under the stale route is held while it wakes, not answered 502
+    assert_eq!(w.api(&p, "/api/hello", &[]).await.status, 200);
+    w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
+    w.wait_state(&id, "sleeping").await;
+    let r = w.api(&p, "/api/hello", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["hello"], "from the demo app");
     w.stop().await;
 }

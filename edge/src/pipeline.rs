@@ -82,11 +82,14 @@ pub struct Head<'r> {
     pub has_body: bool,
 }
 
-/// Why forwarding failed, and where the visitor was going (for the page shown instead).
+/// Why forwarding failed, where the visitor was going (for the page shown instead),
+/// and the request itself when none of it reached the origin (a connect that failed):
+/// the pipeline may then still hold it while the preview wakes.
 #[derive(Debug)]
-pub struct Failed {
+pub struct Failed<R> {
     pub error: EdgeError,
     pub return_to: String,
+    pub unsent: Option<R>,
 }
 
 /// A signed origin request's extra header, made by the pipeline.
@@ -125,7 +128,12 @@ pub trait Platform: Sized + 'static {
     async fn read_body(&self, req: Self::Request, limit: usize) -> Result<Vec<u8>, EdgeError>;
     /// Forwards the request to `to.route`'s origin and returns its response (a
     /// WebSocket upgrade included).
-    async fn forward(&self, cx: &Self::Cx, req: Self::Request, to: Forward<'_>) -> Result<Self::Response, Failed>;
+    async fn forward(
+        &self,
+        cx: &Self::Cx,
+        req: Self::Request,
+        to: Forward<'_>,
+    ) -> Result<Self::Response, Failed<Self::Request>>;
     fn respond(&self, answer: Answer) -> Self::Response;
     /// Responds, then runs `after` once the response has been sent.
     fn respond_then(&self, cx: &Self::Cx, answer: Answer, after: LocalBoxFuture<'static, ()>) -> Self::Response;
@@ -517,15 +525,23 @@ impl<P: Platform> Pipeline<P> {
                 resp
             }
             Err(Failed { error: error @ EdgeError::ClientBody(_), .. }) => self.fail(&error),
-            Err(Failed { error, return_to }) => {
+            Err(Failed { error, return_to, unsent }) => {
                 // the origin may have gone to sleep under a cached route: look again and
-                // show a person the page for the state it is in now (waking it if asked)
+                // show a person the page for the state it is in now (waking it if asked),
+                // or hold an API client whose request never left while it wakes
                 self.platform.warn("origin", &error);
                 self.forget(route.host.as_str());
                 if let Ok(Some(fresh)) = self.route(route.host.as_str()).await {
-                    if let Decision::Page { page, wake } = decide(&fresh.record, info) {
-                        let answer = self.page(&page, &fresh, &return_to);
-                        return self.page_then_wake(cx, answer, wake.then(|| fresh.host.clone()));
+                    match (decide(&fresh.record, info), unsent) {
+                        (Decision::Page { page, wake }, _) => {
+                            let answer = self.page(&page, &fresh, &return_to);
+                            return self.page_then_wake(cx, answer, wake.then(|| fresh.host.clone()));
+                        }
+                        (Decision::Hold { wake }, Some(req)) => {
+                            // boxed: hold proxies in turn
+                            return self.hold(cx, req, fresh, wake, info).boxed_local().await;
+                        }
+                        _ => {}
                     }
                 }
                 self.fail(&error)

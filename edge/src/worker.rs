@@ -198,8 +198,8 @@ impl Platform for Workers {
         _cx: &Context,
         req: WorkerRequest,
         to: Forward<'_>,
-    ) -> std::result::Result<Response, Failed> {
-        let fail = |error: EdgeError| Failed { error, return_to: req.path_and_query.clone() };
+    ) -> std::result::Result<Response, Failed<WorkerRequest>> {
+        let fail = |error: EdgeError| Failed { error, return_to: req.path_and_query.clone(), unsent: None };
         let Some(origin) = to.route.origin.as_ref() else {
             return Err(fail(EdgeError::Origin("the route names no valid origin".into())));
         };
@@ -225,7 +225,18 @@ impl Platform for Workers {
         };
         edit().map_err(|e| fail(EdgeError::Origin(js_error(e))))?;
         // a WebSocket upgrade is the origin's 101 with its socket: returned as it is
-        Fetch::Request(out.into()).send().await.map_err(|e| fail(EdgeError::Origin(e.to_string())))
+        match Fetch::Request(out.into()).send().await {
+            Ok(resp) => Ok(resp),
+            Err(e) => {
+                let error = EdgeError::Origin(e.to_string());
+                // a request without a body is left whole by `new Request(url, request)`,
+                // so the pipeline may still hold it while the preview wakes (the pipeline
+                // refuses GET and HEAD bodies before this); a body stream went to fetch
+                let bodiless = req.method == "GET" || req.method == "HEAD";
+                let return_to = req.path_and_query.clone();
+                Err(Failed { error, return_to, unsent: bodiless.then_some(req) })
+            }
+        }
     }
 
     fn respond(&self, answer: Answer) -> Response {

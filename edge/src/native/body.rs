@@ -21,6 +21,11 @@ pub struct ClientBody {
 }
 
 impl ClientBody {
+    /// The body it wraps (for a request handed back unsent).
+    pub fn into_inner(self) -> Incoming {
+        self.inner
+    }
+
     pub fn watch(inner: Incoming) -> (ClientBody, Arc<AtomicBool>) {
         let broken = Arc::new(AtomicBool::new(false));
         (ClientBody { inner, broken: broken.clone() }, broken)

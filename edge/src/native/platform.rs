@@ -264,7 +264,7 @@ impl Platform for Native {
         let resp = tokio::time::timeout(WAKER_TIMEOUT, self.pool.send(&w.scheme, &w.authority, req))
             .await
             .map_err(|_| EdgeError::Waker("timed out".into()))?
-            .map_err(|e| EdgeError::Waker(e.to_string()))?;
+            .map_err(|e| EdgeError::Waker(e.error.to_string()))?;
         let status = resp.status().as_u16();
         let bytes = Limited::new(resp.into_body(), wakegate_core::route::MAX_API_BODY)
             .collect()
@@ -282,10 +282,16 @@ impl Platform for Native {
         }
     }
 
-    async fn forward(&self, cx: &ConnInfo, req: Request<Incoming>, to: Forward<'_>) -> Result<Self::Response, Failed> {
+    async fn forward(
+        &self,
+        cx: &ConnInfo,
+        req: Request<Incoming>,
+        to: Forward<'_>,
+    ) -> Result<Self::Response, Failed<Request<Incoming>>> {
         let (mut parts, body) = req.into_parts();
         let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let fail = |error: EdgeError, pq: &PathAndQuery| Failed { error, return_to: pq.as_str().to_string() };
+        let fail =
+            |error: EdgeError, pq: &PathAndQuery| Failed { error, return_to: pq.as_str().to_string(), unsent: None };
         let Some(origin) = to.route.origin.as_ref() else {
             return Err(fail(EdgeError::Origin("the route names no valid origin".into()), &pq));
         };
@@ -316,8 +322,20 @@ impl Platform for Native {
         *out.headers_mut() = headers;
         match self.pool.send(&origin.scheme, &origin.authority, out).await {
             Ok(resp) => Ok(self.finish(resp, &to, client_upgrade)),
-            Err(e) if broken.load(Ordering::Relaxed) => Err(fail(EdgeError::ClientBody(e.to_string()), &pq)),
-            Err(e) => Err(fail(EdgeError::Origin(e.to_string()), &pq)),
+            Err(e) if broken.load(Ordering::Relaxed) => Err(fail(EdgeError::ClientBody(e.error.to_string()), &pq)),
+            Err(e) => {
+                // a request that never left can be held and sent again (the edge's own
+                // headers are set afresh then); not an upgrade, whose handle is taken,
+                // nor a trusted proxy's, whose X-Forwarded-For would grow twice
+                let unsent = e.unsent.filter(|_| client_upgrade.is_none() && !cx.trusted).and_then(|r| {
+                    let (parts, body) = r.into_parts();
+                    match body {
+                        OutBody::Client(b) => Some(Request::from_parts(parts, b.into_inner())),
+                        OutBody::Full(_) => None,
+                    }
+                });
+                Err(Failed { unsent, ..fail(EdgeError::Origin(e.error.to_string()), &pq) })
+            }
         }
     }
 

@@ -53,6 +53,18 @@ impl std::fmt::Display for PoolError {
     }
 }
 
+/// A failed send, with the request when none of it was written.
+pub struct SendError {
+    pub error: PoolError,
+    pub unsent: Option<Request<OutBody>>,
+}
+
+impl std::fmt::Debug for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendError").field("error", &self.error).field("unsent", &self.unsent.is_some()).finish()
+    }
+}
+
 struct Idle {
     tx: SendRequest<OutBody>,
     since: Instant,
@@ -100,30 +112,41 @@ impl Pool {
 
     /// Sends `req` (origin-form URI, `Host` set by the caller) to `scheme://authority`.
     /// The response body gives the connection back when it has been read to the end; an
-    /// upgraded (101) connection is the caller's.
+    /// upgraded (101) connection is the caller's. A failure hands the request back when
+    /// none of it was written.
     pub async fn send(
         self: &Rc<Self>,
         scheme: &Scheme,
         authority: &Authority,
         mut req: Request<OutBody>,
-    ) -> Result<Response<PooledBody>, PoolError> {
+    ) -> Result<Response<PooledBody>, SendError> {
         if scheme != &Scheme::HTTP {
-            return Err(PoolError::Scheme);
+            return Err(SendError { error: PoolError::Scheme, unsent: Some(req) });
         }
         // a pooled connection first; if it turns out closed before the request was
         // written, once more on a fresh one
-        if let Some(mut tx) = self.checkout(authority).await? {
-            match tx.try_send_request(req).await {
+        match self.checkout(authority).await {
+            Ok(Some(mut tx)) => match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(self.wrap(authority, tx, resp)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
-                    None => return Err(PoolError::Http(e.into_error())),
+                    None => return Err(SendError { error: PoolError::Http(e.into_error()), unsent: None }),
                 },
+            },
+            Ok(None) => {}
+            Err(error) => return Err(SendError { error, unsent: Some(req) }),
+        }
+        let mut tx = match self.connect(authority).await {
+            Ok(tx) => tx,
+            Err(error) => return Err(SendError { error, unsent: Some(req) }),
+        };
+        match tx.try_send_request(req).await {
+            Ok(resp) => Ok(self.wrap(authority, tx, resp)),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                Err(SendError { error: PoolError::Http(e.into_error()), unsent })
             }
         }
-        let mut tx = self.connect(authority).await?;
-        let resp = tx.send_request(req).await.map_err(PoolError::Http)?;
-        Ok(self.wrap(authority, tx, resp))
     }
 
     /// An idle connection to `authority`, one handed over while waiting, or `None`: the
@@ -434,10 +457,12 @@ mod tests {
         local(async {
             let pool = Pool::new(Duration::from_millis(500), Duration::from_secs(60), 8);
             let at: Authority = "127.0.0.1:9".parse().unwrap();
-            assert!(matches!(pool.send(&Scheme::HTTPS, &at, get(&at)).await, Err(PoolError::Scheme)));
-            // nothing listens on the discard port on loopback
+            let err = pool.send(&Scheme::HTTPS, &at, get(&at)).await.err().unwrap();
+            assert!(matches!(err.error, PoolError::Scheme) && err.unsent.is_some());
+            // nothing listens on the discard port on loopback: the request comes back
             let err = pool.send(&Scheme::HTTP, &at, get(&at)).await.err().unwrap();
-            assert!(matches!(err, PoolError::Connect(_)), "{err}");
+            assert!(matches!(err.error, PoolError::Connect(_)), "{}", err.error);
+            assert_eq!(err.unsent.expect("never written").uri(), "/x");
         })
     }
 }
