@@ -363,3 +363,54 @@ async fn the_cli_manages_orgs_domains_and_bases() {
     assert!(ok && out.contains("\"acme\"") && out.contains("\"default\""), "{out}");
     w.stop().await;
 }
+
+/// With `WAKEGATE_CLOUDFLARE_WILDCARD`, a base is one `*.<base>` custom hostname however
+/// many previews answer under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wildcard_custom_hostname_covers_a_base() {
+    use wakegate_testkit::cloudflare::{CloudflareState, FakeCloudflare};
+    let dns = DnsServer::start(&["acme.com"]).await;
+    let mut state = CloudflareState::new();
+    state.wildcards = true;
+    state.activate_after = Some(0);
+    let cf = FakeCloudflare::start(state, wakegate_testkit::hetzner::wall_ms).await;
+    let (zone, token) = cf.with(|s| (s.zone.clone(), s.token.clone()));
+    let (servers, api) = (dns.addr.to_string(), cf.url());
+    let w = World::start_with(
+        &[
+            ("WAKEGATE_DNS_SERVERS", servers.as_str()),
+            ("WAKEGATE_CLOUDFLARE_API", api.as_str()),
+            ("WAKEGATE_CLOUDFLARE_ZONE_ID", zone.as_str()),
+            ("WAKEGATE_CLOUDFLARE_API_TOKEN", token.as_str()),
+            ("WAKEGATE_CLOUDFLARE_WILDCARD", "true"),
+            ("WAKEGATE_SAAS_SECS", "0.2"),
+        ],
+        600,
+    )
+    .await;
+    verified(&w, &dns, "acme", "acme.com").await;
+    let (s, v) = op(&w, "POST", "/v1/orgs/acme/bases", json!({ "base": "previews.acme.com" })).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) =
+        op(&w, "POST", "/v1/projects", json!({ "name": "shop", "git_url": w.repo.url(), "org": "acme" })).await;
+    assert_eq!(s, 201, "{v}");
+    let mut ids = Vec::new();
+    for r in ["main", "feature/blue"] {
+        let (s, p) = op(&w, "POST", "/v1/projects/shop/previews", json!({ "ref": r })).await;
+        assert_eq!(s, 201, "{p}");
+        ids.push(p["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        wakegate_testkit::eventually(Duration::from_secs(30), "covered by the live wildcard", || async {
+            let p = w.show(id).await;
+            let h = p["custom_hostnames"].get(0).cloned()?;
+            (h["hostname"] == "*.previews.acme.com" && h["live"] == true).then_some(())
+        })
+        .await;
+    }
+    cf.with(|s| {
+        assert_eq!(s.hostnames.len(), 1);
+        assert_eq!(s.count("POST", "/custom_hostnames"), 1, "{:?}", s.log);
+    });
+    w.stop().await;
+}

@@ -193,16 +193,35 @@ pub enum Event {
     BuildRequested,
     WakeRequested,
     SleepRequested,
-    EraseRequested { reason: EraseReason },
-    MachineAssigned { machine: MachineId },
-    PhaseReached { phase: Phase },
-    Ready { machine: MachineId, origin: String },
-    BuildFailed { reason: String },
+    EraseRequested {
+        reason: EraseReason,
+    },
+    MachineAssigned {
+        machine: MachineId,
+    },
+    PhaseReached {
+        phase: Phase,
+    },
+    Ready {
+        machine: MachineId,
+        origin: String,
+    },
+    /// A build or start failed. `machine` is the machine the attempt used, if any: a
+    /// failure from a machine the preview no longer builds or wakes on (a rebuild
+    /// restarted it, an erase took it) is stale and changes nothing.
+    BuildFailed {
+        reason: String,
+        #[serde(default)]
+        machine: Option<MachineId>,
+    },
     Stopped,
     MachinesDeleted,
     RefDeleted,
     RefRestored,
-    MachineLost { machine: MachineId, reason: String },
+    MachineLost {
+        machine: MachineId,
+        reason: String,
+    },
 }
 
 /// What a driver must do after persisting the new state.
@@ -403,7 +422,14 @@ pub fn transition(state: &State, event: &Event, _now: crate::Millis) -> Result<T
         }
         (_, E::Ready { machine, .. }) => stale(state, Some(machine)),
 
-        (S::Building { phase, machine, serving }, E::BuildFailed { reason }) => {
+        // a failure reported by another machine than the one this build or wake is on
+        (S::Building { machine: current, .. }, E::BuildFailed { machine: Some(m), .. })
+            if current.as_ref() != Some(m) =>
+        {
+            stale(state, None)
+        }
+        (S::Waking { machine: current }, E::BuildFailed { machine: Some(m), .. }) if current != m => stale(state, None),
+        (S::Building { phase, machine, serving }, E::BuildFailed { reason, .. }) => {
             let effects: Vec<Effect> = machine.iter().map(delete).collect();
             match serving {
                 Some(s) => {
@@ -414,7 +440,7 @@ pub fn transition(state: &State, event: &Event, _now: crate::Millis) -> Result<T
                 None => to(S::Failed { phase: *phase, reason: reason.clone() }, effects),
             }
         }
-        (S::Waking { machine }, E::BuildFailed { reason }) => {
+        (S::Waking { machine }, E::BuildFailed { reason, .. }) => {
             to(S::Failed { phase: Phase::Start, reason: reason.clone() }, vec![delete(machine)])
         }
         (_, E::BuildFailed { .. }) => stale(state, None),
@@ -491,7 +517,7 @@ mod tests {
             Event::MachineAssigned { machine: m("n") },
             Event::PhaseReached { phase: Phase::Health },
             Event::Ready { machine: m("a"), origin: "http://127.0.0.1:2".into() },
-            Event::BuildFailed { reason: "boom".into() },
+            Event::BuildFailed { reason: "boom".into(), machine: None },
             Event::Stopped,
             Event::MachinesDeleted,
             Event::RefDeleted,
@@ -514,6 +540,24 @@ mod tests {
     /// Every state × event pair. Rows: states in `sample_states` order; columns: build,
     /// wake, sleep, erase, assigned, phase, ready(a), failed, stopped, deleted,
     /// ref-deleted, ref-restored, lost(a).
+    #[test]
+    fn a_failure_from_a_superseded_machine_changes_nothing() {
+        let failed = |m: &str| Event::BuildFailed { reason: "app exited (SIGTERM)".into(), machine: Some(m.into()) };
+        // a rebuild restarted the build (no machine yet): the old build's failure is stale
+        let restarted = State::Building { phase: Phase::Queued, machine: None, serving: None };
+        let t = transition(&restarted, &failed("old"), 0).unwrap();
+        assert!(t.stale && t.state == restarted && t.effects.is_empty());
+        // on another machine now: stale too
+        let other = State::Building { phase: Phase::Build, machine: Some(m("new")), serving: None };
+        assert!(transition(&other, &failed("old"), 0).unwrap().stale);
+        let waking = State::Waking { machine: m("new") };
+        assert!(transition(&waking, &failed("old"), 0).unwrap().stale);
+        // from the machine it is on: the build fails, and the machine goes
+        let t = transition(&other, &failed("new"), 0).unwrap();
+        assert!(!t.stale && matches!(t.state, State::Failed { phase: Phase::Build, .. }));
+        assert_eq!(t.effects, vec![Effect::DeleteMachine { machine: m("new") }]);
+    }
+
     #[test]
     fn table() {
         let expected: [[&str; 13]; 9] = [
@@ -564,7 +608,7 @@ mod tests {
         assert_eq!(t.effects, vec![Effect::Schedule { job: JobKind::Build }]);
         let t = transition(&t.state, &Event::MachineAssigned { machine: m("new") }, 0).unwrap();
         assert_eq!(t.state.origin(), Some("o1"));
-        let failed = transition(&t.state, &Event::BuildFailed { reason: "x".into() }, 0).unwrap();
+        let failed = transition(&t.state, &Event::BuildFailed { reason: "x".into(), machine: None }, 0).unwrap();
         assert_eq!(failed.state, running);
         assert!(failed.effects.contains(&Effect::DeleteMachine { machine: m("new") }));
         let ok = transition(&t.state, &Event::Ready { machine: m("new"), origin: "o2".into() }, 0).unwrap();
@@ -604,7 +648,8 @@ mod tests {
             proptest::sample::select(Phase::ALL.to_vec()).prop_map(|phase| Event::PhaseReached { phase }),
             (arb_machine(), "[a-z]{1,4}")
                 .prop_map(|(machine, o)| Event::Ready { machine, origin: format!("http://{o}") }),
-            Just(Event::BuildFailed { reason: "r".into() }),
+            Just(Event::BuildFailed { reason: "r".into(), machine: None }),
+            arb_machine().prop_map(|m| Event::BuildFailed { reason: "r".into(), machine: Some(m) }),
             Just(Event::Stopped),
             Just(Event::MachinesDeleted),
             Just(Event::RefDeleted),

@@ -288,7 +288,10 @@ impl AgentApi {
                 };
                 Event::Ready { machine: machine.to_string(), origin: format!("http://{host}:{port}") }
             }
-            Report::Failed(phase, reason) => Event::BuildFailed { reason: format!("{}: {reason}", phase.label()) },
+            Report::Failed(phase, reason) => Event::BuildFailed {
+                reason: format!("{}: {reason}", phase.label()),
+                machine: Some(machine.to_string()),
+            },
             Report::Exited(reason) => Event::MachineLost { machine: machine.to_string(), reason },
         };
         match apply(self.store.as_ref(), &preview.id, &event, now_ms()).await {

@@ -189,7 +189,7 @@ impl Provisioner {
                         machine: machine.clone(),
                         reason: "the machine disappeared while asleep".into(),
                     },
-                    Err(e) => Event::BuildFailed { reason: e.to_string() },
+                    Err(e) => Event::BuildFailed { reason: e.to_string(), machine: Some(machine.clone()) },
                 };
                 self.event(id, event).await.map(|_| ())
             }
@@ -218,7 +218,7 @@ impl Provisioner {
         let id = preview.id.as_str();
         let Some(project) = self.store.get_project(&preview.project_id).await? else {
             return self
-                .event(id, Event::BuildFailed { reason: "the project no longer exists".into() })
+                .event(id, Event::BuildFailed { reason: "the project no longer exists".into(), machine: None })
                 .await
                 .map(|_| ());
         };
@@ -228,7 +228,10 @@ impl Provisioner {
             _ => {
                 let machine = match self.cloud.create(preview, &project).await {
                     Ok(m) => m,
-                    Err(e) => return self.event(id, Event::BuildFailed { reason: e.to_string() }).await.map(|_| ()),
+                    Err(e) => {
+                        let failed = Event::BuildFailed { reason: e.to_string(), machine: None };
+                        return self.event(id, failed).await.map(|_| ());
+                    }
                 };
                 info!(%machine, "machine assigned");
                 let assigned = self.event(id, Event::MachineAssigned { machine: machine.clone() }).await?;
@@ -253,7 +256,8 @@ impl Provisioner {
         let event = match self.cloud.deploy(&machine, &spec, &StoreProgress { p: self, preview: id }).await {
             Ok(Outcome::Ready(origin)) => Event::Ready { machine, origin },
             Ok(Outcome::Reported) => return Ok(()),
-            Err(e) => Event::BuildFailed { reason: e.to_string() },
+            // tied to the machine: if a rebuild or an erase has moved on, it is stale
+            Err(e) => Event::BuildFailed { reason: e.to_string(), machine: Some(machine) },
         };
         self.event(id, event).await.map(|_| ())
     }
