@@ -201,7 +201,8 @@ pub async fn list_previews(State(w): State<Arc<Waker>>) -> Result<Json<Vec<Previ
     let previews = w.store.list_previews().await?;
     let projects: HashMap<String, Project> =
         w.store.list_projects().await?.into_iter().map(|p| (p.id.clone(), p)).collect();
-    Ok(Json(previews.iter().filter_map(|p| projects.get(&p.value.project_id).map(|pr| w.view(p, pr))).collect()))
+    let views = previews.iter().filter_map(|p| projects.get(&p.value.project_id).map(|pr| w.view(p, pr))).collect();
+    Ok(Json(w.with_saas_statuses(views).await))
 }
 
 /// One preview.

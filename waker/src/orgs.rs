@@ -704,11 +704,23 @@ pub async fn recheck_all(w: &Waker) {
 }
 
 /// Runs [`recheck_all`] every `recheck_every`, for as long as the task lives.
+/// With several waker replicas, one of them does each pass (a budget of one pass per
+/// interval in the store); if it dies, another takes the next.
 pub async fn recheck_loop(w: Arc<Waker>) {
     loop {
         tokio::time::sleep(w.orgs.recheck_every).await;
-        recheck_all(&w).await;
+        if my_turn(&w, "orgs:recheck", w.orgs.recheck_every).await {
+            recheck_all(&w).await;
+        }
     }
+}
+
+/// Whether this replica takes this interval's pass of `what`. A store that cannot be
+/// asked says yes: a pass twice is safe, a pass skipped is not.
+pub(crate) async fn my_turn(w: &Waker, what: &str, every: Duration) -> bool {
+    // a little under the interval, so the replica on time keeps its turn
+    let window = every.mul_f64(0.9).max(Duration::from_millis(1));
+    w.store.rate_limit(what, 1, window, now_ms()).await.unwrap_or(true)
 }
 
 // ---------- custom names ----------

@@ -394,9 +394,12 @@ pub async fn sync(w: &Waker, client: &Client) {
 }
 
 /// Runs [`sync`] every `config.every`, for as long as the task lives.
+/// With several waker replicas, one of them does each pass.
 pub async fn sync_loop(w: std::sync::Arc<Waker>, client: Client) {
     loop {
-        sync(&w, &client).await;
+        if crate::orgs::my_turn(&w, "saas:sync", client.config.every).await {
+            sync(&w, &client).await;
+        }
         tokio::time::sleep(client.config.every).await;
     }
 }
