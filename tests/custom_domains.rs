@@ -202,27 +202,26 @@ async fn an_org_proves_its_domain_and_its_previews_answer_under_its_base() {
     w.stop().await;
 }
 
-/// Each custom name becomes one Cloudflare for SaaS custom hostname (created once,
-/// through 429s; deleted once when the name goes); the preview's view shows what
-/// Cloudflare says, and a name goes live when the fake turns it active.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn custom_names_are_cloudflare_custom_hostnames_until_they_go() {
-    use wakegate_testkit::cloudflare::{CloudflareState, FakeCloudflare};
+/// Org `acme` with `previews.acme.com` (proven through a DNS server on loopback) and its
+/// project `shop`, on a waker that registers names with the fake Cloudflare `state`
+/// serves (`extra`: more settings).
+async fn cloudflare_world(
+    state: wakegate_testkit::cloudflare::CloudflareState,
+    extra: &[(&str, &str)],
+) -> (World, DnsServer, wakegate_testkit::cloudflare::FakeCloudflare) {
     let dns = DnsServer::start(&["acme.com"]).await;
-    let cf = FakeCloudflare::start(CloudflareState::new(), wakegate_testkit::hetzner::wall_ms).await;
+    let cf = wakegate_testkit::cloudflare::FakeCloudflare::start(state, wakegate_testkit::hetzner::wall_ms).await;
     let (zone, token) = cf.with(|s| (s.zone.clone(), s.token.clone()));
     let (servers, api) = (dns.addr.to_string(), cf.url());
-    let w = World::start_with(
-        &[
-            ("WAKEGATE_DNS_SERVERS", servers.as_str()),
-            ("WAKEGATE_CLOUDFLARE_API", api.as_str()),
-            ("WAKEGATE_CLOUDFLARE_ZONE_ID", zone.as_str()),
-            ("WAKEGATE_CLOUDFLARE_API_TOKEN", token.as_str()),
-            ("WAKEGATE_SAAS_SECS", "0.2"),
-        ],
-        600,
-    )
-    .await;
+    let mut settings = vec![
+        ("WAKEGATE_DNS_SERVERS", servers.as_str()),
+        ("WAKEGATE_CLOUDFLARE_API", api.as_str()),
+        ("WAKEGATE_CLOUDFLARE_ZONE_ID", zone.as_str()),
+        ("WAKEGATE_CLOUDFLARE_API_TOKEN", token.as_str()),
+        ("WAKEGATE_SAAS_SECS", "0.2"),
+    ];
+    settings.extend_from_slice(extra);
+    let w = World::start_with(&settings, 600).await;
     verified(&w, &dns, "acme", "acme.com").await;
     let (s, v) = op(&w, "POST", "/v1/orgs/acme/bases", json!({ "base": "previews.acme.com" })).await;
     assert_eq!(s, 201, "{v}");
@@ -234,6 +233,16 @@ async fn custom_names_are_cloudflare_custom_hostnames_until_they_go() {
     )
     .await;
     assert_eq!(s, 201, "{v}");
+    (w, dns, cf)
+}
+
+/// Each custom name becomes one Cloudflare for SaaS custom hostname (created once,
+/// through 429s; deleted once when the name goes); the preview's view shows what
+/// Cloudflare says, and a name goes live when the fake turns it active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn custom_names_are_cloudflare_custom_hostnames_until_they_go() {
+    use wakegate_testkit::cloudflare::CloudflareState;
+    let (w, _dns, cf) = cloudflare_world(CloudflareState::new(), &[]).await;
     // Cloudflare rate-limits the first requests: waited out, not lost
     cf.with(|s| s.limit_next = 2);
     let mut ids = Vec::new();
@@ -368,32 +377,11 @@ async fn the_cli_manages_orgs_domains_and_bases() {
 /// many previews answer under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wildcard_custom_hostname_covers_a_base() {
-    use wakegate_testkit::cloudflare::{CloudflareState, FakeCloudflare};
-    let dns = DnsServer::start(&["acme.com"]).await;
+    use wakegate_testkit::cloudflare::CloudflareState;
     let mut state = CloudflareState::new();
     state.wildcards = true;
     state.activate_after = Some(0);
-    let cf = FakeCloudflare::start(state, wakegate_testkit::hetzner::wall_ms).await;
-    let (zone, token) = cf.with(|s| (s.zone.clone(), s.token.clone()));
-    let (servers, api) = (dns.addr.to_string(), cf.url());
-    let w = World::start_with(
-        &[
-            ("WAKEGATE_DNS_SERVERS", servers.as_str()),
-            ("WAKEGATE_CLOUDFLARE_API", api.as_str()),
-            ("WAKEGATE_CLOUDFLARE_ZONE_ID", zone.as_str()),
-            ("WAKEGATE_CLOUDFLARE_API_TOKEN", token.as_str()),
-            ("WAKEGATE_CLOUDFLARE_WILDCARD", "true"),
-            ("WAKEGATE_SAAS_SECS", "0.2"),
-        ],
-        600,
-    )
-    .await;
-    verified(&w, &dns, "acme", "acme.com").await;
-    let (s, v) = op(&w, "POST", "/v1/orgs/acme/bases", json!({ "base": "previews.acme.com" })).await;
-    assert_eq!(s, 201, "{v}");
-    let (s, v) =
-        op(&w, "POST", "/v1/projects", json!({ "name": "shop", "git_url": w.repo.url(), "org": "acme" })).await;
-    assert_eq!(s, 201, "{v}");
+    let (w, _dns, cf) = cloudflare_world(state, &[("WAKEGATE_CLOUDFLARE_WILDCARD", "true")]).await;
     let mut ids = Vec::new();
     for r in ["main", "feature/blue"] {
         let (s, p) = op(&w, "POST", "/v1/projects/shop/previews", json!({ "ref": r })).await;

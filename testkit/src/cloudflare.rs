@@ -11,10 +11,7 @@
 //! The test can also move a hostname to `moved` or `blocked`, as Cloudflare does when its
 //! DNS points elsewhere or it is on a block list.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
+use crate::fake_api::Reply;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -249,23 +246,20 @@ pub struct FakeCloudflare {
 
 impl FakeCloudflare {
     pub async fn start(state: CloudflareState, clock: fn() -> u64) -> FakeCloudflare {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(state));
-        let task = {
+        let (addr, task) = {
             let state = state.clone();
-            tokio::spawn(async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else { continue };
-                    let state = state.clone();
-                    tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req| serve(state.clone(), clock, req));
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                            .await;
-                    });
-                }
+            crate::fake_api::serve(move |req| {
+                let mut s = state.lock().unwrap();
+                let (status, headers, body) = if req.authorization.as_deref() != Some(&format!("Bearer {}", s.token)) {
+                    (403, vec![], error(10000, "Authentication error"))
+                } else {
+                    s.handle(clock(), &req.method, &req.path, &req.query, &req.body)
+                };
+                s.log.push(Call { method: req.method, path: req.path, query: req.query, status });
+                std::future::ready(Reply { status, body, headers, hang: false })
             })
+            .await
         };
         FakeCloudflare { addr, state, task }
     }
@@ -284,31 +278,4 @@ impl Drop for FakeCloudflare {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-async fn serve(
-    state: Arc<Mutex<CloudflareState>>,
-    clock: fn() -> u64,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    let method = req.method().as_str().to_string();
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().unwrap_or("").to_string();
-    let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let (status, headers, body) = {
-        let mut s = state.lock().unwrap();
-        let (status, headers, body) = if auth.as_deref() != Some(&format!("Bearer {}", s.token)) {
-            (403, vec![], error(10000, "Authentication error"))
-        } else {
-            s.handle(clock(), &method, &path, &query, &body)
-        };
-        s.log.push(Call { method, path, query, status });
-        (status, headers, body)
-    };
-    let mut resp = Response::builder().status(status).header("content-type", "application/json");
-    for (k, v) in headers {
-        resp = resp.header(k, v);
-    }
-    Ok(resp.body(Full::new(Bytes::from(body.to_string()))).unwrap())
 }

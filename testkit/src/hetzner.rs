@@ -15,16 +15,14 @@
 //! agent in the cloud-config, and runs it with a per-server directory as its disk
 //! (copied into snapshots and back, so hibernation keeps the disk).
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+pub use crate::fake_api::Reply;
 
 /// The largest user data Hetzner accepts.
 pub const MAX_USER_DATA: usize = 32 * 1024;
@@ -202,14 +200,6 @@ impl Call {
     pub fn label_selector(&self) -> Option<String> {
         self.query.split('&').find_map(|kv| kv.strip_prefix("label_selector=")).and_then(decode)
     }
-}
-
-pub struct Reply {
-    pub status: u16,
-    pub body: Value,
-    pub headers: Vec<(&'static str, String)>,
-    /// The request was carried out but the client never hears back (an injected crash).
-    pub hang: bool,
 }
 
 fn err(status: u16, code: &str, message: &str) -> (u16, Value) {
@@ -977,8 +967,6 @@ impl FakeHetzner {
     /// follows tokio's paused clock. Actions end, and the player hears of it, exactly at
     /// their deadlines.
     pub async fn start_with(state: HetznerState, player: Arc<dyn VmPlayer>, clock: fn() -> u64) -> FakeHetzner {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let token = "fake-hcloud-token-0123456789".to_string();
         let state = Arc::new(Mutex::new(state));
         state.lock().unwrap().rate_at = clock();
@@ -1004,25 +992,20 @@ impl FakeHetzner {
                 }
             })
         };
-        let task = {
-            let (state, changed) = (state.clone(), changed.clone());
-            let token = token.clone();
-            tokio::spawn(async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else { continue };
-                    let state = state.clone();
-                    let token = token.clone();
-                    let changed = changed.clone();
-                    tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req| {
-                            serve(state.clone(), token.clone(), changed.clone(), clock, req)
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                            .await;
-                    });
-                }
+        let (addr, task) = {
+            let (state, changed, token) = (state.clone(), changed.clone(), token.clone());
+            crate::fake_api::serve(move |req| {
+                let reply = if req.authorization.as_deref() != Some(&format!("Bearer {token}")) {
+                    let (status, body) = err(401, "unauthorized", "unable to authenticate");
+                    Reply { status, body, headers: vec![], hang: false }
+                } else {
+                    let reply = state.lock().unwrap().handle(clock(), &req.method, &req.path, &req.query, &req.body);
+                    changed.notify_one();
+                    reply
+                };
+                std::future::ready(reply)
             })
+            .await
         };
         FakeHetzner { addr, token, state, changed, task, ticker }
     }
@@ -1044,37 +1027,6 @@ impl Drop for FakeHetzner {
         self.task.abort();
         self.ticker.abort();
     }
-}
-
-async fn serve(
-    state: Arc<Mutex<HetznerState>>,
-    token: String,
-    changed: Arc<tokio::sync::Notify>,
-    clock: fn() -> u64,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    let method = req.method().as_str().to_string();
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().unwrap_or("").to_string();
-    let authed = req.headers().get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {token}"));
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let reply = if !authed {
-        let (status, body) = err(401, "unauthorized", "unable to authenticate");
-        Reply { status, body, headers: vec![], hang: false }
-    } else {
-        let reply = state.lock().unwrap().handle(clock(), &method, &path, &query, &body);
-        changed.notify_one();
-        reply
-    };
-    if reply.hang {
-        std::future::pending::<()>().await;
-    }
-    let mut resp = Response::builder().status(reply.status).header("content-type", "application/json");
-    for (k, v) in reply.headers {
-        resp = resp.header(k, v);
-    }
-    let body = if reply.status == 204 { Bytes::new() } else { Bytes::from(reply.body.to_string()) };
-    Ok(resp.body(Full::new(body)).unwrap())
 }
 
 /// Runs the Wakegate agent a server's cloud-config installs, as that server: its disk

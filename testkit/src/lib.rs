@@ -13,6 +13,7 @@
 pub mod browser;
 pub mod cloudflare;
 pub mod dns;
+pub mod fake_api;
 pub mod git;
 pub mod hetzner;
 pub mod http;

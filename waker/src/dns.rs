@@ -32,9 +32,12 @@ pub trait TxtResolver: Send + Sync + 'static {
     async fn txt(&self, name: &str) -> Lookup;
 }
 
-/// hickory's resolver, uncached.
+/// hickory's resolver, uncached, made on first use (a waker whose settings replace the
+/// default one never reads `/etc/resolv.conf` for nothing).
 pub struct HickoryTxt {
-    resolver: Result<TokioResolver, String>,
+    /// `None`: the system's resolvers.
+    servers: Option<Vec<SocketAddr>>,
+    resolver: std::sync::OnceLock<Result<TokioResolver, String>>,
 }
 
 /// Longest one attempt at one server may take.
@@ -44,32 +47,38 @@ impl HickoryTxt {
     /// The system's resolvers (a broken `/etc/resolv.conf` makes every lookup fail with
     /// the reason, rather than the waker refusing to start).
     pub fn system() -> HickoryTxt {
-        let resolver = Resolver::builder_tokio().map_err(|e| format!("system resolver: {e}")).and_then(|mut b| {
-            uncached(b.options_mut());
-            b.build().map_err(|e| format!("system resolver: {e}"))
-        });
-        HickoryTxt { resolver }
+        HickoryTxt { servers: None, resolver: std::sync::OnceLock::new() }
     }
 
     /// Only these servers, over UDP and TCP.
     pub fn with_servers(servers: &[SocketAddr]) -> HickoryTxt {
-        let name_servers = servers
-            .iter()
-            .map(|a| {
-                let mut ns = NameServerConfig::udp_and_tcp(a.ip());
-                for c in &mut ns.connections {
-                    c.port = a.port();
-                }
-                ns
-            })
-            .collect();
-        let mut b = Resolver::builder_with_config(
-            ResolverConfig::from_name_servers(name_servers),
-            TokioRuntimeProvider::default(),
-        );
-        uncached(b.options_mut());
-        b.options_mut().use_hosts_file = ResolveHosts::Never;
-        HickoryTxt { resolver: b.build().map_err(|e| format!("resolver: {e}")) }
+        HickoryTxt { servers: Some(servers.to_vec()), resolver: std::sync::OnceLock::new() }
+    }
+
+    fn resolver(&self) -> &Result<TokioResolver, String> {
+        self.resolver.get_or_init(|| match &self.servers {
+            None => Resolver::builder_tokio().map_err(|e| format!("system resolver: {e}")).and_then(|mut b| {
+                uncached(b.options_mut());
+                b.build().map_err(|e| format!("system resolver: {e}"))
+            }),
+            Some(servers) => {
+                let name_servers = servers
+                    .iter()
+                    .map(|a| {
+                        let mut ns = NameServerConfig::udp_and_tcp(a.ip());
+                        for c in &mut ns.connections {
+                            c.port = a.port();
+                        }
+                        ns
+                    })
+                    .collect();
+                let config = ResolverConfig::from_name_servers(name_servers);
+                let mut b = Resolver::builder_with_config(config, TokioRuntimeProvider::default());
+                uncached(b.options_mut());
+                b.options_mut().use_hosts_file = ResolveHosts::Never;
+                b.build().map_err(|e| format!("resolver: {e}"))
+            }
+        })
     }
 }
 
@@ -84,7 +93,7 @@ fn uncached(o: &mut hickory_resolver::config::ResolverOpts) {
 #[async_trait]
 impl TxtResolver for HickoryTxt {
     async fn txt(&self, name: &str) -> Lookup {
-        let resolver = match &self.resolver {
+        let resolver = match self.resolver() {
             Ok(r) => r,
             Err(e) => return Lookup::Failed(e.clone()),
         };

@@ -191,7 +191,9 @@ pub async fn create_preview(
     w.store.enqueue(&id, JobKind::Build).await?;
     info!(preview = %id, %host, "preview created");
     let current = w.store.get_preview(&id).await?.unwrap_or(Versioned { version, value: preview });
-    Ok((StatusCode::CREATED, Json(w.with_saas_status(w.view(&current, &project)).await)))
+    let mut view = w.view(&current, &project);
+    w.with_saas_status(std::slice::from_mut(&mut view)).await;
+    Ok((StatusCode::CREATED, Json(view)))
 }
 
 /// Every preview, with TTL remaining.
@@ -201,8 +203,10 @@ pub async fn list_previews(State(w): State<Arc<Waker>>) -> Result<Json<Vec<Previ
     let previews = w.store.list_previews().await?;
     let projects: HashMap<String, Project> =
         w.store.list_projects().await?.into_iter().map(|p| (p.id.clone(), p)).collect();
-    let views = previews.iter().filter_map(|p| projects.get(&p.value.project_id).map(|pr| w.view(p, pr))).collect();
-    Ok(Json(w.with_saas_statuses(views).await))
+    let mut views: Vec<PreviewView> =
+        previews.iter().filter_map(|p| projects.get(&p.value.project_id).map(|pr| w.view(p, pr))).collect();
+    w.with_saas_status(&mut views).await;
+    Ok(Json(views))
 }
 
 /// One preview.
@@ -213,7 +217,9 @@ pub async fn list_previews(State(w): State<Arc<Waker>>) -> Result<Json<Vec<Previ
         (status = 503, body = ErrorBody)))]
 pub async fn show(State(w): State<Arc<Waker>>, Path(id): Path<String>) -> Result<Json<PreviewView>, ApiError> {
     let (p, project) = w.load(&id).await?;
-    Ok(Json(w.with_saas_status(w.view(&p, &project)).await))
+    let mut view = w.view(&p, &project);
+    w.with_saas_status(std::slice::from_mut(&mut view)).await;
+    Ok(Json(view))
 }
 
 /// Custom hostnames on Cloudflare for SaaS: how many are in use (the plan includes

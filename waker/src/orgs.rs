@@ -23,7 +23,7 @@
 //! verified domains and bases are claimed in their own tables.
 
 use crate::dns::{Lookup, TxtResolver};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::model::Body;
 use crate::names::{self, is_strictly_under, is_within, NameError};
 use crate::waker::{now_ms, Waker};
@@ -68,7 +68,7 @@ pub struct OrgSettings {
     pub recheck_every: Duration,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Org {
     pub id: String,
     /// 1–40 characters of a-z, 0-9 and inner '-'; unique.
@@ -196,57 +196,50 @@ impl Waker {
             id: org.id.clone(),
             name: org.name.clone(),
             created_at: org.created_at,
-            domains: org
-                .domains
-                .iter()
-                .map(|d| DomainView {
-                    name: d.name.clone(),
-                    status: d.status,
-                    added_at: d.added_at,
-                    verified_at: d.verified_at,
-                    checked_at: d.checked_at,
-                    missing_since: d.missing_since,
-                    last_check: d.last_check.clone(),
-                    challenge: DnsRecord {
-                        name: challenge_name(&d.name),
-                        kind: "TXT".into(),
-                        value: challenge_value(&d.token),
-                    },
-                })
-                .collect(),
-            bases: org
-                .bases
-                .iter()
-                .map(|b| BaseView {
-                    name: b.name.clone(),
-                    domain: b.domain.clone(),
-                    added_at: b.added_at,
-                    dns: DnsRecord {
-                        name: format!("*.{}", b.name),
-                        kind: "CNAME".into(),
-                        value: self.orgs.custom_host_target.clone(),
-                    },
-                    suspended: org.base_suspended(b),
-                })
-                .collect(),
+            domains: org.domains.iter().map(domain_view).collect(),
+            bases: org.bases.iter().map(|b| self.base_view(org, b)).collect(),
         }
+    }
+
+    fn base_view(&self, org: &Org, b: &Base) -> BaseView {
+        BaseView {
+            name: b.name.clone(),
+            domain: b.domain.clone(),
+            added_at: b.added_at,
+            dns: DnsRecord {
+                name: format!("*.{}", b.name),
+                kind: "CNAME".into(),
+                value: self.orgs.custom_host_target.clone(),
+            },
+            suspended: org.base_suspended(b),
+        }
+    }
+
+    /// The view of the org's base `name`; 404 if another call removed it meanwhile.
+    fn base_view_of(&self, org: &Org, name: &str) -> Result<BaseView, ApiError> {
+        let b = org.bases.iter().find(|b| b.name == name);
+        b.map(|b| self.base_view(org, b))
+            .ok_or_else(|| ApiError::NotFound(format!("{name} is not one of {}'s bases", org.name)))
     }
 
     /// An org by id (the default org is made on first use).
     pub(crate) async fn org(&self, id: &str) -> Result<Option<Org>, ApiError> {
-        if id == DEFAULT_ORG_ID {
-            self.default_org().await?;
+        match read_org(self, id).await? {
+            None if id == DEFAULT_ORG_ID => {
+                self.default_org().await?;
+                read_org(self, id).await
+            }
+            found => Ok(found),
         }
-        read_org(self, id).await
     }
 
     pub(crate) async fn org_by_name(&self, name: &str) -> Result<Org, ApiError> {
-        if name == "default" {
-            self.default_org().await?;
-        }
-        let id = self.store.table_get(ORG_NAMES, name).await?;
+        let id = match self.store.table_get(ORG_NAMES, name).await? {
+            None if name == "default" => Some(DEFAULT_ORG_ID.to_string()),
+            id => id,
+        };
         let org = match id {
-            Some(id) => read_org(self, &id).await?,
+            Some(id) => self.org(&id).await?,
             None => None,
         };
         org.ok_or_else(|| ApiError::NotFound(format!("no org {name}")))
@@ -256,7 +249,7 @@ impl Waker {
         if self.store.table_get(ORGS, DEFAULT_ORG_ID).await?.is_some() {
             return Ok(());
         }
-        let org = Org { id: DEFAULT_ORG_ID.into(), name: "default".into(), created_at: now_ms(), ..Org::empty() };
+        let org = Org { id: DEFAULT_ORG_ID.into(), name: "default".into(), created_at: now_ms(), ..Org::default() };
         create_org(self, org).await.map(|_| ()).or_else(|e| match e {
             ApiError::Conflict(_) => Ok(()),
             e => Err(e),
@@ -284,10 +277,24 @@ impl Waker {
     }
 }
 
-impl Org {
-    fn empty() -> Org {
-        Org { id: String::new(), name: String::new(), created_at: 0, domains: Vec::new(), bases: Vec::new() }
+fn domain_view(d: &Domain) -> DomainView {
+    DomainView {
+        name: d.name.clone(),
+        status: d.status,
+        added_at: d.added_at,
+        verified_at: d.verified_at,
+        checked_at: d.checked_at,
+        missing_since: d.missing_since,
+        last_check: d.last_check.clone(),
+        challenge: DnsRecord { name: challenge_name(&d.name), kind: "TXT".into(), value: challenge_value(&d.token) },
     }
+}
+
+/// The view of the org's domain `name`; 404 if another call removed it meanwhile.
+fn domain_view_of(org: &Org, name: &str) -> Result<DomainView, ApiError> {
+    org.domain(name)
+        .map(domain_view)
+        .ok_or_else(|| ApiError::NotFound(format!("{name} is not one of {}'s domains", org.name)))
 }
 
 fn decode(json: &str) -> Result<Org, ApiError> {
@@ -324,8 +331,8 @@ fn name_error(field: &str, e: NameError) -> ApiError {
 
 /// Every org.
 #[utoipa::path(get, path = "/v1/orgs", tag = "operator", security(("operator_token" = [])),
-    responses((status = 200, body = Vec<OrgView>), (status = 401, body = crate::error::ErrorBody),
-        (status = 503, body = crate::error::ErrorBody)))]
+    responses((status = 200, body = Vec<OrgView>), (status = 401, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn list(State(w): State<Arc<Waker>>) -> Result<Json<Vec<OrgView>>, ApiError> {
     w.default_org().await?;
     let mut orgs = Vec::new();
@@ -338,9 +345,9 @@ pub async fn list(State(w): State<Arc<Waker>>) -> Result<Json<Vec<OrgView>>, Api
 
 /// Creates an org.
 #[utoipa::path(post, path = "/v1/orgs", tag = "operator", request_body = NewOrg, security(("operator_token" = [])),
-    responses((status = 201, body = OrgView), (status = 400, body = crate::error::ErrorBody),
-        (status = 401, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody),
-        (status = 413, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+    responses((status = 201, body = OrgView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn create(
     State(w): State<Arc<Waker>>,
     Body(req): Body<NewOrg>,
@@ -350,7 +357,7 @@ pub async fn create(
         return Err(ApiError::bad("name", "name must be 1–40 characters of a-z, 0-9 and inner '-'"));
     }
     w.default_org().await?;
-    let org = Org { id: wakegate_store::new_id("org-"), name, created_at: now_ms(), ..Org::empty() };
+    let org = Org { id: wakegate_store::new_id("org-"), name, created_at: now_ms(), ..Org::default() };
     let org = create_org(&w, org).await?;
     info!(org = %org.name, "org created");
     Ok((StatusCode::CREATED, Json(w.org_view(&org))))
@@ -359,8 +366,8 @@ pub async fn create(
 /// One org.
 #[utoipa::path(get, path = "/v1/orgs/{org}", tag = "operator", security(("operator_token" = [])),
     params(("org" = String, Path, description = "org name")),
-    responses((status = 200, body = OrgView), (status = 401, body = crate::error::ErrorBody),
-        (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+    responses((status = 200, body = OrgView), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn show(State(w): State<Arc<Waker>>, Path(org): Path<String>) -> Result<Json<OrgView>, ApiError> {
     Ok(Json(w.org_view(&w.org_by_name(&org).await?)))
 }
@@ -369,9 +376,9 @@ pub async fn show(State(w): State<Arc<Waker>>, Path(org): Path<String>) -> Resul
 #[utoipa::path(post, path = "/v1/orgs/{org}/domains", tag = "operator", request_body = NewDomain,
     security(("operator_token" = [])), params(("org" = String, Path, description = "org name")),
     responses((status = 201, body = DomainView), (status = 200, body = DomainView),
-        (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
-        (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody),
-        (status = 413, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn add_domain(
     State(w): State<Arc<Waker>>,
     Path(org): Path<String>,
@@ -402,7 +409,7 @@ pub async fn add_domain(
             Ok(true)
         })
         .await?;
-    let view = w.org_view(&org).domains.into_iter().find(|d| d.name == name).expect("just added");
+    let view = domain_view_of(&org, &name)?;
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(view)))
 }
 
@@ -410,10 +417,10 @@ pub async fn add_domain(
 #[utoipa::path(post, path = "/v1/orgs/{org}/domains/{domain}/verify", tag = "operator",
     security(("operator_token" = [])),
     params(("org" = String, Path, description = "org name"), ("domain" = String, Path, description = "domain")),
-    responses((status = 200, body = DomainView), (status = 400, body = crate::error::ErrorBody),
-        (status = 401, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody),
-        (status = 409, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody),
-        (status = 503, body = crate::error::ErrorBody)))]
+    responses((status = 200, body = DomainView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn verify(
     State(w): State<Arc<Waker>>,
     Path((org, domain)): Path<(String, String)>,
@@ -425,7 +432,7 @@ pub async fn verify(
     };
     let found = check(&*w.orgs.dns, &d).await;
     let org = record_check(&w, &org.id, &name, &found, now_ms()).await?;
-    let view = w.org_view(&org).domains.into_iter().find(|v| v.name == name).expect("kept");
+    let view = domain_view_of(&org, &name)?;
     match found {
         Found::Present => {
             if view.status != DomainStatus::Verified {
@@ -442,9 +449,9 @@ pub async fn verify(
 #[utoipa::path(delete, path = "/v1/orgs/{org}/domains/{domain}", tag = "operator",
     security(("operator_token" = [])),
     params(("org" = String, Path, description = "org name"), ("domain" = String, Path, description = "domain")),
-    responses((status = 204), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
-        (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody),
-        (status = 503, body = crate::error::ErrorBody)))]
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn remove_domain(
     State(w): State<Arc<Waker>>,
     Path((org, domain)): Path<(String, String)>,
@@ -471,9 +478,9 @@ pub async fn remove_domain(
 #[utoipa::path(post, path = "/v1/orgs/{org}/bases", tag = "operator", request_body = NewBase,
     security(("operator_token" = [])), params(("org" = String, Path, description = "org name")),
     responses((status = 201, body = BaseView), (status = 200, body = BaseView),
-        (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
-        (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody),
-        (status = 413, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn add_base(
     State(w): State<Arc<Waker>>,
     Path(org): Path<String>,
@@ -482,7 +489,7 @@ pub async fn add_base(
     let name = names::base(&req.base).map_err(|e| name_error("base", e))?;
     let org = w.org_by_name(&org).await?;
     if org.bases.iter().any(|b| b.name == name) {
-        let view = w.org_view(&org).bases.into_iter().find(|b| b.name == name).expect("there");
+        let view = w.base_view_of(&org, &name)?;
         return Ok((StatusCode::OK, Json(view)));
     }
     let default_base = &w.config.preview_base;
@@ -520,7 +527,7 @@ pub async fn add_base(
     };
     info!(org = %org.name, base = %name, "preview base added");
     sync_org(&w, &org.id).await;
-    let view = w.org_view(&org).bases.into_iter().find(|b| b.name == name).expect("added");
+    let view = w.base_view_of(&org, &name)?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -528,9 +535,9 @@ pub async fn add_base(
 #[utoipa::path(delete, path = "/v1/orgs/{org}/bases/{base}", tag = "operator",
     security(("operator_token" = [])),
     params(("org" = String, Path, description = "org name"), ("base" = String, Path, description = "base")),
-    responses((status = 204), (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
-        (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody),
-        (status = 503, body = crate::error::ErrorBody)))]
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn remove_base(
     State(w): State<Arc<Waker>>,
     Path((org, base)): Path<(String, String)>,
@@ -633,8 +640,8 @@ pub async fn check(dns: &dyn TxtResolver, d: &Domain) -> Found {
 pub async fn record_check(w: &Waker, org_id: &str, domain: &str, found: &Found, now: Millis) -> Result<Org, ApiError> {
     let claimed = match found {
         Found::Present => {
-            w.store.table_swap(DOMAINS, domain, None, Some(org_id)).await?;
-            w.store.table_get(DOMAINS, domain).await?.as_deref() == Some(org_id)
+            w.store.table_swap(DOMAINS, domain, None, Some(org_id)).await?
+                || w.store.table_get(DOMAINS, domain).await?.as_deref() == Some(org_id)
         }
         _ => false,
     };

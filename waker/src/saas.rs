@@ -311,6 +311,13 @@ async fn store(w: &Waker, r: &Registration) {
     }
 }
 
+/// Drops a registration (the next pass registers the name again if it is still wanted).
+async fn forget(w: &Waker, hostname: &str) {
+    if let Err(e) = w.store.table_remove(TABLE, hostname).await {
+        warn!(%hostname, error = %e, "forgetting a custom hostname; the next pass tries again");
+    }
+}
+
 /// One pass: creates what is missing, deletes what is no longer wanted, looks at what
 /// is due. Failures are logged and retried on the next pass.
 pub async fn sync(w: &Waker, client: &Client) {
@@ -363,9 +370,7 @@ pub async fn sync(w: &Waker, client: &Client) {
         match gone {
             Ok(()) => {
                 info!(%hostname, "custom hostname deleted");
-                if let Err(e) = w.store.table_remove(TABLE, hostname).await {
-                    warn!(%hostname, error = %e, "forgetting a custom hostname");
-                }
+                forget(w, hostname).await;
             }
             Err(e) => warn!(%hostname, error = %e, "deleting a custom hostname"),
         }
@@ -373,7 +378,7 @@ pub async fn sync(w: &Waker, client: &Client) {
     for (hostname, r) in have.iter().filter(|(h, r)| want.contains(*h) && r.next_check_at <= now) {
         let Some(id) = &r.id else {
             // a failed registration: start over
-            let _ = w.store.table_remove(TABLE, hostname).await;
+            forget(w, hostname).await;
             continue;
         };
         match client.get(id).await {
@@ -385,9 +390,7 @@ pub async fn sync(w: &Waker, client: &Client) {
                 store(w, &next).await;
             }
             // deleted behind our back: register again on the next pass
-            Ok(None) => {
-                let _ = w.store.table_remove(TABLE, hostname).await;
-            }
+            Ok(None) => forget(w, hostname).await,
             Err(e) => warn!(%hostname, error = %e, "checking a custom hostname"),
         }
     }

@@ -57,25 +57,18 @@ impl Waker {
         self
     }
 
-    /// Fills a view's custom hostname statuses from Cloudflare's last answers.
-    pub(crate) async fn with_saas_status(&self, view: PreviewView) -> PreviewView {
-        let mut views = self.with_saas_statuses(vec![view]).await;
-        views.pop().expect("one in, one out")
-    }
-
-    /// [`Waker::with_saas_status`] for many views, reading the registrations once.
-    pub(crate) async fn with_saas_statuses(&self, mut views: Vec<PreviewView>) -> Vec<PreviewView> {
-        if let Some(saas) = &self.saas {
-            let regs = crate::saas::registrations(self).await;
-            for view in &mut views {
-                view.custom_hostnames = view
-                    .custom_hosts
-                    .iter()
-                    .filter_map(|h| regs.get(&crate::saas::covering(&h.host, &h.base, saas.wildcard)).cloned())
-                    .collect();
-            }
+    /// Fills views' custom hostname statuses from Cloudflare's last answers (the
+    /// registrations are read once for all of them).
+    pub(crate) async fn with_saas_status(&self, views: &mut [PreviewView]) {
+        let Some(saas) = &self.saas else { return };
+        let regs = crate::saas::registrations(self).await;
+        for view in views {
+            view.custom_hostnames = view
+                .custom_hosts
+                .iter()
+                .filter_map(|h| regs.get(&crate::saas::covering(&h.host, &h.base, saas.wildcard)).cloned())
+                .collect();
         }
-        views
     }
 
     pub fn with_orgs(mut self, orgs: OrgSettings) -> Waker {

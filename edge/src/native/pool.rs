@@ -228,9 +228,10 @@ impl Pool {
         let mut hosts = self.hosts.borrow_mut();
         let host = hosts.entry(authority).or_default();
         while let Some(waiter) = host.waiters.pop_front() {
+            // a waiter that gave up hands back what it was sent
             match waiter.send(Some(tx)) {
-                Ok(()) => return,
-                Err(back) => tx = back.expect("sent Some"),
+                Ok(()) | Err(None) => return,
+                Err(Some(back)) => tx = back,
             }
         }
         if host.idle.len() < self.max_idle_per_host {
