@@ -279,6 +279,8 @@ fn running_preview(i: usize, origin: &str) -> Preview {
         pinned: true,
         last_error: None,
         custom_hosts: Vec::new(),
+        change: None,
+        commit: None,
     }
 }
 

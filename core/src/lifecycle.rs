@@ -98,6 +98,10 @@ impl Phase {
 pub enum EraseReason {
     Ttl,
     Manual,
+    /// Its merge request was closed: once erased it is gone (*closed*).
+    Closed,
+    /// Its merge request was merged: once erased it is gone (*merged*).
+    Merged,
 }
 
 impl EraseReason {
@@ -105,6 +109,48 @@ impl EraseReason {
         match self {
             EraseReason::Ttl => "ttl",
             EraseReason::Manual => "manual",
+            EraseReason::Closed => "closed",
+            EraseReason::Merged => "merged",
+        }
+    }
+
+    /// Where an erase for this reason ends: a closed or merged merge request leaves
+    /// nothing to rebuild.
+    fn end(self) -> State {
+        match self {
+            EraseReason::Ttl | EraseReason::Manual => State::Erased { reason: self },
+            EraseReason::Closed => State::Gone { why: GoneWhy::Closed },
+            EraseReason::Merged => State::Gone { why: GoneWhy::Merged },
+        }
+    }
+
+    /// Whether the erase ends the preview for good.
+    pub fn is_final(self) -> bool {
+        matches!(self, EraseReason::Closed | EraseReason::Merged)
+    }
+}
+
+/// Why a preview is gone.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GoneWhy {
+    /// The branch no longer exists (records from before merge requests were known say
+    /// this).
+    #[default]
+    RefDeleted,
+    /// Its merge request was closed without merging.
+    Closed,
+    /// Its merge request was merged.
+    Merged,
+}
+
+impl GoneWhy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GoneWhy::RefDeleted => "ref_deleted",
+            GoneWhy::Closed => "closed",
+            GoneWhy::Merged => "merged",
         }
     }
 }
@@ -122,10 +168,15 @@ pub struct Serving {
 pub enum State {
     /// A build job is under way. `serving` is the previous version during a redeploy: it
     /// keeps answering until the new one is ready, and stays if the new one fails.
+    /// `restart`: newer code was pushed while `machine` built or held older code; the
+    /// build job starts again on a new machine (whose assignment deletes this one), and
+    /// nothing more from the old attempt is accepted.
     Building {
         phase: Phase,
         machine: Option<MachineId>,
         serving: Option<Serving>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        restart: bool,
     },
     Running {
         machine: MachineId,
@@ -155,8 +206,11 @@ pub enum State {
     Erased {
         reason: EraseReason,
     },
-    /// The branch or merge request no longer exists.
-    Gone,
+    /// The branch no longer exists, or its merge request was closed or merged.
+    Gone {
+        #[serde(default)]
+        why: GoneWhy,
+    },
 }
 
 /// Kind of job the provisioner runs for a preview (one pending per preview and kind).
@@ -191,6 +245,10 @@ impl JobKind {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     BuildRequested,
+    /// Newer code was pushed: build it, abandoning a build of older code under way (the
+    /// running version keeps serving until the new one is ready). A sleeping preview is
+    /// rebuilt too.
+    Redeploy,
     WakeRequested,
     SleepRequested,
     EraseRequested {
@@ -217,6 +275,7 @@ pub enum Event {
     Stopped,
     MachinesDeleted,
     RefDeleted,
+    /// The ref (or merge request) is back: a gone preview may be rebuilt again.
     RefRestored,
     MachineLost {
         machine: MachineId,
@@ -268,7 +327,7 @@ impl State {
             State::Failed { .. } => "failed",
             State::Erasing { .. } => "erasing",
             State::Erased { .. } => "erased",
-            State::Gone => "gone",
+            State::Gone { .. } => "gone",
         }
     }
 
@@ -283,7 +342,7 @@ impl State {
             | State::Sleeping { machine }
             | State::Waking { machine } => vec![machine],
             State::Erasing { machines, .. } => machines.iter().collect(),
-            State::Failed { .. } | State::Erased { .. } | State::Gone => vec![],
+            State::Failed { .. } | State::Erased { .. } | State::Gone { .. } => vec![],
         }
     }
 
@@ -310,7 +369,7 @@ impl State {
 
     /// A fresh build from nothing.
     pub fn queued() -> State {
-        State::Building { phase: Phase::Queued, machine: None, serving: None }
+        State::Building { phase: Phase::Queued, machine: None, serving: None, restart: false }
     }
 }
 
@@ -349,18 +408,34 @@ pub fn transition(state: &State, event: &Event, _now: crate::Millis) -> Result<T
     use State as S;
     match (state, event) {
         // ---- requests ----
-        (S::Erased { .. } | S::Failed { .. }, E::BuildRequested) => to(State::queued(), vec![schedule(JobKind::Build)]),
-        (S::Running { machine, origin }, E::BuildRequested) => to(
+        (S::Erased { .. } | S::Failed { .. }, E::BuildRequested | E::Redeploy) => {
+            to(State::queued(), vec![schedule(JobKind::Build)])
+        }
+        (S::Running { machine, origin }, E::BuildRequested | E::Redeploy) => to(
             S::Building {
                 phase: Phase::Queued,
                 machine: None,
                 serving: Some(Serving { machine: machine.clone(), origin: origin.clone() }),
+                restart: false,
             },
             vec![schedule(JobKind::Build)],
         ),
         (S::Building { .. }, E::BuildRequested) => same(state),
-        (S::Gone, E::BuildRequested) => Err(Rejected::Gone),
-        (_, E::BuildRequested) => Err(Rejected::Busy(state.as_str())),
+        // a build that has a machine may be on older code: start it again. One without
+        // a machine has not checked anything out yet and will fetch the newest.
+        (S::Building { machine: Some(m), serving, restart: false, .. }, E::Redeploy) => to(
+            S::Building { phase: Phase::Queued, machine: Some(m.clone()), serving: serving.clone(), restart: true },
+            vec![schedule(JobKind::Build)],
+        ),
+        (S::Building { .. }, E::Redeploy) => same(state),
+        // asleep on older code: build the new code (the old machine goes when the new
+        // one is assigned)
+        (S::Sleeping { machine } | S::Stopping { machine, .. } | S::Waking { machine }, E::Redeploy) => to(
+            S::Building { phase: Phase::Queued, machine: Some(machine.clone()), serving: None, restart: true },
+            vec![schedule(JobKind::Build)],
+        ),
+        (S::Gone { .. }, E::BuildRequested | E::Redeploy) => Err(Rejected::Gone),
+        (_, E::BuildRequested | E::Redeploy) => Err(Rejected::Busy(state.as_str())),
 
         (S::Sleeping { machine }, E::WakeRequested) => {
             to(S::Waking { machine: machine.clone() }, vec![schedule(JobKind::Wake)])
@@ -369,7 +444,7 @@ pub fn transition(state: &State, event: &Event, _now: crate::Millis) -> Result<T
             to(S::Stopping { machine: machine.clone(), wake_after: true }, vec![])
         }
         (S::Running { .. } | S::Waking { .. } | S::Building { .. }, E::WakeRequested) => same(state),
-        (S::Gone, E::WakeRequested) => Err(Rejected::Gone),
+        (S::Gone { .. }, E::WakeRequested) => Err(Rejected::Gone),
         (_, E::WakeRequested) => Err(Rejected::NotAsleep(state.as_str())),
 
         (S::Running { machine, .. }, E::SleepRequested) => {
@@ -381,11 +456,19 @@ pub fn transition(state: &State, event: &Event, _now: crate::Millis) -> Result<T
         (S::Building { .. } | S::Waking { .. }, E::SleepRequested) => Err(Rejected::Busy(state.as_str())),
         (_, E::SleepRequested) => same(state),
 
-        (S::Erasing { .. } | S::Erased { .. } | S::Gone, E::EraseRequested { .. }) => same(state),
+        // a closed or merged merge request ends the preview whatever it was doing; an
+        // erase under way takes on that reason, and a gone preview learns why
+        (S::Erasing { machines, reason: old }, E::EraseRequested { reason }) if reason.is_final() && old != reason => {
+            to(S::Erasing { machines: machines.clone(), reason: *reason }, vec![])
+        }
+        (S::Erased { .. } | S::Gone { .. }, E::EraseRequested { reason }) if reason.is_final() => {
+            to(reason.end(), vec![])
+        }
+        (S::Erasing { .. } | S::Erased { .. } | S::Gone { .. }, E::EraseRequested { .. }) => same(state),
         (_, E::EraseRequested { reason }) => {
             let machines: Vec<MachineId> = state.machines().into_iter().cloned().collect();
             if machines.is_empty() {
-                to(S::Erased { reason: *reason }, vec![])
+                to(reason.end(), vec![])
             } else {
                 to(S::Erasing { machines, reason: *reason }, vec![schedule(JobKind::Erase)])
             }
@@ -401,16 +484,27 @@ pub fn transition(state: &State, event: &Event, _now: crate::Millis) -> Result<T
                 // a build must never reuse the machine that serves the old version
                 return stale(state, None);
             }
-            to(S::Building { phase: Phase::Acquiring, machine: Some(m.clone()), serving: serving.clone() }, effects)
+            to(
+                S::Building {
+                    phase: Phase::Acquiring,
+                    machine: Some(m.clone()),
+                    serving: serving.clone(),
+                    restart: false,
+                },
+                effects,
+            )
         }
         (_, E::MachineAssigned { machine }) => stale(state, Some(machine)),
 
-        (S::Building { machine: Some(m), serving, .. }, E::PhaseReached { phase }) => {
-            to(S::Building { phase: *phase, machine: Some(m.clone()), serving: serving.clone() }, vec![])
-        }
+        (S::Building { machine: Some(m), serving, restart: false, .. }, E::PhaseReached { phase }) => to(
+            S::Building { phase: *phase, machine: Some(m.clone()), serving: serving.clone(), restart: false },
+            vec![],
+        ),
         (_, E::PhaseReached { .. }) => stale(state, None),
 
-        (S::Building { machine: Some(built), serving, .. }, E::Ready { machine, origin }) if built == machine => {
+        (S::Building { machine: Some(built), serving, restart: false, .. }, E::Ready { machine, origin })
+            if built == machine =>
+        {
             let effects = match serving {
                 Some(old) => vec![delete(&old.machine)],
                 None => vec![],
@@ -422,14 +516,15 @@ pub fn transition(state: &State, event: &Event, _now: crate::Millis) -> Result<T
         }
         (_, E::Ready { machine, .. }) => stale(state, Some(machine)),
 
-        // a failure reported by another machine than the one this build or wake is on
-        (S::Building { machine: current, .. }, E::BuildFailed { machine: Some(m), .. })
-            if current.as_ref() != Some(m) =>
+        // a failure reported by another machine than the one this build or wake is on,
+        // or by the attempt a restart abandoned
+        (S::Building { machine: current, restart, .. }, E::BuildFailed { machine: Some(m), .. })
+            if current.as_ref() != Some(m) || *restart =>
         {
             stale(state, None)
         }
         (S::Waking { machine: current }, E::BuildFailed { machine: Some(m), .. }) if current != m => stale(state, None),
-        (S::Building { phase, machine, serving }, E::BuildFailed { reason, .. }) => {
+        (S::Building { phase, machine, serving, .. }, E::BuildFailed { reason, .. }) => {
             let effects: Vec<Effect> = machine.iter().map(delete).collect();
             match serving {
                 Some(s) => {
@@ -453,16 +548,17 @@ pub fn transition(state: &State, event: &Event, _now: crate::Millis) -> Result<T
         }
         (_, E::Stopped) => stale(state, None),
 
-        // the erase job persists `Erased` first, then performs these deletes; a crash in
-        // between leaves machines no record references, which the orphan reaper removes
+        // the erase job persists the end state first, then performs these deletes; a
+        // crash in between leaves machines no record references, which the orphan reaper
+        // removes
         (S::Erasing { machines, reason }, E::MachinesDeleted) => {
-            to(S::Erased { reason: *reason }, machines.iter().map(delete).collect())
+            to(reason.end(), machines.iter().map(delete).collect())
         }
         (_, E::MachinesDeleted) => stale(state, None),
 
-        (S::Erased { .. } | S::Failed { .. }, E::RefDeleted) => to(S::Gone, vec![]),
+        (S::Erased { .. } | S::Failed { .. }, E::RefDeleted) => to(S::Gone { why: GoneWhy::RefDeleted }, vec![]),
         (_, E::RefDeleted) => same(state),
-        (S::Gone, E::RefRestored) => to(S::Erased { reason: EraseReason::Manual }, vec![]),
+        (S::Gone { .. }, E::RefRestored) => to(S::Erased { reason: EraseReason::Manual }, vec![]),
         (_, E::RefRestored) => same(state),
 
         (S::Running { machine, .. }, E::MachineLost { machine: lost, reason }) if machine == lost => {
@@ -474,11 +570,7 @@ pub fn transition(state: &State, event: &Event, _now: crate::Millis) -> Result<T
         ) if machine == lost => to(S::Failed { phase: Phase::Start, reason: reason.clone() }, vec![delete(machine)]),
         (S::Erasing { machines, reason }, E::MachineLost { machine: lost, .. }) if machines.contains(lost) => {
             let rest: Vec<MachineId> = machines.iter().filter(|m| *m != lost).cloned().collect();
-            let state = if rest.is_empty() {
-                S::Erased { reason: *reason }
-            } else {
-                S::Erasing { machines: rest, reason: *reason }
-            };
+            let state = if rest.is_empty() { reason.end() } else { S::Erasing { machines: rest, reason: *reason } };
             to(state, vec![delete(lost)])
         }
         (_, E::MachineLost { .. }) => same(state),
@@ -496,7 +588,7 @@ mod tests {
 
     fn sample_states() -> Vec<State> {
         vec![
-            State::Building { phase: Phase::Build, machine: Some(m("b")), serving: None },
+            State::Building { phase: Phase::Build, machine: Some(m("b")), serving: None, restart: false },
             State::Running { machine: m("a"), origin: "http://127.0.0.1:1".into() },
             State::Stopping { machine: m("a"), wake_after: false },
             State::Sleeping { machine: m("a") },
@@ -504,7 +596,7 @@ mod tests {
             State::Failed { phase: Phase::Build, reason: "exit 1".into() },
             State::Erasing { machines: vec![m("a")], reason: EraseReason::Ttl },
             State::Erased { reason: EraseReason::Ttl },
-            State::Gone,
+            State::Gone { why: GoneWhy::RefDeleted },
         ]
     }
 
@@ -523,6 +615,7 @@ mod tests {
             Event::RefDeleted,
             Event::RefRestored,
             Event::MachineLost { machine: m("a"), reason: "gone".into() },
+            Event::Redeploy,
         ]
     }
 
@@ -539,16 +632,16 @@ mod tests {
 
     /// Every state × event pair. Rows: states in `sample_states` order; columns: build,
     /// wake, sleep, erase, assigned, phase, ready(a), failed, stopped, deleted,
-    /// ref-deleted, ref-restored, lost(a).
+    /// ref-deleted, ref-restored, lost(a), redeploy.
     #[test]
     fn a_failure_from_a_superseded_machine_changes_nothing() {
         let failed = |m: &str| Event::BuildFailed { reason: "app exited (SIGTERM)".into(), machine: Some(m.into()) };
         // a rebuild restarted the build (no machine yet): the old build's failure is stale
-        let restarted = State::Building { phase: Phase::Queued, machine: None, serving: None };
+        let restarted = State::Building { phase: Phase::Queued, machine: None, serving: None, restart: false };
         let t = transition(&restarted, &failed("old"), 0).unwrap();
         assert!(t.stale && t.state == restarted && t.effects.is_empty());
         // on another machine now: stale too
-        let other = State::Building { phase: Phase::Build, machine: Some(m("new")), serving: None };
+        let other = State::Building { phase: Phase::Build, machine: Some(m("new")), serving: None, restart: false };
         assert!(transition(&other, &failed("old"), 0).unwrap().stale);
         let waking = State::Waking { machine: m("new") };
         assert!(transition(&waking, &failed("old"), 0).unwrap().stale);
@@ -560,31 +653,43 @@ mod tests {
 
     #[test]
     fn table() {
-        let expected: [[&str; 13]; 9] = [
-            ["=", "=", "busy!", "erasing", "building", "building", "stale", "failed", "stale", "stale", "=", "=", "="],
+        let expected: [[&str; 14]; 9] = [
+            [
+                "=", "=", "busy!", "erasing", "building", "building", "stale", "failed", "stale", "stale", "=", "=",
+                "=", "building",
+            ],
             [
                 "building", "=", "stopping", "erasing", "stale", "stale", "stale", "stale", "stale", "stale", "=", "=",
-                "failed",
+                "failed", "building",
             ],
             [
                 "busy!", "stopping", "=", "erasing", "stale", "stale", "stale", "stale", "sleeping", "stale", "=", "=",
-                "failed",
+                "failed", "building",
             ],
             [
                 "busy!", "waking", "=", "erasing", "stale", "stale", "stale", "stale", "stale", "stale", "=", "=",
-                "failed",
+                "failed", "building",
             ],
             [
                 "busy!", "=", "busy!", "erasing", "stale", "stale", "running", "failed", "stale", "stale", "=", "=",
-                "failed",
+                "failed", "building",
             ],
             [
                 "building", "awake!", "=", "erased", "stale", "stale", "stale", "stale", "stale", "stale", "gone", "=",
-                "=",
+                "=", "building",
             ],
-            ["busy!", "awake!", "=", "=", "stale", "stale", "stale", "stale", "stale", "erased", "=", "=", "erased"],
-            ["building", "awake!", "=", "=", "stale", "stale", "stale", "stale", "stale", "stale", "gone", "=", "="],
-            ["gone!", "gone!", "=", "=", "stale", "stale", "stale", "stale", "stale", "stale", "=", "erased", "="],
+            [
+                "busy!", "awake!", "=", "=", "stale", "stale", "stale", "stale", "stale", "erased", "=", "=", "erased",
+                "busy!",
+            ],
+            [
+                "building", "awake!", "=", "=", "stale", "stale", "stale", "stale", "stale", "stale", "gone", "=", "=",
+                "building",
+            ],
+            [
+                "gone!", "gone!", "=", "=", "stale", "stale", "stale", "stale", "stale", "stale", "=", "erased", "=",
+                "gone!",
+            ],
         ];
         let states = sample_states();
         let events = sample_events();
@@ -614,6 +719,66 @@ mod tests {
         let ok = transition(&t.state, &Event::Ready { machine: m("new"), origin: "o2".into() }, 0).unwrap();
         assert_eq!(ok.state, State::Running { machine: m("new"), origin: "o2".into() });
         assert_eq!(ok.effects, vec![Effect::DeleteMachine { machine: m("old") }]);
+    }
+
+    #[test]
+    fn a_push_restarts_a_build_of_older_code_and_nothing_from_it_counts() {
+        let serving = Some(Serving { machine: m("live"), origin: "o1".into() });
+        let building =
+            State::Building { phase: Phase::Build, machine: Some(m("old")), serving: serving.clone(), restart: false };
+        let t = transition(&building, &Event::Redeploy, 0).unwrap();
+        assert_eq!(t.state.origin(), Some("o1"), "the running version keeps serving");
+        assert_eq!(t.effects, vec![Effect::Schedule { job: JobKind::Build }]);
+        let restarting = t.state.clone();
+        // the same push again changes nothing
+        assert_eq!(transition(&restarting, &Event::Redeploy, 0).unwrap().state, restarting);
+        // what the abandoned attempt reports is stale, and its machine stays held until
+        // the new one is assigned
+        for late in [
+            Event::PhaseReached { phase: Phase::Health },
+            Event::Ready { machine: m("old"), origin: "o2".into() },
+            Event::BuildFailed { reason: "killed".into(), machine: Some(m("old")) },
+        ] {
+            let t = transition(&restarting, &late, 0).unwrap();
+            assert!(t.stale && t.effects.is_empty(), "{late:?}: {t:?}");
+        }
+        let t = transition(&restarting, &Event::MachineAssigned { machine: m("new") }, 0).unwrap();
+        assert_eq!(
+            t.state,
+            State::Building { phase: Phase::Acquiring, machine: Some(m("new")), serving, restart: false }
+        );
+        assert_eq!(t.effects, vec![Effect::DeleteMachine { machine: m("old") }]);
+        // a build that has no machine yet will fetch the newest code anyway
+        assert_eq!(transition(&State::queued(), &Event::Redeploy, 0).unwrap().state, State::queued());
+    }
+
+    #[test]
+    fn a_closed_or_merged_change_ends_in_gone_with_its_reason() {
+        let running = State::Running { machine: m("a"), origin: "o".into() };
+        let merged = Event::EraseRequested { reason: EraseReason::Merged };
+        let t = transition(&running, &merged, 0).unwrap();
+        assert_eq!(t.state, State::Erasing { machines: vec![m("a")], reason: EraseReason::Merged });
+        let t = transition(&t.state, &Event::MachinesDeleted, 0).unwrap();
+        assert_eq!(t.state, State::Gone { why: GoneWhy::Merged });
+        assert_eq!(t.effects, vec![Effect::DeleteMachine { machine: m("a") }]);
+        // nothing to rebuild, and a push changes nothing
+        assert_eq!(transition(&t.state, &Event::BuildRequested, 0), Err(Rejected::Gone));
+        assert_eq!(transition(&t.state, &Event::Redeploy, 0), Err(Rejected::Gone));
+        // an erase by TTL under way, or already done, learns the final reason
+        let ttl = State::Erasing { machines: vec![m("a")], reason: EraseReason::Ttl };
+        let closed = Event::EraseRequested { reason: EraseReason::Closed };
+        assert_eq!(
+            transition(&ttl, &closed, 0).unwrap().state,
+            State::Erasing { machines: vec![m("a")], reason: EraseReason::Closed }
+        );
+        let erased = State::Erased { reason: EraseReason::Ttl };
+        assert_eq!(transition(&erased, &closed, 0).unwrap().state, State::Gone { why: GoneWhy::Closed });
+        // a reopened merge request can be built again
+        let t = transition(&State::Gone { why: GoneWhy::Closed }, &Event::RefRestored, 0).unwrap();
+        assert_eq!(transition(&t.state, &Event::BuildRequested, 0).unwrap().state, State::queued());
+        // records written before reasons existed read as a deleted ref
+        let old: State = serde_json::from_str(r#"{"state":"gone"}"#).unwrap();
+        assert_eq!(old, State::Gone { why: GoneWhy::RefDeleted });
     }
 
     #[test]
@@ -654,6 +819,9 @@ mod tests {
             Just(Event::MachinesDeleted),
             Just(Event::RefDeleted),
             Just(Event::RefRestored),
+            Just(Event::Redeploy),
+            prop_oneof![Just(EraseReason::Closed), Just(EraseReason::Merged)]
+                .prop_map(|reason| Event::EraseRequested { reason }),
             arb_machine().prop_map(|machine| Event::MachineLost { machine, reason: "lost".into() }),
         ]
     }

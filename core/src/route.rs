@@ -1,6 +1,6 @@
 //! Records and wire types shared by edge, waker, store and provisioner.
 
-use crate::lifecycle::{EraseReason, Phase, State};
+use crate::lifecycle::{EraseReason, GoneWhy, Phase, State};
 use crate::Millis;
 use serde::{Deserialize, Serialize};
 
@@ -100,6 +100,45 @@ impl SleepMode {
     }
 }
 
+/// Which forge a project's merge requests live on.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForgeKind {
+    Gitlab,
+    Github,
+}
+
+impl ForgeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForgeKind::Gitlab => "gitlab",
+            ForgeKind::Github => "github",
+        }
+    }
+}
+
+/// The merge request (GitLab) or pull request (GitHub) a preview belongs to.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub forge: ForgeKind,
+    /// The MR's iid / the PR's number.
+    pub number: u64,
+    /// Its page on the forge.
+    pub url: String,
+}
+
+impl Change {
+    /// How the forge writes it: `!42` on GitLab, `#42` on GitHub.
+    pub fn reference(&self) -> String {
+        match self.forge {
+            ForgeKind::Gitlab => format!("!{}", self.number),
+            ForgeKind::Github => format!("#{}", self.number),
+        }
+    }
+}
+
 /// One preview: a project at a ref, with its lifecycle state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Preview {
@@ -122,6 +161,12 @@ pub struct Preview {
     /// Where it also answers: one name under each of its org's preview bases.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub custom_hosts: Vec<CustomHost>,
+    /// The merge request it follows, when a forge drives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<Change>,
+    /// The commit the forge last said the ref is at: a push of another one redeploys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 impl Preview {
@@ -132,7 +177,7 @@ impl Preview {
 
     /// When the TTL erases this preview; `None` when pinned or nothing is left to erase.
     pub fn expires_at(&self, project: &Project) -> Option<Millis> {
-        if self.pinned || matches!(self.state, State::Erased { .. } | State::Erasing { .. } | State::Gone) {
+        if self.pinned || matches!(self.state, State::Erased { .. } | State::Erasing { .. } | State::Gone { .. }) {
             return None;
         }
         Some(crate::ttl::expires_at(self.built_at, self.effective_ttl_hours(project)))
@@ -178,7 +223,14 @@ pub enum RouteStatus {
         reason: EraseReason,
         rebuildable: bool,
     },
-    Gone,
+    /// Nothing to rebuild: the branch is gone, or the merge request `change` was closed
+    /// or merged.
+    Gone {
+        #[serde(default)]
+        why: GoneWhy,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        change: Option<Change>,
+    },
     /// The host is an org's custom name under `domain`, whose ownership is no longer
     /// proven (its TXT record has been missing past the grace period).
     Suspended {
@@ -187,8 +239,10 @@ pub enum RouteStatus {
 }
 
 impl RouteStatus {
-    /// The edge's view of a lifecycle state. `rebuildable` says whether the ref exists.
-    pub fn from_state(state: &State, rebuildable: bool) -> RouteStatus {
+    /// The edge's view of a lifecycle state. `rebuildable` says whether the ref exists;
+    /// `change` is the merge request a gone page links to.
+    pub fn from_state(state: &State, rebuildable: bool, change: Option<&Change>) -> RouteStatus {
+        let gone = |why| RouteStatus::Gone { why, change: change.cloned() };
         match state {
             State::Running { origin, .. } => RouteStatus::Running { origin: origin.clone() },
             State::Building { phase, serving, .. } => {
@@ -202,10 +256,13 @@ impl RouteStatus {
             State::Failed { phase, .. } => {
                 RouteStatus::Failed { phase: *phase, reason: phase.failure_summary().into() }
             }
+            // being erased because its merge request closed: already gone for visitors
+            State::Erasing { reason: EraseReason::Closed, .. } => gone(GoneWhy::Closed),
+            State::Erasing { reason: EraseReason::Merged, .. } => gone(GoneWhy::Merged),
             State::Erasing { reason, .. } | State::Erased { reason } => {
                 RouteStatus::Erased { reason: *reason, rebuildable }
             }
-            State::Gone => RouteStatus::Gone,
+            State::Gone { why } => gone(*why),
         }
     }
 
@@ -217,7 +274,7 @@ impl RouteStatus {
             RouteStatus::Waking => "waking",
             RouteStatus::Failed { .. } => "failed",
             RouteStatus::Erased { .. } => "erased",
-            RouteStatus::Gone => "gone",
+            RouteStatus::Gone { .. } => "gone",
             RouteStatus::Suspended { .. } => "suspended",
         }
     }
@@ -230,6 +287,15 @@ impl RouteStatus {
             _ => None,
         }
     }
+}
+
+/// Why a preview is gone, as the waker's 410 answers say it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoneInfo {
+    pub why: GoneWhy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<Change>,
 }
 
 /// Body of the edge's wake and rebuild calls.

@@ -1,7 +1,7 @@
 //! The routing decision.
 
-use wakegate_core::lifecycle::{EraseReason, Phase};
-use wakegate_core::route::{RouteRecord, RouteStatus};
+use wakegate_core::lifecycle::{EraseReason, GoneWhy, Phase};
+use wakegate_core::route::{Change, RouteRecord, RouteStatus};
 
 /// What the front door knows about a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +29,11 @@ pub enum PageKind {
         phase: Phase,
         reason: String,
     },
-    Gone,
+    /// Why, and the merge request to link to.
+    Gone {
+        why: GoneWhy,
+        change: Option<Change>,
+    },
     /// The custom name's domain is suspended.
     Suspended {
         domain: String,
@@ -74,10 +78,13 @@ pub fn decide(route: &RouteRecord, req: RequestInfo) -> Decision {
             Decision::Page { page: PageKind::ConfirmRebuild { by_ttl: *reason == EraseReason::Ttl }, wake: false }
         }
         (RouteStatus::Erased { rebuildable: true, .. }, false) => unavailable(404, None),
-        (RouteStatus::Erased { rebuildable: false, .. } | RouteStatus::Gone, true) => {
-            Decision::Page { page: PageKind::Gone, wake: false }
+        (RouteStatus::Erased { rebuildable: false, .. }, true) => {
+            Decision::Page { page: PageKind::Gone { why: GoneWhy::RefDeleted, change: None }, wake: false }
         }
-        (RouteStatus::Erased { rebuildable: false, .. } | RouteStatus::Gone, false) => unavailable(410, None),
+        (RouteStatus::Gone { why, change }, true) => {
+            Decision::Page { page: PageKind::Gone { why: *why, change: change.clone() }, wake: false }
+        }
+        (RouteStatus::Erased { rebuildable: false, .. } | RouteStatus::Gone { .. }, false) => unavailable(410, None),
         (RouteStatus::Suspended { domain }, true) => {
             Decision::Page { page: PageKind::Suspended { domain: domain.clone() }, wake: false }
         }
@@ -136,15 +143,15 @@ pub(crate) mod tests {
             RouteStatus::Failed { phase: Phase::Build, reason: "x".into() },
             RouteStatus::Erased { reason: EraseReason::Ttl, rebuildable: true },
             RouteStatus::Erased { reason: EraseReason::Ttl, rebuildable: false },
-            RouteStatus::Gone,
+            RouteStatus::Gone { why: GoneWhy::RefDeleted, change: None },
         ];
         let expect_html = [
             Decision::Page { page: PageKind::Waking, wake: false },
             Decision::Page { page: PageKind::Building { phase: Phase::Checkout }, wake: false },
             Decision::Page { page: PageKind::Failed { phase: Phase::Build, reason: "x".into() }, wake: false },
             Decision::Page { page: PageKind::ConfirmRebuild { by_ttl: true }, wake: false },
-            Decision::Page { page: PageKind::Gone, wake: false },
-            Decision::Page { page: PageKind::Gone, wake: false },
+            Decision::Page { page: PageKind::Gone { why: GoneWhy::RefDeleted, change: None }, wake: false },
+            Decision::Page { page: PageKind::Gone { why: GoneWhy::RefDeleted, change: None }, wake: false },
         ];
         for (s, want) in statuses.iter().zip(expect_html) {
             assert_eq!(decide(&route(s.clone()), HTML), want, "{s:?}");

@@ -33,7 +33,7 @@ pub fn page_for(kind: &PageKind, host: &Host, csrf_key: &Key, now: Millis) -> Pa
         PageKind::Building { phase } => Page::Building { phase: *phase },
         PageKind::ConfirmRebuild { by_ttl } => Page::ConfirmRebuild { csrf: csrf(), by_ttl: *by_ttl },
         PageKind::Failed { phase, reason } => Page::Failed { phase: *phase, reason: reason.clone(), csrf: csrf() },
-        PageKind::Gone => Page::Gone,
+        PageKind::Gone { why, change } => Page::Gone { why: *why, change: change.clone() },
         PageKind::Suspended { domain } => Page::Suspended { domain: domain.clone() },
     }
 }

@@ -24,7 +24,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use wakegate_core::host::{canonical_host, normalize_host, Host};
-use wakegate_core::route::{ActivityBatch, HostRequest, RouteRecord, RouteStatus};
+use wakegate_core::route::{ActivityBatch, GoneInfo, HostRequest, RouteRecord, RouteStatus};
 use wakegate_core::sign::{self, Key};
 use wakegate_core::{form, Millis};
 use wakegate_splash::{Context, Page};
@@ -579,7 +579,7 @@ impl<P: Platform> Pipeline<P> {
                         r.status,
                         RouteStatus::Failed { .. }
                             | RouteStatus::Erased { .. }
-                            | RouteStatus::Gone
+                            | RouteStatus::Gone { .. }
                             | RouteStatus::Suspended { .. }
                     ) {
                         return self.platform.respond(Answer::json(
@@ -620,7 +620,15 @@ impl<P: Platform> Pipeline<P> {
         self.forget(host.as_str());
         match self.waker("POST", "/v1/edge/rebuild", call).await? {
             (202, _) => Ok(Answer::see_other(&return_to)),
-            (410, _) => Ok(Answer::page(&Page::Gone, &Context::default())),
+            (410, b) => {
+                // the waker says why (a closed or merged merge request) when it knows
+                #[derive(serde::Deserialize)]
+                struct GoneBody {
+                    gone: Option<GoneInfo>,
+                }
+                let gone = serde_json::from_slice::<GoneBody>(&b).ok().and_then(|g| g.gone).unwrap_or_default();
+                Ok(Answer::page(&Page::Gone { why: gone.why, change: gone.change }, &Context::default()))
+            }
             (429, _) => Err(EdgeError::TooManyRebuilds),
             (s, b) => Err(EdgeError::WakerStatus(s, String::from_utf8_lossy(&b).into_owned())),
         }

@@ -230,6 +230,8 @@ impl AgentApi {
             return error(410, "this machine is not wanted");
         }
         match &preview.state {
+            // newer code was pushed: this machine is about to be replaced
+            State::Building { restart: true, .. } => return error(410, "this machine is not wanted"),
             State::Building { .. } | State::Waking { .. } | State::Running { .. } => {}
             // going to sleep: the machine is about to stop
             _ => return wait(),

@@ -18,6 +18,9 @@ use wakegate_core::lifecycle::{Event, MachineId, Phase, State};
 use wakegate_store::driver::{apply, Applied, ApplyError};
 use wakegate_store::{Lane, Lease, SharedStore, StoreError};
 
+/// Most times one build job starts again because newer code was pushed.
+const MAX_RESTARTS: usize = 16;
+
 pub struct Provisioner {
     pub store: SharedStore,
     pub cloud: Arc<dyn Cloud>,
@@ -177,7 +180,24 @@ impl Provisioner {
             return Ok(());
         };
         match (&current.value.state, lease.kind) {
-            (State::Building { .. }, wakegate_core::lifecycle::JobKind::Build) => self.build(&current.value).await,
+            (State::Building { .. }, wakegate_core::lifecycle::JobKind::Build) => {
+                // a push restarts the build while this job holds the build slot (the
+                // queue keeps one build job per preview): the job goes round again
+                let mut preview = current.value;
+                for _ in 0..MAX_RESTARTS {
+                    self.build(&preview).await?;
+                    match self.store.get_preview(id).await? {
+                        Some(p) if matches!(p.value.state, State::Building { restart: true, .. }) => {
+                            info!("newer code was pushed: building again");
+                            preview = p.value;
+                        }
+                        _ => return Ok(()),
+                    }
+                }
+                // the lease runs out and the job is retried; the reconciler re-enqueues
+                warn!("restarted {MAX_RESTARTS} times in one job; leaving it to a retry");
+                Ok(())
+            }
             (State::Waking { machine }, wakegate_core::lifecycle::JobKind::Wake) => {
                 let Some(project) = self.store.get_project(&current.value.project_id).await? else {
                     return Ok(());
@@ -214,6 +234,26 @@ impl Provisioner {
         }
     }
 
+    /// Returns once the preview no longer builds on `machine` (a restart, an erase, a
+    /// finished build): the attempt's work is not wanted any more.
+    async fn abandoned(&self, id: &str, machine: &MachineId, mut after: u64) {
+        loop {
+            match self.store.wait_preview(id, after, std::time::Duration::from_secs(30)).await {
+                Ok(Some(p)) => {
+                    let ours = matches!(&p.value.state,
+                        State::Building { machine: Some(m), restart: false, .. } if m == machine);
+                    if !ours {
+                        return;
+                    }
+                    after = p.version;
+                }
+                Ok(None) => return,
+                // the store is down: keep building; the outcome is checked when applied
+                Err(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+            }
+        }
+    }
+
     async fn build(&self, preview: &wakegate_core::route::Preview) -> Result<(), ApplyError> {
         let id = preview.id.as_str();
         let Some(project) = self.store.get_project(&preview.project_id).await? else {
@@ -222,9 +262,13 @@ impl Provisioner {
                 .await
                 .map(|_| ());
         };
-        // a build retried after a crash goes on with the machine it already recorded
-        let machine = match &preview.state {
-            State::Building { machine: Some(m), .. } => m.clone(),
+        // a build retried after a crash goes on with the machine it already recorded; a
+        // restarted one gets a new machine (whose assignment deletes the old)
+        let (machine, version) = match &preview.state {
+            State::Building { machine: Some(m), restart: false, .. } => {
+                let version = self.store.get_preview(id).await?.map(|p| p.version).unwrap_or(0);
+                (m.clone(), version)
+            }
             _ => {
                 let machine = match self.cloud.create(preview, &project).await {
                     Ok(m) => m,
@@ -238,7 +282,7 @@ impl Provisioner {
                 if assigned.stale {
                     return Ok(());
                 }
-                machine
+                (machine, assigned.preview.version)
             }
         };
         let spec = DeploySpec {
@@ -253,7 +297,18 @@ impl Provisioner {
             ),
             project,
         };
-        let event = match self.cloud.deploy(&machine, &spec, &StoreProgress { p: self, preview: id }).await {
+        let progress = StoreProgress { p: self, preview: id };
+        let deploy = self.cloud.deploy(&machine, &spec, &progress);
+        let result = tokio::select! {
+            r = deploy => r,
+            // a push (or an erase) took the build off this machine: stop at once; the
+            // machine is deleted by whoever moved on (the next assignment, the erase)
+            () = self.abandoned(id, &machine, version) => {
+                info!(%machine, "build abandoned: the preview moved on");
+                return Ok(());
+            }
+        };
+        let event = match result {
             Ok(Outcome::Ready(origin)) => Event::Ready { machine, origin },
             Ok(Outcome::Reported) => return Ok(()),
             // tied to the machine: if a rebuild or an erase has moved on, it is stale

@@ -7,7 +7,8 @@
 #![forbid(unsafe_code)]
 
 use askama::Template;
-use wakegate_core::lifecycle::Phase;
+use wakegate_core::lifecycle::{GoneWhy, Phase};
+use wakegate_core::route::Change;
 
 /// Which page, with what it needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,8 +22,8 @@ pub enum Page {
     ConfirmRebuild { csrf: String, by_ttl: bool },
     /// The last build or wake failed.
     Failed { phase: Phase, reason: String, csrf: String },
-    /// The branch or merge request is gone (410).
-    Gone,
+    /// The branch is gone, or the merge request `change` was closed or merged (410).
+    Gone { why: GoneWhy, change: Option<Change> },
     /// The host is an org's custom name under `domain`, whose ownership record has been
     /// missing for longer than the grace period (403).
     Suspended { domain: String },
@@ -38,7 +39,7 @@ impl Page {
         match self {
             Page::Waking | Page::Building { .. } | Page::Failed { .. } => 503,
             Page::ConfirmRebuild { .. } => 200,
-            Page::Gone => 410,
+            Page::Gone { .. } => 410,
             Page::Suspended { .. } => 403,
             Page::NotFound { .. } => 404,
             Page::BadRequest { .. } => 400,
@@ -56,6 +57,11 @@ pub struct Context<'a> {
     /// Where the form returns the visitor after a rebuild starts.
     pub return_to: &'a str,
     pub ttl_remaining: Option<String>,
+}
+
+struct Link {
+    href: String,
+    text: String,
 }
 
 struct Form {
@@ -77,6 +83,7 @@ struct Html<'a> {
     phase_text: &'a str,
     version: u64,
     form: Option<Form>,
+    link: Option<Link>,
     ttl: Option<String>,
 }
 
@@ -84,6 +91,7 @@ struct Html<'a> {
 pub fn render(page: &Page, cx: &Context<'_>) -> String {
     let git_ref = wakegate_core::host::short_ref(cx.git_ref);
     let form = |csrf: &str, button| Some(Form { csrf: csrf.to_string(), return_to: safe_return(cx.return_to), button });
+    let mut link = None;
     let (title, heading, message, detail, poll, phase_text, form) = match page {
         Page::Waking => (
             "Waking up",
@@ -144,15 +152,28 @@ pub fn render(page: &Page, cx: &Context<'_>) -> String {
             "",
             None,
         ),
-        Page::Gone => (
-            "Preview gone",
-            "This preview is gone".to_string(),
-            format!("The branch or merge request {git_ref} no longer exists, so there is nothing to rebuild."),
-            None,
-            false,
-            "",
-            None,
-        ),
+        Page::Gone { why, change } => {
+            // only a web link is followed: the URL came from a forge's webhook
+            link = change.as_ref().filter(|c| c.url.starts_with("https://") || c.url.starts_with("http://")).map(|c| {
+                Link { href: c.url.clone(), text: format!("Open merge request {} on {}", c.reference(), forge_name(c)) }
+            });
+            let reference = change.as_ref().map(Change::reference).unwrap_or_else(|| "of this preview".into());
+            let (heading, message) = match why {
+                GoneWhy::RefDeleted => (
+                    "This preview is gone".to_string(),
+                    format!("The branch or merge request {git_ref} no longer exists, so there is nothing to rebuild."),
+                ),
+                GoneWhy::Closed => (
+                    "This preview is gone: closed".to_string(),
+                    format!("The merge request {reference} was closed without merging, so its preview was erased."),
+                ),
+                GoneWhy::Merged => (
+                    format!("This preview is gone: merged in {reference}"),
+                    format!("The merge request {reference} was merged, so its preview was erased. The change now lives in its target branch."),
+                ),
+            };
+            ("Preview gone", heading, message, None, false, "", None)
+        }
         Page::NotFound { host } => (
             "Not found",
             "No preview here".to_string(),
@@ -178,10 +199,18 @@ pub fn render(page: &Page, cx: &Context<'_>) -> String {
         phase_text,
         version: cx.version,
         form,
+        link,
         ttl: cx.ttl_remaining.clone(),
     }
     .render()
     .unwrap_or_else(|e| format!("<!doctype html><title>Wakegate</title><p>page error: {e}</p>"))
+}
+
+fn forge_name(c: &Change) -> &'static str {
+    match c.forge {
+        wakegate_core::route::ForgeKind::Gitlab => "GitLab",
+        wakegate_core::route::ForgeKind::Github => "GitHub",
+    }
 }
 
 /// Only plain same-origin paths are allowed as a return target (the sanitizer the edge
@@ -225,10 +254,30 @@ mod tests {
     }
 
     #[test]
+    fn gone_pages_say_why_and_link_the_merge_request() {
+        let change = |url: &str| Change { forge: wakegate_core::route::ForgeKind::Gitlab, number: 42, url: url.into() };
+        let merged = render(
+            &Page::Gone {
+                why: GoneWhy::Merged,
+                change: Some(change("https://gitlab.example/a/b/-/merge_requests/42")),
+            },
+            &cx(),
+        );
+        assert!(merged.contains("This preview is gone: merged in !42"), "{merged}");
+        assert!(merged.contains(r#"href="https://gitlab.example/a/b/-/merge_requests/42""#));
+        let closed = render(&Page::Gone { why: GoneWhy::Closed, change: Some(change("javascript:alert(1)")) }, &cx());
+        assert!(closed.contains("gone: closed") && closed.contains("!42 was closed"));
+        assert!(!closed.contains("javascript:"), "only web links are followed");
+        let deleted = render(&Page::Gone { why: GoneWhy::RefDeleted, change: None }, &cx());
+        assert!(deleted.contains("no longer exists") && !deleted.contains("<a "));
+    }
+
+    #[test]
     fn escapes_and_statuses() {
         let html = render(&Page::NotFound { host: "<x>.localhost".into() }, &Context::default());
         assert!(!html.contains("<x>") && html.contains("&#60;x&#62;.localhost"));
-        assert_eq!(Page::Gone.status(), 410);
+        let gone = Page::Gone { why: GoneWhy::RefDeleted, change: None };
+        assert_eq!(gone.status(), 410);
         let suspended = render(&Page::Suspended { domain: "acme.com".into() }, &cx());
         assert!(suspended.contains("This address is suspended") && suspended.contains("_wakegate-challenge.acme.com"));
         assert_eq!(Page::Suspended { domain: "acme.com".into() }.status(), 403);

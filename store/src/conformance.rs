@@ -40,6 +40,8 @@ pub fn preview(id: &str) -> Preview {
         pinned: false,
         last_error: None,
         custom_hosts: Vec::new(),
+        change: None,
+        commit: None,
     }
 }
 
@@ -122,7 +124,7 @@ pub async fn compare_and_set(s: Arc<dyn Store>) {
     let mut p = preview("a");
     assert_eq!(s.put_preview(&p, None).await.unwrap(), 1);
     assert!(matches!(s.put_preview(&p, None).await, Err(StoreError::Conflict)), "create twice");
-    p.state = State::Building { phase: Phase::Build, machine: Some("m1".into()), serving: None };
+    p.state = State::Building { phase: Phase::Build, machine: Some("m1".into()), serving: None, restart: false };
     assert_eq!(s.put_preview(&p, Some(1)).await.unwrap(), 2);
     assert!(matches!(s.put_preview(&p, Some(1)).await, Err(StoreError::Conflict)), "stale version");
     let got = s.get_preview("a").await.unwrap().unwrap();

@@ -104,7 +104,7 @@ async fn json_errors(r: Response) -> Response {
     }
     let (mut parts, _) = r.into_parts();
     let message = status.canonical_reason().unwrap_or("error").to_ascii_lowercase();
-    let body = Json(ErrorBody { error: message, field: None }).into_response();
+    let body = Json(ErrorBody { error: message, field: None, gone: None }).into_response();
     parts.headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     parts.headers.remove(http::header::CONTENT_LENGTH);
     Response::from_parts(parts, body.into_body())

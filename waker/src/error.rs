@@ -6,7 +6,8 @@ use http::StatusCode;
 use serde::Serialize;
 use tracing::warn;
 use utoipa::ToSchema;
-use wakegate_core::lifecycle::Rejected;
+use wakegate_core::lifecycle::{GoneWhy, Rejected};
+use wakegate_core::route::GoneInfo;
 use wakegate_store::driver::ApplyError;
 use wakegate_store::StoreError;
 
@@ -18,6 +19,9 @@ pub struct ErrorBody {
     /// The request field at fault, when one is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// For a 410: why the preview is gone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gone: Option<GoneInfo>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +35,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    /// The ref behind a preview is gone.
-    #[error("{0}")]
-    Gone(String),
+    /// The ref behind a preview is gone, or its merge request closed or merged.
+    #[error("{}", gone_message(.0))]
+    Gone(GoneInfo),
     #[error("body larger than {0} bytes")]
     TooLarge(usize),
     /// Well-formed but refers to something that cannot be used (a missing ref).
@@ -52,7 +56,21 @@ pub enum ApiError {
     Overloaded(&'static str),
 }
 
+fn gone_message(g: &GoneInfo) -> String {
+    let reference = g.change.as_ref().map(|c| c.reference()).unwrap_or_else(|| "merge request".into());
+    match g.why {
+        GoneWhy::RefDeleted => "the branch no longer exists".into(),
+        GoneWhy::Closed => format!("{reference} was closed"),
+        GoneWhy::Merged => format!("merged in {reference}"),
+    }
+}
+
 impl ApiError {
+    /// The branch no longer exists.
+    pub fn ref_gone() -> ApiError {
+        ApiError::Gone(GoneInfo::default())
+    }
+
     pub fn bad(field: &str, message: impl Into<String>) -> ApiError {
         ApiError::BadRequest { field: Some(field.to_string()), message: message.into() }
     }
@@ -90,7 +108,7 @@ impl From<ApplyError> for ApiError {
     fn from(e: ApplyError) -> ApiError {
         match e {
             ApplyError::NotFound(id) => ApiError::NotFound(format!("no preview {id}")),
-            ApplyError::Rejected(Rejected::Gone) => ApiError::Gone("the branch no longer exists".into()),
+            ApplyError::Rejected(Rejected::Gone) => ApiError::ref_gone(),
             ApplyError::Rejected(r) => ApiError::Conflict(r.to_string()),
             ApplyError::Store(e) => e.into(),
         }
@@ -103,7 +121,11 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest { field, .. } => field.clone(),
             _ => None,
         };
-        let mut r = (self.status(), Json(ErrorBody { error: self.to_string(), field })).into_response();
+        let gone = match &self {
+            ApiError::Gone(g) => Some(g.clone()),
+            _ => None,
+        };
+        let mut r = (self.status(), Json(ErrorBody { error: self.to_string(), field, gone })).into_response();
         if matches!(self, ApiError::TooManyRequests(_) | ApiError::Overloaded(_) | ApiError::Unavailable(_)) {
             r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
         }

@@ -168,6 +168,8 @@ pub async fn create_preview(
         pinned: false,
         last_error: None,
         custom_hosts: Vec::new(),
+        change: None,
+        commit: None,
     };
     // the record first, then the host, then the job: a crash in between leaves a
     // Building record whose job the reconciler re-enqueues

@@ -738,7 +738,7 @@ pub async fn sync_hosts(w: &Waker, preview_id: &str) -> Result<(), ApiError> {
         let (p, project) = w.load(preview_id).await?;
         let org = w.org(&project.org_id).await?;
         let bases: Vec<String> = match (&p.value.state, &org) {
-            (Lifecycle::Gone, _) | (_, None) => Vec::new(),
+            (Lifecycle::Gone { .. }, _) | (_, None) => Vec::new(),
             (_, Some(org)) => org.bases.iter().map(|b| b.name.clone()).collect(),
         };
         let hosts = desired_hosts(w, &p.value, &project, &bases).await?;

@@ -7,8 +7,8 @@ use crate::refs::RefChecker;
 use std::sync::Arc;
 use tracing::{info, warn};
 use wakegate_core::host::normalize_host;
-use wakegate_core::lifecycle::{Event, State};
-use wakegate_core::route::{Preview, Project, RouteRecord, RouteStatus};
+use wakegate_core::lifecycle::{Event, GoneWhy, State};
+use wakegate_core::route::{GoneInfo, Preview, Project, RouteRecord, RouteStatus};
 use wakegate_core::sign::Key;
 use wakegate_core::ttl;
 use wakegate_store::driver::apply;
@@ -132,12 +132,19 @@ impl Waker {
     pub(crate) async fn record(&self, p: Versioned<Preview>, project: &Project) -> RouteRecord {
         let mut p = p;
         let mut rebuildable = true;
-        if matches!(p.value.state, State::Erased { .. } | State::Failed { .. } | State::Gone) {
+        // a preview gone because its merge request closed or merged comes back only when
+        // the forge says it reopened
+        let asks_git = match &p.value.state {
+            State::Erased { .. } | State::Failed { .. } => true,
+            State::Gone { why } => *why == GoneWhy::RefDeleted,
+            _ => false,
+        };
+        if asks_git {
             match self.refs.exists(&project.git_url, &p.value.git_ref).await {
                 Ok(exists) => {
                     rebuildable = exists;
                     let event = match (&p.value.state, exists) {
-                        (State::Gone, true) => Some(Event::RefRestored),
+                        (State::Gone { .. }, true) => Some(Event::RefRestored),
                         (State::Erased { .. } | State::Failed { .. }, false) => Some(Event::RefDeleted),
                         _ => None,
                     };
@@ -165,7 +172,7 @@ impl Waker {
             preview_id: p.value.id.clone(),
             project: p.value.project.clone(),
             git_ref: p.value.git_ref.clone(),
-            status: RouteStatus::from_state(&p.value.state, rebuildable),
+            status: RouteStatus::from_state(&p.value.state, rebuildable, p.value.change.as_ref()),
             version: p.version,
             ttl_remaining_ms: remaining,
             pinned: p.value.pinned,
@@ -174,12 +181,15 @@ impl Waker {
 
     /// Rebuilds an erased or failed preview once git says its ref is still there.
     pub(crate) async fn rebuild(&self, p: Versioned<Preview>, project: &Project) -> Result<Accepted, ApiError> {
+        if let State::Gone { why: why @ (GoneWhy::Closed | GoneWhy::Merged) } = p.value.state {
+            return Err(ApiError::Gone(GoneInfo { why, change: p.value.change.clone() }));
+        }
         match self.refs.exists(&project.git_url, &p.value.git_ref).await {
             Ok(false) => {
                 if let Err(e) = apply(self.store.as_ref(), &p.value.id, &Event::RefDeleted, now_ms()).await {
                     warn!(preview = %p.value.id, error = %e, "recording the deleted ref failed");
                 }
-                return Err(ApiError::Gone("the branch no longer exists".into()));
+                return Err(ApiError::ref_gone());
             }
             Ok(true) => {}
             Err(e) => warn!(error = %e, "cannot ask the remote; building anyway"),
