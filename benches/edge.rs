@@ -261,6 +261,7 @@ fn project() -> Project {
         created_at: now_ms(),
         machine: Default::default(),
         org_id: wakegate_core::route::DEFAULT_ORG_ID.into(),
+        forge: None,
     }
 }
 

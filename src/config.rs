@@ -77,6 +77,8 @@ pub struct Config {
     pub custom_host_target: Option<String>,
     /// Cloudflare for SaaS (custom hostnames), when a zone and token are set.
     pub saas: Option<wakegate_waker::saas::SaasConfig>,
+    /// How often the forge inbox, comments and reconciler run.
+    pub forge: wakegate_waker::forge::ForgeSettings,
     pub route_ttl: Duration,
     pub hold_timeout: Duration,
     pub activity_every: Duration,
@@ -318,6 +320,12 @@ impl Config {
             domain_grace: secs(src, "WAKEGATE_DOMAIN_GRACE_SECS", 86_400.0)?,
             domain_recheck_every: secs(src, "WAKEGATE_DOMAIN_RECHECK_SECS", 3_600.0)?,
             custom_host_target: src.get("WAKEGATE_CUSTOM_HOST_TARGET"),
+            forge: wakegate_waker::forge::ForgeSettings {
+                inbox_every: secs(src, "WAKEGATE_FORGE_INBOX_SECS", 1.0)?,
+                status_every: secs(src, "WAKEGATE_FORGE_STATUS_SECS", 5.0)?,
+                reconcile_every: secs(src, "WAKEGATE_FORGE_RECONCILE_SECS", 300.0)?,
+                remember: secs(src, "WAKEGATE_FORGE_REMEMBER_SECS", 3.0 * 86_400.0)?,
+            },
             saas: match (
                 src.get("WAKEGATE_CLOUDFLARE_ZONE_ID"),
                 secret(src, "WAKEGATE_CLOUDFLARE_API_TOKEN", "WAKEGATE_CLOUDFLARE_API_TOKEN_FILE")?,

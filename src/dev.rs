@@ -75,7 +75,8 @@ impl Dev {
                 Arc::new(GitRefs::new(Duration::from_secs(2))),
             )
             .with_orgs(cfg.org_settings())
-            .with_saas(cfg.saas.clone()),
+            .with_saas(cfg.saas.clone())
+            .with_forge(cfg.forge.clone()),
         );
         let machines_dir = std::path::absolute(cfg.data_dir.join("machines"))?;
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -87,6 +88,12 @@ impl Dev {
         ));
         let mut tasks = backend.tasks;
         tasks.push(tokio::spawn(wakegate_waker::orgs::recheck_loop(waker.clone())));
+        let forge = waker.spawn_forge();
+        tasks.push(tokio::spawn(async move {
+            // the loops end when this task is aborted (their handles abort on drop)
+            let _forge = forge;
+            std::future::pending::<()>().await
+        }));
         if let Some(saas) = cfg.saas.clone() {
             tasks.push(tokio::spawn(wakegate_waker::saas::sync_loop(
                 waker.clone(),

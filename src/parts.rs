@@ -30,10 +30,12 @@ pub async fn waker(cfg: Config) -> anyhow::Result<()> {
             Arc::new(GitRefs::new(Duration::from_secs(5))),
         )
         .with_orgs(cfg.org_settings())
-        .with_saas(cfg.saas.clone()),
+        .with_saas(cfg.saas.clone())
+        .with_forge(cfg.forge.clone()),
     );
     let listener = TcpListener::bind(cfg.waker_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "waker listening");
+    let _forge = waker.spawn_forge();
     let _recheck =
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(wakegate_waker::orgs::recheck_loop(waker.clone())));
     let _saas = cfg.saas.clone().map(|saas| {

@@ -26,6 +26,59 @@ pub struct Project {
     /// org).
     #[serde(default = "default_org_id")]
     pub org_id: String,
+    /// The GitLab or GitHub project whose merge requests drive its previews.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forge: Option<ForgeConfig>,
+}
+
+/// Where a secret is read from when it is needed: never the secret itself, so the store
+/// holds no token in plain text.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SecretRef {
+    /// An environment variable of the process that needs it (waker, provisioner).
+    Env(String),
+    /// A file (its content, trimmed).
+    File(String),
+}
+
+/// A project's forge: where its merge requests are, and how Wakegate reaches them.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForgeConfig {
+    pub kind: ForgeKind,
+    /// The API root: `https://gitlab.com/api/v4` (or a self-hosted GitLab's),
+    /// `https://api.github.com`.
+    pub api_url: String,
+    /// GitLab: the project's numeric id or `group/project` path; GitHub: `owner/repo`.
+    pub repo: String,
+    /// The API token (also used to clone a private repository).
+    pub token: SecretRef,
+    /// GitLab's secret token (`X-Gitlab-Token`) or GitHub's webhook secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<SecretRef>,
+    /// GitLab's signing token (`whsec_…`): deliveries must carry a valid
+    /// `webhook-signature`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret: Option<SecretRef>,
+    /// Preview draft merge requests too (default: not until they are ready).
+    #[serde(default)]
+    pub drafts: bool,
+    /// Preview merge requests that change nothing too (default: not).
+    #[serde(default)]
+    pub empty: bool,
+}
+
+impl ForgeConfig {
+    /// The user name that goes with the token when git fetches over HTTPS.
+    pub fn git_username(&self) -> &'static str {
+        match self.kind {
+            ForgeKind::Gitlab => "oauth2",
+            ForgeKind::Github => "x-access-token",
+        }
+    }
 }
 
 /// The id of the org every installation has, which projects without one belong to.

@@ -241,9 +241,16 @@ impl AgentApi {
             Ok(None) => return error(410, "the project no longer exists"),
             Err(e) => return error(503, &e.to_string()),
         };
+        // a private repository's token, for the agent's credential helper (never in the
+        // URL); an unreadable one fails the build with the reason
+        let git_auth = match crate::runner::git_auth(&project) {
+            Ok(a) => a.map(|a| json!({ "username": a.username, "token": a.token })),
+            Err(reason) => return error(503, &reason),
+        };
         reply(
             200,
             json!({
+                "git_auth": git_auth,
                 "preview": preview.id,
                 "git_url": project.git_url,
                 "git_ref": preview.git_ref,

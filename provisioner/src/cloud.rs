@@ -15,6 +15,8 @@ pub struct DeploySpec {
     /// The default URL and one per custom name (the app's `PREVIEW_URLS`).
     pub preview_urls: Vec<String>,
     pub project: Project,
+    /// A private repository's credentials (the project's forge token).
+    pub git_auth: Option<crate::git::GitAuth>,
 }
 
 /// A machine as the backend sees it (labels are the ground truth for what exists).

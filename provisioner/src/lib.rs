@@ -21,7 +21,7 @@ pub mod hetzner;
 pub mod local;
 pub mod manifest;
 pub mod runner;
-pub mod supervise;
+pub use wakegate_serve::supervise;
 pub mod sweep;
 
 use std::time::Duration;

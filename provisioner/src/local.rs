@@ -292,7 +292,9 @@ impl Cloud for LocalCloud {
         if !progress.phase(Phase::Checkout).await {
             return Err(CloudError::Failed("cancelled".into()));
         }
-        crate::git::checkout(&spec.git_url, &spec.git_ref, &dir.join("src")).await.map_err(CloudError::Failed)?;
+        crate::git::checkout(&spec.git_url, &spec.git_ref, &dir.join("src"), spec.git_auth.as_ref())
+            .await
+            .map_err(CloudError::Failed)?;
         let text = tokio::fs::read_to_string(dir.join("src").join(crate::manifest::FILE))
             .await
             .map_err(|_| CloudError::Failed(format!("the repository has no {} at its root", crate::manifest::FILE)))?;

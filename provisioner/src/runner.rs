@@ -18,6 +18,14 @@ use wakegate_core::lifecycle::{Event, MachineId, Phase, State};
 use wakegate_store::driver::{apply, Applied, ApplyError};
 use wakegate_store::{Lane, Lease, SharedStore, StoreError};
 
+/// The credentials a project's forge token gives git, read now (a rotated token takes
+/// effect at the next build).
+pub fn git_auth(project: &wakegate_core::route::Project) -> Result<Option<crate::git::GitAuth>, String> {
+    let Some(forge) = &project.forge else { return Ok(None) };
+    let token = wakegate_store::secret::resolve(&forge.token).map_err(|e| format!("the forge token: {e}"))?;
+    Ok(Some(crate::git::GitAuth { username: forge.git_username().to_string(), token }))
+}
+
 /// Most times one build job starts again because newer code was pushed.
 const MAX_RESTARTS: usize = 16;
 
@@ -285,7 +293,15 @@ impl Provisioner {
                 (machine, assigned.preview.version)
             }
         };
+        let git_auth = match git_auth(&project) {
+            Ok(a) => a,
+            Err(reason) => {
+                let failed = Event::BuildFailed { reason, machine: Some(machine) };
+                return self.event(id, failed).await.map(|_| ());
+            }
+        };
         let spec = DeploySpec {
+            git_auth,
             preview_id: id.to_string(),
             git_url: project.git_url.clone(),
             git_ref: preview.git_ref.clone(),

@@ -8,10 +8,13 @@
 //!   timeout (a response in progress is finished first);
 //! * [`AcceptBackoff`] keeps an accept loop from spinning when descriptors run out;
 //! * [`serve`] puts these together for an axum [`Router`] (the waker, the agent
-//!   endpoint); the edge uses the parts with its own per-thread runtimes.
+//!   endpoint); the edge uses the parts with its own per-thread runtimes;
+//! * [`supervise`] restarts a background task that panics (every background loop of
+//!   waker and provisioner runs under it).
 #![forbid(unsafe_code)]
 
 mod conn;
+pub mod supervise;
 
 pub use conn::{AcceptBackoff, Admitted, Connections, Watched, OVER_CAPACITY};
 

@@ -22,6 +22,7 @@ pub fn project(name: &str) -> Project {
         created_at: 1,
         machine: Default::default(),
         org_id: wakegate_core::route::DEFAULT_ORG_ID.into(),
+        forge: None,
     }
 }
 

@@ -32,7 +32,43 @@ pub enum ApplyError {
 
 /// Applies `event` to preview `id` at time `now`.
 pub async fn apply(store: &dyn Store, id: &str, event: &Event, now: Millis) -> Result<Applied, ApplyError> {
-    apply_inner(store, id, event, now, None).await?.ok_or(ApplyError::Store(StoreError::Conflict))
+    apply_inner(store, id, event, now, None, &|_| {}).await?.ok_or(ApplyError::Store(StoreError::Conflict))
+}
+
+/// Applies `event` and, in the same write, `edit` to the record's other fields (the
+/// commit a redeploy is for, say), so no crash can separate them.
+pub async fn apply_editing(
+    store: &dyn Store,
+    id: &str,
+    event: &Event,
+    now: Millis,
+    edit: &(dyn Fn(&mut Preview) + Sync),
+) -> Result<Applied, ApplyError> {
+    apply_inner(store, id, event, now, None, edit).await?.ok_or(ApplyError::Store(StoreError::Conflict))
+}
+
+/// Changes fields of a preview other than its state (compare-and-set, retried); the
+/// state must not be touched by `edit`.
+pub async fn edit(
+    store: &dyn Store,
+    id: &str,
+    edit: &(dyn Fn(&mut Preview) + Sync),
+) -> Result<Versioned<Preview>, ApplyError> {
+    for _ in 0..64 {
+        let current = store.get_preview(id).await?.ok_or_else(|| ApplyError::NotFound(id.to_string()))?;
+        let mut next = current.value.clone();
+        edit(&mut next);
+        next.state = current.value.state.clone();
+        if next == current.value {
+            return Ok(current);
+        }
+        match store.put_preview(&next, Some(current.version)).await {
+            Ok(version) => return Ok(Versioned { version, value: next }),
+            Err(StoreError::Conflict) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(StoreError::Conflict.into())
 }
 
 /// Applies `event` only if the preview is still at `version` (what the caller judged
@@ -44,7 +80,7 @@ pub async fn apply_at(
     now: Millis,
     version: u64,
 ) -> Result<Option<Applied>, ApplyError> {
-    apply_inner(store, id, event, now, Some(version)).await
+    apply_inner(store, id, event, now, Some(version), &|_| {}).await
 }
 
 async fn apply_inner(
@@ -53,6 +89,7 @@ async fn apply_inner(
     event: &Event,
     now: Millis,
     expected: Option<u64>,
+    edit: &(dyn Fn(&mut Preview) + Sync),
 ) -> Result<Option<Applied>, ApplyError> {
     for _ in 0..64 {
         let current = store.get_preview(id).await?.ok_or_else(|| ApplyError::NotFound(id.to_string()))?;
@@ -62,6 +99,7 @@ async fn apply_inner(
         let t = transition(&current.value.state, event, now)?;
         let changed = t.state != current.value.state;
         let mut next = current.value.clone();
+        edit(&mut next);
         next.state = t.state.clone();
         let mut delete = Vec::new();
         for effect in &t.effects {
@@ -73,7 +111,7 @@ async fn apply_inner(
                 Effect::Schedule { .. } => {}
             }
         }
-        if matches!(event, Event::BuildRequested) && changed {
+        if matches!(event, Event::BuildRequested | Event::Redeploy) && changed {
             next.built_at = now;
             next.last_error = None;
         }

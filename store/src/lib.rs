@@ -15,6 +15,7 @@ pub mod conformance;
 pub mod driver;
 pub mod embedded;
 pub mod redis_store;
+pub mod secret;
 
 use async_trait::async_trait;
 use std::sync::Arc;

@@ -16,7 +16,28 @@ pub struct ApiRequest {
     pub query: String,
     /// The `Authorization` header.
     pub authorization: Option<String>,
+    /// Every header, names lowercase.
+    pub headers: Vec<(String, String)>,
     pub body: Bytes,
+}
+
+impl ApiRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// A query parameter, percent-decoded.
+    pub fn param(&self, name: &str) -> Option<String> {
+        self.query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == name).then(|| percent_decode(v))
+        })
+    }
+}
+
+/// `%XX` decoded (and `+` as a space, as in a query).
+pub fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned()
 }
 
 /// A fake's answer.
@@ -61,6 +82,11 @@ where
         path: req.uri().path().to_string(),
         query: req.uri().query().unwrap_or("").to_string(),
         authorization: req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string),
+        headers: req
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
         body: req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default(),
     };
     let reply = handle(request).await;

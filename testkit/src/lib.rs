@@ -14,6 +14,7 @@ pub mod browser;
 pub mod cloudflare;
 pub mod dns;
 pub mod fake_api;
+pub mod forges;
 pub mod git;
 pub mod hetzner;
 pub mod http;

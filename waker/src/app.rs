@@ -36,18 +36,22 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
         operator::list_previews, operator::show, operator::pin, operator::unpin, operator::set_ttl,
         operator::sleep, operator::wake, operator::erase, operator::rebuild,
         orgs::list, orgs::create, orgs::show, orgs::add_domain, orgs::verify, orgs::remove_domain,
-        orgs::add_base, orgs::remove_base, operator::custom_hostnames,
+        orgs::add_base, orgs::remove_base, operator::custom_hostnames, crate::forge::hooks::receive,
     ),
     components(schemas(
         ErrorBody, Accepted, Health, NewProject, NewPreview, SetTtl, PreviewView, Project, RouteRecord,
         HostRequest, ActivityBatch, orgs::OrgView, orgs::DomainView, orgs::BaseView, orgs::NewOrg,
         orgs::NewDomain, orgs::NewBase, orgs::Org, orgs::Domain, orgs::Base, orgs::DomainStatus, orgs::DnsRecord,
         wakegate_core::route::CustomHost, crate::model::CustomHostnames, crate::saas::Registration,
+        crate::forge::hooks::HookAnswer, wakegate_core::route::ForgeConfig, wakegate_core::route::SecretRef,
+        wakegate_core::route::ForgeKind, wakegate_core::route::Change, wakegate_core::route::GoneInfo,
+        wakegate_core::lifecycle::GoneWhy,
     )),
     modifiers(&SecuritySchemes),
     tags(
         (name = "edge", description = "Called by the edge, signed with the shared edge key."),
         (name = "operator", description = "Called by operators with the bearer token."),
+        (name = "forge", description = "Called by GitLab and GitHub, verified with the project's webhook secret."),
     )
 )]
 pub struct ApiDoc;
@@ -141,7 +145,11 @@ pub fn router(waker: Arc<Waker>) -> Router {
         .route("/v1/previews/{id}/sleep", op(post(operator::sleep)))
         .route("/v1/previews/{id}/wake", op(post(operator::wake)))
         .route("/v1/previews/{id}/erase", op(post(operator::erase)))
-        .route("/v1/previews/{id}/rebuild", op(post(operator::rebuild)));
+        .route("/v1/previews/{id}/rebuild", op(post(operator::rebuild)))
+        .route(
+            "/v1/forge/{project}/hook",
+            post(crate::forge::hooks::receive).layer(DefaultBodyLimit::max(crate::forge::hooks::MAX_HOOK_BODY)),
+        );
     Router::new()
         .route("/healthz", get(health))
         .route("/openapi.json", get(openapi))

@@ -51,6 +51,9 @@ pub enum ApiError {
     /// The store is down or failed; retrying later can help.
     #[error("store unavailable: {0}")]
     Unavailable(#[source] StoreError),
+    /// Something the installation must fix (a secret that cannot be read).
+    #[error("{0}")]
+    Misconfigured(String),
     /// Too many requests in flight, or one took too long.
     #[error("{0}")]
     Overloaded(&'static str),
@@ -86,7 +89,9 @@ impl ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ApiError::Unavailable(_) | ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Overloaded(_) | ApiError::Misconfigured(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 }

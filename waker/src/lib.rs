@@ -18,6 +18,9 @@
 //! * [`saas`] — custom names registered as Cloudflare for SaaS custom hostnames,
 //!   their status followed until live;
 //! * [`error`] — the one error enum and the one place a status is chosen;
+//! * [`forge`] — GitLab and GitHub drive previews: verified, de-duplicated webhooks
+//!   persisted and worked on after the answer, one comment per merge request edited in
+//!   place, environments / deployments, and a paced reconciler;
 //! * [`refs`] — "does this ref still exist?" via `git ls-remote`: cached (failures
 //!   too), single-flight per ref, bounded, and a timed-out call ends its whole process
 //!   group.
@@ -31,6 +34,7 @@ pub mod auth;
 pub mod dns;
 pub mod edge;
 pub mod error;
+pub mod forge;
 pub mod model;
 pub mod names;
 pub mod operator;
@@ -41,7 +45,7 @@ mod waker;
 
 pub use app::{openapi_json, router};
 pub use model::PreviewView;
-pub use waker::{Waker, WakerConfig};
+pub use waker::{ForgeState, Waker, WakerConfig};
 
 /// Serves the API on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, waker: std::sync::Arc<Waker>) {

@@ -56,6 +56,11 @@ pub struct NewProject {
     /// The org that owns it, by name (default: `default`).
     #[serde(default)]
     pub org: Option<String>,
+    /// The GitLab or GitHub project whose merge requests drive its previews (see
+    /// `docs/forges.md`); secrets are named (`{"env": "VAR"}` or `{"file": "/path"}`),
+    /// never given.
+    #[serde(default)]
+    pub forge: Option<wakegate_core::route::ForgeConfig>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -66,6 +66,9 @@ fn validate_project(req: NewProject) -> Result<Project, ApiError> {
             return Err(ApiError::bad(field, format!("{field} must be 1–64 characters of a-z, 0-9 and '-'")));
         }
     }
+    if let Some(forge) = &req.forge {
+        crate::forge::check_config(forge).map_err(|(field, message)| ApiError::bad(field, message))?;
+    }
     Ok(Project {
         id: wakegate_store::new_id("p"),
         name,
@@ -75,6 +78,7 @@ fn validate_project(req: NewProject) -> Result<Project, ApiError> {
         created_at: now_ms(),
         machine: req.machine,
         org_id: wakegate_core::route::DEFAULT_ORG_ID.into(),
+        forge: req.forge,
     })
 }
 
@@ -130,72 +134,94 @@ pub async fn create_preview(
     let git_ref = wakegate_core::gitref::normalize(&req.git_ref).map_err(|e| ApiError::bad("ref", e.to_string()))?;
     let project =
         w.store.project_by_name(&name).await?.ok_or_else(|| ApiError::NotFound(format!("no project {name}")))?;
-    let label = preview_label(&project.name, &project.id, &git_ref);
-    let host = w.host_of(&label);
-    let id = format!("pv-{}", wakegate_core::host::ref_hash(&project.id, &git_ref));
-    // an existing record answers only if it is this project's preview of this ref
-    let same = |p: &Preview| p.project_id == project.id && p.git_ref == git_ref;
-    if let Some(existing) = w.store.get_preview(&id).await? {
-        if !same(&existing.value) {
-            return Err(ApiError::Conflict(format!("preview id {id} is taken by another ref; report this")));
-        }
-        // a crash between writing the record and binding its host is repaired here:
-        // binding is idempotent
-        w.store.bind_host(&host, &id).await?;
-        if let Err(e) = crate::orgs::sync_hosts(&w, &id).await {
-            warn!(preview = %id, error = %e, "binding custom names; the periodic sync will retry");
-        }
-        let existing = w.store.get_preview(&id).await?.unwrap_or(existing);
-        return Ok((StatusCode::OK, Json(w.view(&existing, &project))));
-    }
-    match w.refs.exists(&project.git_url, &git_ref).await {
-        Ok(false) => return Err(ApiError::Unprocessable(format!("{git_ref} does not exist in {}", project.git_url))),
-        Ok(true) => {}
-        Err(e) => return Err(ApiError::Upstream(e)),
-    }
-    let now = now_ms();
-    let preview = Preview {
-        id: id.clone(),
-        project_id: project.id.clone(),
-        project: project.name.clone(),
-        git_ref: git_ref.clone(),
-        label,
-        state: Lifecycle::queued(),
-        state_since: now,
-        created_at: now,
-        built_at: now,
-        ttl_hours: None,
-        pinned: false,
-        last_error: None,
-        custom_hosts: Vec::new(),
-        change: None,
-        commit: None,
-    };
-    // the record first, then the host, then the job: a crash in between leaves a
-    // Building record whose job the reconciler re-enqueues
-    let version = match w.store.put_preview(&preview, None).await {
-        Ok(v) => v,
-        Err(StoreError::Conflict) => {
-            return match w.store.get_preview(&id).await? {
-                Some(existing) if same(&existing.value) => Ok((StatusCode::OK, Json(w.view(&existing, &project)))),
-                _ => Err(ApiError::Conflict("created concurrently; try again".into())),
-            }
-        }
-        Err(e) => return Err(e.into()),
-    };
-    w.store.bind_host(&host, &id).await?;
-    sync_indexes(w.store.as_ref(), &preview, now).await?;
-    // names under the org's bases, before the build starts; a failure here is repaired
-    // by the periodic sync
-    if let Err(e) = crate::orgs::sync_hosts(&w, &id).await {
-        warn!(preview = %id, error = %e, "binding custom names; the periodic sync will retry");
-    }
-    w.store.enqueue(&id, JobKind::Build).await?;
-    info!(preview = %id, %host, "preview created");
-    let current = w.store.get_preview(&id).await?.unwrap_or(Versioned { version, value: preview });
+    let (current, created) = w.ensure_preview(&project, &git_ref, true, |_| {}).await?;
     let mut view = w.view(&current, &project);
     w.with_saas_status(std::slice::from_mut(&mut view)).await;
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(view)))
+}
+
+impl Waker {
+    /// The preview of `git_ref` (already normalized), created and queued to build when
+    /// there is none (`true`). `check_ref`: ask the remote first whether the ref exists
+    /// (a forge's event already says so). `setup` fills a new record's other fields.
+    pub(crate) async fn ensure_preview(
+        &self,
+        project: &Project,
+        git_ref: &str,
+        check_ref: bool,
+        setup: impl FnOnce(&mut Preview),
+    ) -> Result<(Versioned<Preview>, bool), ApiError> {
+        let w = self;
+        let label = preview_label(&project.name, &project.id, git_ref);
+        let host = w.host_of(&label);
+        let id = format!("pv-{}", wakegate_core::host::ref_hash(&project.id, git_ref));
+        // an existing record answers only if it is this project's preview of this ref
+        let same = |p: &Preview| p.project_id == project.id && p.git_ref == git_ref;
+        if let Some(existing) = w.store.get_preview(&id).await? {
+            if !same(&existing.value) {
+                return Err(ApiError::Conflict(format!("preview id {id} is taken by another ref; report this")));
+            }
+            // a crash between writing the record and binding its host is repaired here:
+            // binding is idempotent
+            w.store.bind_host(&host, &id).await?;
+            if let Err(e) = crate::orgs::sync_hosts(w, &id).await {
+                warn!(preview = %id, error = %e, "binding custom names; the periodic sync will retry");
+            }
+            let existing = w.store.get_preview(&id).await?.unwrap_or(existing);
+            return Ok((existing, false));
+        }
+        if check_ref {
+            match w.refs.exists(&project.git_url, git_ref).await {
+                Ok(false) => {
+                    return Err(ApiError::Unprocessable(format!("{git_ref} does not exist in {}", project.git_url)))
+                }
+                Ok(true) => {}
+                Err(e) => return Err(ApiError::Upstream(e)),
+            }
+        }
+        let now = now_ms();
+        let mut preview = Preview {
+            id: id.clone(),
+            project_id: project.id.clone(),
+            project: project.name.clone(),
+            git_ref: git_ref.to_string(),
+            label,
+            state: Lifecycle::queued(),
+            state_since: now,
+            created_at: now,
+            built_at: now,
+            ttl_hours: None,
+            pinned: false,
+            last_error: None,
+            custom_hosts: Vec::new(),
+            change: None,
+            commit: None,
+        };
+        setup(&mut preview);
+        // the record first, then the host, then the job: a crash in between leaves a
+        // Building record whose job the reconciler re-enqueues
+        let version = match w.store.put_preview(&preview, None).await {
+            Ok(v) => v,
+            Err(StoreError::Conflict) => {
+                return match w.store.get_preview(&id).await? {
+                    Some(existing) if same(&existing.value) => Ok((existing, false)),
+                    _ => Err(ApiError::Conflict("created concurrently; try again".into())),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        w.store.bind_host(&host, &id).await?;
+        sync_indexes(w.store.as_ref(), &preview, now).await?;
+        // names under the org's bases, before the build starts; a failure here is
+        // repaired by the periodic sync
+        if let Err(e) = crate::orgs::sync_hosts(w, &id).await {
+            warn!(preview = %id, error = %e, "binding custom names; the periodic sync will retry");
+        }
+        w.store.enqueue(&id, JobKind::Build).await?;
+        info!(preview = %id, %host, "preview created");
+        let current = w.store.get_preview(&id).await?.unwrap_or(Versioned { version, value: preview });
+        Ok((current, true))
+    }
 }
 
 /// Every preview, with TTL remaining.

@@ -35,6 +35,15 @@ pub struct Waker {
     pub(crate) orgs: OrgSettings,
     /// Cloudflare for SaaS, when configured.
     pub(crate) saas: Option<crate::saas::SaasConfig>,
+    pub(crate) forge: ForgeState,
+}
+
+/// What the forge loops share.
+pub struct ForgeState {
+    pub settings: crate::forge::ForgeSettings,
+    pub clients: Arc<dyn crate::forge::Clients>,
+    /// Woken when a delivery lands in the inbox here.
+    pub inbox: tokio::sync::Notify,
 }
 
 impl Waker {
@@ -47,7 +56,40 @@ impl Waker {
             grace: std::time::Duration::from_secs(24 * 3600),
             recheck_every: std::time::Duration::from_secs(3600),
         };
-        Waker { store, config, refs, orgs, saas: None }
+        let forge = ForgeState {
+            settings: Default::default(),
+            clients: Arc::new(crate::forge::RealClients),
+            inbox: tokio::sync::Notify::new(),
+        };
+        Waker { store, config, refs, orgs, saas: None, forge }
+    }
+
+    /// How often the forge loops run ([`crate::forge::sync`]).
+    pub fn with_forge(mut self, settings: crate::forge::ForgeSettings) -> Waker {
+        self.forge.settings = settings;
+        self
+    }
+
+    /// Forge clients made by `clients` instead of from each project's configuration.
+    pub fn with_forge_clients(mut self, clients: Arc<dyn crate::forge::Clients>) -> Waker {
+        self.forge.clients = clients;
+        self
+    }
+
+    /// Starts the forge loops (inbox, comments and views, reconciler); they end with
+    /// the returned handles.
+    pub fn spawn_forge(self: &Arc<Self>) -> Vec<tokio_util::task::AbortOnDropHandle<()>> {
+        use crate::forge::sync;
+        use wakegate_serve::supervise::supervise;
+        let (a, b, c) = (self.clone(), self.clone(), self.clone());
+        [
+            tokio::spawn(supervise("forge-inbox", move || sync::inbox_loop(a.clone()))),
+            tokio::spawn(supervise("forge-status", move || sync::status_loop(b.clone()))),
+            tokio::spawn(supervise("forge-reconcile", move || sync::reconcile_loop(c.clone()))),
+        ]
+        .into_iter()
+        .map(tokio_util::task::AbortOnDropHandle::new)
+        .collect()
     }
 
     /// Registers custom names with Cloudflare for SaaS ([`crate::saas::sync_loop`] does

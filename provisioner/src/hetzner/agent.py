@@ -126,7 +126,16 @@ def deploy(work):
     os.makedirs(SRC)
     try:
         run(["git", "init", "-q"], SRC)
-        run(["git", "fetch", "-q", "--depth", "1", "--", work["git_url"], work["git_ref"]], SRC, timeout=600)
+        fetch = ["git", "fetch", "-q", "--depth", "1", "--", work["git_url"], work["git_ref"]]
+        auth = work.get("git_auth")
+        env = None
+        if auth:
+            # the token reaches git through the environment, never a URL or an argument
+            env = dict(os.environ, WAKEGATE_GIT_USERNAME=auth["username"], WAKEGATE_GIT_TOKEN=auth["token"])
+            helper = ('!f() { test "$1" = get || exit 0; echo "username=${WAKEGATE_GIT_USERNAME}"; '
+                      'echo "password=${WAKEGATE_GIT_TOKEN}"; }; f')
+            fetch = fetch[:1] + ["-c", "credential.helper=", "-c", "credential.helper=" + helper] + fetch[1:]
+        run(fetch, SRC, env=env, timeout=600)
         run(["git", "checkout", "-q", "--detach", "FETCH_HEAD"], SRC)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         raise Failed("checkout", f"cannot fetch {work['git_ref']}: {e}")
