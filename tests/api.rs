@@ -287,6 +287,61 @@ async fn server_matches_its_openapi_document() {
     assert_eq!(r.status, 202);
     check(&spec, "POST", "/v1/edge/rebuild", &r, &mut seen);
 
+    // forge webhooks: a project without a forge, bad forge settings, then a GitHub
+    // project whose deliveries are forged, ignored, accepted, repeated, too big, bad
+    let hook = |project: &str| format!("/v1/forge/{project}/hook");
+    let deliver = |path: String, event: &'static str, id: &'static str, secret: &'static str, body: String| {
+        let sig = wakegate_waker::forge::github::sign(secret, body.as_bytes());
+        let addr = w.dev.waker_addr;
+        async move {
+            let h = [
+                ("content-type", "application/json"),
+                ("x-github-event", event),
+                ("x-github-delivery", id),
+                ("x-hub-signature-256", sig.as_str()),
+            ];
+            http::send(addr, "POST", &addr.to_string(), &path, &h, body).await.unwrap()
+        }
+    };
+    let r = deliver(hook("demo"), "ping", "1", "s", "{}".into()).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    check(&spec, "POST", &hook("demo"), &r, &mut seen);
+    let secrets = wakegate_testkit::tempdir("api-secrets");
+    std::fs::write(secrets.join("hook"), "hook-secret").unwrap();
+    let forge = |repo: &str, api: &str| {
+        json!({"kind": "github", "api_url": api, "repo": repo, "token": {"env": "WAKEGATE_API_TEST_TOKEN"},
+               "webhook_secret": {"file": secrets.join("hook").to_str().unwrap()}})
+    };
+    for (bad, field) in [
+        (forge("acme", "https://api.github.com"), "forge.repo"),
+        (forge("acme/shop", "http://api.github.com"), "forge.api_url"),
+        (forge("acme/shop", "https://user:pw@api.github.com"), "forge.api_url"),
+    ] {
+        let body = json!({"name": "hooked", "git_url": w.repo.url(), "forge": bad}).to_string();
+        let r = operator(&w, "POST", "/v1/projects", &body, tok).await;
+        assert_eq!((r.status, r.json()["field"].as_str()), (400, Some(field)), "{}", r.body);
+    }
+    let body = json!({"name": "hooked", "git_url": w.repo.url(), "forge": forge("acme/shop", "http://127.0.0.1:9")});
+    let r = operator(&w, "POST", "/v1/projects", &body.to_string(), tok).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let pr = json!({"action": "opened", "number": 5, "repository": {"full_name": "acme/shop"},
+                    "pull_request": {"number": 5}})
+    .to_string();
+    let other = pr.replace("acme/shop", "acme/other");
+    for (event, id, secret, body, status) in [
+        ("pull_request", "d1", "wrong", pr.clone(), 401),
+        ("ping", "d0", "hook-secret", json!({"zen": "hi"}).to_string(), 202),
+        ("pull_request", "d1", "hook-secret", pr.clone(), 202),
+        ("pull_request", "d1", "hook-secret", pr.clone(), 200),
+        ("pull_request", "d2", "hook-secret", other, 422),
+        ("pull_request", "d3", "hook-secret", "{not json".to_string(), 400),
+        ("pull_request", "d4", "hook-secret", format!("{{\"pad\": \"{}\"}}", "x".repeat(3 << 20)), 413),
+    ] {
+        let r = deliver(hook("hooked"), event, id, secret, body).await;
+        assert_eq!(r.status, status, "{event} {id}: {}", r.body);
+        check(&spec, "POST", &hook("hooked"), &r, &mut seen);
+    }
+
     let documented: BTreeSet<String> = spec["paths"]
         .as_object()
         .unwrap()

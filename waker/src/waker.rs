@@ -7,7 +7,7 @@ use crate::refs::RefChecker;
 use std::sync::Arc;
 use tracing::{info, warn};
 use wakegate_core::host::normalize_host;
-use wakegate_core::lifecycle::{Event, GoneWhy, State};
+use wakegate_core::lifecycle::{EraseReason, Event, GoneWhy, State};
 use wakegate_core::route::{GoneInfo, Preview, Project, RouteRecord, RouteStatus};
 use wakegate_core::sign::Key;
 use wakegate_core::ttl;
@@ -38,12 +38,46 @@ pub struct Waker {
     pub(crate) forge: ForgeState,
 }
 
+/// What a ref check found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RefStatus {
+    Exists,
+    /// The branch is gone.
+    Deleted,
+    /// The merge request closed or merged.
+    Ended(EraseReason),
+}
+
 /// What the forge loops share.
 pub struct ForgeState {
     pub settings: crate::forge::ForgeSettings,
     pub clients: Arc<dyn crate::forge::Clients>,
     /// Woken when a delivery lands in the inbox here.
     pub inbox: tokio::sync::Notify,
+    /// Ref checks through the forge's API, kept briefly.
+    pub(crate) refs: RefCache,
+}
+
+/// Recent forge ref checks, bounded, each kept [`REF_TTL`].
+pub(crate) struct RefCache(std::sync::Mutex<lru::LruCache<(String, String), (RefStatus, std::time::Instant)>>);
+
+/// How long a forge's answer about a ref is kept.
+const REF_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl RefCache {
+    fn new() -> RefCache {
+        RefCache(std::sync::Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(10_000).expect("nonzero"))))
+    }
+
+    fn get(&self, key: &(String, String)) -> Option<RefStatus> {
+        let mut c = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.get(key).filter(|(_, at)| at.elapsed() < REF_TTL).map(|(s, _)| *s)
+    }
+
+    fn put(&self, key: (String, String), status: RefStatus) {
+        let mut c = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.put(key, (status, std::time::Instant::now()));
+    }
 }
 
 impl Waker {
@@ -60,6 +94,7 @@ impl Waker {
             settings: Default::default(),
             clients: Arc::new(crate::forge::RealClients),
             inbox: tokio::sync::Notify::new(),
+            refs: RefCache::new(),
         };
         Waker { store, config, refs, orgs, saas: None, forge }
     }
@@ -169,25 +204,61 @@ impl Waker {
         Ok((p, project))
     }
 
-    /// The edge's view; for erased and failed previews, asks git (cached) whether the
-    /// ref still exists and records "gone" (or back) accordingly.
+    /// Whether the preview's ref (or merge request) is still there: through the forge's
+    /// API when the project has a forge (the merge request's state, or the branch),
+    /// else `git ls-remote`. Both are cached.
+    pub(crate) async fn ref_status(&self, project: &Project, p: &Preview) -> Result<RefStatus, String> {
+        let plain_git = p.change.is_none() && p.git_ref.starts_with("refs/");
+        if project.forge.is_some() && !plain_git {
+            let key = (project.id.clone(), p.id.clone());
+            if let Some(answer) = self.forge.refs.get(&key) {
+                return Ok(answer);
+            }
+            let forge = match self.forge.clients.client(project) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Err("no forge".into()),
+                Err(e) => return Err(e.to_string()),
+            };
+            let answer = match &p.change {
+                Some(c) => match forge.change(c.number).await.map_err(|e| e.to_string())? {
+                    Some(i) if i.state == crate::forge::ChangeState::Open => RefStatus::Exists,
+                    Some(i) if i.state == crate::forge::ChangeState::Merged => RefStatus::Ended(EraseReason::Merged),
+                    _ => RefStatus::Ended(EraseReason::Closed),
+                },
+                None => match forge.branch_exists(&p.git_ref).await.map_err(|e| e.to_string())? {
+                    true => RefStatus::Exists,
+                    false => RefStatus::Deleted,
+                },
+            };
+            self.forge.refs.put(key, answer);
+            return Ok(answer);
+        }
+        Ok(match self.refs.exists(&project.git_url, &p.git_ref).await? {
+            true => RefStatus::Exists,
+            false => RefStatus::Deleted,
+        })
+    }
+
+    /// The edge's view; for erased and failed previews, asks (cached) whether the ref or
+    /// merge request is still there and records "gone" (or back) accordingly.
     pub(crate) async fn record(&self, p: Versioned<Preview>, project: &Project) -> RouteRecord {
         let mut p = p;
         let mut rebuildable = true;
         // a preview gone because its merge request closed or merged comes back only when
-        // the forge says it reopened
-        let asks_git = match &p.value.state {
+        // the forge says it reopened (its events and reconciler do that)
+        let asks = match &p.value.state {
             State::Erased { .. } | State::Failed { .. } => true,
             State::Gone { why } => *why == GoneWhy::RefDeleted,
             _ => false,
         };
-        if asks_git {
-            match self.refs.exists(&project.git_url, &p.value.git_ref).await {
-                Ok(exists) => {
-                    rebuildable = exists;
-                    let event = match (&p.value.state, exists) {
-                        (State::Gone { .. }, true) => Some(Event::RefRestored),
-                        (State::Erased { .. } | State::Failed { .. }, false) => Some(Event::RefDeleted),
+        if asks {
+            match self.ref_status(project, &p.value).await {
+                Ok(status) => {
+                    rebuildable = status == RefStatus::Exists;
+                    let event = match (&p.value.state, status) {
+                        (State::Gone { .. }, RefStatus::Exists) => Some(Event::RefRestored),
+                        (State::Erased { .. } | State::Failed { .. }, RefStatus::Deleted) => Some(Event::RefDeleted),
+                        (_, RefStatus::Ended(reason)) => Some(Event::EraseRequested { reason }),
                         _ => None,
                     };
                     if let Some(event) = event {
@@ -221,19 +292,28 @@ impl Waker {
         }
     }
 
-    /// Rebuilds an erased or failed preview once git says its ref is still there.
+    /// Rebuilds an erased or failed preview once git (or the forge) says its ref is
+    /// still there.
     pub(crate) async fn rebuild(&self, p: Versioned<Preview>, project: &Project) -> Result<Accepted, ApiError> {
         if let State::Gone { why: why @ (GoneWhy::Closed | GoneWhy::Merged) } = p.value.state {
             return Err(ApiError::Gone(GoneInfo { why, change: p.value.change.clone() }));
         }
-        match self.refs.exists(&project.git_url, &p.value.git_ref).await {
-            Ok(false) => {
+        match self.ref_status(project, &p.value).await {
+            Ok(RefStatus::Deleted) => {
                 if let Err(e) = apply(self.store.as_ref(), &p.value.id, &Event::RefDeleted, now_ms()).await {
                     warn!(preview = %p.value.id, error = %e, "recording the deleted ref failed");
                 }
                 return Err(ApiError::ref_gone());
             }
-            Ok(true) => {}
+            Ok(RefStatus::Ended(reason)) => {
+                let event = Event::EraseRequested { reason };
+                if let Err(e) = apply(self.store.as_ref(), &p.value.id, &event, now_ms()).await {
+                    warn!(preview = %p.value.id, error = %e, "recording the ended merge request failed");
+                }
+                let why = if reason == EraseReason::Merged { GoneWhy::Merged } else { GoneWhy::Closed };
+                return Err(ApiError::Gone(GoneInfo { why, change: p.value.change.clone() }));
+            }
+            Ok(RefStatus::Exists) => {}
             Err(e) => warn!(error = %e, "cannot ask the remote; building anyway"),
         }
         let a = apply(self.store.as_ref(), &p.value.id, &Event::BuildRequested, now_ms()).await?;
