@@ -40,6 +40,9 @@ const LOOKUPS: usize = 2_000;
 const CACHE_ROUTES: usize = 20_000;
 const WS_ROUND_TRIPS: usize = 2_000;
 const CONCURRENT_FIRST: usize = 1_000;
+/// Webhook deliveries per run, and how many are in flight at once.
+const HOOK_DELIVERIES: usize = 1_000;
+const HOOK_CONCURRENCY: usize = 8;
 
 struct Proc(Child);
 impl Drop for Proc {
@@ -68,6 +71,102 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// The time to acknowledge a forge's webhook delivery: verified on the raw body,
+/// de-duplicated and persisted in the (file-backed, embedded) store, answered; the inbox
+/// loop works on the deliveries meanwhile (a fake GitHub answers its calls). The
+/// reference is `GET /healthz` on the same waker, measured the same way in the same run.
+async fn hooks_ack(md: &mut String) {
+    use wakegate_testkit::forges::{FakeForge, Kind};
+    let row = |md: &mut String, line: String| {
+        println!("{line}");
+        md.push_str(&line);
+        md.push('\n');
+    };
+    let w = common::World::start_with(&[("WAKEGATE_FORGE_RECONCILE_SECS", "3600")], 600).await;
+    let fake = FakeForge::start(Kind::Github).await;
+    let dir = tempdir("bench-secrets");
+    std::fs::write(dir.join("token"), fake.token()).unwrap();
+    std::fs::write(dir.join("hook"), "bench-webhook-secret").unwrap();
+    let forge = serde_json::json!({
+        "kind": "github", "api_url": fake.api_url(), "repo": fake.repo(),
+        "token": {"file": dir.join("token").to_str().unwrap()},
+        "webhook_secret": {"file": dir.join("hook").to_str().unwrap()},
+    });
+    let (s, v) = w
+        .op("POST", "/v1/projects", Some(serde_json::json!({"name": "shop", "git_url": w.repo.url(), "forge": forge})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let head = wakegate_testkit::git::git(&w.repo.bare, &["rev-parse", "feature/blue"]).trim().to_string();
+    fake.state.lock().unwrap().open(1, "feature/blue", &head);
+    let (event, payload) = fake.change_hook(1, "synchronize", Some("0000"));
+    let body = payload.to_string();
+    let sig = wakegate_waker::forge::github::sign("bench-webhook-secret", body.as_bytes());
+    let addr = w.dev.waker_addr;
+    // one run: HOOK_DELIVERIES requests from HOOK_CONCURRENCY clients; latencies sorted
+    let run = |hook: bool, round: usize| {
+        let (event, body, sig) = (event.clone(), body.clone(), sig.clone());
+        async move {
+            let mut tasks = Vec::new();
+            for c in 0..HOOK_CONCURRENCY {
+                let (event, body, sig) = (event.clone(), body.clone(), sig.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    for i in 0..HOOK_DELIVERIES / HOOK_CONCURRENCY {
+                        let id = format!("bench-{round}-{c}-{i}");
+                        let t = Instant::now();
+                        let r = if hook {
+                            let h = [
+                                ("content-type", "application/json"),
+                                ("x-github-event", event.as_str()),
+                                ("x-github-delivery", id.as_str()),
+                                ("x-hub-signature-256", sig.as_str()),
+                            ];
+                            http::send(addr, "POST", &addr.to_string(), "/v1/forge/shop/hook", &h, body.clone()).await
+                        } else {
+                            http::send(addr, "GET", &addr.to_string(), "/healthz", &[], "").await
+                        }
+                        .unwrap();
+                        lat.push(t.elapsed());
+                        assert!(r.status == 202 || r.status == 200, "{} {}", r.status, r.body);
+                    }
+                    lat
+                }));
+            }
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            all.sort();
+            all
+        }
+    };
+    run(true, 1000).await; // warm-up
+    let (mut hook_p50, mut hook_p99, mut ref_p50, mut ref_p99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..RUNS {
+        let h = run(true, round).await;
+        let r = run(false, round).await;
+        hook_p50.push(ms(percentile(&h, 0.5)));
+        hook_p99.push(ms(percentile(&h, 0.99)));
+        ref_p50.push(ms(percentile(&r, 0.5)));
+        ref_p99.push(ms(percentile(&r, 0.99)));
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let (hp50, _, _) = med(&mut hook_p50);
+    let (hp99, lo, hi) = med(&mut hook_p99);
+    let (rp50, _, _) = med(&mut ref_p50);
+    let (rp99, _, _) = med(&mut ref_p99);
+    row(md, "\n## Forge webhook acknowledgement (loopback)\n".into());
+    row(md, format!("{HOOK_DELIVERIES} signed GitHub `pull_request` deliveries (distinct delivery ids) per run from {HOOK_CONCURRENCY} clients, a new connection each, to the waker on the embedded (file-backed) store; each is verified, claimed, persisted and answered 202 while the inbox loop works on them. Median of {RUNS} runs, with the spread of the p99s; the reference is `GET /healthz` on the same waker, measured the same way in the same runs.\n"));
+    row(md, "| request | p50 ms | p99 ms (spread) | p99 vs `/healthz` |".into());
+    row(md, "|---|---:|---:|---:|".into());
+    row(md, format!("| webhook delivery (ack) | {hp50:.2} | {hp99:.2} ({lo:.2}–{hi:.2}) | {:.1}× |", hp99 / rp99));
+    row(md, format!("| `GET /healthz` | {rp50:.2} | {rp99:.2} | 1.0× |"));
+    w.stop().await;
 }
 
 /// nginx: static files on one port, a keep-alive reverse proxy to it on another.
@@ -505,6 +604,9 @@ async fn main() {
     if std::env::var("WAKEGATE_BENCH_ONLY").as_deref() == Ok("wake") {
         return wake_path(&mut md).await;
     }
+    if std::env::var("WAKEGATE_BENCH_ONLY").as_deref() == Ok("hooks") {
+        return hooks_ack(&mut md).await;
+    }
     row(&mut md, "## Proxy overhead (wrk, loopback)\n".into());
     row(&mut md, format!("Each row: the median of {RUNS} wrk runs of {LOAD_SECS} s (by req/s) after a 1 s warm-up; *spread* is the lowest and highest req/s of those runs. Ratios are against nginx with `proxy_buffering off` (it streams, as the edge does) and with nginx's default buffering, both measured in the same run.\n"));
     row(&mut md, "| scenario | path | req/s (spread) | p50 ms | p99 ms | vs nginx unbuffered | vs nginx buffered | p99 added over direct |".into());
@@ -621,6 +723,7 @@ async fn main() {
         after.saturating_sub(before), per_entry * PREVIEWS_AT_SCALE as f64 / 1048576.0));
 
     wake_path(&mut md).await;
+    hooks_ack(&mut md).await;
 
     let machine_line = format!(
         "{} cores, {}, {}",

@@ -401,12 +401,41 @@ async fn deliveries_at_once(kind: Kind) {
     let previews = f.w.op("GET", "/v1/previews", None).await.1;
     assert_eq!(previews.as_array().unwrap().iter().filter(|p| p["project"] == "shop").count(), 1);
 
-    // a replay of an accepted delivery: no side effect
+    // a replay of an accepted delivery: no side effect (once the forge's view is settled)
+    wakegate_testkit::eventually(WAIT, "the forge's view to say ready", || async {
+        let e = f.env_of("feature/x")?;
+        let ready = match kind {
+            Kind::Gitlab => e.external_url.is_some(),
+            Kind::Github => e.statuses.last().is_some_and(|(s, _)| s == "success"),
+        };
+        ready.then_some(())
+    })
+    .await;
     let posts_before = f.fake.state.lock().unwrap().calls("POST", "");
     let (s, a) = f.change_event(3, open, None, "same-delivery").await;
     assert_eq!((s, a["outcome"].as_str()), (200, Some("duplicate")));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(f.fake.state.lock().unwrap().calls("POST", ""), posts_before, "nothing written to the forge");
+
+    // a merge request from a fork builds the forge's ref for it in this repository
+    f.w.repo.branch("fork-work", &[("content.html", "<h1>from a fork</h1>")]);
+    let fork_head = f.head("fork-work");
+    let fork_ref = match kind {
+        Kind::Gitlab => "refs/merge-requests/4/head",
+        Kind::Github => "refs/pull/4/head",
+    };
+    wakegate_testkit::git::git(&f.w.repo.bare, &["update-ref", fork_ref, &fork_head]);
+    f.w.repo.delete_branch("fork-work");
+    {
+        let mut st = f.fake.state.lock().unwrap();
+        st.open(4, "fork-work", &fork_head);
+        st.changes.get_mut(&4).unwrap().fork = true;
+        st.branches.remove("fork-work");
+    }
+    f.change_event(4, open, None, "fork-open").await;
+    let fp = f.wait_preview(fork_ref, "running").await;
+    assert!(f.w.visit(&fp, "/").await.body.contains("from a fork"));
+
     f.w.stop().await;
 }
 
