@@ -48,6 +48,7 @@ impl Forged {
             "repo": fake.repo(),
             "token": file("token", &fake.token()),
             "webhook_secret": file("webhook", SECRET),
+            "forks": true,
         });
         if signing {
             forge["signing_secret"] = file("signing", SIGNING);

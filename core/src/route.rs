@@ -69,6 +69,10 @@ pub struct ForgeConfig {
     /// Preview merge requests that change nothing too (default: not).
     #[serde(default)]
     pub empty: bool,
+    /// Preview merge requests from forks too (default: not: their code is anyone's, and
+    /// it runs on machines this installation pays for).
+    #[serde(default)]
+    pub forks: bool,
 }
 
 impl ForgeConfig {

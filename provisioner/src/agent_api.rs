@@ -244,7 +244,7 @@ impl AgentApi {
         // a private repository's token, for the agent's credential helper (never in the
         // URL); an unreadable one fails the build with the reason
         let git_auth = match crate::runner::git_auth(&project) {
-            Ok(a) => a.map(|a| json!({ "username": a.username, "token": a.token })),
+            Ok(a) => a.map(|a| json!({ "origin": a.origin, "username": a.username, "token": a.token })),
             Err(reason) => return error(503, &reason),
         };
         reply(

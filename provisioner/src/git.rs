@@ -8,16 +8,22 @@ use tokio::process::Command;
 
 const GIT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Credentials for a private repository over HTTPS (a forge token).
+/// Credentials for a private repository over HTTPS (a forge token), given to git only
+/// for `origin` (`https://host[:port]`).
 #[derive(Clone)]
 pub struct GitAuth {
+    pub origin: String,
     pub username: String,
     pub token: String,
 }
 
 impl std::fmt::Debug for GitAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GitAuth").field("username", &self.username).field("token", &"<redacted>").finish()
+        f.debug_struct("GitAuth")
+            .field("origin", &self.origin)
+            .field("username", &self.username)
+            .field("token", &"<redacted>")
+            .finish()
     }
 }
 
@@ -36,8 +42,9 @@ fn command(dir: Option<&Path>, auth: Option<&GitAuth>) -> Command {
         cmd.current_dir(dir);
     }
     if let Some(auth) = auth {
+        // answered for the repository's host only: a redirect elsewhere gets nothing
         cmd.args(["-c", "credential.helper=", "-c"])
-            .arg(format!("credential.helper={CREDENTIAL_HELPER}"))
+            .arg(format!("credential.{}.helper={CREDENTIAL_HELPER}", auth.origin))
             .env(ENV_USERNAME, &auth.username)
             .env(ENV_TOKEN, &auth.token);
     }
@@ -80,7 +87,8 @@ mod tests {
 
     #[test]
     fn the_token_is_in_the_environment_only() {
-        let auth = GitAuth { username: "oauth2".into(), token: "glpat-SECRET".into() };
+        let auth =
+            GitAuth { origin: "https://git.example".into(), username: "oauth2".into(), token: "glpat-SECRET".into() };
         let cmd = command(None, Some(&auth));
         let std = cmd.as_std();
         let args: Vec<String> = std.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
@@ -95,7 +103,11 @@ mod tests {
     async fn the_helper_answers_git_with_the_token() {
         // git asks the helper as it would for an HTTPS remote; what it hears back is the
         // environment's token
-        let auth = GitAuth { username: "x-access-token".into(), token: "ghs_TOKEN".into() };
+        let auth = GitAuth {
+            origin: "https://git.example".into(),
+            username: "x-access-token".into(),
+            token: "ghs_TOKEN".into(),
+        };
         let mut cmd = command(None, Some(&auth));
         cmd.args(["credential", "fill"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
         let mut child = cmd.spawn().unwrap();
@@ -106,5 +118,18 @@ mod tests {
         let out = child.wait_with_output().await.unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("username=x-access-token") && text.contains("password=ghs_TOKEN"), "{text}");
+        // another host gets nothing from it
+        let mut cmd = command(None, Some(&auth));
+        cmd.args(["credential", "fill"])
+            .env("GIT_ASKPASS", "true")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"protocol=https\nhost=evil.example\n\n").await.unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().await.unwrap();
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("ghs_TOKEN"));
     }
 }

@@ -31,6 +31,10 @@ struct MachineFile {
     /// Machines written before custom names had none.
     #[serde(default)]
     preview_urls: Vec<String>,
+    /// Environment variables the project's secrets are in (its forge token): the app
+    /// and its build never see them.
+    #[serde(default)]
+    hidden_env: Vec<String>,
 }
 
 pub struct LocalCloud {
@@ -67,6 +71,7 @@ impl LocalCloud {
         pidfile: &str,
         log: &str,
         env: &[(String, String)],
+        hidden: &[String],
     ) -> Result<tokio::process::Child, CloudError> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(log)).map_err(backend)?;
         let mut cmd = tokio::process::Command::new("sh");
@@ -78,6 +83,15 @@ impl LocalCloud {
             .stderr(log)
             .process_group(0)
             .kill_on_drop(false);
+        // the code being previewed is not trusted with Wakegate's own settings and keys
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("WAKEGATE_") {
+                cmd.env_remove(k);
+            }
+        }
+        for k in hidden {
+            cmd.env_remove(k);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -90,7 +104,7 @@ impl LocalCloud {
     async fn start_app(&self, machine: &MachineId, dir: &Path, mf: &MachineFile) -> Result<String, CloudError> {
         stop_group(dir, "app.pid").await;
         let env = app_env(mf);
-        let mut child = self.spawn(dir, &mf.manifest.run, "app.pid", "app.log", &env).await?;
+        let mut child = self.spawn(dir, &mf.manifest.run, "app.pid", "app.log", &env, &mf.hidden_env).await?;
         let origin = format!("http://127.0.0.1:{}", mf.port);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(mf.manifest.start_timeout_secs);
         loop {
@@ -117,6 +131,19 @@ impl LocalCloud {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// The environment variables a project's forge secrets are read from.
+fn secret_vars(project: &wakegate_core::route::Project) -> Vec<String> {
+    let Some(f) = &project.forge else { return Vec::new() };
+    [Some(&f.token), f.webhook_secret.as_ref(), f.signing_secret.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| match s {
+            wakegate_core::route::SecretRef::Env(name) => Some(name.clone()),
+            wakegate_core::route::SecretRef::File(_) => None,
+        })
+        .collect()
 }
 
 fn app_env(mf: &MachineFile) -> Vec<(String, String)> {
@@ -305,6 +332,7 @@ impl Cloud for LocalCloud {
             port: reserve_port(&self.ports)?,
             preview_url: spec.preview_url.clone(),
             preview_urls: spec.preview_urls.clone(),
+            hidden_env: secret_vars(&spec.project),
         };
         tokio::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&mf).map_err(backend)?)
             .await
@@ -314,7 +342,7 @@ impl Cloud for LocalCloud {
             if !progress.phase(Phase::Build).await {
                 return Err(CloudError::Failed("cancelled".into()));
             }
-            let mut child = self.spawn(&dir, &build, "build.pid", "build.log", &app_env(&mf)).await?;
+            let mut child = self.spawn(&dir, &build, "build.pid", "build.log", &app_env(&mf), &mf.hidden_env).await?;
             let status =
                 match tokio::time::timeout(Duration::from_secs(mf.manifest.build_timeout_secs), child.wait()).await {
                     Ok(status) => status.map_err(backend)?,

@@ -22,8 +22,19 @@ use wakegate_store::{Lane, Lease, SharedStore, StoreError};
 /// effect at the next build).
 pub fn git_auth(project: &wakegate_core::route::Project) -> Result<Option<crate::git::GitAuth>, String> {
     let Some(forge) = &project.forge else { return Ok(None) };
+    // only over HTTPS, and only to the repository's own host
+    let Some(origin) = https_origin(&project.git_url) else { return Ok(None) };
     let token = wakegate_store::secret::resolve(&forge.token).map_err(|e| format!("the forge token: {e}"))?;
-    Ok(Some(crate::git::GitAuth { username: forge.git_username().to_string(), token }))
+    Ok(Some(crate::git::GitAuth { origin, username: forge.git_username().to_string(), token }))
+}
+
+/// `https://host[:port]` of an https URL.
+fn https_origin(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://")?;
+    let authority = rest.split('/').next()?;
+    // credentials in the URL itself are the operator's choice; the origin is what follows
+    let host = authority.rsplit('@').next()?;
+    (!host.is_empty()).then(|| format!("https://{host}"))
 }
 
 /// Most times one build job starts again because newer code was pushed.
@@ -159,6 +170,17 @@ impl Provisioner {
                 if let Err(e) = self.store.complete(&lease).await {
                     warn!(job = %lease.job_id, error = %e, "completing job failed");
                 }
+                // a request that came while this job held the slot (a push restarting a
+                // build) found it taken: queue it now rather than at the next reconcile
+                if let Ok(Some(p)) = self.store.get_preview(&lease.preview_id).await {
+                    if p.value.state.pending_job() == Some(lease.kind)
+                        && matches!(p.value.state, State::Building { restart: true, .. })
+                    {
+                        if let Err(e) = self.store.enqueue(&lease.preview_id, lease.kind).await {
+                            warn!(preview = %lease.preview_id, error = %e, "re-enqueueing a restarted build failed");
+                        }
+                    }
+                }
             }
             Err(e) => {
                 warn!(job = %lease.job_id, kind = lease.kind.as_str(), error = %e, "job failed; it will be retried")
@@ -202,8 +224,8 @@ impl Provisioner {
                         _ => return Ok(()),
                     }
                 }
-                // the lease runs out and the job is retried; the reconciler re-enqueues
-                warn!("restarted {MAX_RESTARTS} times in one job; leaving it to a retry");
+                // the job completes; the reconciler re-enqueues the build the state still wants
+                warn!("restarted {MAX_RESTARTS} times in one job; the reconciler starts it again");
                 Ok(())
             }
             (State::Waking { machine }, wakegate_core::lifecycle::JobKind::Wake) => {

@@ -61,6 +61,9 @@ pub struct ForgeState {
 /// Recent forge ref checks, bounded, each kept [`REF_TTL`].
 pub(crate) struct RefCache(std::sync::Mutex<lru::LruCache<(String, String), (RefStatus, std::time::Instant)>>);
 
+/// Longest a ref check waits for the forge.
+const FORGE_REF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// How long a forge's answer about a ref is kept.
 const REF_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -219,17 +222,27 @@ impl Waker {
                 Ok(None) => return Err("no forge".into()),
                 Err(e) => return Err(e.to_string()),
             };
-            let answer = match &p.change {
-                Some(c) => match forge.change(c.number).await.map_err(|e| e.to_string())? {
-                    Some(i) if i.state == crate::forge::ChangeState::Open => RefStatus::Exists,
-                    Some(i) if i.state == crate::forge::ChangeState::Merged => RefStatus::Ended(EraseReason::Merged),
-                    _ => RefStatus::Ended(EraseReason::Closed),
-                },
-                None => match forge.branch_exists(&p.git_ref).await.map_err(|e| e.to_string())? {
-                    true => RefStatus::Exists,
-                    false => RefStatus::Deleted,
-                },
+            let ask = async {
+                Ok::<_, String>(match &p.change {
+                    Some(c) => match forge.change(c.number).await.map_err(|e| e.to_string())? {
+                        Some(i) if i.state == crate::forge::ChangeState::Open => RefStatus::Exists,
+                        Some(i) if i.state == crate::forge::ChangeState::Merged => {
+                            RefStatus::Ended(EraseReason::Merged)
+                        }
+                        Some(_) => RefStatus::Ended(EraseReason::Closed),
+                        // a token that lost its access gets 404 too: unknown, not closed
+                        None => return Err(format!("the forge does not know merge request {}", c.number)),
+                    },
+                    None => match forge.branch_exists(&p.git_ref).await.map_err(|e| e.to_string())? {
+                        true => RefStatus::Exists,
+                        false => RefStatus::Deleted,
+                    },
+                })
             };
+            // a visitor waits on this: a slow or rate-limited forge is "unknown"
+            let answer = tokio::time::timeout(FORGE_REF_TIMEOUT, ask)
+                .await
+                .map_err(|_| "the forge did not answer in time".to_string())??;
             self.forge.refs.put(key, answer);
             return Ok(answer);
         }

@@ -134,7 +134,9 @@ def deploy(work):
             env = dict(os.environ, WAKEGATE_GIT_USERNAME=auth["username"], WAKEGATE_GIT_TOKEN=auth["token"])
             helper = ('!f() { test "$1" = get || exit 0; echo "username=${WAKEGATE_GIT_USERNAME}"; '
                       'echo "password=${WAKEGATE_GIT_TOKEN}"; }; f')
-            fetch = fetch[:1] + ["-c", "credential.helper=", "-c", "credential.helper=" + helper] + fetch[1:]
+            # answered for the repository's host only
+            scoped = "credential." + auth["origin"] + ".helper=" + helper
+            fetch = fetch[:1] + ["-c", "credential.helper=", "-c", scoped] + fetch[1:]
         run(fetch, SRC, env=env, timeout=600)
         run(["git", "checkout", "-q", "--detach", "FETCH_HEAD"], SRC)
     except (RuntimeError, subprocess.TimeoutExpired) as e:

@@ -129,7 +129,8 @@ impl Forge for GitHub {
                 "environment": view.name,
                 "auto_merge": false,
                 "required_contexts": [],
-                "transient_environment": true,
+                // not transient: a newer deployment's success marks older ones inactive
+                "transient_environment": false,
                 "production_environment": false,
                 "description": "Wakegate preview",
             });

@@ -2,10 +2,11 @@
 //! de-duplicated by delivery id and persisted, then acknowledged at once (both forges
 //! give up after 10 s); [`super::sync`] does the work.
 //!
-//! Order matters for "loses nothing": the delivery id is claimed in the store (`true`
-//! for one caller only, whichever replica), then the event is written to the inbox; if
-//! that write fails the claim is taken back and the forge is told 503, so its retry is
-//! not mistaken for a duplicate.
+//! Order matters for "loses nothing": a delivery id already worked on is a duplicate;
+//! otherwise the delivery is put in the inbox under its id with a compare-and-set (which
+//! one caller wins, on whichever replica), and only then remembered as seen. A request
+//! dropped half-way never leaves a claim without its event: at worst a much later replay
+//! is worked on again, which changes nothing.
 
 use crate::error::ApiError;
 use crate::waker::{now_ms, Waker};
@@ -26,7 +27,7 @@ use wakegate_core::Millis;
 /// can be larger (GitHub caps payloads at 25 MB; what is refused here is repaired by the
 /// reconciler).
 pub const MAX_HOOK_BODY: usize = 2 * 1024 * 1024;
-/// Deliveries waiting to be worked on, by `<received ms>-<project id>-<delivery>`.
+/// Deliveries waiting to be worked on, by `<project id>/<delivery>`.
 pub const INBOX: &str = "forge-inbox";
 /// Delivery ids seen, by `<project id>/<delivery>`, with when they were seen.
 pub const SEEN: &str = "forge-seen";
@@ -65,6 +66,9 @@ pub struct Delivery {
     /// Not tried again before this (after a failure).
     #[serde(default)]
     pub not_before: Millis,
+    /// A worker took it until then (another replica leaves it alone meanwhile).
+    #[serde(default)]
+    pub lease_until: Millis,
 }
 
 /// Why a delivery was refused.
@@ -87,7 +91,11 @@ impl From<HookError> for ApiError {
     fn from(e: HookError) -> ApiError {
         match e {
             HookError::Forged(_) => ApiError::Unauthorized(e.to_string()),
-            HookError::Misconfigured(m) => ApiError::Misconfigured(m),
+            HookError::Misconfigured(m) => {
+                // which variable or file is the installation's business, not the caller's
+                warn!(error = %m, "a webhook secret cannot be read");
+                ApiError::Misconfigured("the webhook secret is not available; try again later".into())
+            }
             HookError::BadPayload(_) => ApiError::bad("body", e.to_string()),
             HookError::OtherRepo(_) => ApiError::Unprocessable(e.to_string()),
         }
@@ -173,10 +181,13 @@ pub async fn receive(
         return Ok((StatusCode::ACCEPTED, Json(HookAnswer { outcome: "ignored", delivery })));
     };
     let now = now_ms();
-    let seen = format!("{}/{delivery}", project.id);
-    if !w.store.table_swap(SEEN, &seen, None, Some(&now.to_string())).await? {
+    let key = format!("{}/{delivery}", project.id);
+    let duplicate = || {
         info!(project = %name, %delivery, "duplicate delivery");
-        return Ok((StatusCode::OK, Json(HookAnswer { outcome: "duplicate", delivery })));
+        Ok((StatusCode::OK, Json(HookAnswer { outcome: "duplicate", delivery: delivery.clone() })))
+    };
+    if w.store.table_get(SEEN, &key).await?.is_some() {
+        return duplicate();
     }
     let item = Delivery {
         project_id: project.id.clone(),
@@ -185,15 +196,16 @@ pub async fn receive(
         received_at: now,
         attempts: 0,
         not_before: 0,
+        lease_until: 0,
     };
-    let key = format!("{now:013}-{}-{delivery}", project.id);
     let json = serde_json::to_string(&item).map_err(|e| ApiError::Misconfigured(e.to_string()))?;
-    if let Err(e) = w.store.table_put(INBOX, &key, &json).await {
-        // the forge's retry must not be taken for a duplicate
-        if let Err(e) = w.store.table_remove(SEEN, &seen).await {
-            warn!(%delivery, error = %e, "taking back a delivery claim failed; the reconciler repairs what it misses");
-        }
-        return Err(e.into());
+    // the one caller whose write lands works on it; the others are duplicates
+    if !w.store.table_swap(INBOX, &key, None, Some(&json)).await? {
+        return duplicate();
+    }
+    if let Err(e) = w.store.table_put(SEEN, &key, &now.to_string()).await {
+        // the event is safe in the inbox; only a later replay could be worked on again
+        warn!(%delivery, error = %e, "remembering a delivery failed");
     }
     info!(project = %name, %delivery, event = ?item.event, "delivery accepted");
     w.forge.inbox.notify_one();

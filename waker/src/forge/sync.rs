@@ -34,14 +34,21 @@ use wakegate_store::StoreError;
 pub const CHANGES: &str = "forge-changes";
 /// Per-merge-request locks, by the same key: `<owner>:<expires ms>`.
 pub const LOCKS: &str = "forge-locks";
-/// A lock not released (its holder crashed) is free after this.
-const LOCK_TTL: Duration = Duration::from_secs(120);
+/// A lock not released (its holder crashed) is free after this: longer than the longest
+/// a holder's work can take (a few forge calls, each at most a few tries of
+/// [`super::api::MAX_RATE_WAIT`] and the request timeout).
+const LOCK_TTL: Duration = Duration::from_secs(15 * 60);
 /// Longest a delivery waits for another holder of its merge request's lock.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// Tries at a delivery before it is dropped (the reconciler repairs what it missed).
 pub const MAX_ATTEMPTS: u32 = 8;
 /// The hidden marker the comment is found by.
 const MARKER: &str = "<!-- wakegate:preview";
+
+/// The hidden first line of a merge request's comment.
+fn marker(project_id: &str, number: u64) -> String {
+    format!("{MARKER} {project_id}/{number} -->")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -53,6 +60,8 @@ pub enum SyncError {
     Store(#[from] StoreError),
     #[error("another worker holds merge request {0}")]
     Busy(String),
+    #[error("the forge does not know merge request {0} (deleted, or the token cannot see it)")]
+    Unknown(u64),
 }
 
 impl From<wakegate_store::driver::ApplyError> for SyncError {
@@ -135,38 +144,32 @@ async fn unlock(w: &Waker, l: Lock) {
 }
 
 /// Brings merge request `number` of `project` in line with what the forge says of it now
-/// (read here), then its comment and views. `wake`: it was just opened, reopened or
-/// marked ready.
+/// (read here, under the lock, so nothing acts on a stale view), then its comment and
+/// views. `wake`: it was just opened, reopened or marked ready. `refresh`: write the
+/// comment again even if unchanged (the reconciler: one someone deleted comes back).
 pub async fn sync_change(
     w: &Waker,
     project: &Project,
     forge: &dyn Forge,
     number: u64,
     wake: bool,
+    refresh: bool,
 ) -> Result<(), SyncError> {
     let k = key(&project.id, number);
     let Some(l) = lock(w, &k, LOCK_WAIT).await? else { return Err(SyncError::Busy(k)) };
     let result = async {
-        let info = forge.change(number).await?;
-        apply_change(w, project, forge, number, info.as_ref(), wake, false).await
+        // a 404 is not taken for "closed": a token that lost its access says the same
+        let info = forge.change(number).await?.ok_or(SyncError::Unknown(number))?;
+        apply_change(w, project, forge, number, &info, wake, refresh).await
     }
     .await;
     unlock(w, l).await;
     result
 }
 
-/// [`sync_change`] with the merge request already read (the reconciler's listing).
-async fn sync_listed(w: &Waker, project: &Project, forge: &dyn Forge, info: &ChangeInfo) -> Result<(), SyncError> {
-    let k = key(&project.id, info.number);
-    let Some(l) = lock(w, &k, LOCK_WAIT).await? else { return Err(SyncError::Busy(k)) };
-    let result = apply_change(w, project, forge, info.number, Some(info), false, true).await;
-    unlock(w, l).await;
-    result
-}
-
 fn eligible(project: &Project, info: &ChangeInfo) -> bool {
     let Some(cfg) = &project.forge else { return false };
-    (!info.draft || cfg.drafts) && (info.has_changes != Some(false) || cfg.empty)
+    (!info.draft || cfg.drafts) && (info.has_changes != Some(false) || cfg.empty) && (!info.from_fork || cfg.forks)
 }
 
 async fn apply_change(
@@ -174,7 +177,7 @@ async fn apply_change(
     project: &Project,
     forge: &dyn Forge,
     number: u64,
-    info: Option<&ChangeInfo>,
+    info: &ChangeInfo,
     wake: bool,
     refresh: bool,
 ) -> Result<(), SyncError> {
@@ -186,7 +189,7 @@ async fn apply_change(
         // the reconciler writes the comment again: one someone deleted is made anew
         record.comment_body = None;
     }
-    match info {
+    match Some(info) {
         Some(i) if i.state == ChangeState::Open => {
             if !eligible(project, i) {
                 // drafts and empty merge requests get nothing (an existing preview stays)
@@ -214,22 +217,14 @@ async fn apply_change(
             record.state = Some(ChangeState::Open);
         }
         _ => {
-            // closed, merged, or no longer there at all
-            let state = info.map(|i| i.state).unwrap_or(ChangeState::Closed);
+            // closed or merged
+            let state = info.state;
             let reason = if state == ChangeState::Merged { EraseReason::Merged } else { EraseReason::Closed };
-            let id = match (&record.preview_id, info) {
-                (Some(id), _) => Some(id.clone()),
-                // a merge request Wakegate never saw open: its preview, if one was made
-                // for its ref by hand, is left alone
-                _ => None,
-            };
-            if let Some(id) = &id {
-                let link = info.map(|i| i.link(kind));
-                let edit = |p: &mut Preview| {
-                    if let Some(link) = &link {
-                        p.change = Some(link.clone());
-                    }
-                };
+            // a merge request Wakegate never saw open: a preview made for its ref by
+            // hand is left alone
+            if let Some(id) = &record.preview_id {
+                let link = info.link(kind);
+                let edit = |p: &mut Preview| p.change = Some(link.clone());
                 match apply_editing(w.store.as_ref(), id, &Event::EraseRequested { reason }, now_ms(), &edit).await {
                     Ok(a) if a.changed => {
                         info!(project = %project.name, number, preview = %id, reason = reason.as_str(), "merge request ended: preview erased")
@@ -239,9 +234,7 @@ async fn apply_change(
                     Err(e) => return Err(e.into()),
                 }
             }
-            if let Some(i) = info {
-                record.url = i.url.clone();
-            }
+            record.url = info.url.clone();
             record.state = Some(state);
         }
     }
@@ -260,7 +253,9 @@ async fn follow(
 ) -> Result<(), SyncError> {
     let new_commit = sha.is_some_and(|s| p.commit.as_deref().is_some_and(|c| c != s));
     let event = match &p.state {
-        State::Gone { .. } if wake || new_commit => {
+        // its merge request is open again (a reopen whose delivery was lost, too), or
+        // a gone branch is back with new commits
+        State::Gone { why } if wake || new_commit || *why != wakegate_core::lifecycle::GoneWhy::RefDeleted => {
             // reopened: it may be built again
             apply_editing(w.store.as_ref(), &p.id, &Event::RefRestored, now_ms(), &|_| {}).await?;
             Some(Event::BuildRequested)
@@ -297,13 +292,17 @@ async fn follow(
 
 /// The comment for a preview in this state.
 pub fn comment_body(w: &Waker, project: &Project, record: &ChangeRecord, p: Option<&Preview>) -> String {
-    let marker = format!("{MARKER} {}/{} -->", record.project_id, record.number);
+    let marker = marker(&record.project_id, record.number);
     let Some(p) = p else {
         return format!("{marker}\n**Wakegate preview** · waiting for a builder.");
     };
     let urls = wakegate_core::route::preview_urls(&w.config.preview_url_template, &p.label, &p.custom_hosts);
     let url = urls.first().cloned().unwrap_or_default();
-    let commit = p.commit.as_deref().map(|c| format!(" (commit `{}`)", &c[..c.len().min(8)])).unwrap_or_default();
+    let commit = p
+        .commit
+        .as_deref()
+        .map(|c| format!(" (commit `{}`)", c.chars().take(8).collect::<String>()))
+        .unwrap_or_default();
     let remaining = p.expires_at(project).map(|at| ttl::remaining(at, now_ms()));
     let ttl_line = match (p.pinned, remaining) {
         (true, _) => "Pinned: it is not erased by time.".to_string(),
@@ -440,14 +439,14 @@ fn env_view(w: &Waker, kind: ForgeKind, r: &ChangeRecord, p: Option<&Preview>, s
 }
 
 async fn find_comment(forge: &dyn Forge, r: &ChangeRecord) -> Result<Option<u64>, ForgeError> {
-    let marker = format!("{MARKER} {}/{} -->", r.project_id, r.number);
+    let marker = marker(&r.project_id, r.number);
     Ok(forge.comments(r.number).await?.into_iter().find(|c| c.body.starts_with(&marker)).map(|c| c.id))
 }
 
 /// Works on one delivery.
 async fn handle(w: &Waker, project: &Project, forge: &dyn Forge, event: &HookEvent) -> Result<(), SyncError> {
     match event {
-        HookEvent::Change { number, wake } => sync_change(w, project, forge, *number, *wake).await,
+        HookEvent::Change { number, wake } => sync_change(w, project, forge, *number, *wake, false).await,
         HookEvent::Push { branch, after } => {
             if after.bytes().all(|b| b == b'0') {
                 // a deleted branch: its merge request's own event says what happens
@@ -458,7 +457,7 @@ async fn handle(w: &Waker, project: &Project, forge: &dyn Forge, event: &HookEve
             let Some(p) = w.store.get_preview(&id).await? else { return Ok(()) };
             if let Some(change) = &p.value.change {
                 // the merge request's own view decides (its head is this push now)
-                return sync_change(w, project, forge, change.number, false).await;
+                return sync_change(w, project, forge, change.number, false, false).await;
             }
             let stale = p.value.commit.as_deref() != Some(after.as_str());
             let follows = matches!(
@@ -504,50 +503,63 @@ pub async fn inbox_loop(w: Arc<Waker>) {
     }
 }
 
-/// One pass over the inbox.
+/// How long a worker holds a delivery it took.
+const INBOX_LEASE: Duration = LOCK_TTL;
+
+/// One pass over the inbox, oldest delivery first. Each is taken with a lease (a
+/// compare-and-set on its row), so one replica works on it; it is removed when done, or
+/// put back with back-off when its work failed.
 pub async fn inbox_once(w: &Waker) -> Result<(), StoreError> {
-    let mut rows = w.store.table_list(INBOX).await?;
-    rows.sort();
-    for (k, raw) in rows {
-        let Ok(mut d) = serde_json::from_str::<Delivery>(&raw) else {
-            warn!(key = %k, "dropping an unreadable delivery");
-            w.store.table_remove(INBOX, &k).await?;
-            continue;
-        };
+    let mut rows: Vec<(String, String, Delivery)> = Vec::new();
+    for (k, raw) in w.store.table_list(INBOX).await? {
+        match serde_json::from_str::<Delivery>(&raw) {
+            Ok(d) => rows.push((k, raw, d)),
+            Err(_) => {
+                warn!(key = %k, "dropping an unreadable delivery");
+                w.store.table_swap(INBOX, &k, Some(&raw), None).await?;
+            }
+        }
+    }
+    rows.sort_by_key(|(k, _, d)| (d.received_at, k.clone()));
+    let to_json = |d: &Delivery| serde_json::to_string(d).map_err(|e| StoreError::Backend(e.to_string()));
+    for (k, raw, mut d) in rows {
         let now = now_ms();
-        if d.not_before > now {
+        if d.not_before > now || d.lease_until > now {
             continue;
         }
-        let Some(project) = w.store.get_project(&d.project_id).await? else {
-            w.store.table_remove(INBOX, &k).await?;
-            continue;
+        d.lease_until = now + INBOX_LEASE.as_millis() as Millis;
+        let leased = to_json(&d)?;
+        if !w.store.table_swap(INBOX, &k, Some(&raw), Some(&leased)).await? {
+            continue; // another replica took it, or it changed
+        }
+        let result = match w.store.get_project(&d.project_id).await? {
+            None => Ok(()),
+            Some(project) => match w.forge.clients.client(&project) {
+                Ok(Some(forge)) => handle(w, &project, forge.as_ref(), &d.event).await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e.into()),
+            },
         };
-        let result = match w.forge.clients.client(&project) {
-            Ok(Some(forge)) => handle(w, &project, forge.as_ref(), &d.event).await,
-            Ok(None) => Ok(()),
-            Err(e) => Err(e.into()),
-        };
-        match result {
-            Ok(()) => {
-                w.store.table_remove(INBOX, &k).await?;
-            }
+        let next = match result {
+            Ok(()) => None,
             Err(e) => {
                 d.attempts += 1;
+                d.lease_until = 0;
                 if d.attempts >= MAX_ATTEMPTS {
                     warn!(delivery = %d.delivery, error = %e, "giving up on a delivery; the reconciler repairs it");
-                    w.store.table_remove(INBOX, &k).await?;
+                    None
                 } else {
                     let backoff = match &e {
                         SyncError::Forge(ForgeError::RateLimited { retry_after }) => *retry_after,
                         _ => Duration::from_secs(1 << d.attempts.min(8)),
                     };
                     warn!(delivery = %d.delivery, attempt = d.attempts, error = %e, "delivery failed; retrying later");
-                    d.not_before = now + backoff.as_millis() as Millis;
-                    let json = serde_json::to_string(&d).map_err(|e| StoreError::Backend(e.to_string()))?;
-                    w.store.table_put(INBOX, &k, &json).await?;
+                    d.not_before = now_ms() + backoff.as_millis() as Millis;
+                    Some(to_json(&d)?)
                 }
             }
-        }
+        };
+        w.store.table_swap(INBOX, &k, Some(&leased), next.as_deref()).await?;
     }
     Ok(())
 }
@@ -592,9 +604,13 @@ pub async fn status_once(w: &Waker) -> Result<(), StoreError> {
             }
         };
         let Some(l) = try_lock(w, &k).await? else { continue };
-        // read again under the lock: a delivery may have moved it on
-        if let Some(fresh) = load(w, &k).await? {
-            r = fresh;
+        // read again under the lock: a delivery may have moved it on, or ended it
+        match load(w, &k).await? {
+            Some(fresh) => r = fresh,
+            None => {
+                unlock(w, l).await;
+                continue;
+            }
         }
         if let Err(e) = publish(w, &project, forge.as_ref(), &mut r).await {
             warn!(project = %project.name, number = r.number, error = %e, "updating a merge request failed");
@@ -635,7 +651,9 @@ async fn reconcile_project(w: &Waker, project: &Project) -> Result<(), SyncError
     let mut seen = std::collections::HashSet::new();
     for info in &open {
         seen.insert(info.number);
-        if let Err(e) = sync_listed(w, project, forge.as_ref(), info).await {
+        // read again one by one under the lock: the listing may be stale by then, and
+        // lists leave out whether a merge request changes anything
+        if let Err(e) = sync_change(w, project, forge.as_ref(), info.number, false, true).await {
             warn!(project = %project.name, number = info.number, error = %e, "reconciling a merge request failed");
         }
     }
@@ -645,7 +663,9 @@ async fn reconcile_project(w: &Waker, project: &Project) -> Result<(), SyncError
         let Some(number) = k.strip_prefix(&prefix).and_then(|n| n.parse::<u64>().ok()) else { continue };
         let followed = serde_json::from_str::<ChangeRecord>(&raw).is_ok_and(|r| r.state == Some(ChangeState::Open));
         if followed && !seen.contains(&number) {
-            sync_change(w, project, forge.as_ref(), number, false).await?;
+            if let Err(e) = sync_change(w, project, forge.as_ref(), number, false, false).await {
+                warn!(project = %project.name, number, error = %e, "reconciling a merge request failed");
+            }
         }
     }
     Ok(())
