@@ -171,9 +171,7 @@ impl Forge for GitHub {
     }
 }
 
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
-}
+use super::hooks::header;
 
 /// Checks `X-Hub-Signature-256` against the webhook secret.
 pub fn verify(secret: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Result<(), HookError> {
@@ -218,16 +216,9 @@ pub fn parse(headers: &HeaderMap, body: &[u8], repo: &str) -> Result<Parsed, Hoo
                 _ => None,
             }
         }
-        "push" => {
-            let r = payload.get("ref").and_then(Value::as_str).unwrap_or("");
-            let after = payload.get("after").and_then(Value::as_str).unwrap_or("").to_string();
-            r.strip_prefix("refs/heads/").map(|branch| HookEvent::Push { branch: branch.to_string(), after })
-        }
+        "push" => super::hooks::push_event(&payload),
         // `ping` when the webhook is made, and everything else
         _ => None,
     };
-    if event.is_some() && !names_repo {
-        return Err(HookError::OtherRepo(repo.to_string()));
-    }
-    Ok(Parsed { delivery, event })
+    super::hooks::parsed(delivery, event, names_repo, repo)
 }

@@ -173,9 +173,7 @@ impl Forge for GitLab {
     }
 }
 
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
-}
+use super::hooks::header;
 
 /// Checks a delivery against the project's secrets: every one configured must match.
 /// `secret` and `signing` are the resolved values.
@@ -267,15 +265,8 @@ pub fn parse(headers: &HeaderMap, body: &[u8], repo: &str) -> Result<Parsed, Hoo
                 _ => None,
             }
         }
-        "Push Hook" => {
-            let r = payload.get("ref").and_then(Value::as_str).unwrap_or("");
-            let after = payload.get("after").and_then(Value::as_str).unwrap_or("").to_string();
-            r.strip_prefix("refs/heads/").map(|branch| HookEvent::Push { branch: branch.to_string(), after })
-        }
+        "Push Hook" => super::hooks::push_event(&payload),
         _ => None,
     };
-    if event.is_some() && !names_repo {
-        return Err(HookError::OtherRepo(repo.to_string()));
-    }
-    Ok(Parsed { delivery, event })
+    super::hooks::parsed(delivery, event, names_repo, repo)
 }

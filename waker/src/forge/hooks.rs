@@ -117,6 +117,29 @@ pub fn body_id(body: &[u8]) -> String {
     format!("sha256-{}", hex::encode(Sha256::digest(body)))
 }
 
+/// A header's value, trimmed; `None` when absent or empty.
+pub fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// A branch push (both forges send `ref` and `after`); tags and malformed commits are
+/// nothing to do.
+pub fn push_event(payload: &serde_json::Value) -> Option<HookEvent> {
+    let r = payload.get("ref").and_then(serde_json::Value::as_str)?;
+    let after = payload.get("after").and_then(serde_json::Value::as_str)?;
+    let commit = (40..=64).contains(&after.len()) && after.bytes().all(|b| b.is_ascii_hexdigit());
+    let branch = r.strip_prefix("refs/heads/")?;
+    commit.then(|| HookEvent::Push { branch: branch.to_string(), after: after.to_ascii_lowercase() })
+}
+
+/// What a delivery asks for, once it is known to be about `repo` (`names_repo`).
+pub fn parsed(delivery: String, event: Option<HookEvent>, names_repo: bool, repo: &str) -> Result<Parsed, HookError> {
+    if event.is_some() && !names_repo {
+        return Err(HookError::OtherRepo(repo.to_string()));
+    }
+    Ok(Parsed { delivery, event })
+}
+
 /// A delivery id safe as a store key.
 fn key_safe(id: &str) -> String {
     if id.len() <= MAX_DELIVERY_ID && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
