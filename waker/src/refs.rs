@@ -34,7 +34,7 @@ struct Inner {
     ttl: Duration,
     failure_ttl: Duration,
     timeout: Duration,
-    cache: Mutex<lru::LruCache<Key, (Answer, Instant)>>,
+    cache: TtlCache<Key, Answer>,
     inflight: Mutex<HashMap<Key, Shared<BoxFuture<'static, Answer>>>>,
     slots: tokio::sync::Semaphore,
 }
@@ -57,7 +57,7 @@ impl GitRefs {
                 ttl,
                 failure_ttl: ttl.max(Duration::from_secs(10)),
                 timeout,
-                cache: Mutex::new(lru::LruCache::new(CACHE_ENTRIES)),
+                cache: TtlCache::new(CACHE_ENTRIES),
                 inflight: Mutex::default(),
                 slots: tokio::sync::Semaphore::new(MAX_CONCURRENT),
             }),
@@ -70,11 +70,8 @@ impl RefChecker for GitRefs {
     async fn exists(&self, git_url: &str, git_ref: &str) -> Answer {
         let key = (git_url.to_string(), git_ref.to_string());
         let inner = &self.inner;
-        if let Some((answer, at)) = lock(&inner.cache).get(&key) {
-            let ttl = if answer.is_ok() { inner.ttl } else { inner.failure_ttl };
-            if at.elapsed() < ttl {
-                return answer.clone();
-            }
+        if let Some(answer) = inner.cache.get(&key, |a| if a.is_ok() { inner.ttl } else { inner.failure_ttl }) {
+            return answer;
         }
         let flight = {
             let mut inflight = lock(&inner.inflight);
@@ -88,7 +85,7 @@ impl RefChecker for GitRefs {
                             Ok(_permit) => ls_remote(&key.0, &key.1, inner.timeout).await,
                             Err(_) => Err("closed".to_string()),
                         };
-                        lock(&inner.cache).put(key.clone(), (answer.clone(), Instant::now()));
+                        inner.cache.put(key.clone(), answer.clone());
                         lock(&inner.inflight).remove(&key);
                         answer
                     }
@@ -98,6 +95,28 @@ impl RefChecker for GitRefs {
                 .clone()
         };
         flight.await
+    }
+}
+
+/// A bounded map of answers, each good for a while (how long may depend on the answer):
+/// the ref checks' cache, through git or through a forge.
+pub(crate) struct TtlCache<K, V> {
+    entries: Mutex<lru::LruCache<K, (V, Instant)>>,
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> TtlCache<K, V> {
+    pub(crate) fn new(capacity: NonZeroUsize) -> TtlCache<K, V> {
+        TtlCache { entries: Mutex::new(lru::LruCache::new(capacity)) }
+    }
+
+    /// The answer for `key` if it is younger than `ttl(answer)`.
+    pub(crate) fn get(&self, key: &K, ttl: impl Fn(&V) -> Duration) -> Option<V> {
+        let mut entries = lock(&self.entries);
+        entries.get(key).filter(|(v, at)| at.elapsed() < ttl(v)).map(|(v, _)| v.clone())
+    }
+
+    pub(crate) fn put(&self, key: K, value: V) {
+        lock(&self.entries).put(key, (value, Instant::now()));
     }
 }
 

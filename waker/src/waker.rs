@@ -59,29 +59,16 @@ pub struct ForgeState {
 }
 
 /// Recent forge ref checks, bounded, each kept [`REF_TTL`].
-pub(crate) struct RefCache(std::sync::Mutex<lru::LruCache<(String, String), (RefStatus, std::time::Instant)>>);
+pub(crate) type RefCache = crate::refs::TtlCache<(String, String), RefStatus>;
+
+/// Forge ref checks remembered.
+const REF_ENTRIES: std::num::NonZeroUsize = std::num::NonZeroUsize::new(10_000).unwrap();
 
 /// Longest a ref check waits for the forge.
 const FORGE_REF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long a forge's answer about a ref is kept.
 const REF_TTL: std::time::Duration = std::time::Duration::from_secs(10);
-
-impl RefCache {
-    fn new() -> RefCache {
-        RefCache(std::sync::Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(10_000).expect("nonzero"))))
-    }
-
-    fn get(&self, key: &(String, String)) -> Option<RefStatus> {
-        let mut c = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        c.get(key).filter(|(_, at)| at.elapsed() < REF_TTL).map(|(s, _)| *s)
-    }
-
-    fn put(&self, key: (String, String), status: RefStatus) {
-        let mut c = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        c.put(key, (status, std::time::Instant::now()));
-    }
-}
 
 impl Waker {
     /// A waker with the default org settings: the system's resolver, a day's grace, an
@@ -95,9 +82,9 @@ impl Waker {
         };
         let forge = ForgeState {
             settings: Default::default(),
-            clients: Arc::new(crate::forge::RealClients),
+            clients: Arc::new(crate::forge::RealClients::default()),
             inbox: tokio::sync::Notify::new(),
-            refs: RefCache::new(),
+            refs: RefCache::new(REF_ENTRIES),
         };
         Waker { store, config, refs, orgs, saas: None, forge }
     }
@@ -214,7 +201,7 @@ impl Waker {
         let plain_git = p.change.is_none() && p.git_ref.starts_with("refs/");
         if project.forge.is_some() && !plain_git {
             let key = (project.id.clone(), p.id.clone());
-            if let Some(answer) = self.forge.refs.get(&key) {
+            if let Some(answer) = self.forge.refs.get(&key, |_| REF_TTL) {
                 return Ok(answer);
             }
             let forge = match self.forge.clients.client(project) {

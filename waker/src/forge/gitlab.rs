@@ -144,11 +144,9 @@ impl Forge for GitLab {
         }
         if views.id.is_none() {
             let found = self.http.list(&format!("{envs}?name={}&per_page=100", segment(&view.name))).await?;
-            views.id = found.iter().find(|e| str_of(e, "name") == view.name).and_then(|e| e.get("id")?.as_u64());
-            views.url = found
-                .iter()
-                .find(|e| str_of(e, "name") == view.name)
-                .and_then(|e| e.get("external_url")?.as_str().map(str::to_string));
+            let env = found.iter().find(|e| str_of(e, "name") == view.name);
+            views.id = env.and_then(|e| e.get("id")?.as_u64());
+            views.url = env.and_then(|e| e.get("external_url")?.as_str().map(str::to_string));
         }
         match views.id {
             None => {

@@ -104,6 +104,8 @@ impl From<HookError> for ApiError {
 
 /// HMAC-SHA256 over the concatenation of `parts`.
 pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
+    // HMAC takes a key of any length (a longer one is hashed): this cannot fail, whatever
+    // the key a project configured
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
     for p in parts {
         mac.update(p);

@@ -178,12 +178,32 @@ pub trait Clients: Send + Sync {
     fn client(&self, project: &Project) -> Result<Option<Arc<dyn Forge>>, ForgeError>;
 }
 
-/// Clients as production makes them.
-pub struct RealClients;
+/// How long a client (and the token it read) is reused: a rotated token or a changed
+/// configuration takes effect within this.
+const CLIENT_TTL: Duration = Duration::from_secs(60);
+
+type Made = (ForgeConfig, std::time::Instant, Arc<dyn Forge>);
+
+/// Clients as production makes them: one per project, reused for [`CLIENT_TTL`] (the
+/// loops call every few seconds; each new client would read the token again and open
+/// new connections).
+#[derive(Default)]
+pub struct RealClients {
+    made: std::sync::Mutex<std::collections::HashMap<String, Made>>,
+}
 
 impl Clients for RealClients {
     fn client(&self, project: &Project) -> Result<Option<Arc<dyn Forge>>, ForgeError> {
-        project.forge.as_ref().map(client).transpose()
+        let Some(config) = &project.forge else { return Ok(None) };
+        let mut made = self.made.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((c, at, forge)) = made.get(&project.id) {
+            if c == config && at.elapsed() < CLIENT_TTL {
+                return Ok(Some(forge.clone()));
+            }
+        }
+        let forge = client(config)?;
+        made.insert(project.id.clone(), (config.clone(), std::time::Instant::now(), forge.clone()));
+        Ok(Some(forge))
     }
 }
 

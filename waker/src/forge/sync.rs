@@ -189,75 +189,63 @@ async fn apply_change(
         // the reconciler writes the comment again: one someone deleted is made anew
         record.comment_body = None;
     }
-    match Some(info) {
-        Some(i) if i.state == ChangeState::Open => {
-            if !eligible(project, i) {
-                // drafts and empty merge requests get nothing (an existing preview stays)
-                info!(project = %project.name, number, draft = i.draft, "merge request not previewed");
-                return Ok(());
-            }
-            let git_ref = wakegate_core::gitref::normalize(&i.preview_ref(kind))
-                .map_err(|e| ApiError::Unprocessable(format!("merge request {number}: {e}")))?;
-            let link = i.link(kind);
-            let sha = (!i.head_sha.is_empty()).then(|| i.head_sha.clone());
-            let (p, created) = w
-                .ensure_preview(project, &git_ref, false, |p: &mut Preview| {
-                    p.change = Some(link.clone());
-                    p.commit = sha.clone();
-                })
-                .await?;
-            if created {
-                info!(project = %project.name, number, preview = %p.value.id, "preview created for a merge request");
-            } else {
-                follow(w, &p.value, &link, sha.as_deref(), wake).await?;
-            }
-            record.preview_id = Some(p.value.id.clone());
-            record.url = i.url.clone();
-            record.git_ref = git_ref;
-            record.state = Some(ChangeState::Open);
+    if info.state == ChangeState::Open {
+        if !eligible(project, info) {
+            // drafts and empty merge requests get nothing (an existing preview stays)
+            info!(project = %project.name, number, draft = info.draft, "merge request not previewed");
+            return Ok(());
         }
-        _ => {
-            // closed or merged
-            let state = info.state;
-            let reason = if state == ChangeState::Merged { EraseReason::Merged } else { EraseReason::Closed };
-            // a merge request Wakegate never saw open: a preview made for its ref by
-            // hand is left alone
-            if let Some(id) = &record.preview_id {
-                let link = info.link(kind);
-                let edit = |p: &mut Preview| p.change = Some(link.clone());
-                match apply_editing(w.store.as_ref(), id, &Event::EraseRequested { reason }, now_ms(), &edit).await {
-                    Ok(a) if a.changed => {
-                        info!(project = %project.name, number, preview = %id, reason = reason.as_str(), "merge request ended: preview erased")
-                    }
-                    Ok(_) => {}
-                    Err(wakegate_store::driver::ApplyError::NotFound(_)) => {}
-                    Err(e) => return Err(e.into()),
+        let git_ref = wakegate_core::gitref::normalize(&info.preview_ref(kind))
+            .map_err(|e| ApiError::Unprocessable(format!("merge request {number}: {e}")))?;
+        let link = info.link(kind);
+        let sha = (!info.head_sha.is_empty()).then(|| info.head_sha.clone());
+        let (p, created) = w
+            .ensure_preview(project, &git_ref, false, |p: &mut Preview| {
+                p.change = Some(link.clone());
+                p.commit = sha.clone();
+            })
+            .await?;
+        if created {
+            info!(project = %project.name, number, preview = %p.value.id, "preview created for a merge request");
+        } else {
+            let new_commit = sha.as_deref().is_some_and(|s| p.value.commit.as_deref().is_some_and(|c| c != s));
+            let edit = |q: &mut Preview| {
+                q.change = Some(link.clone());
+                if let Some(s) = &sha {
+                    q.commit = Some(s.clone());
                 }
+            };
+            follow(w, &p.value, wanted(&p.value.state, new_commit, wake), &edit).await?;
+        }
+        record.preview_id = Some(p.value.id.clone());
+        record.git_ref = git_ref;
+    } else if let Some(id) = &record.preview_id {
+        // closed or merged. A merge request Wakegate never saw open has no preview here
+        // (one made for its ref by hand is left alone).
+        let reason = if info.state == ChangeState::Merged { EraseReason::Merged } else { EraseReason::Closed };
+        let link = info.link(kind);
+        let edit = |p: &mut Preview| p.change = Some(link.clone());
+        match apply_editing(w.store.as_ref(), id, &Event::EraseRequested { reason }, now_ms(), &edit).await {
+            Ok(a) if a.changed => {
+                info!(project = %project.name, number, preview = %id, reason = reason.as_str(), "merge request ended: preview erased")
             }
-            record.url = info.url.clone();
-            record.state = Some(state);
+            Ok(_) | Err(wakegate_store::driver::ApplyError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
         }
     }
+    record.url = info.url.clone();
+    record.state = Some(info.state);
     save(w, &record).await?;
     publish(w, project, forge, &mut record).await
 }
 
-/// An existing preview follows its merge request: the link and commit are recorded in the
-/// same write as the event they call for.
-async fn follow(
-    w: &Waker,
-    p: &Preview,
-    link: &wakegate_core::route::Change,
-    sha: Option<&str>,
-    wake: bool,
-) -> Result<(), SyncError> {
-    let new_commit = sha.is_some_and(|s| p.commit.as_deref().is_some_and(|c| c != s));
-    let event = match &p.state {
+/// What an existing preview must do to follow its ref: `new_commit` was pushed, `wake`
+/// (its merge request was just opened, reopened or marked ready).
+fn wanted(state: &State, new_commit: bool, wake: bool) -> Option<Event> {
+    match state {
         // its merge request is open again (a reopen whose delivery was lost, too), or
         // a gone branch is back with new commits
         State::Gone { why } if wake || new_commit || *why != wakegate_core::lifecycle::GoneWhy::RefDeleted => {
-            // reopened: it may be built again
-            apply_editing(w.store.as_ref(), &p.id, &Event::RefRestored, now_ms(), &|_| {}).await?;
             Some(Event::BuildRequested)
         }
         State::Gone { .. } => None,
@@ -269,23 +257,27 @@ async fn follow(
         _ if new_commit => Some(Event::Redeploy),
         State::Sleeping { .. } | State::Stopping { .. } if wake => Some(Event::WakeRequested),
         _ => None,
+    }
+}
+
+/// Applies `event` (if any) to an existing preview with `edit` (its link, its commit)
+/// in the same write, so no crash separates them; a gone preview is restored first.
+async fn follow(
+    w: &Waker,
+    p: &Preview,
+    event: Option<Event>,
+    edit: &(dyn Fn(&mut Preview) + Sync),
+) -> Result<(), SyncError> {
+    let Some(e) = event else {
+        wakegate_store::driver::edit(w.store.as_ref(), &p.id, edit).await?;
+        return Ok(());
     };
-    let edit = |q: &mut Preview| {
-        q.change = Some(link.clone());
-        if let Some(s) = sha {
-            q.commit = Some(s.to_string());
-        }
-    };
-    match event {
-        Some(e) => {
-            let a = apply_editing(w.store.as_ref(), &p.id, &e, now_ms(), &edit).await?;
-            if a.changed {
-                info!(preview = %p.id, event = ?e, state = a.preview.value.state.as_str(), "preview follows its merge request");
-            }
-        }
-        None => {
-            wakegate_store::driver::edit(w.store.as_ref(), &p.id, &edit).await?;
-        }
+    if matches!(p.state, State::Gone { .. }) {
+        apply_editing(w.store.as_ref(), &p.id, &Event::RefRestored, now_ms(), &|_| {}).await?;
+    }
+    let a = apply_editing(w.store.as_ref(), &p.id, &e, now_ms(), edit).await?;
+    if a.changed {
+        info!(preview = %p.id, event = ?e, state = a.preview.value.state.as_str(), "preview follows its ref");
     }
     Ok(())
 }
@@ -414,16 +406,12 @@ async fn publish(w: &Waker, project: &Project, forge: &dyn Forge, r: &mut Change
         r.comment_body = Some(body);
         save(w, r).await?;
     }
+    // each forge's publish calls only when its view differs from what it last wrote
     let view = env_view(w, kind, r, Some(&p), env_state(&p.state));
-    let stale = r.views.state != Some(view.state)
-        || r.views.url.as_deref() != Some(view.url.as_str()) && kind == ForgeKind::Gitlab
-        || r.views.sha != view.sha && kind == ForgeKind::Github;
-    if stale {
-        let before = r.views.clone();
-        forge.publish(&view, &mut r.views).await?;
-        if r.views != before {
-            save(w, r).await?;
-        }
+    let before = r.views.clone();
+    forge.publish(&view, &mut r.views).await?;
+    if r.views != before {
+        save(w, r).await?;
     }
     Ok(())
 }
@@ -459,21 +447,12 @@ async fn handle(w: &Waker, project: &Project, forge: &dyn Forge, event: &HookEve
                 // the merge request's own view decides (its head is this push now)
                 return sync_change(w, project, forge, change.number, false, false).await;
             }
+            // a branch preview follows every push it has not built (one made by hand
+            // knows no commit yet); an erased or gone one waits for a visitor
             let stale = p.value.commit.as_deref() != Some(after.as_str());
-            let follows = matches!(
-                p.value.state,
-                State::Running { .. }
-                    | State::Building { .. }
-                    | State::Sleeping { .. }
-                    | State::Stopping { .. }
-                    | State::Waking { .. }
-                    | State::Failed { .. }
-            );
-            let edit = |q: &mut Preview| q.commit = Some(after.clone());
-            if stale && follows {
-                let event =
-                    if matches!(p.value.state, State::Failed { .. }) { Event::BuildRequested } else { Event::Redeploy };
-                apply_editing(w.store.as_ref(), &id, &event, now_ms(), &edit).await?;
+            if stale && !matches!(p.value.state, State::Gone { .. } | State::Erased { .. } | State::Erasing { .. }) {
+                let edit = |q: &mut Preview| q.commit = Some(after.clone());
+                follow(w, &p.value, wanted(&p.value.state, true, false), &edit).await?;
                 info!(preview = %id, commit = %after, "push: redeploying");
             }
             Ok(())
@@ -571,7 +550,10 @@ async fn prune_seen(w: &Waker, now: Millis) {
         Ok(rows) => {
             for (k, at) in rows {
                 if at.parse::<Millis>().is_ok_and(|at| now.saturating_sub(at) > keep) {
-                    let _ = w.store.table_swap(SEEN, &k, Some(&at), None).await;
+                    if let Err(e) = w.store.table_swap(SEEN, &k, Some(&at), None).await {
+                        // the next hourly pass tries again
+                        return warn!(error = %e, "forgetting old delivery ids failed");
+                    }
                 }
             }
         }
@@ -592,10 +574,17 @@ pub async fn status_loop(w: Arc<Waker>) {
 /// One pass of comment and view updates; a merge request whose lock is held is left
 /// for the next pass.
 pub async fn status_once(w: &Waker) -> Result<(), StoreError> {
-    for (k, raw) in w.store.table_list(CHANGES).await? {
+    let records = w.store.table_list(CHANGES).await?;
+    if records.is_empty() {
+        return Ok(());
+    }
+    // projects once a pass, not once a merge request
+    let projects: std::collections::HashMap<String, Project> =
+        w.store.list_projects().await?.into_iter().map(|p| (p.id.clone(), p)).collect();
+    for (k, raw) in records {
         let Ok(mut r) = serde_json::from_str::<ChangeRecord>(&raw) else { continue };
-        let Some(project) = w.store.get_project(&r.project_id).await? else { continue };
-        let forge = match w.forge.clients.client(&project) {
+        let Some(project) = projects.get(&r.project_id) else { continue };
+        let forge = match w.forge.clients.client(project) {
             Ok(Some(f)) => f,
             Ok(None) => continue,
             Err(e) => {
@@ -612,7 +601,7 @@ pub async fn status_once(w: &Waker) -> Result<(), StoreError> {
                 continue;
             }
         }
-        if let Err(e) = publish(w, &project, forge.as_ref(), &mut r).await {
+        if let Err(e) = publish(w, project, forge.as_ref(), &mut r).await {
             warn!(project = %project.name, number = r.number, error = %e, "updating a merge request failed");
         }
         unlock(w, l).await;
