@@ -381,6 +381,8 @@ fn running_preview(i: usize, origin: &str) -> Preview {
         custom_hosts: Vec::new(),
         change: None,
         commit: None,
+        dump: None,
+        progress: None,
     }
 }
 

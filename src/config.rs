@@ -87,6 +87,8 @@ pub struct Config {
     /// Where previews run: `local` (child processes on this machine) or `hetzner`.
     pub backend: BackendKind,
     pub hetzner: HetznerConfig,
+    /// The bucket database dumps are kept in (`WAKEGATE_S3_*`), when set.
+    pub s3: Option<wakegate_db::s3::S3Config>,
 }
 
 /// `WAKEGATE_EDGE_*`-style settings of the native edge (defaults are the edge crate's).
@@ -356,6 +358,24 @@ impl Config {
                         reason: format!("{other:?}: expected local or hetzner"),
                     })
                 }
+            },
+            s3: match src.get("WAKEGATE_S3_BUCKET") {
+                None => None,
+                Some(bucket) => Some(wakegate_db::s3::S3Config {
+                    endpoint: src.get("WAKEGATE_S3_ENDPOINT"),
+                    region: src.get("WAKEGATE_S3_REGION").unwrap_or_else(|| "us-east-1".into()),
+                    bucket,
+                    path_style: parse(src, "WAKEGATE_S3_PATH_STYLE", false)?,
+                    access_key_id: secret(src, "WAKEGATE_S3_ACCESS_KEY_ID", "WAKEGATE_S3_ACCESS_KEY_ID_FILE")?
+                        .ok_or(ConfigError::Missing("WAKEGATE_S3_ACCESS_KEY_ID"))?,
+                    secret_access_key: secret(
+                        src,
+                        "WAKEGATE_S3_SECRET_ACCESS_KEY",
+                        "WAKEGATE_S3_SECRET_ACCESS_KEY_FILE",
+                    )?
+                    .ok_or(ConfigError::Missing("WAKEGATE_S3_SECRET_ACCESS_KEY"))?,
+                    prefix: src.get("WAKEGATE_S3_PREFIX").unwrap_or_else(|| "wakegate/".into()),
+                }),
             },
             hetzner: HetznerConfig {
                 token: secret(src, "WAKEGATE_HETZNER_TOKEN", "WAKEGATE_HETZNER_TOKEN_FILE")?,

@@ -76,16 +76,19 @@ impl Dev {
             )
             .with_orgs(cfg.org_settings())
             .with_saas(cfg.saas.clone())
-            .with_forge(cfg.forge.clone()),
+            .with_forge(cfg.forge.clone())
+            .with_dumps(cfg.s3.clone().map(wakegate_db::s3::Bucket::new)),
         );
         let machines_dir = std::path::absolute(cfg.data_dir.join("machines"))?;
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let backend = crate::backend::start(cfg, store.clone(), &preview_url_template, stop_rx.clone()).await?;
-        let provisioner = Arc::new(Provisioner::new(
+        let mut provisioner = Provisioner::new(
             store.clone(),
             backend.cloud.clone(),
             cfg.provisioner_settings(preview_url_template.clone()),
-        ));
+        );
+        provisioner.dumps = cfg.s3.clone().map(wakegate_db::s3::Bucket::new);
+        let provisioner = Arc::new(provisioner);
         let mut tasks = backend.tasks;
         tasks.push(tokio::spawn(wakegate_waker::orgs::recheck_loop(waker.clone())));
         let forge = waker.spawn_forge();

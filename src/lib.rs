@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod dbcli;
 pub mod demo;
 pub mod dev;
 pub mod operator;

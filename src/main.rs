@@ -39,6 +39,33 @@ enum Cmd {
         #[command(subcommand)]
         cmd: OrgCmd,
     },
+    /// A project's database dumps in S3 (WAKEGATE_WAKER_URL, WAKEGATE_OPERATOR_TOKEN).
+    Db {
+        #[command(subcommand)]
+        cmd: DbCmd,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum DbCmd {
+    /// Uploads a .sql or .sql.gz (or `-` for stdin) and makes it the project's base once
+    /// it is checked; an interrupted push of a file resumes when run again.
+    Push {
+        project: String,
+        file: String,
+        /// postgres or mariadb (needed for the project's first dump).
+        #[arg(long)]
+        engine: Option<String>,
+        /// Import into this preview only (rebuilds it); the base stays.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// The project's dumps, newest first, and which is the base.
+    List { project: String },
+    /// Makes an earlier dump the base again.
+    Use { project: String, dump: String },
+    /// Deletes a dump (never the base).
+    Rm { project: String, dump: String },
 }
 
 #[derive(clap::Subcommand)]
@@ -88,6 +115,37 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Provisioner => wakegate::parts::provisioner(cfg).await,
         Cmd::Openapi => Ok(()),
         Cmd::Org { cmd } => org(&cfg, cmd).await,
+        Cmd::Db { cmd } => db(&cfg, cmd).await,
+    }
+}
+
+async fn db(cfg: &Config, cmd: DbCmd) -> anyhow::Result<()> {
+    use wakegate::dbcli::{seg, Api};
+    let token = cfg.operator_token.clone().context("set WAKEGATE_OPERATOR_TOKEN (or _FILE)")?;
+    let api = Api::new(&cfg.waker_url, &token)?;
+    match cmd {
+        DbCmd::Push { project, file, engine, target } => {
+            let p = wakegate::dbcli::Push {
+                project: &project,
+                file: &file,
+                engine: engine.as_deref(),
+                target: target.as_deref(),
+            };
+            wakegate::dbcli::push(&api, p).await
+        }
+        DbCmd::List { project } => wakegate::dbcli::list(&api, &project).await,
+        DbCmd::Use { project, dump } => {
+            api.ok(reqwest::Method::POST, &format!("/v1/projects/{}/dumps/{}/use", seg(&project), seg(&dump)), None)
+                .await?;
+            println!("{dump} is now the base of {project}");
+            Ok(())
+        }
+        DbCmd::Rm { project, dump } => {
+            api.ok(reqwest::Method::DELETE, &format!("/v1/projects/{}/dumps/{}", seg(&project), seg(&dump)), None)
+                .await?;
+            println!("{dump} removed");
+            Ok(())
+        }
     }
 }
 

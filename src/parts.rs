@@ -31,7 +31,8 @@ pub async fn waker(cfg: Config) -> anyhow::Result<()> {
         )
         .with_orgs(cfg.org_settings())
         .with_saas(cfg.saas.clone())
-        .with_forge(cfg.forge.clone()),
+        .with_forge(cfg.forge.clone())
+        .with_dumps(cfg.s3.clone().map(wakegate_db::s3::Bucket::new)),
     );
     let listener = TcpListener::bind(cfg.waker_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "waker listening");
@@ -68,7 +69,9 @@ pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
     let template = cfg.preview_url(cfg.edge_addr.port());
     let (_stop, rx) = tokio::sync::watch::channel(false);
     let backend = crate::backend::start(&cfg, store.clone(), &template, rx.clone()).await?;
-    let p = Arc::new(Provisioner::new(store, backend.cloud.clone(), cfg.provisioner_settings(template)));
+    let mut p = Provisioner::new(store, backend.cloud.clone(), cfg.provisioner_settings(template));
+    p.dumps = cfg.s3.clone().map(wakegate_db::s3::Bucket::new);
+    let p = Arc::new(p);
     tracing::info!(worker = %p.worker, "provisioner running");
     let tasks = p.spawn_all(rx);
     for t in tasks {

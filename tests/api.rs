@@ -148,7 +148,11 @@ fn check(spec: &Value, method: &str, path: &str, r: &http::Response, seen: &mut 
 async fn server_matches_its_openapi_document() {
     let dns = wakegate_testkit::dns::DnsServer::start(&["acme.com"]).await;
     let servers = dns.addr.to_string();
-    let w = World::start_with(&[("WAKEGATE_EDGE_KEY", EDGE_KEY), ("WAKEGATE_DNS_SERVERS", &servers)], 600).await;
+    let s3 = wakegate_testkit::s3::S3Server::start().await.unwrap();
+    let s3_settings = s3.settings("dumps");
+    let mut extra = vec![("WAKEGATE_EDGE_KEY", EDGE_KEY), ("WAKEGATE_DNS_SERVERS", servers.as_str())];
+    extra.extend(s3_settings.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let w = World::start_with(&extra, 600).await;
     let spec: Value = serde_json::from_str(wakegate_waker::openapi_json()).unwrap();
     let tok = Some(w.dev.operator_token.as_str());
     let mut seen = BTreeSet::new();
@@ -341,6 +345,66 @@ async fn server_matches_its_openapi_document() {
         assert_eq!(r.status, status, "{event} {id}: {}", r.body);
         check(&spec, "POST", &hook("hooked"), &r, &mut seen);
     }
+
+    // a dump pushed by hand, the way the CLI does, and its history
+    wakegate_db::s3::Bucket::new(wakegate_db::s3::S3Config {
+        endpoint: Some(s3.endpoint()),
+        region: "us-east-1".into(),
+        bucket: "dumps".into(),
+        path_style: true,
+        access_key_id: wakegate_testkit::s3::ACCESS_KEY.into(),
+        secret_access_key: wakegate_testkit::s3::SECRET_KEY.into(),
+        prefix: String::new(),
+    })
+    .ensure()
+    .await
+    .unwrap();
+    let dump = b"CREATE TABLE t (a int);\nINSERT INTO t VALUES (1);\n".to_vec();
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&dump))
+    };
+    let mut call = async |method: &str, path: String, body: Value, status: u16| {
+        let body = if body.is_null() { String::new() } else { body.to_string() };
+        let r = operator(&w, method, &path, &body, tok).await;
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        check(&spec, method, &path, &r, &mut seen);
+        if r.body.is_empty() {
+            Value::Null
+        } else {
+            r.json()
+        }
+    };
+    let started = call("POST", "/v1/projects/demo/dumps".into(), json!({"name": "d.sql"}), 400).await;
+    assert_eq!(started["field"], "engine");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let started =
+            call("POST", "/v1/projects/demo/dumps".into(), json!({"name": "d.sql", "engine": "postgres"}), 201).await;
+        ids.push(started["dump"]["id"].as_str().unwrap().to_string());
+    }
+    let d = format!("/v1/projects/demo/dumps/{}", ids[0]);
+    call("POST", format!("{d}/parts/0"), Value::Null, 400).await;
+    let url = call("POST", format!("{d}/parts/1"), Value::Null, 200).await;
+    let put = reqwest::Client::new().put(url["url"].as_str().unwrap()).body(dump.clone()).send().await.unwrap();
+    assert!(put.status().is_success());
+    call("GET", format!("{d}/parts"), Value::Null, 200).await;
+    call("POST", format!("{d}/complete"), json!({"size": dump.len(), "sha256": "nope"}), 400).await;
+    call("POST", format!("{d}/complete"), json!({"size": dump.len(), "sha256": sha}), 202).await;
+    wakegate_testkit::eventually(WAIT, "the dump to be checked", || async {
+        let r = operator(&w, "GET", &d, "", tok).await;
+        (r.json()["state"] == "ready").then_some(())
+    })
+    .await;
+    let shown = call("GET", d.clone(), Value::Null, 200).await;
+    assert_eq!(shown["base"], true, "{shown}");
+    call("POST", format!("{d}/complete"), json!({"size": dump.len(), "sha256": sha}), 200).await;
+    call("GET", "/v1/projects/demo/dumps".into(), Value::Null, 200).await;
+    call("POST", format!("{d}/use"), Value::Null, 200).await;
+    call("POST", format!("/v1/projects/demo/dumps/{}/use", ids[1]), Value::Null, 409).await;
+    call("DELETE", d.clone(), Value::Null, 409).await;
+    call("DELETE", format!("/v1/projects/demo/dumps/{}", ids[1]), Value::Null, 204).await;
+    call("GET", "/v1/projects/nope/dumps".into(), Value::Null, 404).await;
 
     let documented: BTreeSet<String> = spec["paths"]
         .as_object()

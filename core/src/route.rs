@@ -224,6 +224,30 @@ pub struct Preview {
     /// The commit the forge last said the ref is at: a push of another one redeploys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<String>,
+    /// The dump this preview's database comes from instead of the project's base
+    /// (`wakegate db push --target`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dump: Option<String>,
+    /// How far the current phase is (bytes of a database being restored); cleared
+    /// whenever the state or phase changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// Work done of work to do, in bytes.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+impl Progress {
+    /// `12.3 MB of 50.0 MB`
+    pub fn text(&self) -> String {
+        let mb = |b: u64| b as f64 / 1_000_000.0;
+        format!("{:.1} MB of {:.1} MB", mb(self.done.min(self.total)), mb(self.total))
+    }
 }
 
 impl Preview {
@@ -268,6 +292,9 @@ pub enum RouteStatus {
     Building {
         phase: Phase,
         origin: Option<String>,
+        /// How far the phase is, when it says (restoring a database).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        progress: Option<Progress>,
     },
     Sleeping,
     Waking,
@@ -299,11 +326,21 @@ impl RouteStatus {
     /// The edge's view of a lifecycle state. `rebuildable` says whether the ref exists;
     /// `change` is the merge request a gone page links to.
     pub fn from_state(state: &State, rebuildable: bool, change: Option<&Change>) -> RouteStatus {
+        Self::from_preview_state(state, rebuildable, change, None)
+    }
+
+    /// [`RouteStatus::from_state`], with the phase's progress.
+    pub fn from_preview_state(
+        state: &State,
+        rebuildable: bool,
+        change: Option<&Change>,
+        progress: Option<Progress>,
+    ) -> RouteStatus {
         let gone = |why| RouteStatus::Gone { why, change: change.cloned() };
         match state {
             State::Running { origin, .. } => RouteStatus::Running { origin: origin.clone() },
             State::Building { phase, serving, .. } => {
-                RouteStatus::Building { phase: *phase, origin: serving.as_ref().map(|s| s.origin.clone()) }
+                RouteStatus::Building { phase: *phase, origin: serving.as_ref().map(|s| s.origin.clone()), progress }
             }
             State::Sleeping { .. } => RouteStatus::Sleeping,
             // a stop under way is about to be asleep; a wake asked for now is remembered

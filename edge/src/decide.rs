@@ -20,6 +20,7 @@ pub enum PageKind {
     Waking,
     Building {
         phase: Phase,
+        progress: Option<wakegate_core::route::Progress>,
     },
     /// `by_ttl`: erased because its time was up.
     ConfirmRebuild {
@@ -65,8 +66,8 @@ pub fn decide(route: &RouteRecord, req: RequestInfo) -> Decision {
         (RouteStatus::Sleeping, false) if !req.may_wake => unavailable(503, Some(30)),
         (RouteStatus::Sleeping, false) => Decision::Hold { wake: true },
         (RouteStatus::Waking, true) => Decision::Page { page: PageKind::Waking, wake: false },
-        (RouteStatus::Building { phase, .. }, true) => {
-            Decision::Page { page: PageKind::Building { phase: *phase }, wake: false }
+        (RouteStatus::Building { phase, progress, .. }, true) => {
+            Decision::Page { page: PageKind::Building { phase: *phase, progress: *progress }, wake: false }
         }
         (RouteStatus::Waking | RouteStatus::Building { .. }, false) if !req.may_wake => unavailable(503, Some(30)),
         (RouteStatus::Waking | RouteStatus::Building { .. }, false) => Decision::Hold { wake: false },
@@ -122,7 +123,7 @@ pub(crate) mod tests {
         for req in [HTML, API, BOT_HTML, BOT_API] {
             assert_eq!(decide(&r, req), Decision::Proxy);
         }
-        let r = route(RouteStatus::Building { phase: Phase::Build, origin: Some("http://o".into()) });
+        let r = route(RouteStatus::Building { phase: Phase::Build, origin: Some("http://o".into()), progress: None });
         assert_eq!(decide(&r, HTML), Decision::Proxy);
     }
 
@@ -139,7 +140,7 @@ pub(crate) mod tests {
     fn every_status_has_an_answer() {
         let statuses = [
             RouteStatus::Waking,
-            RouteStatus::Building { phase: Phase::Checkout, origin: None },
+            RouteStatus::Building { phase: Phase::Checkout, origin: None, progress: None },
             RouteStatus::Failed { phase: Phase::Build, reason: "x".into() },
             RouteStatus::Erased { reason: EraseReason::Ttl, rebuildable: true },
             RouteStatus::Erased { reason: EraseReason::Ttl, rebuildable: false },
@@ -147,7 +148,7 @@ pub(crate) mod tests {
         ];
         let expect_html = [
             Decision::Page { page: PageKind::Waking, wake: false },
-            Decision::Page { page: PageKind::Building { phase: Phase::Checkout }, wake: false },
+            Decision::Page { page: PageKind::Building { phase: Phase::Checkout, progress: None }, wake: false },
             Decision::Page { page: PageKind::Failed { phase: Phase::Build, reason: "x".into() }, wake: false },
             Decision::Page { page: PageKind::ConfirmRebuild { by_ttl: true }, wake: false },
             Decision::Page { page: PageKind::Gone { why: GoneWhy::RefDeleted, change: None }, wake: false },

@@ -30,7 +30,7 @@ pub fn page_for(kind: &PageKind, host: &Host, csrf_key: &Key, now: Millis) -> Pa
     let csrf = || sign::csrf_token(csrf_key, host.as_str(), now);
     match kind {
         PageKind::Waking => Page::Waking,
-        PageKind::Building { phase } => Page::Building { phase: *phase },
+        PageKind::Building { phase, progress } => Page::Building { phase: *phase, progress: *progress },
         PageKind::ConfirmRebuild { by_ttl } => Page::ConfirmRebuild { csrf: csrf(), by_ttl: *by_ttl },
         PageKind::Failed { phase, reason } => Page::Failed { phase: *phase, reason: reason.clone(), csrf: csrf() },
         PageKind::Gone { why, change } => Page::Gone { why: *why, change: change.clone() },
@@ -51,8 +51,12 @@ pub fn context<'a>(route: &'a RouteRecord, return_to: &'a str) -> Context<'a> {
 
 /// The JSON `/_wakegate/status` answers with.
 pub fn status_json(r: &RouteRecord) -> serde_json::Value {
+    let mut detail = None;
     let (phase, reason) = match &r.status {
-        RouteStatus::Building { phase, .. } => (Some(*phase), None),
+        RouteStatus::Building { phase, progress, .. } => {
+            detail = progress.map(|p| p.text());
+            (Some(*phase), None)
+        }
         RouteStatus::Failed { phase, reason } => (Some(*phase), Some(reason.clone())),
         _ => (None, None),
     };
@@ -60,6 +64,7 @@ pub fn status_json(r: &RouteRecord) -> serde_json::Value {
         "state": r.status.as_str(),
         "phase": phase.map(|p| p.as_str()),
         "phase_label": phase.map(|p| p.label()),
+        "detail": detail,
         "reason": reason,
         "version": r.version,
         "ttl_remaining_ms": r.ttl_remaining_ms,

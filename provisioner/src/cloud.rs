@@ -17,6 +17,19 @@ pub struct DeploySpec {
     pub project: Project,
     /// A private repository's credentials (the project's forge token).
     pub git_auth: Option<crate::git::GitAuth>,
+    /// The dump the preview's database is filled from, when the project has one.
+    pub dump: Option<DumpSource>,
+}
+
+/// Where a build downloads a dump from: a short-lived presigned URL, never the
+/// bucket's credentials.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DumpSource {
+    pub id: String,
+    pub engine: wakegate_db::Engine,
+    pub url: String,
+    pub size: u64,
+    pub gzip: bool,
 }
 
 /// A machine as the backend sees it (labels are the ground truth for what exists).
@@ -54,6 +67,8 @@ pub enum CloudError {
 #[async_trait]
 pub trait Progress: Send + Sync {
     async fn phase(&self, phase: Phase) -> bool;
+    /// How far the current phase is (bytes of a dump restored); shown on the splash.
+    async fn detail(&self, _done: u64, _total: u64) {}
 }
 
 /// How a deploy or start ended when it did not fail.

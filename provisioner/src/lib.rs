@@ -19,6 +19,7 @@ pub mod cloud;
 pub mod git;
 pub mod hetzner;
 pub mod local;
+pub mod localdb;
 pub mod manifest;
 pub mod runner;
 pub use wakegate_serve::supervise;

@@ -103,7 +103,7 @@ impl LocalCloud {
 
     async fn start_app(&self, machine: &MachineId, dir: &Path, mf: &MachineFile) -> Result<String, CloudError> {
         stop_group(dir, "app.pid").await;
-        let env = app_env(mf);
+        let env = full_env(dir, mf).await;
         let mut child = self.spawn(dir, &mf.manifest.run, "app.pid", "app.log", &env, &mf.hidden_env).await?;
         let origin = format!("http://127.0.0.1:{}", mf.port);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(mf.manifest.start_timeout_secs);
@@ -154,6 +154,83 @@ fn app_env(mf: &MachineFile) -> Vec<(String, String)> {
     let urls = if mf.preview_urls.is_empty() { vec![mf.preview_url.clone()] } else { mf.preview_urls.clone() };
     env.push(("PREVIEW_URLS".into(), urls.join(",")));
     env
+}
+
+/// The app's environment with its database's, when it has one.
+async fn full_env(dir: &Path, mf: &MachineFile) -> Vec<(String, String)> {
+    let mut env = app_env(mf);
+    if let Some(db) = crate::localdb::read(dir).await {
+        env.extend(crate::localdb::app_env(&db));
+    }
+    env
+}
+
+/// Gives the database's port back (its server has stopped).
+async fn release_db_port(ports: &Path, dir: &Path) {
+    if let Some(db) = crate::localdb::read(dir).await.filter(|d| d.port != 0) {
+        unreserve_port(ports, db.port).await;
+    }
+}
+
+impl LocalCloud {
+    /// Starts the machine's database server, if it has one, on a fresh port.
+    async fn start_db(&self, dir: &Path) -> Result<(), CloudError> {
+        let Some(mut db) = crate::localdb::read(dir).await else { return Ok(()) };
+        stop_group(dir, "db.pid").await;
+        let old = std::mem::replace(&mut db.port, reserve_port(&self.ports)?);
+        crate::localdb::write(dir, &db).await?;
+        if old != 0 {
+            unreserve_port(&self.ports, old).await;
+        }
+        crate::localdb::start(dir, &db).await
+    }
+
+    /// Stops the machine's database server and gives its port back.
+    async fn stop_db(&self, dir: &Path) {
+        stop_group(dir, "import.pid").await;
+        stop_group(dir, "db.pid").await;
+        release_db_port(&self.ports, dir).await;
+    }
+
+    /// A fresh database for the preview, filled from its dump and sanitized.
+    async fn restore_db(
+        &self,
+        dir: &Path,
+        db: &crate::manifest::Database,
+        spec: &DeploySpec,
+        progress: &dyn Progress,
+    ) -> Result<(), CloudError> {
+        if !progress.phase(Phase::RestoringDb).await {
+            return Err(CloudError::Failed("cancelled".into()));
+        }
+        self.stop_db(dir).await;
+        let mut f = crate::localdb::init(dir, db).await?;
+        f.port = reserve_port(&self.ports)?;
+        crate::localdb::write(dir, &f).await?;
+        crate::localdb::start(dir, &f).await?;
+        crate::localdb::create(dir, &f).await?;
+        let Some(dump) = &spec.dump else {
+            tracing::info!(preview = %spec.preview_id, "the project has no dump: the database starts empty");
+            return Ok(());
+        };
+        crate::localdb::import(dir, &f, dump, progress).await?;
+        match db.sanitize_path() {
+            Some(path) => {
+                let file = dir.join("src").join(path);
+                if !file.is_file() {
+                    return Err(CloudError::Failed(format!(
+                        "{path} is not in the repository: add the SQL that sanitizes an imported dump, or set \
+                         `sanitize = false` under [database] in {}",
+                        crate::manifest::FILE
+                    )));
+                }
+                crate::localdb::sanitize(dir, &f, &file).await?;
+            }
+            None => tracing::info!(preview = %spec.preview_id, "sanitize = false: the dump is used as it is"),
+        }
+        tracing::info!(preview = %spec.preview_id, dump = %dump.id, "database restored");
+        Ok(())
+    }
 }
 
 /// Ports apps get: below the kernel's ephemeral range, so no outgoing connection takes
@@ -228,7 +305,7 @@ async fn health_ok(port: u16, path: &str) -> bool {
     }
 }
 
-async fn log_tail(dir: &Path, log: &str) -> String {
+pub(crate) async fn log_tail(dir: &Path, log: &str) -> String {
     let text = tokio::fs::read_to_string(dir.join(log)).await.unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
@@ -246,7 +323,7 @@ async fn kill(signal: &str, pgid: u32) -> bool {
 }
 
 /// Stops the process group recorded in `dir/pidfile`, if any; waits up to 5 s for it.
-async fn stop_group(dir: &Path, pidfile: &str) {
+pub(crate) async fn stop_group(dir: &Path, pidfile: &str) {
     let Ok(text) = tokio::fs::read_to_string(dir.join(pidfile)).await else {
         return;
     };
@@ -270,7 +347,7 @@ async fn stop_group(dir: &Path, pidfile: &str) {
 pub fn kill_all_blocking(root: &Path) {
     let Ok(entries) = std::fs::read_dir(root) else { return };
     for e in entries.flatten() {
-        for pidfile in ["build.pid", "app.pid"] {
+        for pidfile in ["build.pid", "app.pid", "import.pid", "db.pid"] {
             let pgid = std::fs::read_to_string(e.path().join(pidfile)).ok().and_then(|s| s.trim().parse::<u32>().ok());
             if let Some(pgid) = pgid.filter(|p| *p > 1) {
                 let _ = std::process::Command::new("kill")
@@ -337,12 +414,21 @@ impl Cloud for LocalCloud {
         tokio::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&mf).map_err(backend)?)
             .await
             .map_err(backend)?;
+        match &mf.manifest.database {
+            Some(db) => self.restore_db(&dir, db, spec, progress).await?,
+            None => {
+                // a branch that dropped its database
+                self.stop_db(&dir).await;
+                let _ = tokio::fs::remove_file(dir.join(crate::localdb::FILE)).await;
+            }
+        }
 
         if let Some(build) = mf.manifest.build.clone() {
             if !progress.phase(Phase::Build).await {
                 return Err(CloudError::Failed("cancelled".into()));
             }
-            let mut child = self.spawn(&dir, &build, "build.pid", "build.log", &app_env(&mf), &mf.hidden_env).await?;
+            let env = full_env(&dir, &mf).await;
+            let mut child = self.spawn(&dir, &build, "build.pid", "build.log", &env, &mf.hidden_env).await?;
             let status =
                 match tokio::time::timeout(Duration::from_secs(mf.manifest.build_timeout_secs), child.wait()).await {
                     Ok(status) => status.map_err(backend)?,
@@ -379,7 +465,10 @@ impl Cloud for LocalCloud {
         tokio::fs::write(dir.join("machine.json"), serde_json::to_vec_pretty(&mf).map_err(backend)?)
             .await
             .map_err(backend)?;
-        let started = self.start_app(machine, &dir, &mf).await;
+        let started = match self.start_db(&dir).await {
+            Ok(()) => self.start_app(machine, &dir, &mf).await,
+            Err(e) => Err(e),
+        };
         unreserve_port(&self.ports, old).await;
         started.map(Outcome::Ready)
     }
@@ -391,6 +480,8 @@ impl Cloud for LocalCloud {
         }
         stop_group(&dir, "app.pid").await;
         release_port(&self.ports, &dir).await;
+        // asleep, the database keeps its data and frees its memory
+        self.stop_db(&dir).await;
         Ok(())
     }
 
@@ -402,6 +493,7 @@ impl Cloud for LocalCloud {
         stop_group(&dir, "build.pid").await;
         stop_group(&dir, "app.pid").await;
         release_port(&self.ports, &dir).await;
+        self.stop_db(&dir).await;
         tokio::fs::remove_dir_all(&dir).await.map_err(backend)?;
         tracing::info!(%machine, "machine deleted");
         Ok(())

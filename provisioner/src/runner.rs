@@ -48,6 +48,31 @@ pub struct Provisioner {
     /// When the reconciler may list the cloud again, and whether it should as soon as
     /// that allows.
     pub(crate) pace: crate::sweep::Pace,
+    /// The dumps' bucket, when S3 is configured: builds get presigned download URLs.
+    pub dumps: Option<wakegate_db::s3::Bucket>,
+}
+
+/// How long a build's dump URL works: long enough for a slow download to start.
+const DUMP_URL_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The dump a preview's database comes from: its own (`--target`), else the project's
+/// base. `Ok(None)` when there is none; `Err` is a reason the build fails with.
+pub async fn dump_source(
+    store: &SharedStore,
+    bucket: Option<&wakegate_db::s3::Bucket>,
+    preview: &wakegate_core::route::Preview,
+) -> Result<Option<crate::cloud::DumpSource>, String> {
+    let dumps = wakegate_db::Dumps::new(store.clone());
+    let dump = match &preview.dump {
+        Some(id) => dumps.get(&preview.project_id, id).await.map_err(|e| e.to_string())?,
+        None => dumps.base(&preview.project_id).await.map_err(|e| e.to_string())?,
+    };
+    let Some(d) = dump.filter(|d| d.state == wakegate_db::DumpState::Ready) else { return Ok(None) };
+    let Some(bucket) = bucket else {
+        return Err(format!("the project's database dump {} is in S3, and this provisioner has no S3 settings", d.id));
+    };
+    let url = bucket.presign_get(&d.key, DUMP_URL_TTL).await?;
+    Ok(Some(crate::cloud::DumpSource { id: d.id, engine: d.engine, url, size: d.size, gzip: d.gzip }))
 }
 
 struct StoreProgress<'a> {
@@ -64,12 +89,25 @@ impl Progress for StoreProgress<'_> {
             Err(_) => false,
         }
     }
+
+    async fn detail(&self, done: u64, total: u64) {
+        let progress = wakegate_core::route::Progress { done, total };
+        let r = wakegate_store::driver::edit(self.p.store.as_ref(), self.preview, &|p| {
+            if matches!(p.state, State::Building { phase: Phase::RestoringDb, restart: false, .. }) {
+                p.progress = Some(progress);
+            }
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(preview = %self.preview, error = %e, "recording progress failed");
+        }
+    }
 }
 
 impl Provisioner {
     pub fn new(store: SharedStore, cloud: Arc<dyn Cloud>, settings: Settings) -> Provisioner {
         let worker = wakegate_store::new_id("w-");
-        Provisioner { store, cloud, settings, worker, pace: Default::default() }
+        Provisioner { store, cloud, settings, worker, pace: Default::default(), dumps: None }
     }
 
     /// Starts the job lanes, the sweepers and the liveness checks, each supervised
@@ -322,7 +360,15 @@ impl Provisioner {
                 return self.event(id, failed).await.map(|_| ());
             }
         };
+        let dump = match dump_source(&self.store, self.dumps.as_ref(), preview).await {
+            Ok(d) => d,
+            Err(reason) => {
+                let failed = Event::BuildFailed { reason, machine: Some(machine) };
+                return self.event(id, failed).await.map(|_| ());
+            }
+        };
         let spec = DeploySpec {
+            dump,
             git_auth,
             preview_id: id.to_string(),
             git_url: project.git_url.clone(),

@@ -15,8 +15,8 @@ use wakegate_core::route::Change;
 pub enum Page {
     /// Asleep or waking: the wake runs, the page reloads when the app answers.
     Waking,
-    /// A build is under way, at this phase.
-    Building { phase: Phase },
+    /// A build is under way, at this phase, this far into it (a database restore).
+    Building { phase: Phase, progress: Option<wakegate_core::route::Progress> },
     /// Erased, branch still there: one button rebuilds.
     /// `by_ttl`: erased because its time was up (else by hand).
     ConfirmRebuild { csrf: String, by_ttl: bool },
@@ -80,7 +80,7 @@ struct Html<'a> {
     project: &'a str,
     git_ref: &'a str,
     poll: bool,
-    phase_text: &'a str,
+    phase_text: String,
     version: u64,
     form: Option<Form>,
     link: Option<Link>,
@@ -102,7 +102,7 @@ pub fn render(page: &Page, cx: &Context<'_>) -> String {
             "Starting the app",
             None,
         ),
-        Page::Building { phase } => (
+        Page::Building { phase, .. } => (
             "Building",
             "Building this preview".to_string(),
             "This page turns into the app when the build is done.".to_string(),
@@ -196,7 +196,10 @@ pub fn render(page: &Page, cx: &Context<'_>) -> String {
         project,
         git_ref,
         poll,
-        phase_text,
+        phase_text: match page {
+            Page::Building { phase, progress: Some(p) } => format!("{} — {}", phase.label(), p.text()),
+            _ => phase_text.to_string(),
+        },
         version: cx.version,
         form,
         link,
@@ -246,11 +249,11 @@ mod tests {
 
     #[test]
     fn waiting_pages_poll_from_their_version() {
-        let html = render(&Page::Building { phase: Phase::Build }, &cx());
+        let html = render(&Page::Building { phase: Phase::Build, progress: None }, &cx());
         assert!(html.contains("var version = 7;"));
         assert!(html.contains("/_wakegate/status?after="));
         assert!(html.contains(r#"role="status""#));
-        assert_eq!(Page::Building { phase: Phase::Build }.status(), 503);
+        assert_eq!(Page::Building { phase: Phase::Build, progress: None }.status(), 503);
     }
 
     #[test]

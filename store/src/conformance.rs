@@ -43,6 +43,8 @@ pub fn preview(id: &str) -> Preview {
         custom_hosts: Vec::new(),
         change: None,
         commit: None,
+        dump: None,
+        progress: None,
     }
 }
 

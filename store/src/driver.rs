@@ -117,6 +117,7 @@ async fn apply_inner(
         }
         if changed {
             next.state_since = now;
+            next.progress = None;
         }
         let version = if next != current.value {
             match store.put_preview(&next, Some(current.version)).await {

@@ -20,6 +20,7 @@ pub mod hetzner;
 pub mod http;
 pub mod redis;
 pub mod rng;
+pub mod s3;
 
 pub use rng::Rng;
 pub mod wrangler;

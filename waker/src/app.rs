@@ -4,7 +4,7 @@
 use crate::error::{ApiError, ErrorBody};
 use crate::model::{Accepted, Health, NewPreview, NewProject, PreviewView, SetTtl, MAX_BODY};
 use crate::waker::Waker;
-use crate::{auth, edge, operator, orgs};
+use crate::{auth, db, edge, operator, orgs};
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
@@ -37,6 +37,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
         operator::sleep, operator::wake, operator::erase, operator::rebuild,
         orgs::list, orgs::create, orgs::show, orgs::add_domain, orgs::verify, orgs::remove_domain,
         orgs::add_base, orgs::remove_base, operator::custom_hostnames, crate::forge::hooks::receive,
+        db::start, db::list, db::show, db::parts, db::part_url, db::complete, db::use_dump, db::remove,
     ),
     components(schemas(
         ErrorBody, Accepted, Health, NewProject, NewPreview, SetTtl, PreviewView, Project, RouteRecord,
@@ -45,7 +46,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
         wakegate_core::route::CustomHost, crate::model::CustomHostnames, crate::saas::Registration,
         crate::forge::hooks::HookAnswer, wakegate_core::route::ForgeConfig, wakegate_core::route::SecretRef,
         wakegate_core::route::ForgeKind, wakegate_core::route::Change, wakegate_core::route::GoneInfo,
-        wakegate_core::lifecycle::GoneWhy,
+        wakegate_core::lifecycle::GoneWhy, db::NewDump, db::DumpView, db::UploadStarted, db::PartUrl,
+        db::PartView, db::Completion, db::SentPart, db::DumpList,
     )),
     modifiers(&SecuritySchemes),
     tags(
@@ -137,6 +139,12 @@ pub fn router(waker: Arc<Waker>) -> Router {
         .route("/v1/projects", op(get(operator::list_projects).post(operator::create_project)))
         .route("/v1/projects/{name}", op(get(operator::get_project)))
         .route("/v1/projects/{name}/previews", op(post(operator::create_preview)))
+        .route("/v1/projects/{name}/dumps", op(get(db::list).post(db::start)))
+        .route("/v1/projects/{name}/dumps/{id}", op(get(db::show).delete(db::remove)))
+        .route("/v1/projects/{name}/dumps/{id}/parts", op(get(db::parts)))
+        .route("/v1/projects/{name}/dumps/{id}/parts/{number}", op(post(db::part_url)))
+        .route("/v1/projects/{name}/dumps/{id}/complete", op(post(db::complete)))
+        .route("/v1/projects/{name}/dumps/{id}/use", op(post(db::use_dump)))
         .route("/v1/previews", op(get(operator::list_previews)))
         .route("/v1/previews/{id}", op(get(operator::show)))
         .route("/v1/previews/{id}/pin", op(post(operator::pin)))

@@ -31,6 +31,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod db;
 pub mod dns;
 pub mod edge;
 pub mod error;

@@ -196,6 +196,8 @@ impl Waker {
             custom_hosts: Vec::new(),
             change: None,
             commit: None,
+            dump: None,
+            progress: None,
         };
         setup(&mut preview);
         // the record first, then the host, then the job: a crash in between leaves a

@@ -36,6 +36,8 @@ pub struct Waker {
     /// Cloudflare for SaaS, when configured.
     pub(crate) saas: Option<crate::saas::SaasConfig>,
     pub(crate) forge: ForgeState,
+    /// The dumps' bucket and records, when S3 is configured.
+    pub(crate) db: Option<Arc<crate::db::DbState>>,
 }
 
 /// What a ref check found.
@@ -86,7 +88,14 @@ impl Waker {
             inbox: tokio::sync::Notify::new(),
             refs: RefCache::new(REF_ENTRIES),
         };
-        Waker { store, config, refs, orgs, saas: None, forge }
+        Waker { store, config, refs, orgs, saas: None, forge, db: None }
+    }
+
+    /// Keeps database dumps in this bucket (none: the dumps calls say S3 is not set).
+    pub fn with_dumps(mut self, bucket: Option<wakegate_db::s3::Bucket>) -> Waker {
+        self.db = bucket
+            .map(|bucket| Arc::new(crate::db::DbState { bucket, dumps: wakegate_db::Dumps::new(self.store.clone()) }));
+        self
     }
 
     /// How often the forge loops run ([`crate::forge::sync`]).
@@ -285,7 +294,12 @@ impl Waker {
             preview_id: p.value.id.clone(),
             project: p.value.project.clone(),
             git_ref: p.value.git_ref.clone(),
-            status: RouteStatus::from_state(&p.value.state, rebuildable, p.value.change.as_ref()),
+            status: RouteStatus::from_preview_state(
+                &p.value.state,
+                rebuildable,
+                p.value.change.as_ref(),
+                p.value.progress,
+            ),
             version: p.version,
             ttl_remaining_ms: remaining,
             pinned: p.value.pinned,

@@ -1,0 +1,383 @@
+//! `wakegate db`: a project's database dumps, through the waker's operator API.
+//!
+//! `push` streams a `.sql` or `.sql.gz` (a file, or `-` for stdin) to S3 as a multipart
+//! upload through presigned part URLs, one part in memory at a time, with a progress
+//! bar (bytes, rate, ETA) on a terminal. The SHA-256 is computed while sending, and the
+//! same checks the waker runs afterwards run here too, so a cut or corrupt dump is
+//! refused before it is completed. An upload of a file that was interrupted is resumed
+//! by the next `push` of the same file: parts already in S3 whose MD5 matches are not
+//! sent again.
+
+use anyhow::{bail, Context};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use wakegate_db::check::Checker;
+use wakegate_db::Engine;
+
+pub struct Api {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+/// Tries at each part before giving up (the next `push` resumes).
+const PART_TRIES: u32 = 5;
+
+impl Api {
+    pub fn new(base: &str, token: &str) -> anyhow::Result<Api> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Api { base: base.trim_end_matches('/').to_string(), token: token.to_string(), http })
+    }
+
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
+        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.with_context(|| format!("cannot reach the waker at {}", self.base))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await?;
+        let json = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+        if status == 401 {
+            bail!("the waker refused the operator token (401): check WAKEGATE_OPERATOR_TOKEN");
+        }
+        Ok((status, json))
+    }
+
+    /// A call that must succeed: its JSON, or the waker's error as the message.
+    pub async fn ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let (status, v) = self.call(method, path, body).await?;
+        if status >= 400 {
+            let field = v["field"].as_str().map(|f| format!(" ({f})")).unwrap_or_default();
+            bail!("{}{field}", v["error"].as_str().unwrap_or(&format!("the waker answered {status}")));
+        }
+        Ok(v)
+    }
+}
+
+/// A path segment, percent-encoded.
+pub fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// What an interrupted push of a file left to resume.
+#[derive(Serialize, Deserialize)]
+struct Resume {
+    dump: String,
+    part_size: u64,
+    /// Parts sent: number → (ETag S3 answered, MD5 of the bytes, size). Some
+    /// S3-compatible stores list parts without ETags; this says which bytes they hold.
+    #[serde(default)]
+    sent: std::collections::BTreeMap<i64, (String, String, u64)>,
+}
+
+fn resume_file(base: &str, project: &str, path: &Path, meta: &std::fs::Metadata) -> Option<PathBuf> {
+    let dir = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?
+        .join("wakegate/uploads");
+    let mtime = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+    let abs = std::path::absolute(path).ok()?;
+    let key = format!("{base}\n{project}\n{}\n{}\n{mtime}", abs.display(), meta.len());
+    Some(dir.join(format!("{}.json", hex::encode(&sha2::Sha256::digest(key.as_bytes())[..16]))))
+}
+
+use md5::Digest as _;
+
+fn progress_bar(total: Option<u64>) -> indicatif::ProgressBar {
+    let (bar, style) = match total {
+        Some(t) => {
+            (indicatif::ProgressBar::new(t), "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}")
+        }
+        None => (indicatif::ProgressBar::new_spinner(), "{msg} {spinner} {bytes} {binary_bytes_per_sec}"),
+    };
+    bar.set_style(indicatif::ProgressStyle::with_template(style).expect("valid template").progress_chars("=> "));
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
+    bar
+}
+
+/// Reads up to `n` bytes (less only at the end).
+async fn read_part(r: &mut (dyn tokio::io::AsyncRead + Unpin + Send), n: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(n);
+    while buf.len() < n {
+        let got = r.take((n - buf.len()) as u64).read_to_end(&mut buf).await?;
+        if got == 0 {
+            break;
+        }
+    }
+    Ok(buf)
+}
+
+pub struct Push<'a> {
+    pub project: &'a str,
+    pub file: &'a str,
+    pub engine: Option<&'a str>,
+    pub target: Option<&'a str>,
+}
+
+pub async fn push(api: &Api, p: Push<'_>) -> anyhow::Result<()> {
+    let project = seg(p.project);
+    let (mut reader, size, name, resume_at): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, _, _, _) = if p.file == "-"
+    {
+        (Box::new(tokio::io::stdin()), None, "-".to_string(), None)
+    } else {
+        let path = Path::new(p.file);
+        let f = tokio::fs::File::open(path).await.with_context(|| format!("cannot open {}", p.file))?;
+        let meta = f.metadata().await?;
+        if !meta.is_file() {
+            bail!("{} is not a file", p.file);
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.file.into());
+        (
+            Box::new(tokio::io::BufReader::with_capacity(1 << 20, f)),
+            Some(meta.len()),
+            name,
+            resume_file(&api.base, p.project, path, &meta),
+        )
+    };
+
+    // resume an earlier push of this very file, if its upload is still open
+    let mut resumed: Option<(Resume, Vec<Value>, Value)> = None;
+    if let Some(state) = resume_at.as_ref().and_then(|f| std::fs::read(f).ok()) {
+        if let Ok(r) = serde_json::from_slice::<Resume>(&state) {
+            let (s, d) =
+                api.call(reqwest::Method::GET, &format!("/v1/projects/{project}/dumps/{}", seg(&r.dump)), None).await?;
+            if s == 200 && d["state"] == "uploading" {
+                let parts = api
+                    .ok(reqwest::Method::GET, &format!("/v1/projects/{project}/dumps/{}/parts", seg(&r.dump)), None)
+                    .await?;
+                resumed = Some((r, parts.as_array().cloned().unwrap_or_default(), d));
+            }
+        }
+    }
+    let (mut state, engine, done_parts) = match resumed {
+        Some((r, parts, d)) => {
+            eprintln!(
+                "resuming the upload of {} ({} part(s) already in S3)",
+                d["id"].as_str().unwrap_or(""),
+                parts.len()
+            );
+            let engine = d["engine"].as_str().and_then(Engine::parse).context("the dump has no engine")?;
+            (r, engine, parts)
+        }
+        None => {
+            let started = api
+                .ok(
+                    reqwest::Method::POST,
+                    &format!("/v1/projects/{project}/dumps"),
+                    Some(json!({ "name": name, "engine": p.engine, "size": size, "target": p.target })),
+                )
+                .await?;
+            let id = started["dump"]["id"].as_str().context("no dump id in the answer")?.to_string();
+            let part_size = started["part_size"].as_u64().context("no part size in the answer")?;
+            let engine =
+                started["dump"]["engine"].as_str().and_then(Engine::parse).context("no engine in the answer")?;
+            if let Some(dir) = resume_at.as_ref().and_then(|f| f.parent()) {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            (Resume { dump: id, part_size, sent: Default::default() }, engine, Vec::new())
+        }
+    };
+    let save = |state: &Resume| {
+        if let Some(f) = &resume_at {
+            let _ = std::fs::write(f, serde_json::to_vec(state).unwrap_or_default());
+        }
+    };
+    save(&state);
+    let (dump_id, part_size) = (state.dump.clone(), state.part_size);
+    let dump_path = format!("/v1/projects/{project}/dumps/{}", seg(&dump_id));
+    // what S3 holds: number → (ETag, size)
+    let have: std::collections::HashMap<i64, (String, u64)> = done_parts
+        .iter()
+        .filter_map(|v| {
+            let etag = v["etag"].as_str().unwrap_or("").trim_matches('"').to_string();
+            Some((v["number"].as_i64()?, (etag, v["size"].as_u64()?)))
+        })
+        .collect();
+
+    let bar = progress_bar(size);
+    bar.set_message(format!("pushing {name}"));
+    let mut checker = Checker::new(engine);
+    let mut number = 0i64;
+    let mut sent = 0u64;
+    loop {
+        let part = read_part(&mut reader, part_size as usize).await.context("reading the dump")?;
+        if part.is_empty() && number > 0 {
+            break;
+        }
+        number += 1;
+        let len = part.len() as u64;
+        let part = bytes::Bytes::from(part);
+        let hashed = {
+            let part = part.clone();
+            let mut c = checker;
+            tokio::task::spawn_blocking(move || {
+                c.update(&part);
+                let md5 = hex::encode(md5::Md5::digest(&part));
+                (c, md5)
+            })
+            .await?
+        };
+        checker = hashed.0;
+        let md5 = hashed.1;
+        // a part is there when S3 holds it at this size and its ETag (or what this
+        // machine recorded sending) is the MD5 of these bytes
+        let recorded = state.sent.get(&number).is_some_and(|(_, m, _)| *m == md5);
+        let there = have.get(&number).is_some_and(|(etag, size)| *size == len && (*etag == md5 || recorded));
+        if there {
+            state.sent.entry(number).or_insert_with(|| (format!("\"{md5}\""), md5.clone(), len));
+            bar.inc(len);
+        } else {
+            let etag = put_part(api, &dump_path, number, part, &bar).await?;
+            state.sent.insert(number, (etag, md5, len));
+            save(&state);
+        }
+        sent += len;
+        if len < part_size {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let checked = match tokio::task::spawn_blocking(move || checker.finish()).await? {
+        Ok(c) => c,
+        Err(reason) => {
+            // nothing becomes of it: the upload is dropped
+            let _ = api.call(reqwest::Method::DELETE, &dump_path, None).await;
+            if let Some(f) = &resume_at {
+                let _ = std::fs::remove_file(f);
+            }
+            bail!("{name} was refused: {reason}");
+        }
+    };
+    eprintln!("sent {} ({:.1} MB), sha256 {}", name, sent as f64 / 1e6, checked.sha256);
+    let parts: Vec<Value> =
+        state.sent.range(1..=number).map(|(n, (etag, _, _))| json!({"number": n, "etag": etag})).collect();
+    let completion = json!({ "size": checked.size, "sha256": checked.sha256, "parts": parts });
+    let mut answer = api.ok(reqwest::Method::POST, &format!("{dump_path}/complete"), Some(completion.clone())).await?;
+    // the waker reads it back from S3 and checks it
+    let check_bar = progress_bar(Some(checked.size));
+    check_bar.set_message("checking in S3");
+    loop {
+        match answer["state"].as_str() {
+            Some("ready") if answer["applied"] == true => break,
+            Some("ready") => {
+                answer =
+                    api.ok(reqwest::Method::POST, &format!("{dump_path}/complete"), Some(completion.clone())).await?;
+                continue;
+            }
+            Some("rejected") => {
+                check_bar.finish_and_clear();
+                if let Some(f) = &resume_at {
+                    let _ = std::fs::remove_file(f);
+                }
+                bail!("{name} was refused: {}", answer["reason"].as_str().unwrap_or("no reason given"));
+            }
+            _ => {}
+        }
+        check_bar.set_position(answer["verified"].as_u64().unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (s, v) = api.call(reqwest::Method::GET, &dump_path, None).await?;
+        if s >= 400 {
+            bail!("{}", v["error"].as_str().unwrap_or("the dump went away"));
+        }
+        // a checker that stopped (a restarted waker) is started again
+        if v["state"] == "verifying" {
+            let (_, again) =
+                api.call(reqwest::Method::POST, &format!("{dump_path}/complete"), Some(completion.clone())).await?;
+            answer = if again["state"].is_string() { again } else { v };
+        } else {
+            answer = v;
+        }
+    }
+    check_bar.finish_and_clear();
+    if let Some(f) = &resume_at {
+        let _ = std::fs::remove_file(f);
+    }
+    match p.target {
+        Some(t) => println!("{dump_id}: checked; preview {t} is being rebuilt with it"),
+        None => println!("{dump_id}: checked; it is now the base of {}", p.project),
+    }
+    Ok(())
+}
+
+/// PUTs one part to its presigned URL, with retries; the bar moves as bytes go out.
+async fn put_part(
+    api: &Api,
+    dump_path: &str,
+    number: i64,
+    part: bytes::Bytes,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<String> {
+    let len = part.len() as u64;
+    let mut last = String::new();
+    for attempt in 0..PART_TRIES {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+        }
+        let url = api.ok(reqwest::Method::POST, &format!("{dump_path}/parts/{number}"), None).await?;
+        let url = url["url"].as_str().context("no URL for the part")?.to_string();
+        let start = bar.position();
+        let chunks: Vec<bytes::Bytes> =
+            (0..part.len()).step_by(64 << 10).map(|i| part.slice(i..(i + (64 << 10)).min(part.len()))).collect();
+        let b = bar.clone();
+        let body = futures_util::stream::iter(chunks).map(move |c| {
+            b.inc(c.len() as u64);
+            Ok::<_, std::io::Error>(c)
+        });
+        let r = api
+            .http
+            .put(&url)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(body))
+            .timeout(Duration::from_secs(600))
+            .send()
+            .await;
+        match r {
+            Ok(resp) if resp.status().is_success() => {
+                let etag = resp.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                return Ok(etag.to_string());
+            }
+            Ok(resp) => last = format!("S3 answered {} for part {number}", resp.status()),
+            Err(e) => last = format!("sending part {number}: {e}"),
+        }
+        bar.set_position(start);
+    }
+    bail!("{last} (run the same push again to resume)")
+}
+
+pub async fn list(api: &Api, project: &str) -> anyhow::Result<()> {
+    let v = api.ok(reqwest::Method::GET, &format!("/v1/projects/{}/dumps", seg(project)), None).await?;
+    println!("{:<20} {:<9} {:<10} {:>10}  {:<20} NAME", "ID", "ENGINE", "STATE", "SIZE", "CREATED");
+    for d in v["dumps"].as_array().into_iter().flatten() {
+        let created = d["created_at"].as_u64().unwrap_or(0) / 1000;
+        let mark = if d["base"] == true {
+            " (base)"
+        } else if d["target"].is_string() {
+            " (one preview)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<20} {:<9} {:<10} {:>9.1}M  {:<20} {}{mark}",
+            d["id"].as_str().unwrap_or(""),
+            d["engine"].as_str().unwrap_or(""),
+            d["state"].as_str().unwrap_or(""),
+            d["size"].as_u64().unwrap_or(0) as f64 / 1e6,
+            created,
+            d["name"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,423 @@
+//! Preview databases, driven the way an operator and a visitor would: `wakegate db push`
+//! (the real binary, in a pseudo-terminal for its progress bar) against a real
+//! S3-compatible server (s3s-fs on 127.0.0.1), previews whose app reads a real
+//! PostgreSQL or MariaDB server the provisioner started for them, visited through the
+//! edge.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use wakegate_db::s3::{Bucket, S3Config};
+use wakegate_testkit::s3::S3Server;
+
+const DB_APP: &str = include_str!("../examples/db-app/app.py");
+const SANITIZE: &str = include_str!("../examples/db-app/db/sanitize.sql");
+const BUCKET: &str = "dumps";
+
+async fn world_with_s3() -> (World, S3Server, Bucket) {
+    let s3 = S3Server::start().await.unwrap();
+    let settings = s3.settings(BUCKET);
+    let extra: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let w = World::start_with(&extra, 600).await;
+    let bucket = Bucket::new(S3Config {
+        endpoint: Some(s3.endpoint()),
+        region: "us-east-1".into(),
+        bucket: BUCKET.into(),
+        path_style: true,
+        access_key_id: wakegate_testkit::s3::ACCESS_KEY.into(),
+        secret_access_key: wakegate_testkit::s3::SECRET_KEY.into(),
+        prefix: "wakegate/".into(),
+    });
+    bucket.ensure().await.unwrap();
+    (w, s3, bucket)
+}
+
+/// `wakegate db …` against the world's waker; stdout, stderr, success.
+fn cli(w: &World, state: &std::path::Path, args: &[&str]) -> (String, String, bool) {
+    let out = cli_command(w, state, args).output().unwrap();
+    (String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into(), out.status.success())
+}
+
+fn cli_command(w: &World, state: &std::path::Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wakegate"));
+    c.arg("db")
+        .args(args)
+        .env("WAKEGATE_WAKER_URL", format!("http://{}", w.dev.waker_addr))
+        .env("WAKEGATE_OPERATOR_TOKEN", &w.dev.operator_token)
+        .env("XDG_STATE_HOME", state)
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs the CLI with its stderr on a pseudo-terminal; what the terminal showed, and
+/// whether it succeeded.
+fn cli_in_pty(w: &World, state: &std::path::Path, args: &[&str]) -> (String, bool) {
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut child = cli_command(w, state, args).stdout(Stdio::null()).stderr(Stdio::from(pty.slave)).spawn().unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the child's end closes
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let ok = child.wait().unwrap().success();
+    (reader.join().unwrap(), ok)
+}
+
+/// A fast generator for incompressible-ish text.
+struct Gen(u64);
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A PostgreSQL-flavoured dump of about `mb` MB of SQL with a greeting, users and notes.
+fn dump_sql(mb: usize, message: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-";
+    let mut out = Vec::with_capacity(mb * 1_000_000 + 4096);
+    out.extend_from_slice(
+        format!(
+            "CREATE TABLE greeting (id int PRIMARY KEY, message text);\n\
+             INSERT INTO greeting VALUES (1, '{message}');\n\
+             CREATE TABLE users (id int PRIMARY KEY, email text);\n\
+             INSERT INTO users VALUES (1, 'alice@real-customer.example'), (2, 'bob@real-customer.example');\n\
+             CREATE TABLE notes (note varchar(200));\n\
+             CREATE TABLE filler (id int, payload text);\n"
+        )
+        .as_bytes(),
+    );
+    let mut g = Gen(0x2545_F491_4F6C_DD1D);
+    let mut id = 0u64;
+    while out.len() < mb * 1_000_000 {
+        out.extend_from_slice(b"INSERT INTO filler VALUES ");
+        for row in 0..50 {
+            id += 1;
+            if row > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(format!("({id},'").as_bytes());
+            for _ in 0..25 {
+                let mut r = g.next();
+                for _ in 0..10 {
+                    out.push(ALPHABET[(r & 63) as usize]);
+                    r >>= 6;
+                }
+            }
+            out.extend_from_slice(b"')");
+        }
+        out.extend_from_slice(b";\n");
+    }
+    out
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+async fn base_of(w: &World, project: &str) -> Value {
+    let (s, v) = w.op("GET", &format!("/v1/projects/{project}/dumps"), None).await;
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+async fn object_sha256(bucket: &Bucket, key: &str) -> String {
+    use sha2::Digest;
+    let mut stream = bucket.read(key).await.unwrap();
+    let mut h = sha2::Sha256::new();
+    while let Some(chunk) = stream.try_next().await.unwrap() {
+        h.update(&chunk);
+    }
+    hex::encode(h.finalize())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn push_checks_resumes_and_keeps_history() {
+    let (w, _s3, bucket) = world_with_s3().await;
+    let dir = wakegate_testkit::tempdir("dumps");
+    let state = dir.join("state");
+
+    // a 50 MB .sql.gz through the CLI, its progress bar on a terminal
+    let big = gzip(&dump_sql(70, "hello from the big dump"));
+    assert!(big.len() > 50_000_000, "{} bytes", big.len());
+    let file = dir.join("base.sql.gz");
+    std::fs::write(&file, &big).unwrap();
+    let (screen, ok) = cli_in_pty(&w, &state, &["push", "demo", file.to_str().unwrap(), "--engine", "postgres"]);
+    assert!(ok, "push failed:\n{screen}");
+    assert!(screen.contains("pushing base.sql.gz"), "{screen}");
+    assert!(screen.contains("MiB") && screen.contains("ETA") && screen.contains("/s"), "no progress bar:\n{screen}");
+    let list = base_of(&w, "demo").await;
+    let base = list["base"].as_str().unwrap().to_string();
+    let d = &list["dumps"][0];
+    assert_eq!((d["id"].as_str().unwrap(), d["state"].as_str().unwrap()), (base.as_str(), "ready"));
+    assert_eq!(d["sha256"], sha256_hex(&big));
+    assert_eq!(d["size"], big.len() as u64);
+    assert_eq!(d["gzip"], true);
+    let project_id = w.dev.store.project_by_name("demo").await.unwrap().unwrap().id;
+    let key = format!("wakegate/dumps/{project_id}/{base}");
+    assert_eq!(object_sha256(&bucket, &key).await, sha256_hex(&big), "the object in S3 is the file");
+
+    // refused before it becomes the base: cut short, a bad CRC, another engine
+    let small = dump_sql(1, "a small one");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("cut.sql", small[..small.len() - 40].to_vec(), "cut short"),
+        ("badcrc.sql.gz", {
+            let mut z = gzip(&small);
+            let n = z.len();
+            z[n - 8] ^= 0xff;
+            z
+        }, "gzip"),
+        ("truncated.sql.gz", { let z = gzip(&small); z[..z.len() * 2 / 3].to_vec() }, "gzip"),
+        ("mysql.sql", b"-- MariaDB dump 10.19\n/*!40101 SET NAMES utf8mb4 */;\nCREATE TABLE `t` (a int);\n-- Dump completed on 2026-11-25\n".to_vec(), "MySQL/MariaDB"),
+    ];
+    for (name, bytes, why) in cases {
+        let f = dir.join(name);
+        std::fs::write(&f, &bytes).unwrap();
+        let (_, err, ok) = cli(&w, &state, &["push", "demo", f.to_str().unwrap()]);
+        assert!(!ok, "{name} was accepted");
+        assert!(err.contains("refused") && err.contains(why), "{name}: {err}");
+        assert_eq!(base_of(&w, "demo").await["base"], base.as_str(), "{name} changed the base");
+    }
+
+    // the waker checks too, whatever a client claims: a cut dump sent by hand
+    let (s, started) = w.op("POST", "/v1/projects/demo/dumps", Some(json!({"name": "by-hand.sql"}))).await;
+    assert_eq!(s, 201, "{started}");
+    let id = started["dump"]["id"].as_str().unwrap().to_string();
+    let (s, url) = w.op("POST", &format!("/v1/projects/demo/dumps/{id}/parts/1"), None).await;
+    assert_eq!(s, 200, "{url}");
+    let cut = &small[..small.len() / 2];
+    let put = reqwest::Client::new().put(url["url"].as_str().unwrap()).body(cut.to_vec()).send().await.unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+    let (s, v) = w
+        .op(
+            "POST",
+            &format!("/v1/projects/demo/dumps/{id}/complete"),
+            Some(json!({"size": cut.len(), "sha256": sha256_hex(cut)})),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let refused = wakegate_testkit::eventually(WAIT, "the waker to refuse the cut dump", || async {
+        let (_, v) = w.op("GET", &format!("/v1/projects/demo/dumps/{id}"), None).await;
+        (v["state"] == "rejected").then_some(v)
+    })
+    .await;
+    assert!(refused["reason"].as_str().unwrap().contains("cut short"), "{refused}");
+    assert_eq!(base_of(&w, "demo").await["base"], base.as_str());
+
+    // an interrupted push resumes: kill the CLI once a part is in S3, push again
+    let plain = dump_sql(26, "resumed");
+    let f = dir.join("resume.sql");
+    std::fs::write(&f, &plain).unwrap();
+    let mut first = wakegate_testkit::Proc(
+        cli_command(&w, &state, &["push", "demo", f.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let uploading = wakegate_testkit::eventually(WAIT, "a part of the first push to land", || async {
+        let list = base_of(&w, "demo").await;
+        let d =
+            list["dumps"].as_array()?.iter().find(|d| d["name"] == "resume.sql" && d["state"] == "uploading")?.clone();
+        let (s, parts) = w.op("GET", &format!("/v1/projects/demo/dumps/{}/parts", d["id"].as_str()?), None).await;
+        (s == 200 && !parts.as_array()?.is_empty()).then_some(d)
+    })
+    .await;
+    let _ = first.0.kill();
+    let _ = first.0.wait();
+    let (out, err, ok) = cli(&w, &state, &["push", "demo", f.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming the upload of"), "{err}");
+    let resumed_id = uploading["id"].as_str().unwrap();
+    assert!(out.contains(resumed_id), "the same dump was completed: {out}");
+    let list = base_of(&w, "demo").await;
+    assert_eq!(list["base"], resumed_id);
+    let d = list["dumps"].as_array().unwrap().iter().find(|d| d["id"] == resumed_id).unwrap();
+    assert_eq!(d["sha256"], sha256_hex(&plain));
+
+    // history: list, use an earlier one, the base cannot be removed, another can
+    let (out, _, ok) = cli(&w, &state, &["list", "demo"]);
+    assert!(ok);
+    assert!(out.contains(&base) && out.contains(resumed_id) && out.contains("(base)"), "{out}");
+    let (_, _, ok) = cli(&w, &state, &["use", "demo", &base]);
+    assert!(ok);
+    assert_eq!(base_of(&w, "demo").await["base"], base.as_str());
+    let (_, err, ok) = cli(&w, &state, &["rm", "demo", &base]);
+    assert!(!ok && err.contains("is the base"), "{err}");
+    let (_, err, ok) = cli(&w, &state, &["rm", "demo", resumed_id]);
+    assert!(ok, "{err}");
+    assert!(!base_of(&w, "demo").await["dumps"].as_array().unwrap().iter().any(|d| d["id"] == resumed_id));
+    // a wrong token is a clear error
+    let out = cli_command(&w, &state, &["list", "demo"]).env("WAKEGATE_OPERATOR_TOKEN", "nope").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused the operator token"));
+    w.stop().await;
+}
+
+fn db_repo(engine: &str) -> wakegate_testkit::git::Repo {
+    let env = if engine == "mariadb" { "env = \"vars\"\n" } else { "" };
+    let manifest = format!(
+        "run = \"exec python3 app.py\"\nhealth = \"/health\"\n[database]\nengine = \"{engine}\"\nname = \"shop\"\n{env}"
+    );
+    let repo = wakegate_testkit::git::Repo::new(&[
+        ("app.py", DB_APP),
+        ("wakegate.toml", &manifest),
+        ("db/sanitize.sql", SANITIZE),
+    ]);
+    repo.branch("feature/other", &[("README", "another branch")]);
+    repo
+}
+
+/// MariaDB takes the same hand-written SQL (no PostgreSQL-only syntax in it).
+fn small_dump(message: &str) -> Vec<u8> {
+    dump_sql(1, message)
+}
+
+async fn text(w: &World, p: &Value, path: &str) -> String {
+    let r = w.visit(p, path).await;
+    if r.status != 200 {
+        for m in w.machine_dirs() {
+            let log = std::fs::read_to_string(w.dev.machines_dir.join(&m).join("app.log")).unwrap_or_default();
+            eprintln!("{m}: {log}");
+        }
+        eprintln!("PREVIEWS {}", w.op("GET", "/v1/previews", None).await.1);
+    }
+    assert_eq!(r.status, 200, "{path}: {}", r.body);
+    r.body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_preview_gets_its_own_database_on_both_engines() {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_max_level(tracing::Level::INFO).try_init();
+    let (w, _s3, _bucket) = world_with_s3().await;
+    let dir = wakegate_testkit::tempdir("dbs");
+    let state = dir.join("state");
+    for engine in ["postgres", "mariadb"] {
+        let project = format!("shop-{}", &engine[..2]);
+        let repo = db_repo(engine);
+        let (s, v) = w.op("POST", "/v1/projects", Some(json!({"name": project, "git_url": repo.url()}))).await;
+        assert_eq!(s, 201, "{v}");
+        let f = dir.join(format!("{engine}.sql.gz"));
+        std::fs::write(&f, gzip(&small_dump(&format!("hello from {engine}")))).unwrap();
+        let (_, err, ok) = cli(&w, &state, &["push", &project, f.to_str().unwrap(), "--engine", engine]);
+        assert!(ok, "{err}");
+
+        let create = |git_ref: &'static str| {
+            let project = project.clone();
+            let w = &w;
+            async move {
+                let (s, p) =
+                    w.op("POST", &format!("/v1/projects/{project}/previews"), Some(json!({"ref": git_ref}))).await;
+                assert!(s == 201 || s == 200, "{p}");
+                w.wait_state(p["id"].as_str().unwrap(), "running").await
+            }
+        };
+        let a = create("main").await;
+        let b = create("feature/other").await;
+        // the app reads the dump's row through the edge; sanitize ran
+        assert_eq!(text(&w, &a, "/").await, format!("message: hello from {engine}"));
+        assert_eq!(text(&w, &a, "/email").await, "email: user1@example.invalid", "{engine}: sanitize ran");
+        // writes stay in their own preview's database
+        assert_eq!(text(&w, &a, "/write?note=only-in-a").await, "written");
+        assert_eq!(text(&w, &b, "/write?note=only-in-b").await, "written");
+        assert_eq!(text(&w, &a, "/notes").await, "notes: only-in-a");
+        assert_eq!(text(&w, &b, "/notes").await, "notes: only-in-b");
+
+        // --target: one preview gets another dump; the other and the base stay
+        let base = base_of(&w, &project).await["base"].clone();
+        let t = dir.join(format!("{engine}-target.sql"));
+        std::fs::write(&t, small_dump("only for b")).unwrap();
+        let b_id = b["id"].as_str().unwrap();
+        let (out, err, ok) = cli(&w, &state, &["push", &project, t.to_str().unwrap(), "--target", b_id]);
+        assert!(ok, "{err}");
+        assert!(out.contains(&format!("preview {b_id} is being rebuilt")), "{out}");
+        wakegate_testkit::eventually(WAIT, "b to serve the targeted dump", || async {
+            let r = w.visit(&b, "/").await;
+            (r.status == 200 && r.body == "message: only for b").then_some(())
+        })
+        .await;
+        assert_eq!(text(&w, &a, "/").await, format!("message: hello from {engine}"));
+        assert_eq!(base_of(&w, &project).await["base"], base, "--target leaves the base");
+
+        // sleep keeps the database, wake brings it back
+        let a_id = a["id"].as_str().unwrap();
+        let (s, _) = w.op("POST", &format!("/v1/previews/{a_id}/sleep"), None).await;
+        assert_eq!(s, 202);
+        w.wait_state(a_id, "sleeping").await;
+        let (s, _) = w.op("POST", &format!("/v1/previews/{a_id}/wake"), None).await;
+        assert_eq!(s, 202);
+        let a = w.wait_state(a_id, "running").await;
+        // (the edge may hold the old origin for its route-cache time)
+        wakegate_testkit::eventually(WAIT, "the woken app to answer, with its data", || async {
+            let r = w.visit(&a, "/notes").await;
+            (r.status == 200 && r.body == "notes: only-in-a").then_some(())
+        })
+        .await;
+
+        // erase removes the database: its directory and its server
+        let machine = w.machine_of(a_id).await;
+        let pid = std::fs::read_to_string(w.dev.machines_dir.join(&machine).join("db.pid")).unwrap();
+        let (s, _) = w.op("POST", &format!("/v1/previews/{a_id}/erase"), None).await;
+        assert_eq!(s, 202);
+        w.wait_state(a_id, "erased").await;
+        wakegate_testkit::eventually(WAIT, "the machine and its database to go", || async {
+            (!w.dev.machines_dir.join(&machine).exists()).then_some(())
+        })
+        .await;
+        let alive = Command::new("kill")
+            .args(["-0", "--", &format!("-{}", pid.trim())])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(!alive, "{engine}: the erased preview's database server stopped");
+        let (s, _) = w.op("POST", &format!("/v1/previews/{b_id}/erase"), None).await;
+        assert_eq!(s, 202);
+        w.wait_state(b_id, "erased").await;
+    }
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dump_for_another_engine_fails_the_build_clearly() {
+    let (w, _s3, _bucket) = world_with_s3().await;
+    let dir = wakegate_testkit::tempdir("dbfail");
+    let state = dir.join("state");
+    // the repository says mariadb, with no sanitize file and no opt-out
+    let manifest = "run = \"exec python3 app.py\"\nhealth = \"/health\"\n[database]\nengine = \"mariadb\"\n";
+    let repo = wakegate_testkit::git::Repo::new(&[("app.py", DB_APP), ("wakegate.toml", manifest)]);
+    let (s, v) = w.op("POST", "/v1/projects", Some(json!({"name": "nosan", "git_url": repo.url()}))).await;
+    assert_eq!(s, 201, "{v}");
+    let f = dir.join("d.sql");
+    std::fs::write(&f, small_dump("x")).unwrap();
+    let (_, err, ok) = cli(&w, &state, &["push", "nosan", f.to_str().unwrap(), "--engine", "postgres"]);
+    assert!(ok, "{err}");
+    let (s, p) = w.op("POST", "/v1/projects/nosan/previews", Some(json!({"ref": "main"}))).await;
+    assert_eq!(s, 201, "{p}");
+    let failed = w.wait_state(p["id"].as_str().unwrap(), "failed").await;
+    assert_eq!(failed["phase"], "restoring_db", "{failed}");
+    assert!(failed["reason"].as_str().unwrap().contains("is a PostgreSQL dump"), "{failed}");
+    // the project's dumps keep one engine
+    let (_, err, ok) = cli(&w, &state, &["push", "nosan", f.to_str().unwrap(), "--engine", "mariadb"]);
+    assert!(!ok && err.contains("PostgreSQL dumps"), "the engine is the project's: {err}");
+    w.stop().await;
+}
