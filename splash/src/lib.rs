@@ -254,6 +254,12 @@ mod tests {
         assert!(html.contains("/_wakegate/status?after="));
         assert!(html.contains(r#"role="status""#));
         assert_eq!(Page::Building { phase: Phase::Build, progress: None }.status(), 503);
+        let restoring = Page::Building {
+            phase: Phase::RestoringDb,
+            progress: Some(wakegate_core::route::Progress { done: 12_345_678, total: 50_000_000 }),
+        };
+        let html = render(&restoring, &cx());
+        assert!(html.contains("Restoring the database — 12.3 MB of 50.0 MB"), "{html}");
     }
 
     #[test]
