@@ -184,15 +184,28 @@ pub async fn push(api: &Api, p: Push<'_>) -> anyhow::Result<()> {
             let part_size = started["part_size"].as_u64().context("no part size in the answer")?;
             let engine =
                 started["dump"]["engine"].as_str().and_then(Engine::parse).context("no engine in the answer")?;
-            if let Some(dir) = resume_at.as_ref().and_then(|f| f.parent()) {
-                let _ = std::fs::create_dir_all(dir);
-            }
             (Resume { dump: id, part_size, sent: Default::default() }, engine, Vec::new())
         }
     };
+    // without its state a push still works; it only cannot be resumed
     let save = |state: &Resume| {
+        let Some(f) = &resume_at else { return };
+        let written = f
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(f, serde_json::to_vec(state).unwrap_or_default()));
+        if let Err(e) = written {
+            eprintln!("warning: cannot record the upload in {} ({e}): it cannot be resumed", f.display());
+        }
+    };
+    let forget = || {
         if let Some(f) = &resume_at {
-            let _ = std::fs::write(f, serde_json::to_vec(state).unwrap_or_default());
+            match std::fs::remove_file(f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    eprintln!("warning: cannot remove {} ({e})", f.display())
+                }
+                _ => {}
+            }
         }
     };
     save(&state);
@@ -254,10 +267,10 @@ pub async fn push(api: &Api, p: Push<'_>) -> anyhow::Result<()> {
         Ok(c) => c,
         Err(reason) => {
             // nothing becomes of it: the upload is dropped
-            let _ = api.call(reqwest::Method::DELETE, &dump_path, None).await;
-            if let Some(f) = &resume_at {
-                let _ = std::fs::remove_file(f);
+            if let Err(e) = api.ok(reqwest::Method::DELETE, &dump_path, None).await {
+                eprintln!("warning: dropping the upload of {dump_id} failed ({e}); `wakegate db rm` removes it");
             }
+            forget();
             bail!("{name} was refused: {reason}");
         }
     };
@@ -265,45 +278,26 @@ pub async fn push(api: &Api, p: Push<'_>) -> anyhow::Result<()> {
     let parts: Vec<Value> =
         state.sent.range(1..=number).map(|(n, (etag, _, _))| json!({"number": n, "etag": etag})).collect();
     let completion = json!({ "size": checked.size, "sha256": checked.sha256, "parts": parts });
-    let mut answer = api.ok(reqwest::Method::POST, &format!("{dump_path}/complete"), Some(completion.clone())).await?;
-    // the waker reads it back from S3 and checks it
+    // the waker reads it back from S3 and checks it; asking again is how to wait
+    // (and restarts a checker that stopped)
     let check_bar = progress_bar(Some(checked.size));
     check_bar.set_message("checking in S3");
-    loop {
-        match answer["state"].as_str() {
-            Some("ready") if answer["applied"] == true => break,
-            Some("ready") => {
-                answer =
-                    api.ok(reqwest::Method::POST, &format!("{dump_path}/complete"), Some(completion.clone())).await?;
-                continue;
+    let done = loop {
+        let (status, v) =
+            api.call(reqwest::Method::POST, &format!("{dump_path}/complete"), Some(completion.clone())).await?;
+        match status {
+            200 => break Ok(()),
+            202 => {
+                check_bar.set_position(v["verified"].as_u64().unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(300)).await;
             }
-            Some("rejected") => {
-                check_bar.finish_and_clear();
-                if let Some(f) = &resume_at {
-                    let _ = std::fs::remove_file(f);
-                }
-                bail!("{name} was refused: {}", answer["reason"].as_str().unwrap_or("no reason given"));
-            }
-            _ => {}
+            _ => break Err(v["error"].as_str().unwrap_or("the waker refused it").to_string()),
         }
-        check_bar.set_position(answer["verified"].as_u64().unwrap_or(0));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (s, v) = api.call(reqwest::Method::GET, &dump_path, None).await?;
-        if s >= 400 {
-            bail!("{}", v["error"].as_str().unwrap_or("the dump went away"));
-        }
-        // a checker that stopped (a restarted waker) is started again
-        if v["state"] == "verifying" {
-            let (_, again) =
-                api.call(reqwest::Method::POST, &format!("{dump_path}/complete"), Some(completion.clone())).await?;
-            answer = if again["state"].is_string() { again } else { v };
-        } else {
-            answer = v;
-        }
-    }
+    };
     check_bar.finish_and_clear();
-    if let Some(f) = &resume_at {
-        let _ = std::fs::remove_file(f);
+    forget();
+    if let Err(e) = done {
+        bail!("{name}: {e}");
     }
     match p.target {
         Some(t) => println!("{dump_id}: checked; preview {t} is being rebuilt with it"),

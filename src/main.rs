@@ -3,6 +3,7 @@
 use anyhow::Context;
 use std::sync::Arc;
 use wakegate::config::{Config, Env};
+use wakegate::dbcli::seg;
 use wakegate::dev::Dev;
 
 /// glibc's malloc showed as ~10% of the proxy hot path under load; mimalloc's
@@ -120,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn db(cfg: &Config, cmd: DbCmd) -> anyhow::Result<()> {
-    use wakegate::dbcli::{seg, Api};
+    use wakegate::dbcli::Api;
     let token = cfg.operator_token.clone().context("set WAKEGATE_OPERATOR_TOKEN (or _FILE)")?;
     let api = Api::new(&cfg.waker_url, &token)?;
     match cmd {
@@ -147,16 +148,6 @@ async fn db(cfg: &Config, cmd: DbCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// A path segment, percent-encoded.
-fn seg(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 async fn org(cfg: &Config, cmd: OrgCmd) -> anyhow::Result<()> {

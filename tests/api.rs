@@ -347,18 +347,7 @@ async fn server_matches_its_openapi_document() {
     }
 
     // a dump pushed by hand, the way the CLI does, and its history
-    wakegate_db::s3::Bucket::new(wakegate_db::s3::S3Config {
-        endpoint: Some(s3.endpoint()),
-        region: "us-east-1".into(),
-        bucket: "dumps".into(),
-        path_style: true,
-        access_key_id: wakegate_testkit::s3::ACCESS_KEY.into(),
-        secret_access_key: wakegate_testkit::s3::SECRET_KEY.into(),
-        prefix: String::new(),
-    })
-    .ensure()
-    .await
-    .unwrap();
+    bucket_of(&s3, "dumps").ensure().await.unwrap();
     let dump = b"CREATE TABLE t (a int);\nINSERT INTO t VALUES (1);\n".to_vec();
     let sha = {
         use sha2::Digest;

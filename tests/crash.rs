@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use wakegate_core::lifecycle::State;
@@ -15,28 +14,7 @@ use wakegate_testkit::redis::RedisServer;
 use wakegate_testkit::Proc;
 
 fn provisioner(redis: &str, data: &std::path::Path) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_wakegate"))
-            .arg("provisioner")
-            .env("WAKEGATE_REDIS_URL", redis)
-            .env("WAKEGATE_DATA", data)
-            .env("WAKEGATE_LEASE_SECS", "1.5")
-            .env("WAKEGATE_SWEEP_SECS", "0.3")
-            .env("WAKEGATE_ORPHAN_GRACE_SECS", "1")
-            .env("WAKEGATE_PREVIEW_URL", "http://{label}.localhost:1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn group_alive(pgid: u32) -> bool {
-    Command::new("kill").args(["-0", "--", &format!("-{pgid}")]).stderr(Stdio::null()).status().unwrap().success()
-}
-
-fn read_pid(path: &std::path::Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    provisioner_process(redis, data, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

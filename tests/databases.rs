@@ -10,7 +10,7 @@ use common::*;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
-use wakegate_db::s3::{Bucket, S3Config};
+use wakegate_db::s3::Bucket;
 use wakegate_testkit::s3::S3Server;
 
 const DB_APP: &str = include_str!("../examples/db-app/app.py");
@@ -22,15 +22,7 @@ async fn world_with_s3() -> (World, S3Server, Bucket) {
     let settings = s3.settings(BUCKET);
     let extra: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let w = World::start_with(&extra, 600).await;
-    let bucket = Bucket::new(S3Config {
-        endpoint: Some(s3.endpoint()),
-        region: "us-east-1".into(),
-        bucket: BUCKET.into(),
-        path_style: true,
-        access_key_id: wakegate_testkit::s3::ACCESS_KEY.into(),
-        secret_access_key: wakegate_testkit::s3::SECRET_KEY.into(),
-        prefix: "wakegate/".into(),
-    });
+    let bucket = bucket_of(&s3, BUCKET);
     bucket.ensure().await.unwrap();
     (w, s3, bucket)
 }
@@ -74,17 +66,6 @@ fn cli_in_pty(w: &World, state: &std::path::Path, args: &[&str]) -> (String, boo
     (reader.join().unwrap(), ok)
 }
 
-/// A fast generator for incompressible-ish text.
-struct Gen(u64);
-impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// A PostgreSQL-flavoured dump of about `mb` MB of SQL with a greeting, users and notes.
 fn dump_sql(mb: usize, message: &str) -> Vec<u8> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-";
@@ -100,7 +81,7 @@ fn dump_sql(mb: usize, message: &str) -> Vec<u8> {
         )
         .as_bytes(),
     );
-    let mut g = Gen(0x2545_F491_4F6C_DD1D);
+    let mut g = wakegate_testkit::rng::Rng::new(0x2545_F491_4F6C_DD1D);
     let mut id = 0u64;
     while out.len() < mb * 1_000_000 {
         out.extend_from_slice(b"INSERT INTO filler VALUES ");
@@ -111,7 +92,7 @@ fn dump_sql(mb: usize, message: &str) -> Vec<u8> {
             }
             out.extend_from_slice(format!("({id},'").as_bytes());
             for _ in 0..25 {
-                let mut r = g.next();
+                let mut r = g.next_u64();
                 for _ in 0..10 {
                     out.push(ALPHABET[(r & 63) as usize]);
                     r >>= 6;
@@ -307,7 +288,6 @@ async fn text(w: &World, p: &Value, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_preview_gets_its_own_database_on_both_engines() {
-    let _ = tracing_subscriber::fmt().with_test_writer().with_max_level(tracing::Level::INFO).try_init();
     let (w, _s3, _bucket) = world_with_s3().await;
     let dir = wakegate_testkit::tempdir("dbs");
     let state = dir.join("state");

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 use wakegate_core::lifecycle::{Phase, State};
@@ -19,29 +19,7 @@ use wakegate_testkit::Proc;
 const DB_APP: &str = include_str!("../examples/db-app/app.py");
 
 fn provisioner(redis: &str, data: &std::path::Path, s3: &S3Server) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_wakegate"))
-            .arg("provisioner")
-            .env("WAKEGATE_REDIS_URL", redis)
-            .env("WAKEGATE_DATA", data)
-            .env("WAKEGATE_LEASE_SECS", "1.5")
-            .env("WAKEGATE_SWEEP_SECS", "0.3")
-            .env("WAKEGATE_ORPHAN_GRACE_SECS", "1")
-            .env("WAKEGATE_PREVIEW_URL", "http://{label}.localhost:1")
-            .envs(s3.settings("dumps"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn group_alive(pgid: u32) -> bool {
-    Command::new("kill").args(["-0", "--", &format!("-{pgid}")]).stderr(Stdio::null()).status().unwrap().success()
-}
-
-fn read_pid(path: &std::path::Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    provisioner_process(redis, data, &s3.settings("dumps"))
 }
 
 /// About `mb` MB of inserts: a few seconds of importing.
@@ -79,8 +57,7 @@ async fn provisioner_killed_mid_import_starts_the_import_over() {
     let data = wakegate_testkit::tempdir("dbcrash");
     let machines = data.join("machines");
     let token = "operator-token-for-the-db-crash-test";
-    let cfg = settings(&data, &s3.settings("dumps").iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
-    let bucket = wakegate_db::s3::Bucket::new(cfg.s3.clone().unwrap());
+    let bucket = bucket_of(&s3, "dumps");
     bucket.ensure().await.unwrap();
     let waker = Arc::new(
         wakegate_waker::Waker::new(

@@ -325,12 +325,8 @@ pub enum RouteStatus {
 impl RouteStatus {
     /// The edge's view of a lifecycle state. `rebuildable` says whether the ref exists;
     /// `change` is the merge request a gone page links to.
-    pub fn from_state(state: &State, rebuildable: bool, change: Option<&Change>) -> RouteStatus {
-        Self::from_preview_state(state, rebuildable, change, None)
-    }
-
-    /// [`RouteStatus::from_state`], with the phase's progress.
-    pub fn from_preview_state(
+    /// `progress` is how far a build's phase is.
+    pub fn from_state(
         state: &State,
         rebuildable: bool,
         change: Option<&Change>,

@@ -419,7 +419,7 @@ impl Cloud for LocalCloud {
             None => {
                 // a branch that dropped its database
                 self.stop_db(&dir).await;
-                let _ = tokio::fs::remove_file(dir.join(crate::localdb::FILE)).await;
+                crate::localdb::remove_logged(&dir.join(crate::localdb::FILE)).await;
             }
         }
 

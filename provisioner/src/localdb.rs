@@ -108,12 +108,28 @@ fn chown_to_pg(path: &Path) -> Result<(), CloudError> {
     Ok(())
 }
 
+/// Removes a file or directory; one that is not there is fine.
+async fn remove(path: &Path) -> std::io::Result<()> {
+    let r = if path.is_dir() { tokio::fs::remove_dir_all(path).await } else { tokio::fs::remove_file(path).await };
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// [`remove`], logging a failure (what is left is harmless, and reported).
+pub(crate) async fn remove_logged(path: &Path) {
+    if let Err(e) = remove(path).await {
+        tracing::warn!(path = %path.display(), error = %e, "removing a file failed");
+    }
+}
+
 /// A fresh, empty data directory for `db` (whatever an earlier attempt left goes).
 pub async fn init(dir: &Path, db: &Database) -> Result<DbFile, CloudError> {
     crate::local::stop_group(dir, "import.pid").await;
     crate::local::stop_group(dir, "db.pid").await;
     let d = data(dir);
-    let _ = tokio::fs::remove_dir_all(&d).await;
+    remove(&d).await.map_err(|e| failed(format!("removing an earlier attempt's database: {e}")))?;
     tokio::fs::create_dir_all(&d).await.map_err(failed)?;
     let file = DbFile {
         engine: db.engine,
@@ -141,7 +157,8 @@ pub async fn init(dir: &Path, db: &Database) -> Result<DbFile, CloudError> {
             ]);
             cmd.arg(format!("--pwfile={}", pwfile.display()));
             let r = run(cmd, "initdb").await;
-            let _ = tokio::fs::remove_file(&pwfile).await;
+            // the superuser's password is in db.json only
+            remove_logged(&pwfile).await;
             r?;
         }
         Engine::Mariadb => {
@@ -401,7 +418,7 @@ pub async fn import(dir: &Path, f: &DbFile, dump: &DumpSource, progress: &dyn Pr
         }
     };
     let status = child.wait().await.map_err(failed)?;
-    let _ = tokio::fs::remove_file(dir.join("import.pid")).await;
+    remove_logged(&dir.join("import.pid")).await;
     progress.detail(done.load(std::sync::atomic::Ordering::Relaxed), total).await;
     let tail = crate::local::log_tail(dir, "import.log").await;
     // the client's own error says more than the broken pipe it caused

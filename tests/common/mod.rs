@@ -254,3 +254,49 @@ impl World {
 fn m_get<'a>(pairs: &'a [(&str, &str)], key: &str) -> Option<&'a str> {
     pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
 }
+
+/// `wakegate provisioner` as a separate process on Redis (killed with SIGKILL when
+/// dropped), with crash-test pacing and `extra` settings.
+pub fn provisioner_process(redis: &str, data: &std::path::Path, extra: &[(String, String)]) -> wakegate_testkit::Proc {
+    wakegate_testkit::Proc(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wakegate"))
+            .arg("provisioner")
+            .env("WAKEGATE_REDIS_URL", redis)
+            .env("WAKEGATE_DATA", data)
+            .env("WAKEGATE_LEASE_SECS", "1.5")
+            .env("WAKEGATE_SWEEP_SECS", "0.3")
+            .env("WAKEGATE_ORPHAN_GRACE_SECS", "1")
+            .env("WAKEGATE_PREVIEW_URL", "http://{label}.localhost:1")
+            .envs(extra.iter().map(|(k, v)| (k, v)))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Whether any process of this process group is alive.
+pub fn group_alive(pgid: u32) -> bool {
+    std::process::Command::new("kill")
+        .args(["-0", "--", &format!("-{pgid}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// The process (group) id a pid file holds.
+pub fn read_pid(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The bucket the `WAKEGATE_S3_*` settings of `s3` name, as Wakegate's config reads them.
+pub fn bucket_of(s3: &wakegate_testkit::s3::S3Server, bucket: &str) -> wakegate_db::s3::Bucket {
+    let settings = s3.settings(bucket);
+    let pairs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    wakegate_db::s3::Bucket::new(settings_at(&pairs).s3.expect("S3 settings"))
+}
+
+fn settings_at(extra: &[(&str, &str)]) -> Config {
+    settings(std::path::Path::new("/nonexistent"), extra)
+}

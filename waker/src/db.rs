@@ -174,10 +174,6 @@ impl Waker {
         })
     }
 
-    async fn project_named(&self, name: &str) -> Result<Project, ApiError> {
-        self.store.project_by_name(name).await?.ok_or_else(|| ApiError::NotFound(format!("no project {name}")))
-    }
-
     async fn dump_of(&self, project: &Project, id: &str) -> Result<Dump, ApiError> {
         self.db()?
             .dumps

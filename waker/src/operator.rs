@@ -114,7 +114,7 @@ pub async fn create_project(
         (status = 200, body = Project), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 pub async fn get_project(State(w): State<Arc<Waker>>, Path(name): Path<String>) -> Result<Json<Project>, ApiError> {
-    w.store.project_by_name(&name).await?.map(Json).ok_or_else(|| ApiError::NotFound(format!("no project {name}")))
+    w.project_named(&name).await.map(Json)
 }
 
 /// The preview of a ref, created and built if it does not exist (200 when it does).
@@ -132,8 +132,7 @@ pub async fn create_preview(
     Body(req): Body<NewPreview>,
 ) -> Result<Created<PreviewView>, ApiError> {
     let git_ref = wakegate_core::gitref::normalize(&req.git_ref).map_err(|e| ApiError::bad("ref", e.to_string()))?;
-    let project =
-        w.store.project_by_name(&name).await?.ok_or_else(|| ApiError::NotFound(format!("no project {name}")))?;
+    let project = w.project_named(&name).await?;
     let (current, created) = w.ensure_preview(&project, &git_ref, true, |_| {}).await?;
     let mut view = w.view(&current, &project);
     w.with_saas_status(std::slice::from_mut(&mut view)).await;

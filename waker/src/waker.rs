@@ -193,6 +193,11 @@ impl Waker {
         })
     }
 
+    /// A project by name; 404 when there is none.
+    pub(crate) async fn project_named(&self, name: &str) -> Result<Project, ApiError> {
+        self.store.project_by_name(name).await?.ok_or_else(|| ApiError::NotFound(format!("no project {name}")))
+    }
+
     pub(crate) async fn load(&self, id: &str) -> Result<(Versioned<Preview>, Project), ApiError> {
         let p = self.store.get_preview(id).await?.ok_or_else(|| ApiError::NotFound(format!("no preview {id}")))?;
         let project = self
@@ -294,12 +299,7 @@ impl Waker {
             preview_id: p.value.id.clone(),
             project: p.value.project.clone(),
             git_ref: p.value.git_ref.clone(),
-            status: RouteStatus::from_preview_state(
-                &p.value.state,
-                rebuildable,
-                p.value.change.as_ref(),
-                p.value.progress,
-            ),
+            status: RouteStatus::from_state(&p.value.state, rebuildable, p.value.change.as_ref(), p.value.progress),
             version: p.version,
             ttl_remaining_ms: remaining,
             pinned: p.value.pinned,
