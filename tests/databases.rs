@@ -401,3 +401,81 @@ async fn a_dump_for_another_engine_fails_the_build_clearly() {
     assert!(!ok && err.contains("PostgreSQL dumps"), "the engine is the project's: {err}");
     w.stop().await;
 }
+
+/// The Hetzner backend: each preview's database server runs on the preview's own
+/// server, restored by its agent from a presigned URL (never the bucket's credentials),
+/// with the restore's progress reported; sleep and hibernation keep it, erase takes it
+/// with the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_hetzner_the_database_runs_on_the_preview_server() {
+    let s3 = S3Server::start().await.unwrap();
+    let settings = s3.settings(BUCKET);
+    let c = hetzner_cloud().await;
+    let extra: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let w = hetzner_world(&c, &extra).await;
+    bucket_of(&s3, BUCKET).ensure().await.unwrap();
+    let dir = wakegate_testkit::tempdir("hdb");
+    let state = dir.join("state");
+    for (engine, sleep_mode) in [("postgres", "stop"), ("mariadb", "hibernate")] {
+        let project = format!("h-{}", &engine[..2]);
+        let repo = db_repo(engine);
+        let body = json!({"name": project, "git_url": repo.url(), "machine": {"sleep_mode": sleep_mode}});
+        let (s, v) = w.op("POST", "/v1/projects", Some(body)).await;
+        assert_eq!(s, 201, "{v}");
+        let f = dir.join(format!("{engine}.sql.gz"));
+        std::fs::write(&f, gzip(&dump_sql(8, &format!("hello from {engine} on hetzner")))).unwrap();
+        let (_, err, ok) = cli(&w, &state, &["push", &project, f.to_str().unwrap(), "--engine", engine]);
+        assert!(ok, "{err}");
+
+        let (s, p) = w.op("POST", &format!("/v1/projects/{project}/previews"), Some(json!({"ref": "main"}))).await;
+        assert_eq!(s, 201, "{p}");
+        let id = p["id"].as_str().unwrap().to_string();
+        // the splash shows how far the restore is, as the agent reports it
+        let seen = wakegate_testkit::eventually(WAIT, "the restore's progress on the status", || async {
+            let (_, v) = w.op("GET", &format!("/v1/previews/{id}"), None).await;
+            if v["state"] == "running" {
+                return Some(None);
+            }
+            v["progress"]["total"].as_u64().filter(|t| *t > 0).map(|_| Some(v.clone()))
+        })
+        .await;
+        let p = w.wait_state(&id, "running").await;
+        assert_eq!(text(&w, &p, "/").await, format!("message: hello from {engine} on hetzner"));
+        assert_eq!(text(&w, &p, "/email").await, "email: user1@example.invalid", "{engine}: sanitize ran");
+        assert_eq!(text(&w, &p, "/write?note=kept").await, "written");
+        let v = seen.expect("the restore's progress was on the preview while it ran");
+        assert_eq!(v["phase"], "restoring_db", "{v}");
+        assert!(v["progress"]["done"].as_u64() <= v["progress"]["total"].as_u64(), "{v}");
+
+        // the machine got a URL, never the bucket's credentials
+        let (sid, ..) = c.fake.with(|s| s.servers())[0].clone();
+        let ud = c.fake.with(|s| s.user_data(sid)).unwrap();
+        assert!(!ud.contains(wakegate_testkit::s3::SECRET_KEY) && !ud.contains(wakegate_testkit::s3::ACCESS_KEY));
+
+        // sleep keeps the database (a stopped server's disk, or the hibernation snapshot)
+        let (s, _) = w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
+        assert_eq!(s, 202);
+        w.wait_state(&id, "sleeping").await;
+        if sleep_mode == "hibernate" {
+            assert!(c.fake.with(|s| s.servers()).is_empty(), "hibernated: the server is gone, its snapshot kept");
+        }
+        let (s, _) = w.op("POST", &format!("/v1/previews/{id}/wake"), None).await;
+        assert_eq!(s, 202);
+        let p = w.wait_state(&id, "running").await;
+        wakegate_testkit::eventually(WAIT, "the woken app to answer, with its data", || async {
+            let r = w.visit(&p, "/notes").await;
+            (r.status == 200 && r.body == "notes: kept").then_some(())
+        })
+        .await;
+
+        // erase takes the database with the server
+        let (s, _) = w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
+        assert_eq!(s, 202);
+        w.wait_state(&id, "erased").await;
+        wakegate_testkit::eventually(WAIT, "the server and its snapshots to go", || async {
+            c.fake.with(|s| s.servers().is_empty() && s.images().is_empty()).then_some(())
+        })
+        .await;
+    }
+    w.stop().await;
+}

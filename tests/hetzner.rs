@@ -8,45 +8,14 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::sync::Arc;
 use wakegate_testkit::eventually;
-use wakegate_testkit::hetzner::{cloud_config_files, AgentVms, Durations, FakeHetzner, AGENT_PATH};
+use wakegate_testkit::hetzner::{cloud_config_files, AGENT_PATH};
 
-pub const MACHINE_KEY: &str = "machine-key-for-the-hetzner-tests";
-
-struct Cloud {
-    fake: FakeHetzner,
-    vms: Arc<AgentVms>,
-}
-
-async fn cloud() -> Cloud {
-    let vms = AgentVms::new(wakegate_testkit::tempdir("vms"));
-    let fake = FakeHetzner::start(Durations::fast(), vms.clone()).await;
-    Cloud { fake, vms }
-}
-
-async fn world(c: &Cloud, extra: &[(&str, &str)]) -> World {
-    let url = c.fake.url();
-    let mut env = vec![
-        ("WAKEGATE_BACKEND", "hetzner"),
-        ("WAKEGATE_HETZNER_URL", url.as_str()),
-        ("WAKEGATE_HETZNER_TOKEN", c.fake.token.as_str()),
-        ("WAKEGATE_MACHINE_KEY", MACHINE_KEY),
-        ("WAKEGATE_AGENT_ADDR", "127.0.0.1:0"),
-        ("WAKEGATE_HETZNER_POLL_SECS", "0.02"),
-        ("WAKEGATE_HETZNER_BACKOFF_SECS", "0.02"),
-        ("WAKEGATE_AGENT_RETRY_SECS", "0.1"),
-        ("WAKEGATE_CONTROL_PLANE_IPS", "203.0.113.7/32"),
-    ];
-    env.extend_from_slice(extra);
-    World::start_with(&env, 600).await
-}
-
-fn servers(c: &Cloud) -> Vec<(i64, String, String, std::collections::BTreeMap<String, String>)> {
+fn servers(c: &HetznerCloud) -> Vec<(i64, String, String, std::collections::BTreeMap<String, String>)> {
     c.fake.with(|s| s.servers())
 }
 
-fn calls(c: &Cloud, what: &str) -> usize {
+fn calls(c: &HetznerCloud, what: &str) -> usize {
     c.fake.with(|s| s.calls().filter(|l| l == what).count())
 }
 
@@ -60,8 +29,8 @@ async fn content(w: &World, p: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn build_visit_stop_wake_erase_on_hetzner() {
-    let c = cloud().await;
-    let w = world(&c, &[]).await;
+    let c = hetzner_cloud().await;
+    let w = hetzner_world(&c, &[]).await;
     let p = w.running("main").await;
     let id = p["id"].as_str().unwrap();
     assert!(content(&w, &p).await.contains("main"), "the main branch's page");
@@ -121,8 +90,8 @@ async fn build_visit_stop_wake_erase_on_hetzner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hibernate_snapshots_deletes_and_wakes_from_the_snapshot() {
-    let c = cloud().await;
-    let w = world(&c, &[]).await;
+    let c = hetzner_cloud().await;
+    let w = hetzner_world(&c, &[]).await;
     let body =
         json!({"name": "hib", "git_url": w.repo.url(), "machine": {"sleep_mode": "hibernate", "server_type": "cpx11"}});
     let (s, v) = w.op("POST", "/v1/projects", Some(body)).await;
@@ -172,8 +141,8 @@ async fn hibernate_snapshots_deletes_and_wakes_from_the_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pools_hand_out_ready_machines_refill_and_recycle() {
-    let c = cloud().await;
-    let w = world(&c, &[("WAKEGATE_POOLS", "cx22@fsn1:2:3:3")]).await;
+    let c = hetzner_cloud().await;
+    let w = hetzner_world(&c, &[("WAKEGATE_POOLS", "cx22@fsn1:2:3:3")]).await;
     let pooled =
         || servers(&c).into_iter().filter(|s| s.3.contains_key("pool") && !s.3.contains_key("preview")).count();
     let table = wakegate_provisioner::hetzner::pool_table(&wakegate_provisioner::hetzner::pool_key(
@@ -207,8 +176,8 @@ async fn pools_hand_out_ready_machines_refill_and_recycle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn api_faults_are_retried_and_failed_actions_fail_the_build_clearly() {
-    let c = cloud().await;
-    let w = world(&c, &[]).await;
+    let c = hetzner_cloud().await;
+    let w = hetzner_world(&c, &[]).await;
     c.fake.with(|s| {
         s.faults.rate_limited = 3;
         s.faults.unavailable = 2;
@@ -238,8 +207,8 @@ async fn api_faults_are_retried_and_failed_actions_fail_the_build_clearly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_reaper_deletes_orphans_and_a_vanished_server_fails_its_preview() {
-    let c = cloud().await;
-    let w = world(&c, &[]).await;
+    let c = hetzner_cloud().await;
+    let w = hetzner_world(&c, &[]).await;
     let p = w.running("main").await;
     let id = p["id"].as_str().unwrap();
     // an orphan: a managed server no record references (a crash between create and record)
@@ -281,7 +250,7 @@ async fn the_reaper_deletes_orphans_and_a_vanished_server_fails_its_preview() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_paces_itself_before_the_rate_limit() {
-    let c = cloud().await;
+    let c = hetzner_cloud().await;
     // 36000/h: one request back every 100 ms; only 5 left now
     c.fake.with(|s| {
         s.rate_limit = 36_000;
@@ -310,7 +279,7 @@ async fn the_client_paces_itself_before_the_rate_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_are_paginated_and_slow_actions_time_out() {
-    let c = cloud().await;
+    let c = hetzner_cloud().await;
     let mut opts = wakegate_provisioner::hetzner::api::ClientOptions::new(c.fake.url(), c.fake.token.clone());
     opts.action_poll = std::time::Duration::from_millis(20);
     opts.action_poll_max = std::time::Duration::from_millis(100);
@@ -340,8 +309,8 @@ async fn lists_are_paginated_and_slow_actions_time_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_agent_endpoint_refuses_forged_and_foreign_reports() {
-    let c = cloud().await;
-    let w = world(&c, &[]).await;
+    let c = hetzner_cloud().await;
+    let w = hetzner_world(&c, &[]).await;
     let p = w.running("main").await;
     let id = p["id"].as_str().unwrap();
     let machine = w.machine_of(id).await;

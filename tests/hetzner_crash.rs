@@ -91,6 +91,7 @@ impl Rig {
             key: key.clone(),
             retry_after: "0.1".into(),
             preview_url_template: "http://{label}.localhost:1".into(),
+            dumps: None,
         });
         let tasks = vec![
             tokio::spawn(wakegate_waker::serve(wl, waker)),

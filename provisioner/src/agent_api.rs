@@ -41,7 +41,13 @@ pub struct AgentApi {
     /// What a waiting pool machine is told to wait before asking again, in seconds.
     pub retry_after: String,
     pub preview_url_template: String,
+    /// The dumps' bucket, when S3 is configured: an agent restoring a database gets a
+    /// presigned URL of its dump (never the bucket's credentials).
+    pub dumps: Option<wakegate_db::s3::Bucket>,
 }
+
+/// How long an agent's dump URL works: it asks just before downloading.
+const DUMP_URL_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 type Resp = Response<Full<Bytes>>;
 
@@ -71,6 +77,13 @@ struct ReadyReport {
 struct FailedReport {
     phase: Phase,
     reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProgressReport {
+    done: u64,
+    total: u64,
 }
 
 #[derive(Deserialize)]
@@ -132,6 +145,10 @@ async fn work(Api(api): Api<Arc<AgentApi>>, Extension(Machine(m)): Extension<Mac
     to_axum(api.work(&m).await)
 }
 
+async fn dump(Api(api): Api<Arc<AgentApi>>, Extension(Machine(m)): Extension<Machine>) -> axum::response::Response {
+    to_axum(api.dump(&m).await)
+}
+
 /// Reads a `T`, turns it into a [`Report`] (or a 400 with the message) and records it.
 async fn record<T: serde::de::DeserializeOwned>(
     api: &AgentApi,
@@ -164,6 +181,13 @@ async fn failed((Api(api), Extension(Machine(m)), b): Call) -> axum::response::R
     record(&api, &m, b, |r: FailedReport| Ok(Report::Failed(r.phase, cut(r.reason)))).await
 }
 
+async fn progress((Api(api), Extension(Machine(m)), b): Call) -> axum::response::Response {
+    to_axum(match body::<ProgressReport>(b).await {
+        Ok(r) => api.progress(&m, r).await,
+        Err(e) => e,
+    })
+}
+
 async fn exited((Api(api), Extension(Machine(m)), b): Call) -> axum::response::Response {
     record(&api, &m, b, |r: ExitReport| Ok(Report::Exited(cut(r.reason)))).await
 }
@@ -179,6 +203,8 @@ pub fn router(api: Arc<AgentApi>) -> axum::Router {
         .route("/v1/agent/ready", auth(post(ready)))
         .route("/v1/agent/failed", auth(post(failed)))
         .route("/v1/agent/exited", auth(post(exited)))
+        .route("/v1/agent/dump", auth(get(dump)))
+        .route("/v1/agent/progress", auth(post(progress)))
         .fallback(|| async { to_axum(error(404, "no such agent call")) })
         .with_state(api.clone())
 }
@@ -262,6 +288,42 @@ impl AgentApi {
                 ),
             }),
         )
+    }
+
+    /// The preview `machine` builds, while it builds on it.
+    async fn building(&self, machine: &str) -> Result<wakegate_core::route::Preview, Resp> {
+        let (_, preview) = self.lookup(machine).await?;
+        match preview {
+            Some(p) if matches!(&p.state, State::Building { machine: Some(m), restart: false, .. } if m == machine) => {
+                Ok(p)
+            }
+            _ => Err(error(409, "the preview is not being built on this machine")),
+        }
+    }
+
+    /// Where the database of the preview `machine` builds comes from: 200 with a
+    /// presigned URL, 204 when the project has no dump (the database starts empty), 409
+    /// with the reason the build fails with.
+    async fn dump(&self, machine: &str) -> Resp {
+        let preview = match self.building(machine).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        match crate::runner::dump_source(&self.store, self.dumps.as_ref(), &preview, DUMP_URL_TTL).await {
+            Ok(Some(d)) => reply(200, serde_json::to_value(&d).expect("serializable")),
+            Ok(None) => reply(204, json!(null)),
+            Err(reason) => error(409, &reason),
+        }
+    }
+
+    /// How far the dump's download is, for the splash page.
+    async fn progress(&self, machine: &str, r: ProgressReport) -> Resp {
+        let preview = match self.building(machine).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        crate::runner::record_progress(&self.store, &preview.id, r.done.min(r.total), r.total).await;
+        reply(204, json!(null))
     }
 
     async fn report(&self, machine: &str, report: Report) -> Resp {

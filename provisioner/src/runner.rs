@@ -52,7 +52,8 @@ pub struct Provisioner {
     pub dumps: Option<wakegate_db::s3::Bucket>,
 }
 
-/// How long a build's dump URL works: long enough for a slow download to start.
+/// How long a build's dump URL works: long enough for a checkout and a slow download
+/// to start.
 const DUMP_URL_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The dump a preview's database comes from: its own (`--target`), else the project's
@@ -61,6 +62,7 @@ pub async fn dump_source(
     store: &SharedStore,
     bucket: Option<&wakegate_db::s3::Bucket>,
     preview: &wakegate_core::route::Preview,
+    ttl: std::time::Duration,
 ) -> Result<Option<crate::cloud::DumpSource>, String> {
     let dumps = wakegate_db::Dumps::new(store.clone());
     let dump = match &preview.dump {
@@ -71,7 +73,7 @@ pub async fn dump_source(
     let Some(bucket) = bucket else {
         return Err(format!("the project's database dump {} is in S3, and this provisioner has no S3 settings", d.id));
     };
-    let url = bucket.presign_get(&d.key, DUMP_URL_TTL).await?;
+    let url = bucket.presign_get(&d.key, ttl).await?;
     Ok(Some(crate::cloud::DumpSource { id: d.id, engine: d.engine, url, size: d.size, gzip: d.gzip }))
 }
 
@@ -91,16 +93,21 @@ impl Progress for StoreProgress<'_> {
     }
 
     async fn detail(&self, done: u64, total: u64) {
-        let progress = wakegate_core::route::Progress { done, total };
-        let r = wakegate_store::driver::edit(self.p.store.as_ref(), self.preview, &|p| {
-            if matches!(p.state, State::Building { phase: Phase::RestoringDb, restart: false, .. }) {
-                p.progress = Some(progress);
-            }
-        })
-        .await;
-        if let Err(e) = r {
-            tracing::debug!(preview = %self.preview, error = %e, "recording progress failed");
+        record_progress(&self.p.store, self.preview, done, total).await
+    }
+}
+
+/// Records how far a database restore is, while the preview is restoring one.
+pub(crate) async fn record_progress(store: &SharedStore, preview: &str, done: u64, total: u64) {
+    let progress = wakegate_core::route::Progress { done, total };
+    let r = wakegate_store::driver::edit(store.as_ref(), preview, &|p| {
+        if matches!(p.state, State::Building { phase: Phase::RestoringDb, restart: false, .. }) {
+            p.progress = Some(progress);
         }
+    })
+    .await;
+    if let Err(e) = r {
+        tracing::debug!(%preview, error = %e, "recording progress failed");
     }
 }
 
@@ -360,7 +367,7 @@ impl Provisioner {
                 return self.event(id, failed).await.map(|_| ());
             }
         };
-        let dump = match dump_source(&self.store, self.dumps.as_ref(), preview).await {
+        let dump = match dump_source(&self.store, self.dumps.as_ref(), preview, DUMP_URL_TTL).await {
             Ok(d) => d,
             Err(reason) => {
                 let failed = Event::BuildFailed { reason, machine: Some(machine) };

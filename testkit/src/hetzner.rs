@@ -1033,8 +1033,69 @@ impl Drop for FakeHetzner {
 /// is `<root>/server-<id>/`, its public address 127.0.0.1, its HTTP port a free one.
 pub struct AgentVms {
     root: PathBuf,
-    running: Mutex<HashMap<i64, u32>>,
+    /// Each running server's init ([`VM_INIT`]).
+    running: Mutex<HashMap<i64, std::process::Child>>,
 }
+
+/// A fake VM's PID 1: a child subreaper that runs the agent, reaps whatever ends below
+/// it, and on SIGTERM powers off, killing every process of the machine (including
+/// those that made their own sessions, as PostgreSQL's backends do) and reaping them,
+/// so nothing of a halted machine lingers: not even a zombie whose pid a database's
+/// lock file names.
+const VM_INIT: &str = r#"
+import ctypes, os, signal, subprocess, sys, time
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+me = os.getpid()
+
+def parents():
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+                out[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+def below():
+    ps = parents()
+    def mine(p, hops=0):
+        while p in ps and hops < 64:
+            p, hops = ps[p], hops + 1
+            if p == me:
+                return True
+        return False
+    return [p for p in ps if p != me and mine(p)]
+
+def power_off(*_):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = below()
+        if not pids:
+            break
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
+        time.sleep(0.01)
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, power_off)
+log = open(sys.argv[1], "ab")
+subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        signal.pause()
+"#;
 
 impl AgentVms {
     pub fn new(root: PathBuf) -> Arc<AgentVms> {
@@ -1050,16 +1111,31 @@ impl AgentVms {
         self.root.join(format!("image-{image}"))
     }
 
+    /// Powers the server off: its init kills and reaps everything on it, then exits.
     fn halt(&self, server: i64) {
-        if let Some(pgid) = self.running.lock().unwrap().remove(&server) {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pgid}")])
-                .stderr(std::process::Stdio::null())
-                .status();
+        let Some(mut init) = self.running.lock().unwrap().remove(&server) else { return };
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &init.id().to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if !matches!(init.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
+        let _ = init.kill();
+        let _ = init.wait();
     }
 
     fn boot(&self, b: &Boot) -> Result<(), String> {
+        // a running machine does not boot again
+        if let Some(init) = self.running.lock().unwrap().get_mut(&b.server_id) {
+            if matches!(init.try_wait(), Ok(None)) {
+                return Ok(());
+            }
+        }
         let disk = self.disk(b.server_id);
         if let Some(img) = b.from_image {
             if !disk.exists() {
@@ -1074,32 +1150,23 @@ impl AgentVms {
             serde_json::from_slice(files.get(AGENT_CONFIG).ok_or("no agent config")?).map_err(|e| e.to_string())?;
         config["root"] = json!(disk.join("srv").to_string_lossy());
         config["port"] = json!(crate::free_port());
+        config["db_port"] = json!(crate::free_port());
         config["host"] = json!("127.0.0.1");
         let etc = disk.join("etc");
         std::fs::create_dir_all(&etc).map_err(|e| e.to_string())?;
         std::fs::write(etc.join("agent.py"), script).map_err(|e| e.to_string())?;
         std::fs::write(etc.join("agent.json"), config.to_string()).map_err(|e| e.to_string())?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(disk.join("agent.log"))
-            .map_err(|e| e.to_string())?;
-        use std::os::unix::process::CommandExt;
-        let child = std::process::Command::new("python3")
+        std::fs::write(etc.join("init.py"), VM_INIT).map_err(|e| e.to_string())?;
+        let init = std::process::Command::new("python3")
+            .arg(etc.join("init.py"))
+            .arg(disk.join("agent.log"))
+            .arg("python3")
             .arg(etc.join("agent.py"))
             .arg(etc.join("agent.json"))
             .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .process_group(0)
             .spawn()
             .map_err(|e| e.to_string())?;
-        self.running.lock().unwrap().insert(b.server_id, child.id());
-        // reap it whenever it ends
-        std::thread::spawn(move || {
-            let mut child = child;
-            let _ = child.wait();
-        });
+        self.running.lock().unwrap().insert(b.server_id, init);
         Ok(())
     }
 }
@@ -1117,7 +1184,13 @@ pub fn cloud_config_files(user_data: &str) -> Result<HashMap<String, Vec<u8>>, S
         let path = f.get("path").and_then(Value::as_str).ok_or("write_files entry without path")?;
         let content = f.get("content").and_then(Value::as_str).unwrap_or("");
         let bytes = match f.get("encoding").and_then(Value::as_str) {
-            Some("b64") | Some("base64") => b64_decode(content)?,
+            Some("b64" | "base64") => b64_decode(content)?,
+            Some("gz+b64" | "gzip+b64" | "gz+base64" | "gzip+base64") => {
+                let mut out = Vec::new();
+                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&b64_decode(content)?[..]), &mut out)
+                    .map_err(|e| format!("gzip: {e}"))?;
+                out
+            }
             _ => content.as_bytes().to_vec(),
         };
         out.insert(path.to_string(), bytes);
@@ -1126,26 +1199,9 @@ pub fn cloud_config_files(user_data: &str) -> Result<HashMap<String, Vec<u8>>, S
 }
 
 fn b64_decode(s: &str) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    let mut buf = 0u32;
-    let mut bits = 0;
-    for c in s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=') {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return Err("invalid base64".into()),
-        };
-        buf = (buf << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buf >> bits) as u8);
-        }
-    }
-    Ok(out)
+    use base64::Engine as _;
+    let clean: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(clean).map_err(|e| format!("invalid base64: {e}"))
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<(), String> {

@@ -300,3 +300,37 @@ pub fn bucket_of(s3: &wakegate_testkit::s3::S3Server, bucket: &str) -> wakegate_
 fn settings_at(extra: &[(&str, &str)]) -> Config {
     settings(std::path::Path::new("/nonexistent"), extra)
 }
+
+pub const MACHINE_KEY: &str = "machine-key-for-the-hetzner-tests";
+
+/// The fake Hetzner Cloud API, and the VMs its servers boot (the agent each server's
+/// user data carries, run with a directory as its disk).
+pub struct HetznerCloud {
+    pub fake: wakegate_testkit::hetzner::FakeHetzner,
+    pub vms: Arc<wakegate_testkit::hetzner::AgentVms>,
+}
+
+pub async fn hetzner_cloud() -> HetznerCloud {
+    use wakegate_testkit::hetzner::{AgentVms, Durations, FakeHetzner};
+    let vms = AgentVms::new(wakegate_testkit::tempdir("vms"));
+    let fake = FakeHetzner::start(Durations::fast(), vms.clone()).await;
+    HetznerCloud { fake, vms }
+}
+
+/// A world on the Hetzner backend against `c`, with `extra` settings.
+pub async fn hetzner_world(c: &HetznerCloud, extra: &[(&str, &str)]) -> World {
+    let url = c.fake.url();
+    let mut env = vec![
+        ("WAKEGATE_BACKEND", "hetzner"),
+        ("WAKEGATE_HETZNER_URL", url.as_str()),
+        ("WAKEGATE_HETZNER_TOKEN", c.fake.token.as_str()),
+        ("WAKEGATE_MACHINE_KEY", MACHINE_KEY),
+        ("WAKEGATE_AGENT_ADDR", "127.0.0.1:0"),
+        ("WAKEGATE_HETZNER_POLL_SECS", "0.02"),
+        ("WAKEGATE_HETZNER_BACKOFF_SECS", "0.02"),
+        ("WAKEGATE_AGENT_RETRY_SECS", "0.1"),
+        ("WAKEGATE_CONTROL_PLANE_IPS", "203.0.113.7/32"),
+    ];
+    env.extend_from_slice(extra);
+    World::start_with(&env, 600).await
+}

@@ -98,6 +98,9 @@ pub struct PreviewView {
     pub custom_hostnames: Vec<crate::saas::Registration>,
     pub state: String,
     pub phase: Option<String>,
+    /// How far the current phase is, in bytes (the dump restored while `restoring_db`).
+    #[serde(default)]
+    pub progress: Option<wakegate_core::route::Progress>,
     /// Why it failed or was erased; for a failure, the full message (build output
     /// included), which only operators see.
     pub reason: Option<String>,

@@ -363,6 +363,7 @@ impl Waker {
             custom_hostnames: Vec::new(),
             state: v.state.as_str().to_string(),
             phase,
+            progress: v.progress,
             reason,
             pinned: v.pinned,
             ttl_hours: v.effective_ttl_hours(project),

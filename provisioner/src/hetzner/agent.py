@@ -9,15 +9,29 @@ It pulls its work from the control plane, so nothing ever connects in to the mac
   POST {control}/v1/agent/phase   {"phase": "checkout" | "build" | "start" | "health"}
   POST {control}/v1/agent/ready   {"port": N}
   POST {control}/v1/agent/failed  {"phase": ..., "reason": ...}
+  GET  {control}/v1/agent/dump    200 {id, engine, url, size, gzip}: the dump to restore, a
+                                  presigned URL good for minutes; 204: none, start empty
+  POST {control}/v1/agent/progress {"done": bytes, "total": bytes} of the dump restored
 
 Every call carries `Authorization: Bearer <token>` and `X-Wakegate-Machine: <name>`.
 The checkout and a marker of what was built stay on the disk, so a wake after a stop
 or from a hibernation snapshot only starts the app again.
+
+A `[database]` in wakegate.toml gives the preview its own PostgreSQL or MariaDB server
+on this machine (loopback only): a fresh data directory under the root, filled from the
+project's dump streamed from S3 through gunzip into the engine's client, then
+sanitized. It stays on the disk, so sleep and hibernation keep it; the deploy marker is
+written only after it is complete, so a restore cut short starts over from scratch.
 Python 3.11+ standard library only.
 """
 
+import gzip
 import json
 import os
+import pwd
+import re
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +39,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+import zlib
 
 CFG = json.load(open(sys.argv[1] if len(sys.argv) > 1 else "/etc/wakegate/agent.json"))
 ROOT = CFG.get("root", "/srv/wakegate")
@@ -32,14 +47,18 @@ PORT = int(CFG.get("port", 80))
 HOST = CFG.get("host", "0.0.0.0")
 SRC = os.path.join(ROOT, "src")
 MARKER = os.path.join(ROOT, "deployed.json")
+DB = os.path.join(ROOT, "db")
+DB_FILE = os.path.join(ROOT, "db.json")
 app = None
+db_server = None
+dbf = None  # the preview's database: engine, name, env, port, credentials
 
 
 def log(msg):
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def call(method, path, body=None):
+def call(method, path, body=None, timeout=30):
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(CFG["control"].rstrip("/") + path, data=data, method=method)
     req.add_header("Authorization", "Bearer " + CFG["token"])
@@ -47,11 +66,15 @@ def call(method, path, body=None):
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
             return r.status, (json.loads(raw) if raw else None), r.headers
     except urllib.error.HTTPError as e:
-        return e.code, None, e.headers
+        try:
+            detail = json.loads(e.read() or b"null")
+        except (OSError, ValueError):
+            detail = None
+        return e.code, detail, e.headers
 
 
 def report(path, body):
@@ -110,7 +133,389 @@ def app_env(m, work):
     env.update({k: str(v) for k, v in m["env"].items()})
     env.update({"PORT": str(PORT), "HOST": HOST, "PREVIEW_URL": work["preview_url"],
                 "PREVIEW_URLS": ",".join(work.get("preview_urls") or [work["preview_url"]])})
+    if dbf is not None:
+        env.update(db_env(dbf))
     return env
+
+
+# ---- the preview's database ------------------------------------------------------------
+
+LABELS = {"postgres": "PostgreSQL", "mariadb": "MariaDB"}
+# away from the distributions' own servers' ports, should a package have started one
+DEFAULT_DB_PORTS = {"postgres": 15432, "mariadb": 13306}
+PACKAGES = {"postgres": ["postgresql", "postgresql-client"], "mariadb": ["mariadb-server", "mariadb-client"]}
+DB_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+ADMIN = "wakegate"
+installing = set()
+
+
+def database(m):
+    """The manifest's [database], checked as the control plane checks it; None without one."""
+    d = m.get("database")
+    if d is None:
+        return None
+    bad = lambda what: Failed("checkout", f"wakegate.toml: {what}")
+    if not isinstance(d, dict):
+        raise bad("[database] must be a table")
+    unknown = sorted(set(d) - {"engine", "name", "env", "sanitize"})
+    if unknown:
+        raise bad(f"unknown key database.{unknown[0]}")
+    engine = {"postgres": "postgres", "mariadb": "mariadb", "mysql": "mariadb"}.get(d.get("engine"))
+    if engine is None:
+        raise bad('database.engine must be "postgres" or "mariadb"')
+    name = d.get("name", "app")
+    if not isinstance(name, str) or not DB_NAME.fullmatch(name):
+        raise bad("database.name must be 1–63 characters of a-z, 0-9 and '_', not starting with a digit")
+    env = d.get("env", "url")
+    if env not in ("url", "vars"):
+        raise bad('database.env must be "url" or "vars"')
+    sanitize = d.get("sanitize", True)
+    if sanitize is True:
+        sanitize = "db/sanitize.sql"
+    elif sanitize is False:
+        sanitize = None
+    elif not isinstance(sanitize, str) or not sanitize or sanitize.startswith("/") or ".." in sanitize.split("/"):
+        raise bad("database.sanitize must be a path inside the repository")
+    return {"engine": engine, "name": name, "env": env, "sanitize": sanitize}
+
+
+def program(name):
+    """An engine's program: on the PATH, in sbin, or in the newest PostgreSQL's bin."""
+    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/sbin", "/usr/local/sbin"]
+    try:
+        versions = sorted(os.listdir("/usr/lib/postgresql"), reverse=True,
+                          key=lambda v: [int(n) for n in re.findall(r"\d+", v)])
+        dirs += [os.path.join("/usr/lib/postgresql", v, "bin") for v in versions]
+    except OSError:
+        pass
+    for d in dirs:
+        p = os.path.join(d, name)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def need(engine, name):
+    """The program's path, installing the engine from the distribution once if it is missing."""
+    p = program(name)
+    if p is None and engine not in installing and os.geteuid() == 0 and program("apt-get"):
+        installing.add(engine)
+        log(f"installing {LABELS[engine]}")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        try:
+            run(["apt-get", "update", "-q"], "/", env=env, timeout=600)
+            run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES[engine]], "/", env=env,
+                timeout=900)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            raise Failed("restoring_db", f"installing {LABELS[engine]} failed: {e}")
+        # the preview's server runs from its own data directory, not the package's
+        subprocess.run(["systemctl", "disable", "--now", "postgresql" if engine == "postgres" else "mariadb"],
+                       capture_output=True)
+        p = program(name)
+    if p is None:
+        raise Failed("restoring_db", f"`{name}` is not installed on this machine (the preview's database needs it)")
+    return p
+
+
+def as_postgres():
+    """PostgreSQL refuses to run as root: its server runs as `postgres`, which owns the data."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        raise Failed("restoring_db", "running as root, PostgreSQL needs a `postgres` account to run as; none exists")
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "cwd": "/"}
+
+
+def chown_to_postgres(path, recursive=False):
+    who = as_postgres()
+    if not who:
+        return
+    paths = [path]
+    if recursive:
+        for top, dirs, files in os.walk(path):
+            paths += [os.path.join(top, n) for n in dirs + files]
+    for p in paths:
+        os.lchown(p, who["user"], who["group"])
+
+
+def db_run(cmd, phase, what, **kw):
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, LC_ALL="C"), **kw)
+    if out.returncode != 0:
+        raise Failed(phase, f"{what} failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-2000:]}")
+    return out.stdout
+
+
+def db_socket():
+    return os.path.join(DB, "mysqld.sock")
+
+
+def db_init(db):
+    """A fresh, empty data directory (whatever an earlier attempt left goes)."""
+    global dbf
+    db_stop()
+    dbf = None
+    for p in (DB_FILE,):
+        if os.path.exists(p):
+            os.remove(p)
+    shutil.rmtree(DB, ignore_errors=True)
+    os.makedirs(DB)
+    engine = db["engine"]
+    f = {"engine": engine, "name": db["name"], "env": db["env"], "user": "app",
+         "port": int(CFG.get("db_port") or DEFAULT_DB_PORTS[engine]),
+         "password": secrets.token_hex(18), "admin_password": secrets.token_hex(18)}
+    data = os.path.join(DB, "data")
+    if engine == "postgres":
+        chown_to_postgres(DB)
+        pwfile = os.path.join(DB, "admin.pw")
+        with open(os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as w:
+            w.write(f["admin_password"])
+        chown_to_postgres(pwfile)
+        try:
+            db_run([need(engine, "initdb"), "-D", data, "-U", ADMIN, "--auth=scram-sha-256", "-E", "UTF8",
+                    "--no-instructions", f"--pwfile={pwfile}"], "restoring_db", "initdb", **as_postgres())
+        finally:
+            os.remove(pwfile)
+    else:
+        if len(db_socket()) > 100:
+            raise Failed("restoring_db", f"the agent's root is too deep for a socket path: {ROOT}")
+        cmd = [need(engine, "mariadb-install-db"), "--no-defaults", f"--datadir={data}",
+               "--auth-root-authentication-method=normal", "--skip-test-db"]
+        db_run(cmd + (["--user=root"] if os.geteuid() == 0 else []), "restoring_db", "mariadb-install-db")
+    # the credentials stay on this machine only, readable by root
+    with open(os.open(DB_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as w:
+        json.dump(f, w)
+    return f
+
+
+def db_admin(f, sql, phase="restoring_db"):
+    """Runs SQL as the server's superuser."""
+    if f["engine"] == "postgres":
+        cmd = [need("postgres", "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+               "-U", ADMIN, "-d", "postgres", "-p", str(f["port"]), "-c", sql]
+        env = dict(os.environ, PGPASSWORD=f["admin_password"], PGCONNECT_TIMEOUT="2", LC_ALL="C")
+    else:
+        cmd = [need("mariadb", "mariadb"), "--no-defaults", f"--socket={db_socket()}", "-u", "root", "--batch",
+               "--skip-column-names", "--connect-timeout=2", "-e", sql]
+        env = dict(os.environ, LC_ALL="C")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        raise Failed(phase, f"the database refused `{sql[:80]}`: {out.stderr.strip()[-2000:]}")
+    return out.stdout
+
+
+def db_start(f, phase):
+    """Starts the server on its port (loopback only) and waits until it answers."""
+    global db_server, dbf
+    db_stop()
+    data = os.path.join(DB, "data")
+    logf = open(os.path.join(ROOT, "db.log"), "a")
+    if f["engine"] == "postgres":
+        # a disk restored from a snapshot may have lost the owner; PostgreSQL insists on it
+        if as_postgres() and os.stat(data).st_uid != as_postgres()["user"]:
+            chown_to_postgres(DB, recursive=True)
+        os.chmod(data, 0o700)
+        cmd = [need("postgres", "postgres"), "-D", data, "-c", "listen_addresses=127.0.0.1", "-c",
+               f"port={f['port']}", "-c", "unix_socket_directories="]
+        kw = as_postgres()
+    else:
+        cmd = [need("mariadb", "mariadbd"), "--no-defaults", f"--datadir={data}", f"--socket={db_socket()}",
+               f"--port={f['port']}", f"--pid-file={os.path.join(DB, 'mysqld.pid')}", "--bind-address=127.0.0.1",
+               "--skip-name-resolve", "--skip-log-bin"] + (["--user=root"] if os.geteuid() == 0 else [])
+        kw = {}
+    # in the agent's process group and cgroup: stopping the agent stops it
+    db_server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                 env=dict(os.environ, LC_ALL="C"), **kw)
+    db_server.engine = f["engine"]
+    deadline = time.monotonic() + 120
+    while True:
+        if db_server.poll() is not None:
+            raise Failed(phase, f"the database server exited ({db_server.returncode}):\n"
+                         + tail(os.path.join(ROOT, "db.log")))
+        try:
+            db_admin(f, "SELECT 1", phase)
+            dbf = f
+            return
+        except Failed:
+            if time.monotonic() >= deadline:
+                db_stop()
+                raise Failed(phase, "the database server did not answer within 120 s:\n"
+                             + tail(os.path.join(ROOT, "db.log")))
+        time.sleep(0.05)
+
+
+def db_stop():
+    """Stops the server cleanly (PostgreSQL's fast shutdown), killing it if it hangs."""
+    global db_server
+    s, db_server = db_server, None
+    if s is None or s.poll() is not None:
+        return
+    s.send_signal(signal.SIGINT if s.engine == "postgres" else signal.SIGTERM)
+    try:
+        s.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        s.kill()
+        s.wait()
+
+
+def db_create(f):
+    user, pw, name = f["user"], f["password"], f["name"]
+    if f["engine"] == "postgres":
+        db_admin(f, f"CREATE ROLE {user} LOGIN PASSWORD '{pw}'")
+        db_admin(f, f"CREATE DATABASE {name} OWNER {user}")
+    else:
+        db_admin(f, f"CREATE DATABASE `{name}`; CREATE USER '{user}'@'%' IDENTIFIED BY '{pw}'; "
+                    f"GRANT ALL ON `{name}`.* TO '{user}'@'%'; FLUSH PRIVILEGES;")
+
+
+def db_client(f):
+    """The engine's client, as the app's user on its database, reading SQL from stdin."""
+    if f["engine"] == "postgres":
+        cmd = [need("postgres", "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction",
+               "-h", "127.0.0.1", "-U", f["user"], "-d", f["name"], "-p", str(f["port"])]
+        return cmd, dict(os.environ, PGPASSWORD=f["password"], LC_ALL="C")
+    cmd = [need("mariadb", "mariadb"), "--no-defaults", "-h", "127.0.0.1", "--batch", f"--port={f['port']}",
+           "-u", f["user"], f["name"]]
+    return cmd, dict(os.environ, MYSQL_PWD=f["password"], LC_ALL="C")
+
+
+class Counted:
+    """A stream that counts the bytes read from it (the dump's compressed bytes)."""
+
+    def __init__(self, raw):
+        self.raw, self.n = raw, 0
+
+    def read(self, size=-1):
+        b = self.raw.read(size)
+        self.n += len(b)
+        return b
+
+
+def progress(done, total):
+    try:
+        call("POST", "/v1/agent/progress", {"done": done, "total": total}, timeout=5)
+    except OSError:
+        pass  # the splash shows the last figure a little longer
+
+
+def db_import(f):
+    """Streams the project's dump (or this preview's own) into the database; returns its
+    id, or None when there is none (the database starts empty)."""
+    status, dump = None, None
+    for attempt in range(30):
+        try:
+            status, dump, _ = call("GET", "/v1/agent/dump")
+            if status < 500:
+                break
+        except OSError as e:
+            log(f"asking for the dump failed: {e}")
+        time.sleep(min(2 ** attempt * 0.1, 5))
+    if status == 204:
+        log("the project has no dump: the database starts empty")
+        return None
+    if status != 200:
+        raise Failed("restoring_db", (dump or {}).get("error") or f"the control plane answered {status} for the dump")
+    if dump["engine"] != f["engine"]:
+        raise Failed("restoring_db", f"wakegate.toml says the database is {LABELS[f['engine']]}, and the dump "
+                                     f"{dump['id']} is a {LABELS.get(dump['engine'], dump['engine'])} dump")
+    try:
+        resp = urllib.request.urlopen(dump["url"], timeout=60)
+    except (urllib.error.URLError, OSError) as e:
+        raise Failed("restoring_db", f"downloading the dump: {e}")
+    total = int(resp.headers.get("Content-Length") or dump["size"])
+    cmd, env = db_client(f)
+    logf = open(os.path.join(ROOT, "import.log"), "a")
+    client = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=logf)
+    counted = Counted(resp)
+    src = gzip.GzipFile(fileobj=counted) if dump["gzip"] else counted
+    broken, last = None, 0.0
+    try:
+        while True:
+            chunk = src.read(1 << 20)
+            if not chunk:
+                break
+            client.stdin.write(chunk)
+            if time.monotonic() - last >= 0.5:
+                last = time.monotonic()
+                progress(counted.n, total)
+    except BrokenPipeError:
+        pass  # the client stopped: its own error says why
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        broken = e
+        client.kill()  # never commit half a dump
+    finally:
+        resp.close()
+        try:
+            client.stdin.close()
+        except BrokenPipeError:
+            pass
+    code = client.wait()
+    progress(counted.n, total)
+    if broken is not None:
+        raise Failed("restoring_db", f"reading the dump: {broken}")
+    if code != 0:
+        raise Failed("restoring_db", f"importing the dump failed (exit {code}):\n"
+                     + tail(os.path.join(ROOT, "import.log")))
+    return dump["id"]
+
+
+def db_sanitize(f, path):
+    cmd, env = db_client(f)
+    with open(path, "rb") as sql, open(os.path.join(ROOT, "import.log"), "a") as logf:
+        code = subprocess.run(cmd, env=env, stdin=sql, stdout=subprocess.DEVNULL, stderr=logf).returncode
+    if code != 0:
+        raise Failed("restoring_db", f"the sanitize script failed (exit {code}):\n"
+                     + tail(os.path.join(ROOT, "import.log")))
+
+
+def restore_db(db):
+    """The preview's database, fresh: a new server filled from its dump and sanitized."""
+    report("/v1/agent/phase", {"phase": "restoring_db"})
+    f = db_init(db)
+    db_start(f, "restoring_db")
+    db_create(f)
+    dump = db_import(f)
+    if dump is None:
+        return
+    if db["sanitize"] is None:
+        log("sanitize = false: the dump is used as it is")
+    else:
+        path = os.path.join(SRC, db["sanitize"])
+        if not os.path.isfile(path):
+            raise Failed("restoring_db", f"{db['sanitize']} is not in the repository: add the SQL that sanitizes an "
+                                         "imported dump, or set `sanitize = false` under [database] in wakegate.toml")
+        db_sanitize(f, path)
+    log(f"database restored from {dump}")
+
+
+def drop_db():
+    """A branch without a database: whatever an earlier deploy left goes."""
+    global dbf
+    db_stop()
+    dbf = None
+    if os.path.exists(DB_FILE):
+        os.remove(DB_FILE)
+    shutil.rmtree(DB, ignore_errors=True)
+
+
+def db_env(f):
+    if f["env"] == "url":
+        scheme = "postgres" if f["engine"] == "postgres" else "mysql"
+        return {"DATABASE_URL": f"{scheme}://{f['user']}:{f['password']}@127.0.0.1:{f['port']}/{f['name']}"}
+    return {"DB_HOST": "127.0.0.1", "DB_PORT": str(f["port"]), "DB_NAME": f["name"], "DB_USER": f["user"],
+            "DB_PASSWORD": f["password"]}
+
+
+def start_db(m):
+    """After a stop or a hibernation: the database restored earlier starts again."""
+    if database(m) is None:
+        return
+    try:
+        f = json.load(open(DB_FILE))
+    except (OSError, ValueError):
+        raise Failed("start", "the preview's database is missing from this machine's disk")
+    db_start(f, "start")
 
 
 def deploy(work):
@@ -120,7 +525,9 @@ def deploy(work):
     except (OSError, ValueError):
         pass
     if done == {"preview": work["preview"], "git_ref": work["git_ref"]}:
-        return manifest()
+        m = manifest()
+        start_db(m)
+        return m
     report("/v1/agent/phase", {"phase": "checkout"})
     subprocess.run(["rm", "-rf", SRC], check=True)
     os.makedirs(SRC)
@@ -142,6 +549,12 @@ def deploy(work):
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         raise Failed("checkout", f"cannot fetch {work['git_ref']}: {e}")
     m = manifest()
+    # a deploy marker comes only after the database: one cut short starts over
+    db = database(m)
+    if db is None:
+        drop_db()
+    else:
+        restore_db(db)
     if m.get("build"):
         report("/v1/agent/phase", {"phase": "build"})
         with open(os.path.join(ROOT, "build.log"), "w") as logf:
@@ -196,6 +609,7 @@ def stop_app(*_):
             app.wait(timeout=10)
         except subprocess.TimeoutExpired:
             app.kill()
+    db_stop()
     sys.exit(0)
 
 
@@ -235,6 +649,7 @@ def main():
     # sending visitors to a dead port
     report("/v1/agent/exited", {"reason": f"the app exited ({code}) while running:\n"
                                           + tail(os.path.join(ROOT, "app.log"))})
+    db_stop()
     sys.exit(1)
 
 
