@@ -7,6 +7,10 @@
 //! refused before it is completed. An upload of a file that was interrupted is resumed
 //! by the next `push` of the same file: parts already in S3 whose MD5 matches are not
 //! sent again.
+//!
+//! `pull` has the provisioner dump a running preview's database into S3 as `.sql.gz`
+//! (waking the preview first if it sleeps), downloads it through a presigned URL with a
+//! progress bar, and then has the object removed.
 
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
@@ -372,6 +376,134 @@ pub async fn list(api: &Api, project: &str) -> anyhow::Result<()> {
             created,
             d["name"].as_str().unwrap_or(""),
         );
+    }
+    Ok(())
+}
+
+/// Longest wait for a preview to wake, or for its database to be dumped.
+const PULL_WAIT: Duration = Duration::from_secs(3600);
+
+fn spinner(msg: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg} {spinner} {elapsed}").expect("valid template"));
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
+    bar.set_message(msg.to_string());
+    bar.enable_steady_tick(Duration::from_millis(250));
+    bar
+}
+
+/// `wakegate db pull <preview>`: the preview's database as `.sql.gz` in `output`.
+pub async fn pull(api: &Api, preview: &str, output: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/previews/{}/db/pull", seg(preview));
+    let deadline = tokio::time::Instant::now() + PULL_WAIT;
+    // ask; a sleeping preview is woken first
+    let mut woken = false;
+    loop {
+        let (status, v) = api.call(reqwest::Method::POST, &path, None).await?;
+        match status {
+            200 | 202 => break,
+            409 if !woken => {
+                let shown = api.ok(reqwest::Method::GET, &format!("/v1/previews/{}", seg(preview)), None).await?;
+                if !matches!(shown["state"].as_str(), Some("sleeping" | "stopping" | "waking")) {
+                    bail!("{}", v["error"].as_str().unwrap_or("the waker refused the pull"));
+                }
+                let bar = spinner(&format!("waking {preview}"));
+                let (s, w) =
+                    api.call(reqwest::Method::POST, &format!("/v1/previews/{}/wake", seg(preview)), None).await?;
+                if s >= 400 && s != 409 {
+                    bar.finish_and_clear();
+                    bail!("waking {preview}: {}", w["error"].as_str().unwrap_or("refused"));
+                }
+                loop {
+                    let shown = api.ok(reqwest::Method::GET, &format!("/v1/previews/{}", seg(preview)), None).await?;
+                    match shown["state"].as_str() {
+                        Some("running") => break,
+                        Some("sleeping" | "stopping" | "waking" | "building") => {}
+                        other => {
+                            bar.finish_and_clear();
+                            bail!("{preview} did not wake: it is {}", other.unwrap_or("unknown"));
+                        }
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        bail!("{preview} did not wake in time");
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                bar.finish_and_clear();
+                woken = true;
+            }
+            _ => bail!("{}", v["error"].as_str().unwrap_or(&format!("the waker answered {status}"))),
+        }
+    }
+    // wait for the dump
+    let bar = spinner(&format!("dumping {preview}'s database"));
+    let ready = loop {
+        let v = api.ok(reqwest::Method::GET, &path, None).await?;
+        match v["state"].as_str() {
+            Some("ready") => break v,
+            Some("failed") => {
+                bar.finish_and_clear();
+                bail!("pulling {preview}'s database failed: {}", v["reason"].as_str().unwrap_or("no reason given"));
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bar.finish_and_clear();
+            bail!("{preview}'s database was not dumped in time");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    bar.finish_and_clear();
+    let url = ready["url"].as_str().context("the ready pull has no URL")?;
+    let size = ready["size"].as_u64();
+    // download it, to a temporary file renamed at the end (never half a file under the name)
+    let resp = api.http.get(url).send().await.context("downloading the dump")?;
+    if !resp.status().is_success() {
+        bail!("downloading the dump: S3 answered {}", resp.status());
+    }
+    let bar = progress_bar(resp.content_length().or(size));
+    bar.set_message("downloading");
+    let (mut out, tmp): (Box<dyn tokio::io::AsyncWrite + Unpin + Send>, Option<PathBuf>) = if output == "-" {
+        (Box::new(tokio::io::stdout()), None)
+    } else {
+        let tmp = PathBuf::from(format!("{output}.part"));
+        let f = tokio::fs::File::create(&tmp).await.with_context(|| format!("creating {}", tmp.display()))?;
+        (Box::new(f), Some(tmp))
+    };
+    let mut stream = resp.bytes_stream();
+    let mut got = 0u64;
+    let written = async {
+        use tokio::io::AsyncWriteExt;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.context("downloading the dump")?;
+            out.write_all(&chunk).await.context("writing the dump")?;
+            got += chunk.len() as u64;
+            bar.inc(chunk.len() as u64);
+        }
+        out.flush().await.context("writing the dump")?;
+        out.shutdown().await.context("writing the dump")?;
+        anyhow::Ok(())
+    }
+    .await;
+    bar.finish_and_clear();
+    let written = written.and_then(|()| match size {
+        Some(s) if s != got => bail!("the download stopped after {got} of {s} bytes"),
+        _ => Ok(()),
+    });
+    if let Err(e) = written {
+        if let Some(tmp) = &tmp {
+            let _ = std::fs::remove_file(tmp);
+        }
+        return Err(e);
+    }
+    if let Some(tmp) = &tmp {
+        std::fs::rename(tmp, output).with_context(|| format!("renaming {} to {output}", tmp.display()))?;
+    }
+    if let Err(e) = api.ok(reqwest::Method::DELETE, &path, None).await {
+        eprintln!("warning: removing the pulled dump from S3 failed ({e})");
+    }
+    if output != "-" {
+        println!("{output}: {preview}'s database ({:.1} MB gzipped)", got as f64 / 1e6);
     }
     Ok(())
 }

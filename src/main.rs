@@ -67,6 +67,13 @@ enum DbCmd {
     Use { project: String, dump: String },
     /// Deletes a dump (never the base).
     Rm { project: String, dump: String },
+    /// Downloads a preview's database as .sql.gz (waking the preview if it sleeps).
+    Pull {
+        preview: String,
+        /// Where to write it (`-`: standard output); `<preview>.sql.gz` by default.
+        #[arg(short, long)]
+        output: Option<String>,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -135,6 +142,10 @@ async fn db(cfg: &Config, cmd: DbCmd) -> anyhow::Result<()> {
             wakegate::dbcli::push(&api, p).await
         }
         DbCmd::List { project } => wakegate::dbcli::list(&api, &project).await,
+        DbCmd::Pull { preview, output } => {
+            let output = output.unwrap_or_else(|| format!("{preview}.sql.gz"));
+            wakegate::dbcli::pull(&api, &preview, &output).await
+        }
         DbCmd::Use { project, dump } => {
             api.ok(reqwest::Method::POST, &format!("/v1/projects/{}/dumps/{}/use", seg(&project), seg(&dump)), None)
                 .await?;

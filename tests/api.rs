@@ -395,6 +395,24 @@ async fn server_matches_its_openapi_document() {
     call("DELETE", format!("/v1/projects/demo/dumps/{}", ids[1]), Value::Null, 204).await;
     call("GET", "/v1/projects/nope/dumps".into(), Value::Null, 404).await;
 
+    // a database pull: refused while the preview is not running; this app has none, so
+    // the pull fails and says why
+    call("POST", format!("/v1/previews/{id}/db/pull"), Value::Null, 409).await;
+    call("GET", format!("/v1/previews/{id}/db/pull"), Value::Null, 404).await;
+    let running = w.running("feature/blue").await;
+    let rid = running["id"].as_str().unwrap();
+    let asked = call("POST", format!("/v1/previews/{rid}/db/pull"), Value::Null, 202).await;
+    assert_eq!(asked["state"], "pending", "{asked}");
+    let failed = wakegate_testkit::eventually(WAIT, "the pull to fail", || async {
+        let r = operator(&w, "GET", &format!("/v1/previews/{rid}/db/pull"), "", tok).await;
+        (r.json()["state"] == "failed").then(|| r.json())
+    })
+    .await;
+    assert!(failed["reason"].as_str().unwrap().contains("no database"), "{failed}");
+    call("GET", format!("/v1/previews/{rid}/db/pull"), Value::Null, 200).await;
+    call("DELETE", format!("/v1/previews/{rid}/db/pull"), Value::Null, 204).await;
+    call("DELETE", format!("/v1/previews/{rid}/db/pull"), Value::Null, 404).await;
+
     let documented: BTreeSet<String> = spec["paths"]
         .as_object()
         .unwrap()

@@ -111,6 +111,12 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
+fn gunzip(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out).unwrap();
+    out
+}
+
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
@@ -338,17 +344,37 @@ async fn each_preview_gets_its_own_database_on_both_engines() {
         assert_eq!(text(&w, &a, "/").await, format!("message: hello from {engine}"));
         assert_eq!(base_of(&w, &project).await["base"], base, "--target leaves the base");
 
-        // sleep keeps the database, wake brings it back
+        // sleep keeps the database; `db pull` wakes it and takes its data home
         let a_id = a["id"].as_str().unwrap();
         let (s, _) = w.op("POST", &format!("/v1/previews/{a_id}/sleep"), None).await;
         assert_eq!(s, 202);
         w.wait_state(a_id, "sleeping").await;
-        let (s, _) = w.op("POST", &format!("/v1/previews/{a_id}/wake"), None).await;
-        assert_eq!(s, 202);
+        let pulled = dir.join(format!("{engine}-pulled.sql.gz"));
+        let (screen, ok) = cli_in_pty(&w, &state, &["pull", a_id, "-o", pulled.to_str().unwrap()]);
+        assert!(ok, "{screen}");
+        // it woke the preview, waited for the dump, and showed the download's bar
+        for seen in ["waking", "database", "downloading [", "KiB/", "ETA"] {
+            assert!(screen.contains(seen), "{seen:?} on the terminal: {screen:?}");
+        }
+        let sql = gunzip(&std::fs::read(&pulled).unwrap());
+        let sql = String::from_utf8_lossy(&sql);
+        assert!(sql.contains("only-in-a") && sql.contains(&format!("hello from {engine}")), "{engine}: {sql:.2000}");
+        assert!(!sql.contains("only-in-b"));
+        let (s, v) = w.op("GET", &format!("/v1/previews/{a_id}/db/pull"), None).await;
+        assert_eq!(s, 404, "the CLI removed the pulled object once downloaded: {v}");
         let a = w.wait_state(a_id, "running").await;
         // (the edge may hold the old origin for its route-cache time)
         wakegate_testkit::eventually(WAIT, "the woken app to answer, with its data", || async {
             let r = w.visit(&a, "/notes").await;
+            (r.status == 200 && r.body == "notes: only-in-a").then_some(())
+        })
+        .await;
+
+        // what a reviewer took home goes back in: b gets a's data
+        let (_, err, ok) = cli(&w, &state, &["push", &project, pulled.to_str().unwrap(), "--target", b_id]);
+        assert!(ok, "{engine}: the pulled dump is one Wakegate takes: {err}");
+        wakegate_testkit::eventually(WAIT, "b to serve a's data", || async {
+            let r = w.visit(&b, "/notes").await;
             (r.status == 200 && r.body == "notes: only-in-a").then_some(())
         })
         .await;
@@ -443,6 +469,12 @@ async fn on_hetzner_the_database_runs_on_the_preview_server() {
         assert_eq!(text(&w, &p, "/").await, format!("message: hello from {engine} on hetzner"));
         assert_eq!(text(&w, &p, "/email").await, "email: user1@example.invalid", "{engine}: sanitize ran");
         assert_eq!(text(&w, &p, "/write?note=kept").await, "written");
+        // `db pull`: the agent dumps the database and PUTs it to a presigned URL
+        let pulled = dir.join(format!("{engine}-pulled.sql.gz"));
+        let (_, err, ok) = cli(&w, &state, &["pull", &id, "-o", pulled.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        let sql = gunzip(&std::fs::read(&pulled).unwrap());
+        assert!(String::from_utf8_lossy(&sql).contains("kept"), "{engine}");
         let v = seen.expect("the restore's progress was on the preview while it ran");
         assert_eq!(v["phase"], "restoring_db", "{v}");
         assert!(v["progress"]["done"].as_u64() <= v["progress"]["total"].as_u64(), "{v}");

@@ -221,10 +221,12 @@ pub enum JobKind {
     Wake,
     Sleep,
     Erase,
+    /// Dump the running preview's database to S3 (`wakegate db pull`).
+    PullDb,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 4] = [JobKind::Build, JobKind::Wake, JobKind::Sleep, JobKind::Erase];
+    pub const ALL: [JobKind; 5] = [JobKind::Build, JobKind::Wake, JobKind::Sleep, JobKind::Erase, JobKind::PullDb];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -232,6 +234,7 @@ impl JobKind {
             JobKind::Wake => "wake",
             JobKind::Sleep => "sleep",
             JobKind::Erase => "erase",
+            JobKind::PullDb => "pull_db",
         }
     }
 

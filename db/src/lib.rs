@@ -238,3 +238,107 @@ impl Dumps {
         Ok(())
     }
 }
+
+/// Where a pull is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PullState {
+    /// Asked for; the provisioner has not started yet.
+    Pending,
+    /// The database is being dumped into S3.
+    Dumping,
+    /// In S3 at `key`, for the asker to download.
+    Ready,
+    Failed,
+}
+
+/// A copy of a preview's database on its way out as `.sql.gz` (`wakegate db pull`):
+/// the provisioner dumps the database into S3 at `key`, the CLI downloads it through a
+/// presigned URL and then removes it. One per preview at a time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pull {
+    pub id: String,
+    pub preview: String,
+    pub key: String,
+    pub state: PullState,
+    /// Bytes of `.sql.gz` written so far (all of them once ready).
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub created_at: Millis,
+    #[serde(default)]
+    pub finished_at: Option<Millis>,
+}
+
+impl Pull {
+    pub fn new(preview: &str, prefix: &str, now: Millis) -> Pull {
+        let id = wakegate_store::new_id("p-");
+        let key = format!("{prefix}pulls/{preview}/{id}.sql.gz");
+        Pull {
+            id,
+            preview: preview.to_string(),
+            key,
+            state: PullState::Pending,
+            size: 0,
+            reason: None,
+            created_at: now,
+            finished_at: None,
+        }
+    }
+
+    /// Whether it is still to come (not ready, not failed).
+    pub fn under_way(&self) -> bool {
+        matches!(self.state, PullState::Pending | PullState::Dumping)
+    }
+}
+
+const PULLS: &str = "db-pulls";
+
+/// The records of pulls, one per preview (`db-pulls`).
+#[derive(Clone)]
+pub struct Pulls {
+    store: SharedStore,
+}
+
+impl Pulls {
+    pub fn new(store: SharedStore) -> Pulls {
+        Pulls { store }
+    }
+
+    pub async fn get(&self, preview: &str) -> Result<Option<Pull>, StoreError> {
+        match self.store.table_get(PULLS, preview).await? {
+            Some(raw) => Ok(Some(serde_json::from_str(&raw).map_err(|e| corrupt(preview, e))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces the preview's pull if it still is `old` (`None`: there was none).
+    pub async fn swap(&self, preview: &str, old: Option<&Pull>, new: Option<&Pull>) -> Result<(), RecordError> {
+        let a = old.map(|p| serde_json::to_string(p).expect("serializable"));
+        let b = new.map(|p| serde_json::to_string(p).expect("serializable"));
+        if !self.store.table_swap(PULLS, preview, a.as_deref(), b.as_deref()).await? {
+            return Err(RecordError::Conflict);
+        }
+        Ok(())
+    }
+
+    /// Applies `f` to the preview's pull `id`, if it still is that pull; retried on a
+    /// concurrent change. Returns the pull as written.
+    pub async fn edit(&self, preview: &str, id: &str, f: impl Fn(&mut Pull)) -> Result<Option<Pull>, RecordError> {
+        for _ in 0..16 {
+            let Some(old) = self.get(preview).await? else { return Ok(None) };
+            if old.id != id {
+                return Ok(None);
+            }
+            let mut new = old.clone();
+            f(&mut new);
+            match self.swap(preview, Some(&old), Some(&new)).await {
+                Ok(()) => return Ok(Some(new)),
+                Err(RecordError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(RecordError::Conflict)
+    }
+}

@@ -200,6 +200,30 @@ impl Bucket {
         Ok(req.uri().to_string())
     }
 
+    /// A URL that PUTs the object in one request, valid for `ttl` (a machine's agent
+    /// uploads a pulled database with it; S3 takes at most 5 GiB this way).
+    pub async fn presign_put(&self, key: &str, ttl: Duration) -> Result<String, String> {
+        let cfg = PresigningConfig::expires_in(ttl).map_err(|e| e.to_string())?;
+        let req = self
+            .client
+            .put_object()
+            .bucket(&self.config.bucket)
+            .key(key)
+            .presigned(cfg)
+            .await
+            .map_err(|e| err("presigning an upload", e))?;
+        Ok(req.uri().to_string())
+    }
+
+    /// The size of an object, `None` when there is none.
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, String> {
+        match self.client.head_object().bucket(&self.config.bucket).key(key).send().await {
+            Ok(o) => Ok(Some(o.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) => Err(err("reading an object's size", e)),
+        }
+    }
+
     /// Deletes an object (a missing one is fine: S3 answers 204 either way).
     pub async fn delete(&self, key: &str) -> Result<(), String> {
         self.client

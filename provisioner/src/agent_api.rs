@@ -13,7 +13,7 @@
 //! timeouts); undeclared methods are 405.
 
 use crate::cloud::Cloud;
-use crate::hetzner::{MachineRecord, MACHINES};
+use crate::hetzner::{MachineRecord, PullOrder, PullOutcome, MACHINES, PULL_ORDERS};
 use crate::now_ms;
 use axum::extract::{Extension, State as Api};
 use bytes::Bytes;
@@ -88,6 +88,16 @@ struct ProgressReport {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct PullReport {
+    key: String,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ExitReport {
     reason: String,
 }
@@ -149,6 +159,20 @@ async fn dump(Api(api): Api<Arc<AgentApi>>, Extension(Machine(m)): Extension<Mac
     to_axum(api.dump(&m).await)
 }
 
+async fn pull_order(
+    Api(api): Api<Arc<AgentApi>>,
+    Extension(Machine(m)): Extension<Machine>,
+) -> axum::response::Response {
+    to_axum(api.pull_order(&m).await)
+}
+
+async fn pulled((Api(api), Extension(Machine(m)), b): Call) -> axum::response::Response {
+    to_axum(match body::<PullReport>(b).await {
+        Ok(r) => api.pulled(&m, r).await,
+        Err(e) => e,
+    })
+}
+
 /// Reads a `T`, turns it into a [`Report`] (or a 400 with the message) and records it.
 async fn record<T: serde::de::DeserializeOwned>(
     api: &AgentApi,
@@ -205,6 +229,7 @@ pub fn router(api: Arc<AgentApi>) -> axum::Router {
         .route("/v1/agent/exited", auth(post(exited)))
         .route("/v1/agent/dump", auth(get(dump)))
         .route("/v1/agent/progress", auth(post(progress)))
+        .route("/v1/agent/pull", auth(get(pull_order).post(pulled)))
         .fallback(|| async { to_axum(error(404, "no such agent call")) })
         .with_state(api.clone())
 }
@@ -237,13 +262,7 @@ impl AgentApi {
             Ok(x) => x,
             Err(r) => return r,
         };
-        let wait = || {
-            Response::builder()
-                .status(204)
-                .header("retry-after", self.retry_after.as_str())
-                .body(Full::new(Bytes::new()))
-                .expect("valid")
-        };
+        let wait = || self.wait();
         let Some(preview) = preview else {
             return if record.pool.is_some() && record.preview.is_none() {
                 wait()
@@ -324,6 +343,56 @@ impl AgentApi {
         };
         crate::runner::record_progress(&self.store, &preview.id, r.done.min(r.total), r.total).await;
         reply(204, json!(null))
+    }
+
+    fn wait(&self) -> Resp {
+        Response::builder()
+            .status(204)
+            .header("retry-after", self.retry_after.as_str())
+            .body(Full::new(Bytes::new()))
+            .expect("valid")
+    }
+
+    async fn order(&self, machine: &str) -> Result<Option<PullOrder>, Resp> {
+        match self.store.table_get(PULL_ORDERS, machine).await {
+            Ok(Some(raw)) => serde_json::from_str(&raw).map(Some).map_err(|e| error(500, &e.to_string())),
+            Ok(None) => Ok(None),
+            Err(e) => Err(error(503, &e.to_string())),
+        }
+    }
+
+    /// The database dump this running machine is asked for: 200 with where to PUT it,
+    /// or 204 (ask again after Retry-After).
+    async fn pull_order(&self, machine: &str) -> Resp {
+        match self.order(machine).await {
+            Ok(Some(o)) if o.outcome.is_none() => reply(200, json!({ "key": o.key, "url": o.url })),
+            Ok(_) => self.wait(),
+            Err(r) => r,
+        }
+    }
+
+    /// How the machine's dump went: uploaded with its size, or why not.
+    async fn pulled(&self, machine: &str, r: PullReport) -> Resp {
+        let outcome = match (r.size, r.reason) {
+            (Some(size), None) => PullOutcome::Uploaded { size },
+            (None, Some(reason)) => PullOutcome::Failed { reason: cut(reason) },
+            _ => return error(400, "give either size or reason"),
+        };
+        for _ in 0..8 {
+            let old = match self.order(machine).await {
+                Ok(Some(o)) if o.key == r.key && o.outcome.is_none() => o,
+                Ok(_) => return error(409, "no such dump is asked of this machine"),
+                Err(resp) => return resp,
+            };
+            let new = PullOrder { outcome: Some(outcome.clone()), ..old.clone() };
+            let (a, b) = (serde_json::to_string(&old).expect("json"), serde_json::to_string(&new).expect("json"));
+            match self.store.table_swap(PULL_ORDERS, machine, Some(&a), Some(&b)).await {
+                Ok(true) => return reply(204, json!(null)),
+                Ok(false) => continue,
+                Err(e) => return error(503, &e.to_string()),
+            }
+        }
+        error(409, "the dump order kept changing")
     }
 
     async fn report(&self, machine: &str, report: Report) -> Resp {

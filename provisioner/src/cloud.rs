@@ -102,6 +102,16 @@ pub trait Cloud: Send + Sync + 'static {
     async fn delete(&self, machine: &MachineId) -> Result<(), CloudError>;
     /// Every machine this backend manages.
     async fn list(&self) -> Result<Listing, CloudError>;
+    /// Dumps the machine's database as `.sql.gz` into `bucket` at `key` (`wakegate db
+    /// pull`); returns the bytes written. The machine must be running.
+    async fn pull_db(
+        &self,
+        _machine: &MachineId,
+        _bucket: &wakegate_db::s3::Bucket,
+        _key: &str,
+    ) -> Result<u64, CloudError> {
+        Err(CloudError::Failed("this backend keeps no preview databases".into()))
+    }
     /// Which of these running machines' apps have died, with the reason. Backends whose
     /// machines report for themselves (an agent) answer none.
     async fn dead(&self, _machines: &[MachineId]) -> Result<Vec<(MachineId, String)>, CloudError> {

@@ -526,6 +526,19 @@ impl Cloud for LocalCloud {
         Ok(Listing { machines: out, requests: 0 })
     }
 
+    async fn pull_db(
+        &self,
+        machine: &MachineId,
+        bucket: &wakegate_db::s3::Bucket,
+        key: &str,
+    ) -> Result<u64, CloudError> {
+        let dir = self.dir(machine)?;
+        let Some(db) = crate::localdb::read(&dir).await.filter(|d| d.port != 0) else {
+            return Err(CloudError::Failed("this preview has no database".into()));
+        };
+        crate::localdb::pull(&dir, &db, bucket, key).await
+    }
+
     /// An app is dead when the process group its pid file names has no process left
     /// (one signal-0 per machine, no process spawned).
     async fn dead(&self, machines: &[MachineId]) -> Result<Vec<(MachineId, String)>, CloudError> {

@@ -462,7 +462,30 @@ pub fn app_env(f: &DbFile) -> Vec<(String, String)> {
     }
 }
 
-/// Streams the database out as SQL (`wakegate db pull`) to `out`.
+/// Dumps the database through gzip into S3 at `key` (`wakegate db pull`), one part in
+/// memory at a time; the bytes written. A dump that fails leaves no object.
+pub async fn pull(dir: &Path, f: &DbFile, bucket: &wakegate_db::s3::Bucket, key: &str) -> Result<u64, CloudError> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("pull.log")).map_err(failed)?;
+    let mut cmd = dump_command(f)?;
+    cmd.stderr(log);
+    let mut child = cmd.spawn().map_err(|e| failed(format!("starting the dump: {e}")))?;
+    let out = child.stdout.take().ok_or_else(|| failed("the dump has no stdout"))?;
+    let gz = async_compression::tokio::bufread::GzipEncoder::new(tokio::io::BufReader::new(out));
+    let uploaded = bucket.upload_reader(key, gz, 8 << 20).await;
+    let status = child.wait().await.map_err(failed)?;
+    if !status.success() || uploaded.is_err() {
+        if let Err(e) = bucket.delete(key).await {
+            tracing::warn!(%key, error = %e, "removing a failed pull's object failed");
+        }
+    }
+    if !status.success() {
+        let tail = crate::local::log_tail(dir, "pull.log").await;
+        return Err(failed(format!("dumping the database failed ({status}):\n{tail}")));
+    }
+    uploaded.map_err(failed)
+}
+
+/// The engine's dump program, as the app's user, writing SQL to stdout.
 pub fn dump_command(f: &DbFile) -> Result<tokio::process::Command, CloudError> {
     let mut cmd = match f.engine {
         Engine::Postgres => {

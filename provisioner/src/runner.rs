@@ -304,20 +304,85 @@ impl Provisioner {
             (State::Erasing { .. }, wakegate_core::lifecycle::JobKind::Erase) => {
                 self.event(id, Event::MachinesDeleted).await.map(|_| ())
             }
+            (State::Running { machine, .. }, wakegate_core::lifecycle::JobKind::PullDb) => {
+                self.pull(id, machine, current.version).await;
+                Ok(())
+            }
+            (state, wakegate_core::lifecycle::JobKind::PullDb) => {
+                let reason = format!("the preview is {}, not running: wake it and pull again", state.as_str());
+                self.finish_pull(id, None, Err(reason)).await;
+                Ok(())
+            }
             // the state moved on since the job was queued: nothing to do
             _ => Ok(()),
         }
     }
 
+    /// Dumps the preview's database into S3 for the pull asked for (`wakegate db pull`).
+    async fn pull(&self, id: &str, machine: &MachineId, version: u64) {
+        let pulls = wakegate_db::Pulls::new(self.store.clone());
+        let pull = match pulls.get(id).await {
+            Ok(Some(p)) if p.under_way() => p,
+            Ok(_) => return,
+            Err(e) => return warn!(error = %e, "reading the pull failed; it will be retried"),
+        };
+        let Some(bucket) = &self.dumps else {
+            let reason = "this provisioner has no S3 settings (WAKEGATE_S3_*)".to_string();
+            return self.finish_pull(id, Some(&pull.id), Err(reason)).await;
+        };
+        if let Err(e) = pulls.edit(id, &pull.id, |p| p.state = wakegate_db::PullState::Dumping).await {
+            warn!(error = %e, "recording the pull's start failed");
+        }
+        info!(%machine, pull = %pull.id, "dumping the database");
+        let runs_on = |s: &State| matches!(s, State::Running { machine: m, .. } if m == machine);
+        let result = tokio::select! {
+            r = self.cloud.pull_db(machine, bucket, &pull.key) => r.map_err(|e| e.to_string()),
+            () = self.moved_on(id, version, runs_on) => Err("the preview stopped running during the dump".into()),
+        };
+        self.finish_pull(id, Some(&pull.id), result).await;
+    }
+
+    /// Records how a pull ended (`pull` `None`: whichever is under way).
+    async fn finish_pull(&self, id: &str, pull: Option<&str>, result: Result<u64, String>) {
+        let pulls = wakegate_db::Pulls::new(self.store.clone());
+        let pull = match pull {
+            Some(p) => p.to_string(),
+            None => match pulls.get(id).await {
+                Ok(Some(p)) if p.under_way() => p.id,
+                _ => return,
+            },
+        };
+        match &result {
+            Ok(size) => info!(pull = %pull, size, "database pulled"),
+            Err(reason) => warn!(pull = %pull, %reason, "pulling the database failed"),
+        }
+        let r = pulls
+            .edit(id, &pull, |p| {
+                p.finished_at = Some(now_ms());
+                match &result {
+                    Ok(size) => (p.state, p.size) = (wakegate_db::PullState::Ready, *size),
+                    Err(reason) => (p.state, p.reason) = (wakegate_db::PullState::Failed, Some(reason.clone())),
+                }
+            })
+            .await;
+        if let Err(e) = r {
+            warn!(error = %e, "recording the pull's end failed");
+        }
+    }
+
     /// Returns once the preview no longer builds on `machine` (a restart, an erase, a
     /// finished build): the attempt's work is not wanted any more.
-    async fn abandoned(&self, id: &str, machine: &MachineId, mut after: u64) {
+    async fn abandoned(&self, id: &str, machine: &MachineId, after: u64) {
+        let ours = |s: &State| matches!(s, State::Building { machine: Some(m), restart: false, .. } if m == machine);
+        self.moved_on(id, after, ours).await
+    }
+
+    /// Returns once the preview's state (newer than version `after`) is no longer `ours`.
+    async fn moved_on(&self, id: &str, mut after: u64, ours: impl Fn(&State) -> bool) {
         loop {
             match self.store.wait_preview(id, after, std::time::Duration::from_secs(30)).await {
                 Ok(Some(p)) => {
-                    let ours = matches!(&p.value.state,
-                        State::Building { machine: Some(m), restart: false, .. } if m == machine);
-                    if !ours {
+                    if !ours(&p.value.state) {
                         return;
                     }
                     after = p.version;

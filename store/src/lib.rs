@@ -65,6 +65,7 @@ pub struct Enqueued {
 /// Jobs are claimed per lane, so a wake never waits behind builds that take minutes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Lane {
+    /// Builds, and database pulls (both take minutes).
     Build,
     /// Wakes, sleeps and erases.
     Quick,
@@ -75,8 +76,8 @@ impl Lane {
 
     pub fn of(kind: JobKind) -> Lane {
         match kind {
-            JobKind::Build => Lane::Build,
-            _ => Lane::Quick,
+            JobKind::Build | JobKind::PullDb => Lane::Build,
+            JobKind::Wake | JobKind::Sleep | JobKind::Erase => Lane::Quick,
         }
     }
 

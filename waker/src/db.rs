@@ -552,3 +552,121 @@ pub async fn remove(
     info!(project = %project.name, dump = %id, "dump removed");
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// How long a pulled database's download URL works.
+const PULL_URL_TTL: Duration = Duration::from_secs(900);
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PullView {
+    pub id: String,
+    pub preview: String,
+    /// `pending`, `dumping`, `ready` or `failed`.
+    pub state: String,
+    /// Bytes of `.sql.gz` (once ready).
+    pub size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Once ready: GET the `.sql.gz` here (a presigned URL, good for 15 minutes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    pub created_at: u64,
+}
+
+async fn pull_view(db: &DbState, p: &wakegate_db::Pull) -> Result<PullView, ApiError> {
+    use wakegate_db::PullState;
+    let url = match p.state {
+        PullState::Ready => Some(db.bucket.presign_get(&p.key, PULL_URL_TTL).await.map_err(ApiError::Upstream)?),
+        _ => None,
+    };
+    Ok(PullView {
+        id: p.id.clone(),
+        preview: p.preview.clone(),
+        state: match p.state {
+            PullState::Pending => "pending",
+            PullState::Dumping => "dumping",
+            PullState::Ready => "ready",
+            PullState::Failed => "failed",
+        }
+        .into(),
+        size: p.size,
+        reason: p.reason.clone(),
+        url,
+        created_at: p.created_at,
+    })
+}
+
+/// Removes a finished pull's object (a new pull, or the asker is done with it).
+async fn drop_pull_object(db: &DbState, p: &wakegate_db::Pull) {
+    if let Err(e) = db.bucket.delete(&p.key).await {
+        warn!(pull = %p.id, key = %p.key, error = %e, "removing a pulled database failed; S3's lifecycle rules must");
+    }
+}
+
+/// Dumps a running preview's database as `.sql.gz` into S3 (`wakegate db pull`): 202
+/// with the pull to poll, or the pull already under way. A preview that is not running
+/// is a 409 (wake it first).
+#[utoipa::path(post, path = "/v1/previews/{id}/db/pull", tag = "operator", security(("operator_token" = [])),
+    params(("id" = String, Path, description = "preview id")),
+    responses(
+        (status = 200, body = PullView), (status = 202, body = PullView), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 502, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+pub async fn pull(
+    State(w): State<Arc<Waker>>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<PullView>), ApiError> {
+    let (p, _project) = w.load(&id).await?;
+    let db = w.db()?;
+    if !matches!(p.value.state, wakegate_core::lifecycle::State::Running { .. }) {
+        return Err(ApiError::Conflict(format!(
+            "{id} is {}: its database can be pulled while it runs (wake it first)",
+            p.value.state.as_str()
+        )));
+    }
+    let pulls = wakegate_db::Pulls::new(w.store.clone());
+    let old = pulls.get(&id).await?;
+    if let Some(old) = old.as_ref().filter(|o| o.under_way()) {
+        return Ok((StatusCode::OK, Json(pull_view(db, old).await?)));
+    }
+    let new = wakegate_db::Pull::new(&id, &db.bucket.config.prefix, now_ms());
+    pulls.swap(&id, old.as_ref(), Some(&new)).await?;
+    if let Some(old) = &old {
+        drop_pull_object(db, old).await;
+    }
+    w.store.enqueue(&id, wakegate_core::lifecycle::JobKind::PullDb).await?;
+    info!(preview = %id, pull = %new.id, "database pull asked for");
+    Ok((StatusCode::ACCEPTED, Json(pull_view(db, &new).await?)))
+}
+
+/// The preview's latest pull: how far it is, and once ready where to download it.
+#[utoipa::path(get, path = "/v1/previews/{id}/db/pull", tag = "operator", security(("operator_token" = [])),
+    params(("id" = String, Path, description = "preview id")),
+    responses(
+        (status = 200, body = PullView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 502, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn pull_status(State(w): State<Arc<Waker>>, Path(id): Path<String>) -> Result<Json<PullView>, ApiError> {
+    let db = w.db()?;
+    let p = wakegate_db::Pulls::new(w.store.clone())
+        .get(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no pull of {id}'s database")))?;
+    Ok(Json(pull_view(db, &p).await?))
+}
+
+/// Done with the pull: its object in S3 goes (a pull under way is left alone: 409).
+#[utoipa::path(delete, path = "/v1/previews/{id}/db/pull", tag = "operator", security(("operator_token" = [])),
+    params(("id" = String, Path, description = "preview id")),
+    responses(
+        (status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn pull_done(State(w): State<Arc<Waker>>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let db = w.db()?;
+    let pulls = wakegate_db::Pulls::new(w.store.clone());
+    let p = pulls.get(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no pull of {id}'s database")))?;
+    if p.under_way() {
+        return Err(ApiError::Conflict("the pull is under way".into()));
+    }
+    pulls.swap(&id, Some(&p), None).await?;
+    drop_pull_object(db, &p).await;
+    Ok(StatusCode::NO_CONTENT)
+}

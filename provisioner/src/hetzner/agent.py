@@ -12,6 +12,9 @@ It pulls its work from the control plane, so nothing ever connects in to the mac
   GET  {control}/v1/agent/dump    200 {id, engine, url, size, gzip}: the dump to restore, a
                                   presigned URL good for minutes; 204: none, start empty
   POST {control}/v1/agent/progress {"done": bytes, "total": bytes} of the dump restored
+  GET  {control}/v1/agent/pull    200 {key, url}: dump the database as .sql.gz and PUT it to
+                                  url (`wakegate db pull`); 204: nothing (Retry-After)
+  POST {control}/v1/agent/pull    {"key": ..., "size": N} once uploaded, or {"key", "reason"}
 
 Every call carries `Authorization: Bearer <token>` and `X-Wakegate-Machine: <name>`.
 The checkout and a marker of what was built stay on the disk, so a wake after a stop
@@ -35,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.error
@@ -507,6 +511,76 @@ def db_env(f):
             "DB_PASSWORD": f["password"]}
 
 
+# S3 takes at most this much in one PUT
+MAX_PUT = 5 << 30
+
+
+def db_dump_command(f):
+    """The engine's dump program, as the app's user, writing SQL to stdout."""
+    if f["engine"] == "postgres":
+        cmd = [need("postgres", "pg_dump"), "--no-owner", "--no-privileges", "-h", "127.0.0.1", "-U", f["user"],
+               "-p", str(f["port"]), f["name"]]
+        return cmd, dict(os.environ, PGPASSWORD=f["password"], LC_ALL="C")
+    cmd = [need("mariadb", "mariadb-dump"), "--no-defaults", "-h", "127.0.0.1", "--single-transaction",
+           "--routines", "--triggers", f"--port={f['port']}", "-u", f["user"], f["name"]]
+    return cmd, dict(os.environ, MYSQL_PWD=f["password"], LC_ALL="C")
+
+
+def pull(order):
+    """Dumps the database through gzip to the disk, PUTs it to the presigned URL, and
+    reports how it went (`wakegate db pull`)."""
+    path = os.path.join(ROOT, "pull.sql.gz")
+    logpath = os.path.join(ROOT, "pull.log")
+    try:
+        if dbf is None:
+            raise Failed("pull", "this preview has no database")
+        cmd, env = db_dump_command(dbf)
+        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as gz, \
+                open(logpath, "a") as logf:
+            dump = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf)
+            shutil.copyfileobj(dump.stdout, gz, 1 << 20)
+            code = dump.wait()
+        if code != 0:
+            raise Failed("pull", f"dumping the database failed (exit {code}):\n" + tail(logpath))
+        size = os.path.getsize(path)
+        if size > MAX_PUT:
+            raise Failed("pull", f"the dump is {size >> 20} MiB gzipped; one upload takes at most 5 GiB")
+        with open(path, "rb") as body:
+            req = urllib.request.Request(order["url"], data=body, method="PUT")
+            req.add_header("Content-Length", str(size))
+            req.add_header("Content-Type", "application/gzip")
+            with urllib.request.urlopen(req, timeout=300):
+                pass
+        log(f"database pulled: {size} bytes")
+        report("/v1/agent/pull", {"key": order["key"], "size": size})
+    except Failed as f:
+        report("/v1/agent/pull", {"key": order["key"], "reason": f.reason})
+    except (OSError, urllib.error.URLError) as e:
+        report("/v1/agent/pull", {"key": order["key"], "reason": f"uploading the dump: {e}"})
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def pull_loop():
+    """While the app runs: asks for database dumps, and makes them."""
+    while True:
+        try:
+            status, order, headers = call("GET", "/v1/agent/pull")
+        except OSError:
+            status, order, headers = None, None, None
+        if status == 200 and order:
+            pull(order)
+            continue
+        if status == 410:
+            return
+        try:
+            wait = float(headers.get("Retry-After", "5")) if headers else 5.0
+        except ValueError:
+            wait = 5.0
+        time.sleep(min(max(wait, 0.05), 60))
+
+
 def start_db(m):
     """After a stop or a hibernation: the database restored earlier starts again."""
     if database(m) is None:
@@ -643,6 +717,8 @@ def main():
         stop_app()
     report("/v1/agent/ready", {"port": PORT})
     log("ready")
+    if dbf is not None:
+        threading.Thread(target=pull_loop, daemon=True).start()
     code = app.wait()
     log(f"the app exited ({code})")
     # the control plane marks the preview failed (its page offers a retry) instead of

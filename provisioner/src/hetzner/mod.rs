@@ -40,6 +40,30 @@ pub const MANAGED_BY: &str = "managed-by";
 pub const MANAGED_BY_VALUE: &str = "wakegate";
 /// Store table: machine name → [`MachineRecord`].
 pub const MACHINES: &str = "hetzner-machines";
+/// Store table: machine name → [`PullOrder`], a database its agent is asked to dump.
+pub const PULL_ORDERS: &str = "hetzner-pulls";
+/// Longest a machine's agent may take to dump its database.
+const PULL_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A database dump a machine's agent is asked for (`wakegate db pull`): it dumps the
+/// database through gzip and PUTs it to `url`, then reports the outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullOrder {
+    /// The object's key, which names the order too.
+    pub key: String,
+    /// A presigned PUT URL for `key` (the machine never holds the bucket's credentials).
+    pub url: String,
+    #[serde(default)]
+    pub outcome: Option<PullOutcome>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PullOutcome {
+    Uploaded { size: u64 },
+    Failed { reason: String },
+}
+
 /// Name of the firewall attached to every preview server.
 pub const FIREWALL_NAME: &str = "wakegate-previews";
 
@@ -652,9 +676,48 @@ impl Cloud for HetznerCloud {
                 }
             }
         }
+        self.store.table_remove(PULL_ORDERS, machine).await.map_err(backend)?;
         self.store.table_remove(MACHINES, machine).await.map_err(backend)?;
         info!(%machine, "machine deleted");
         Ok(())
+    }
+
+    async fn pull_db(
+        &self,
+        machine: &MachineId,
+        bucket: &wakegate_db::s3::Bucket,
+        key: &str,
+    ) -> Result<u64, CloudError> {
+        let url = bucket.presign_put(key, PULL_TIMEOUT).await.map_err(CloudError::Backend)?;
+        let order = PullOrder { key: key.to_string(), url, outcome: None };
+        let raw = serde_json::to_string(&order).map_err(backend)?;
+        self.store.table_put(PULL_ORDERS, machine, &raw).await.map_err(backend)?;
+        let deadline = tokio::time::Instant::now() + PULL_TIMEOUT;
+        let outcome = loop {
+            if tokio::time::Instant::now() >= deadline {
+                break Err(CloudError::Failed(format!(
+                    "machine {machine} did not dump its database within {} min",
+                    PULL_TIMEOUT.as_secs() / 60
+                )));
+            }
+            tokio::time::sleep(self.settings.api.action_poll.min(Duration::from_millis(250))).await;
+            let Some(raw) = self.store.table_get(PULL_ORDERS, machine).await.map_err(backend)? else {
+                break Err(CloudError::Failed("the machine's dump order vanished".into()));
+            };
+            let now: PullOrder = serde_json::from_str(&raw).map_err(backend)?;
+            if now.key != key {
+                break Err(CloudError::Failed("another pull replaced this one".into()));
+            }
+            match now.outcome {
+                Some(PullOutcome::Uploaded { size }) => break Ok(size),
+                Some(PullOutcome::Failed { reason }) => break Err(CloudError::Failed(reason)),
+                None => {}
+            }
+        };
+        if let Err(e) = self.store.table_remove(PULL_ORDERS, machine).await {
+            warn!(%machine, error = %e, "forgetting a dump order failed");
+        }
+        outcome
     }
 
     async fn list(&self) -> Result<Listing, CloudError> {
