@@ -380,6 +380,13 @@ pub async fn list(api: &Api, project: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Text with control characters (terminal escapes) shown as `\u{…}`, new lines kept.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() && c != '\n' { c.escape_unicode().to_string() } else { c.to_string() })
+        .collect()
+}
+
 /// Longest wait for a preview to wake, or for its database to be dumped.
 const PULL_WAIT: Duration = Duration::from_secs(3600);
 
@@ -443,7 +450,9 @@ pub async fn pull(api: &Api, preview: &str, output: &str) -> anyhow::Result<()> 
             Some("ready") => break v,
             Some("failed") => {
                 bar.finish_and_clear();
-                bail!("pulling {preview}'s database failed: {}", v["reason"].as_str().unwrap_or("no reason given"));
+                // the reason may come from the preview's machine: shown, never obeyed
+                let reason = printable(v["reason"].as_str().unwrap_or("no reason given"));
+                bail!("pulling {preview}'s database failed: {reason}");
             }
             _ => {}
         }

@@ -322,6 +322,29 @@ async fn each_preview_gets_its_own_database_on_both_engines() {
         // the app reads the dump's row through the edge; sanitize ran
         assert_eq!(text(&w, &a, "/").await, format!("message: hello from {engine}"));
         assert_eq!(text(&w, &a, "/email").await, "email: user1@example.invalid", "{engine}: sanitize ran");
+        // the superuser is nobody's to use over the network: another preview's app
+        // cannot log in to this one's server as it
+        let a_machine = w.machine_of(a["id"].as_str().unwrap()).await;
+        let db: Value =
+            serde_json::from_slice(&std::fs::read(w.dev.machines_dir.join(&a_machine).join("db.json")).unwrap())
+                .unwrap();
+        let port = db["port"].as_u64().unwrap().to_string();
+        let root = if engine == "mariadb" {
+            Command::new("mariadb")
+                .args(["--no-defaults", "-h", "127.0.0.1", "-P", &port, "-u", "root", "-e", "SELECT 1"])
+                .output()
+                .unwrap()
+        } else {
+            Command::new("psql")
+                .args(["-X", "-h", "127.0.0.1", "-p", &port, "-U", "wakegate", "-d", "postgres", "-c", "SELECT 1"])
+                .env("PGPASSWORD", "")
+                .env("PGCONNECT_TIMEOUT", "5")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        };
+        assert!(!root.status.success(), "{engine}: the superuser without its password over TCP");
+
         // writes stay in their own preview's database
         assert_eq!(text(&w, &a, "/write?note=only-in-a").await, "written");
         assert_eq!(text(&w, &b, "/write?note=only-in-b").await, "written");

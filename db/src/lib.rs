@@ -326,19 +326,16 @@ impl Pulls {
     /// Applies `f` to the preview's pull `id`, if it still is that pull; retried on a
     /// concurrent change. Returns the pull as written.
     pub async fn edit(&self, preview: &str, id: &str, f: impl Fn(&mut Pull)) -> Result<Option<Pull>, RecordError> {
-        for _ in 0..16 {
-            let Some(old) = self.get(preview).await? else { return Ok(None) };
-            if old.id != id {
-                return Ok(None);
-            }
-            let mut new = old.clone();
-            f(&mut new);
-            match self.swap(preview, Some(&old), Some(&new)).await {
-                Ok(()) => return Ok(Some(new)),
-                Err(RecordError::Conflict) => continue,
-                Err(e) => return Err(e),
-            }
+        let edited = wakegate_store::edit_record(self.store.as_ref(), PULLS, preview, |mut p: Pull| {
+            (p.id == id).then(|| {
+                f(&mut p);
+                p
+            })
+        })
+        .await;
+        match edited {
+            Err(StoreError::Conflict) => Err(RecordError::Conflict),
+            r => Ok(r?),
         }
-        Err(RecordError::Conflict)
     }
 }

@@ -46,6 +46,8 @@ pub struct AgentApi {
     pub dumps: Option<wakegate_db::s3::Bucket>,
 }
 
+/// How long an agent's upload URL for a pulled database works: it asks just before.
+const PULL_PUT_TTL: std::time::Duration = std::time::Duration::from_secs(900);
 /// How long an agent's dump URL works: it asks just before downloading.
 const DUMP_URL_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -361,14 +363,42 @@ impl AgentApi {
         }
     }
 
-    /// The database dump this running machine is asked for: 200 with where to PUT it,
-    /// or 204 (ask again after Retry-After).
+    /// The database dump this running machine is asked for: 200 with where to PUT it
+    /// (a presigned URL made now, good for [`PULL_PUT_TTL`]), or 204 (ask again after
+    /// Retry-After). Only an order whose pull is still under way, for the preview this
+    /// machine runs, is handed out: one a crash left behind is worth nothing.
     async fn pull_order(&self, machine: &str) -> Resp {
-        match self.order(machine).await {
-            Ok(Some(o)) if o.outcome.is_none() => reply(200, json!({ "key": o.key, "url": o.url })),
-            Ok(_) => self.wait(),
-            Err(r) => r,
+        let order = match self.order(machine).await {
+            Ok(Some(o)) if o.outcome.is_none() => o,
+            Ok(_) => return self.wait(),
+            Err(r) => return r,
+        };
+        let (_, preview) = match self.lookup(machine).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let Some(preview) = preview.filter(|p| matches!(&p.state, State::Running { machine: m, .. } if m == machine))
+        else {
+            return self.wait();
+        };
+        match wakegate_db::Pulls::new(self.store.clone()).get(&preview.id).await {
+            Ok(Some(p)) if p.key == order.key && p.under_way() => {}
+            Ok(_) => return self.wait(),
+            Err(e) => return error(503, &e.to_string()),
         }
+        let Some(bucket) = &self.dumps else { return error(503, "this control plane has no S3 settings") };
+        let url = match bucket.presign_put(&order.key, PULL_PUT_TTL).await {
+            Ok(u) => u,
+            Err(e) => return error(502, &e),
+        };
+        if !order.fetched {
+            let fetched = PullOrder { fetched: true, ..order.clone() };
+            let (a, b) = (serde_json::to_string(&order).expect("json"), serde_json::to_string(&fetched).expect("json"));
+            if let Err(e) = self.store.table_swap(PULL_ORDERS, machine, Some(&a), Some(&b)).await {
+                return error(503, &e.to_string());
+            }
+        }
+        reply(200, json!({ "key": order.key, "url": url }))
     }
 
     /// How the machine's dump went: uploaded with its size, or why not.
@@ -378,21 +408,15 @@ impl AgentApi {
             (None, Some(reason)) => PullOutcome::Failed { reason: cut(reason) },
             _ => return error(400, "give either size or reason"),
         };
-        for _ in 0..8 {
-            let old = match self.order(machine).await {
-                Ok(Some(o)) if o.key == r.key && o.outcome.is_none() => o,
-                Ok(_) => return error(409, "no such dump is asked of this machine"),
-                Err(resp) => return resp,
-            };
-            let new = PullOrder { outcome: Some(outcome.clone()), ..old.clone() };
-            let (a, b) = (serde_json::to_string(&old).expect("json"), serde_json::to_string(&new).expect("json"));
-            match self.store.table_swap(PULL_ORDERS, machine, Some(&a), Some(&b)).await {
-                Ok(true) => return reply(204, json!(null)),
-                Ok(false) => continue,
-                Err(e) => return error(503, &e.to_string()),
-            }
+        let edited = wakegate_store::edit_record(self.store.as_ref(), PULL_ORDERS, machine, |o: PullOrder| {
+            (o.key == r.key && o.outcome.is_none()).then(|| PullOrder { outcome: Some(outcome.clone()), ..o })
+        })
+        .await;
+        match edited {
+            Ok(Some(_)) => reply(204, json!(null)),
+            Ok(None) => error(409, "no such dump is asked of this machine"),
+            Err(e) => error(503, &e.to_string()),
         }
-        error(409, "the dump order kept changing")
     }
 
     async fn report(&self, machine: &str, report: Report) -> Resp {

@@ -101,6 +101,14 @@ fn socket(dir: &Path) -> PathBuf {
     data(dir).join("mysqld.sock")
 }
 
+/// The account Wakegate runs as: MariaDB's superuser over the socket.
+fn os_user() -> Result<String, CloudError> {
+    match nix::unistd::User::from_uid(nix::unistd::geteuid()) {
+        Ok(Some(u)) => Ok(u.name),
+        _ => Err(failed("the account Wakegate runs as has no name (MariaDB's superuser is named after it)")),
+    }
+}
+
 fn chown_to_pg(path: &Path) -> Result<(), CloudError> {
     if let Some(u) = pg_account()? {
         std::os::unix::fs::chown(path, Some(u.uid.as_raw()), Some(u.gid.as_raw())).map_err(failed)?;
@@ -168,7 +176,10 @@ pub async fn init(dir: &Path, db: &Database) -> Result<DbFile, CloudError> {
             let mut cmd = command(Engine::Mariadb, "mariadb-install-db")?;
             cmd.arg("--no-defaults")
                 .arg(format!("--datadir={}", d.join("data").display()))
-                .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
+                // the superuser answers only on the server's socket, to this account:
+                // no password another preview's app could try over TCP
+                .args(["--auth-root-authentication-method=socket", "--skip-test-db"])
+                .arg(format!("--auth-root-socket-user={}", os_user()?));
             if nix::unistd::geteuid().is_root() {
                 cmd.arg("--user=root");
             }
@@ -289,7 +300,9 @@ async fn admin(dir: &Path, f: &DbFile, sql: &str) -> Result<String, CloudError> 
             let mut cmd = command(Engine::Mariadb, "mariadb")?;
             cmd.arg("--no-defaults")
                 .arg(format!("--socket={}", socket(dir).display()))
-                .args(["-u", "root", "--batch", "--skip-column-names", "--connect-timeout=2", "-e"])
+                .arg("-u")
+                .arg(os_user()?)
+                .args(["--batch", "--skip-column-names", "--connect-timeout=2", "-e"])
                 .arg(sql);
             cmd
         }
@@ -303,8 +316,8 @@ pub async fn create(dir: &Path, f: &DbFile) -> Result<(), CloudError> {
     let (user, pw, name) = (&f.user, &f.password, &f.name);
     match f.engine {
         Engine::Postgres => {
-            admin(dir, f, &format!("CREATE ROLE {user} LOGIN PASSWORD '{pw}'")).await?;
-            admin(dir, f, &format!("CREATE DATABASE {name} OWNER {user}")).await?;
+            admin(dir, f, &format!("CREATE ROLE \"{user}\" LOGIN PASSWORD '{pw}'")).await?;
+            admin(dir, f, &format!("CREATE DATABASE \"{name}\" OWNER \"{user}\"")).await?;
         }
         Engine::Mariadb => {
             admin(
@@ -396,7 +409,7 @@ pub async fn import(dir: &Path, f: &DbFile, dump: &DumpSource, progress: &dyn Pr
         .map_err(std::io::Error::other);
     let reader = tokio_util::io::StreamReader::new(stream);
     let gzip = dump.gzip;
-    let copy = async move {
+    let copy = async {
         let r = if gzip {
             let mut gz = async_compression::tokio::bufread::GzipDecoder::new(reader);
             gz.multiple_members(true);
@@ -405,27 +418,39 @@ pub async fn import(dir: &Path, f: &DbFile, dump: &DumpSource, progress: &dyn Pr
             let mut reader = reader;
             tokio::io::copy(&mut reader, &mut stdin).await
         };
-        // end of input: the client finishes (and commits)
-        let _ = stdin.shutdown().await;
-        r
+        (r, stdin)
     };
     tokio::pin!(copy);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let copied = loop {
+    let (copied, mut stdin) = loop {
         tokio::select! {
             r = &mut copy => break r,
             _ = tick.tick() => progress.detail(done.load(std::sync::atomic::Ordering::Relaxed), total).await,
         }
     };
+    if copied.is_err() {
+        // a download cut short must not reach the end of input, which commits it
+        let _ = child.kill().await;
+    } else {
+        // end of input: the client finishes (and commits)
+        let _ = stdin.shutdown().await;
+    }
+    drop(stdin);
     let status = child.wait().await.map_err(failed)?;
     remove_logged(&dir.join("import.pid")).await;
     progress.detail(done.load(std::sync::atomic::Ordering::Relaxed), total).await;
-    let tail = crate::local::log_tail(dir, "import.log").await;
-    // the client's own error says more than the broken pipe it caused
-    if !status.success() {
-        return Err(failed(format!("importing the dump failed ({status}):\n{tail}")));
+    match copied {
+        // the client stopped first: its own error says more than the broken pipe
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(failed(format!("reading the dump: {e}")));
+        }
+        _ if !status.success() => {
+            let tail = crate::local::log_tail(dir, "import.log").await;
+            return Err(failed(format!("importing the dump failed ({status}):\n{tail}")));
+        }
+        Err(e) => return Err(failed(format!("reading the dump: {e}"))),
+        Ok(_) => {}
     }
-    copied.map_err(|e| failed(format!("reading the dump: {e}")))?;
     Ok(())
 }
 

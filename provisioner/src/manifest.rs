@@ -75,6 +75,10 @@ pub enum Sanitize {
 
 pub const DEFAULT_SANITIZE: &str = "db/sanitize.sql";
 
+/// Names the engines keep for themselves.
+pub const RESERVED_DB_NAMES: &[&str] =
+    &["postgres", "template0", "template1", "mysql", "information_schema", "performance_schema", "sys"];
+
 fn default_db_name() -> String {
     "app".into()
 }
@@ -92,14 +96,19 @@ impl Database {
 
     fn check(&self) -> Result<(), String> {
         let n = &self.name;
+        // lower case only: PostgreSQL folds unquoted names, and clients name the database
+        // as written
         if n.is_empty()
             || n.len() > 63
-            || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            || !n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
             || n.as_bytes()[0].is_ascii_digit()
         {
             return Err(format!(
                 "{FILE}: database.name must be 1–63 characters of a-z, 0-9 and '_', not starting with a digit"
             ));
+        }
+        if RESERVED_DB_NAMES.contains(&n.as_str()) {
+            return Err(format!("{FILE}: database.name cannot be {n}: the server keeps that name for itself"));
         }
         if let Some(Sanitize::Path(p)) = &self.sanitize {
             if p.is_empty() || p.starts_with('/') || p.split('/').any(|s| s == "..") {
@@ -160,9 +169,77 @@ mod tests {
         for bad in [
             "engine = \"oracle\"",
             "engine = \"postgres\"\nname = \"a-b\"",
+            "engine = \"postgres\"\nname = \"MyApp\"",
+            "engine = \"postgres\"\nname = \"template1\"",
             "engine = \"postgres\"\nsanitize = \"../x.sql\"",
         ] {
             assert!(Manifest::parse(&format!("run = \"x\"\n[database]\n{bad}\n")).is_err(), "{bad}");
         }
+    }
+
+    /// The agent on Hetzner machines reads wakegate.toml itself (Python): it must take
+    /// and refuse the same `[database]` tables as this parser.
+    #[test]
+    fn the_agent_checks_database_tables_as_this_parser_does() {
+        let cases = [
+            "engine = \"postgres\"",
+            "engine = \"mysql\"\nname = \"drupal\"\nenv = \"vars\"\nsanitize = false",
+            "engine = \"mariadb\"\nsanitize = \"sql/clean.sql\"",
+            "engine = \"mariadb\"\nsanitize = true",
+            "engine = \"oracle\"",
+            "engine = [\"postgres\"]",
+            "name = \"app\"",
+            "engine = \"postgres\"\nname = \"a-b\"",
+            "engine = \"postgres\"\nname = \"MyApp\"",
+            "engine = \"postgres\"\nname = \"9lives\"",
+            "engine = \"postgres\"\nname = \"\"",
+            "engine = \"postgres\"\nname = \"mysql\"",
+            "engine = \"postgres\"\nname = 7",
+            "engine = \"postgres\"\nenv = \"both\"",
+            "engine = \"postgres\"\nsanitize = \"../x.sql\"",
+            "engine = \"postgres\"\nsanitize = \"/etc/x.sql\"",
+            "engine = \"postgres\"\nsanitize = \"\"",
+            "engine = \"postgres\"\nextra = 1",
+        ];
+        let dir = std::env::temp_dir().join(format!("wakegate-agent-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let agent = dir.join("agent.py");
+        std::fs::write(&agent, crate::hetzner::userdata::AGENT).unwrap();
+        let cfg = dir.join("agent.json");
+        std::fs::write(&cfg, r#"{"control": "http://127.0.0.1:1", "machine": "m", "token": "t"}"#).unwrap();
+        let script = r#"
+import importlib.util, json, sys, tomllib
+sys.argv = ["agent", sys.argv[2]]
+spec = importlib.util.spec_from_file_location("agent", AGENT)
+"#
+        .replace("AGENT", &format!("{:?}", agent.to_string_lossy()))
+            + r#"
+agent = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(agent)
+for case in json.load(sys.stdin):
+    try:
+        agent.database({"database": tomllib.loads(case)})
+        print("ok")
+    except agent.Failed:
+        print("refused")
+"#;
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", &script, "-", cfg.to_str().unwrap()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(serde_json::to_string(&cases).unwrap().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let agent_says: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+        for (case, says) in cases.iter().zip(&agent_says) {
+            let rust = Manifest::parse(&format!("run = \"x\"\n[database]\n{case}\n"));
+            let rust_says = if rust.is_ok() { "ok" } else { "refused" };
+            assert_eq!(says, rust_says, "{case:?}: the agent says {says}, the parser {rust:?}");
+        }
+        assert_eq!(agent_says.len(), cases.len());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -97,6 +97,13 @@ impl Progress for StoreProgress<'_> {
     }
 }
 
+fn record(e: wakegate_db::RecordError) -> ApplyError {
+    match e {
+        wakegate_db::RecordError::Store(e) => ApplyError::Store(e),
+        wakegate_db::RecordError::Conflict => ApplyError::Store(StoreError::Conflict),
+    }
+}
+
 /// Records how far a database restore is, while the preview is restoring one.
 pub(crate) async fn record_progress(store: &SharedStore, preview: &str, done: u64, total: u64) {
     let progress = wakegate_core::route::Progress { done, total };
@@ -226,6 +233,17 @@ impl Provisioner {
                         }
                     }
                 }
+                // likewise a pull asked for while this one's job was finishing
+                if lease.kind == wakegate_core::lifecycle::JobKind::PullDb {
+                    let pulls = wakegate_db::Pulls::new(self.store.clone());
+                    if let Ok(Some(p)) = pulls.get(&lease.preview_id).await {
+                        if p.state == wakegate_db::PullState::Pending {
+                            if let Err(e) = self.store.enqueue(&lease.preview_id, lease.kind).await {
+                                warn!(preview = %lease.preview_id, error = %e, "re-enqueueing a pull failed");
+                            }
+                        }
+                    }
+                }
             }
             Err(e) => {
                 warn!(job = %lease.job_id, kind = lease.kind.as_str(), error = %e, "job failed; it will be retried")
@@ -302,16 +320,18 @@ impl Provisioner {
                 self.event(id, event).await.map(|_| ())
             }
             (State::Erasing { .. }, wakegate_core::lifecycle::JobKind::Erase) => {
+                self.drop_pull(id).await?;
                 self.event(id, Event::MachinesDeleted).await.map(|_| ())
             }
             (State::Running { machine, .. }, wakegate_core::lifecycle::JobKind::PullDb) => {
-                self.pull(id, machine, current.version).await;
-                Ok(())
+                self.pull(id, machine, current.version).await
             }
             (state, wakegate_core::lifecycle::JobKind::PullDb) => {
                 let reason = format!("the preview is {}, not running: wake it and pull again", state.as_str());
-                self.finish_pull(id, None, Err(reason)).await;
-                Ok(())
+                match wakegate_db::Pulls::new(self.store.clone()).get(id).await? {
+                    Some(p) if p.under_way() => self.finish_pull(id, &p, Err(reason)).await,
+                    _ => Ok(()),
+                }
             }
             // the state moved on since the job was queued: nothing to do
             _ => Ok(()),
@@ -319,54 +339,72 @@ impl Provisioner {
     }
 
     /// Dumps the preview's database into S3 for the pull asked for (`wakegate db pull`).
-    async fn pull(&self, id: &str, machine: &MachineId, version: u64) {
+    /// A failure to read or record the pull fails the job (it is retried); a pull
+    /// cut short by a crash is under way still, and its retried job dumps it again.
+    async fn pull(&self, id: &str, machine: &MachineId, version: u64) -> Result<(), ApplyError> {
         let pulls = wakegate_db::Pulls::new(self.store.clone());
-        let pull = match pulls.get(id).await {
-            Ok(Some(p)) if p.under_way() => p,
-            Ok(_) => return,
-            Err(e) => return warn!(error = %e, "reading the pull failed; it will be retried"),
-        };
+        let Some(pull) = pulls.get(id).await?.filter(|p| p.under_way()) else { return Ok(()) };
         let Some(bucket) = &self.dumps else {
             let reason = "this provisioner has no S3 settings (WAKEGATE_S3_*)".to_string();
-            return self.finish_pull(id, Some(&pull.id), Err(reason)).await;
+            return self.finish_pull(id, &pull, Err(reason)).await;
         };
-        if let Err(e) = pulls.edit(id, &pull.id, |p| p.state = wakegate_db::PullState::Dumping).await {
-            warn!(error = %e, "recording the pull's start failed");
-        }
+        let Some(pull) =
+            pulls.edit(id, &pull.id, |p| p.state = wakegate_db::PullState::Dumping).await.map_err(record)?
+        else {
+            return Ok(());
+        };
         info!(%machine, pull = %pull.id, "dumping the database");
         let runs_on = |s: &State| matches!(s, State::Running { machine: m, .. } if m == machine);
         let result = tokio::select! {
             r = self.cloud.pull_db(machine, bucket, &pull.key) => r.map_err(|e| e.to_string()),
             () = self.moved_on(id, version, runs_on) => Err("the preview stopped running during the dump".into()),
         };
-        self.finish_pull(id, Some(&pull.id), result).await;
+        self.finish_pull(id, &pull, result).await
     }
 
-    /// Records how a pull ended (`pull` `None`: whichever is under way).
-    async fn finish_pull(&self, id: &str, pull: Option<&str>, result: Result<u64, String>) {
-        let pulls = wakegate_db::Pulls::new(self.store.clone());
-        let pull = match pull {
-            Some(p) => p.to_string(),
-            None => match pulls.get(id).await {
-                Ok(Some(p)) if p.under_way() => p.id,
-                _ => return,
-            },
-        };
+    /// Records how a pull ended; a failed one leaves no object behind.
+    async fn finish_pull(
+        &self,
+        id: &str,
+        pull: &wakegate_db::Pull,
+        result: Result<u64, String>,
+    ) -> Result<(), ApplyError> {
         match &result {
-            Ok(size) => info!(pull = %pull, size, "database pulled"),
-            Err(reason) => warn!(pull = %pull, %reason, "pulling the database failed"),
+            Ok(size) => info!(pull = %pull.id, size, "database pulled"),
+            Err(reason) => {
+                warn!(pull = %pull.id, %reason, "pulling the database failed");
+                if let Some(bucket) = &self.dumps {
+                    if let Err(e) = bucket.delete(&pull.key).await {
+                        warn!(key = %pull.key, error = %e, "removing a failed pull's object failed");
+                    }
+                }
+            }
         }
-        let r = pulls
-            .edit(id, &pull, |p| {
+        wakegate_db::Pulls::new(self.store.clone())
+            .edit(id, &pull.id, |p| {
                 p.finished_at = Some(now_ms());
                 match &result {
                     Ok(size) => (p.state, p.size) = (wakegate_db::PullState::Ready, *size),
                     Err(reason) => (p.state, p.reason) = (wakegate_db::PullState::Failed, Some(reason.clone())),
                 }
             })
-            .await;
-        if let Err(e) = r {
-            warn!(error = %e, "recording the pull's end failed");
+            .await
+            .map_err(record)?;
+        Ok(())
+    }
+
+    /// An erased preview's pull goes with it, its object too.
+    async fn drop_pull(&self, id: &str) -> Result<(), ApplyError> {
+        let pulls = wakegate_db::Pulls::new(self.store.clone());
+        let Some(pull) = pulls.get(id).await? else { return Ok(()) };
+        if let Some(bucket) = &self.dumps {
+            if let Err(e) = bucket.delete(&pull.key).await {
+                warn!(key = %pull.key, error = %e, "removing an erased preview's pulled database failed");
+            }
+        }
+        match pulls.swap(id, Some(&pull), None).await {
+            Ok(()) | Err(wakegate_db::RecordError::Conflict) => Ok(()),
+            Err(e) => Err(record(e)),
         }
     }
 

@@ -249,3 +249,26 @@ pub fn new_id(prefix: &str) -> String {
     getrandom::fill(&mut b).expect("OS randomness");
     format!("{prefix}{}", hex::encode(b))
 }
+
+/// Rewrites the JSON record at `table`/`key` with what `f` makes of it, by compare and
+/// swap, trying again when another writer got there first. `f` sees the record as it is
+/// now and returns the new one, or `None` to leave it; the answer is what was written
+/// (`None`: no record, or left as it was).
+pub async fn edit_record<T: serde::Serialize + serde::de::DeserializeOwned>(
+    store: &dyn Store,
+    table: &str,
+    key: &str,
+    f: impl Fn(T) -> Option<T>,
+) -> Result<Option<T>> {
+    for _ in 0..16 {
+        let Some(raw) = store.table_get(table, key).await? else { return Ok(None) };
+        let old: T = serde_json::from_str(&raw)
+            .map_err(|e| StoreError::Corrupt { key: format!("{table}/{key}"), reason: e.to_string() })?;
+        let Some(new) = f(old) else { return Ok(None) };
+        let new_raw = serde_json::to_string(&new).expect("serializable");
+        if store.table_swap(table, key, Some(&raw), Some(&new_raw)).await? {
+            return Ok(Some(new));
+        }
+    }
+    Err(StoreError::Conflict)
+}

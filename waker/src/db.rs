@@ -623,9 +623,14 @@ pub async fn pull(
             p.value.state.as_str()
         )));
     }
+    // a pull counts as a visit: the idle sweep does not put the preview to sleep mid-dump
+    w.store.touch(std::slice::from_ref(&id), now_ms()).await?;
     let pulls = wakegate_db::Pulls::new(w.store.clone());
     let old = pulls.get(&id).await?;
     if let Some(old) = old.as_ref().filter(|o| o.under_way()) {
+        // its job may have been lost (a crash between the record and the queue): the
+        // queue keeps one per preview, so asking again costs nothing
+        w.store.enqueue(&id, wakegate_core::lifecycle::JobKind::PullDb).await?;
         return Ok((StatusCode::OK, Json(pull_view(db, old).await?)));
     }
     let new = wakegate_db::Pull::new(&id, &db.bucket.config.prefix, now_ms());

@@ -29,6 +29,7 @@ Python 3.11+ standard library only.
 """
 
 import gzip
+import http.client
 import json
 import os
 import pwd
@@ -81,7 +82,13 @@ def call(method, path, body=None, timeout=30):
         return e.code, detail, e.headers
 
 
+phase_now = "checkout"  # the last phase reported: where an unexpected error happened
+
+
 def report(path, body):
+    global phase_now
+    if path == "/v1/agent/phase":
+        phase_now = body["phase"]
     for attempt in range(30):
         try:
             status, _, _ = call("POST", path, body)
@@ -148,7 +155,8 @@ LABELS = {"postgres": "PostgreSQL", "mariadb": "MariaDB"}
 # away from the distributions' own servers' ports, should a package have started one
 DEFAULT_DB_PORTS = {"postgres": 15432, "mariadb": 13306}
 PACKAGES = {"postgres": ["postgresql", "postgresql-client"], "mariadb": ["mariadb-server", "mariadb-client"]}
-DB_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+DB_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+RESERVED_DB_NAMES = {"postgres", "template0", "template1", "mysql", "information_schema", "performance_schema", "sys"}
 ADMIN = "wakegate"
 installing = set()
 
@@ -164,12 +172,15 @@ def database(m):
     unknown = sorted(set(d) - {"engine", "name", "env", "sanitize"})
     if unknown:
         raise bad(f"unknown key database.{unknown[0]}")
-    engine = {"postgres": "postgres", "mariadb": "mariadb", "mysql": "mariadb"}.get(d.get("engine"))
+    engine = d.get("engine")
+    engine = {"postgres": "postgres", "mariadb": "mariadb", "mysql": "mariadb"}.get(engine if isinstance(engine, str) else "")
     if engine is None:
         raise bad('database.engine must be "postgres" or "mariadb"')
     name = d.get("name", "app")
     if not isinstance(name, str) or not DB_NAME.fullmatch(name):
         raise bad("database.name must be 1–63 characters of a-z, 0-9 and '_', not starting with a digit")
+    if name in RESERVED_DB_NAMES:
+        raise bad(f"database.name cannot be {name}: the server keeps that name for itself")
     env = d.get("env", "url")
     if env not in ("url", "vars"):
         raise bad('database.env must be "url" or "vars"')
@@ -251,6 +262,10 @@ def db_run(cmd, phase, what, **kw):
     return out.stdout
 
 
+def os_user():
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
 def db_socket():
     return os.path.join(DB, "mysqld.sock")
 
@@ -285,7 +300,9 @@ def db_init(db):
         if len(db_socket()) > 100:
             raise Failed("restoring_db", f"the agent's root is too deep for a socket path: {ROOT}")
         cmd = [need(engine, "mariadb-install-db"), "--no-defaults", f"--datadir={data}",
-               "--auth-root-authentication-method=normal", "--skip-test-db"]
+               # the superuser answers only on the server's socket, to this account
+               "--auth-root-authentication-method=socket", f"--auth-root-socket-user={os_user()}",
+               "--skip-test-db"]
         db_run(cmd + (["--user=root"] if os.geteuid() == 0 else []), "restoring_db", "mariadb-install-db")
     # the credentials stay on this machine only, readable by root
     with open(os.open(DB_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as w:
@@ -300,7 +317,7 @@ def db_admin(f, sql, phase="restoring_db"):
                "-U", ADMIN, "-d", "postgres", "-p", str(f["port"]), "-c", sql]
         env = dict(os.environ, PGPASSWORD=f["admin_password"], PGCONNECT_TIMEOUT="2", LC_ALL="C")
     else:
-        cmd = [need("mariadb", "mariadb"), "--no-defaults", f"--socket={db_socket()}", "-u", "root", "--batch",
+        cmd = [need("mariadb", "mariadb"), "--no-defaults", f"--socket={db_socket()}", "-u", os_user(), "--batch",
                "--skip-column-names", "--connect-timeout=2", "-e", sql]
         env = dict(os.environ, LC_ALL="C")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
@@ -366,8 +383,8 @@ def db_stop():
 def db_create(f):
     user, pw, name = f["user"], f["password"], f["name"]
     if f["engine"] == "postgres":
-        db_admin(f, f"CREATE ROLE {user} LOGIN PASSWORD '{pw}'")
-        db_admin(f, f"CREATE DATABASE {name} OWNER {user}")
+        db_admin(f, f"CREATE ROLE \"{user}\" LOGIN PASSWORD '{pw}'")
+        db_admin(f, f"CREATE DATABASE \"{name}\" OWNER \"{user}\"")
     else:
         db_admin(f, f"CREATE DATABASE `{name}`; CREATE USER '{user}'@'%' IDENTIFIED BY '{pw}'; "
                     f"GRANT ALL ON `{name}`.* TO '{user}'@'%'; FLUSH PRIVILEGES;")
@@ -438,6 +455,9 @@ def db_import(f):
         while True:
             chunk = src.read(1 << 20)
             if not chunk:
+                if counted.n != total:
+                    # a body cut short ends like a whole one for plain SQL
+                    raise EOFError(f"the download ended after {counted.n} of {total} bytes")
                 break
             client.stdin.write(chunk)
             if time.monotonic() - last >= 0.5:
@@ -445,7 +465,7 @@ def db_import(f):
                 progress(counted.n, total)
     except BrokenPipeError:
         pass  # the client stopped: its own error says why
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, http.client.HTTPException) as e:
         broken = e
         client.kill()  # never commit half a dump
     finally:
@@ -538,15 +558,24 @@ def pull(order):
         with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as gz, \
                 open(logpath, "a") as logf:
             dump = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf)
-            shutil.copyfileobj(dump.stdout, gz, 1 << 20)
+            try:
+                shutil.copyfileobj(dump.stdout, gz, 1 << 20)
+            except BaseException:
+                dump.kill()  # a full disk: the dump stops too
+                dump.wait()
+                raise
             code = dump.wait()
         if code != 0:
             raise Failed("pull", f"dumping the database failed (exit {code}):\n" + tail(logpath))
         size = os.path.getsize(path)
         if size > MAX_PUT:
             raise Failed("pull", f"the dump is {size >> 20} MiB gzipped; one upload takes at most 5 GiB")
+        # a fresh URL: the one the order came with may have run out while dumping
+        status, again, _ = call("GET", "/v1/agent/pull")
+        if status != 200 or not again or again.get("key") != order["key"]:
+            raise Failed("pull", "the pull was called off while the database was being dumped")
         with open(path, "rb") as body:
-            req = urllib.request.Request(order["url"], data=body, method="PUT")
+            req = urllib.request.Request(again["url"], data=body, method="PUT")
             req.add_header("Content-Length", str(size))
             req.add_header("Content-Type", "application/gzip")
             with urllib.request.urlopen(req, timeout=300):
@@ -557,6 +586,8 @@ def pull(order):
         report("/v1/agent/pull", {"key": order["key"], "reason": f.reason})
     except (OSError, urllib.error.URLError) as e:
         report("/v1/agent/pull", {"key": order["key"], "reason": f"uploading the dump: {e}"})
+    except Exception as e:
+        report("/v1/agent/pull", {"key": order["key"], "reason": f"the agent failed: {e!r}"})
     finally:
         if os.path.exists(path):
             os.remove(path)
@@ -567,11 +598,12 @@ def pull_loop():
     while True:
         try:
             status, order, headers = call("GET", "/v1/agent/pull")
-        except OSError:
+            if status == 200 and order:
+                pull(order)
+                continue
+        except Exception as e:  # the loop outlives any one failure
+            log(f"asking for dump orders failed: {e!r}")
             status, order, headers = None, None, None
-        if status == 200 and order:
-            pull(order)
-            continue
         if status == 410:
             return
         try:
@@ -715,10 +747,14 @@ def main():
         log(f"failed in {f.phase}: {f.reason}")
         report("/v1/agent/failed", {"phase": f.phase, "reason": f.reason})
         stop_app()
+    except Exception as e:  # a bug or the machine (a full disk): said, not a restart loop
+        log(f"failed in {phase_now}: {e!r}")
+        report("/v1/agent/failed", {"phase": phase_now, "reason": f"the agent failed: {e!r}"})
+        stop_app()
     report("/v1/agent/ready", {"port": PORT})
     log("ready")
-    if dbf is not None:
-        threading.Thread(target=pull_loop, daemon=True).start()
+    # asked for even without a database, so a pull is answered ("no database") at once
+    threading.Thread(target=pull_loop, daemon=True).start()
     code = app.wait()
     log(f"the app exited ({code})")
     # the control plane marks the preview failed (its page offers a retry) instead of

@@ -44,15 +44,21 @@ pub const MACHINES: &str = "hetzner-machines";
 pub const PULL_ORDERS: &str = "hetzner-pulls";
 /// Longest a machine's agent may take to dump its database.
 const PULL_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Longest a running machine's agent may take to ask for a dump order.
+const PULL_UNASKED: Duration = Duration::from_secs(60);
 
 /// A database dump a machine's agent is asked for (`wakegate db pull`): it dumps the
-/// database through gzip and PUTs it to `url`, then reports the outcome.
+/// database through gzip and PUTs it to a presigned URL for `key` it gets when it asks
+/// (so an order left behind by a crash is worthless once its pull is over), then
+/// reports the outcome.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullOrder {
     /// The object's key, which names the order too.
     pub key: String,
-    /// A presigned PUT URL for `key` (the machine never holds the bucket's credentials).
-    pub url: String,
+    /// Whether the agent has asked for it: one that never does (an agent from before
+    /// pulls, a hung machine) fails the pull in a minute rather than an hour.
+    #[serde(default)]
+    pub fetched: bool,
     #[serde(default)]
     pub outcome: Option<PullOutcome>,
 }
@@ -688,18 +694,11 @@ impl Cloud for HetznerCloud {
         bucket: &wakegate_db::s3::Bucket,
         key: &str,
     ) -> Result<u64, CloudError> {
-        let url = bucket.presign_put(key, PULL_TIMEOUT).await.map_err(CloudError::Backend)?;
-        let order = PullOrder { key: key.to_string(), url, outcome: None };
+        let order = PullOrder { key: key.to_string(), fetched: false, outcome: None };
         let raw = serde_json::to_string(&order).map_err(backend)?;
         self.store.table_put(PULL_ORDERS, machine, &raw).await.map_err(backend)?;
-        let deadline = tokio::time::Instant::now() + PULL_TIMEOUT;
+        let asked = tokio::time::Instant::now();
         let outcome = loop {
-            if tokio::time::Instant::now() >= deadline {
-                break Err(CloudError::Failed(format!(
-                    "machine {machine} did not dump its database within {} min",
-                    PULL_TIMEOUT.as_secs() / 60
-                )));
-            }
             tokio::time::sleep(self.settings.api.action_poll.min(Duration::from_millis(250))).await;
             let Some(raw) = self.store.table_get(PULL_ORDERS, machine).await.map_err(backend)? else {
                 break Err(CloudError::Failed("the machine's dump order vanished".into()));
@@ -711,13 +710,32 @@ impl Cloud for HetznerCloud {
             match now.outcome {
                 Some(PullOutcome::Uploaded { size }) => break Ok(size),
                 Some(PullOutcome::Failed { reason }) => break Err(CloudError::Failed(reason)),
+                None if !now.fetched && asked.elapsed() >= PULL_UNASKED => {
+                    break Err(CloudError::Failed(format!(
+                        "machine {machine}'s agent did not ask for the dump order within {} s (an agent from \
+                         before pulls, or a machine that stopped answering)",
+                        PULL_UNASKED.as_secs()
+                    )))
+                }
+                None if asked.elapsed() >= PULL_TIMEOUT => {
+                    break Err(CloudError::Failed(format!(
+                        "machine {machine} did not dump its database within {} min",
+                        PULL_TIMEOUT.as_secs() / 60
+                    )))
+                }
                 None => {}
             }
         };
         if let Err(e) = self.store.table_remove(PULL_ORDERS, machine).await {
             warn!(%machine, error = %e, "forgetting a dump order failed");
         }
-        outcome
+        let size = outcome?;
+        // the machine says it uploaded: S3 must agree
+        match bucket.size(key).await.map_err(CloudError::Backend)? {
+            Some(s) if s == size => Ok(size),
+            Some(s) => Err(CloudError::Failed(format!("the machine reported {size} bytes, and S3 holds {s}"))),
+            None => Err(CloudError::Failed("the machine reported an upload that S3 does not hold".into())),
+        }
     }
 
     async fn list(&self) -> Result<Listing, CloudError> {
