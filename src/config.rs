@@ -57,6 +57,9 @@ pub struct Config {
     pub origin_key: Option<Key>,
     pub operator_token: Option<String>,
     pub sweep_every: Duration,
+    /// How long a stopping process (SIGTERM, Ctrl-C) lets requests and jobs in flight
+    /// finish (`WAKEGATE_SHUTDOWN_GRACE_SECS`, default 20).
+    pub shutdown_grace: Duration,
     pub lease: Duration,
     pub orphan_grace: Duration,
     /// Cloud API requests the reconciler's listings may spend an hour.
@@ -296,6 +299,7 @@ impl Config {
             origin_key: key(src, "WAKEGATE_ORIGIN_KEY", "WAKEGATE_ORIGIN_KEY_FILE")?,
             operator_token: secret(src, "WAKEGATE_OPERATOR_TOKEN", "WAKEGATE_OPERATOR_TOKEN_FILE")?,
             sweep_every: secs(src, "WAKEGATE_SWEEP_SECS", prov.sweep_every.as_secs_f64())?,
+            shutdown_grace: secs(src, "WAKEGATE_SHUTDOWN_GRACE_SECS", 20.0)?,
             lease: secs(src, "WAKEGATE_LEASE_SECS", prov.lease.as_secs_f64())?,
             orphan_grace: secs(src, "WAKEGATE_ORPHAN_GRACE_SECS", prov.orphan_grace.as_secs_f64())?,
             cloud_requests_per_hour: count(
@@ -422,6 +426,7 @@ impl Config {
             liveness_every: self.liveness_every,
             max_builds: self.max_builds,
             max_quick_jobs: self.max_quick_jobs,
+            shutdown_grace: self.shutdown_grace,
         }
     }
 

@@ -96,15 +96,25 @@ enum OrgCmd {
     RemoveBase { org: String, base: String },
 }
 
-fn init_tracing() {
-    let level = match std::env::var("RUST_LOG").unwrap_or_default().to_ascii_lowercase().as_str() {
-        "trace" => tracing::Level::TRACE,
-        "debug" => tracing::Level::DEBUG,
-        "warn" => tracing::Level::WARN,
-        "error" => tracing::Level::ERROR,
-        _ => tracing::Level::INFO,
+/// Logging as `RUST_LOG` directs (`info` when unset; e.g. `warn,wakegate_provisioner=debug`),
+/// as text or, with `WAKEGATE_LOG_FORMAT=json`, one JSON object per line carrying the
+/// spans (the preview and project a job works on).
+fn init_tracing() -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(s) if !s.trim().is_empty() => {
+            EnvFilter::try_new(&s).with_context(|| format!("RUST_LOG={s:?} is not a list of filter directives"))?
+        }
+        _ => EnvFilter::new("info"),
     };
-    tracing_subscriber::fmt().with_max_level(level).with_target(false).init();
+    let format = std::env::var("WAKEGATE_LOG_FORMAT").unwrap_or_default();
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format.as_str() {
+        "" | "text" => subscriber.init(),
+        "json" => subscriber.json().with_current_span(true).with_span_list(true).init(),
+        other => anyhow::bail!("WAKEGATE_LOG_FORMAT must be text or json, not {other:?}"),
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -114,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", wakegate_waker::openapi_json());
         return Ok(());
     }
-    init_tracing();
+    init_tracing()?;
     let cfg = Config::from_source(&Env)?;
     match cli.cmd {
         Cmd::Dev => dev(cfg).await,
@@ -234,8 +244,8 @@ async fn dev(cfg: Config) -> anyhow::Result<()> {
         println!("  {:<14} {}   ({})", branch, p["url"].as_str().unwrap_or(""), p["state"].as_str().unwrap_or(""));
     }
     println!("\nOperator API: http://{}/v1/previews  (Authorization: Bearer {})", dev.waker_addr, dev.operator_token);
-    println!("Stop with Ctrl-C: running previews are put to sleep and wake on the next visit.\n");
-    tokio::signal::ctrl_c().await?;
+    println!("Stop with Ctrl-C (or SIGTERM): running previews are put to sleep and wake on the next visit.\n");
+    wakegate::parts::terminated().await;
     println!("stopping…");
     dev.shutdown().await;
     Ok(())

@@ -10,6 +10,22 @@ use wakegate_provisioner::runner::Provisioner;
 use wakegate_store::{RedisStore, SharedStore};
 use wakegate_waker::{refs::GitRefs, Waker, WakerConfig};
 
+/// Resolves on SIGTERM (what systemd and container runtimes send) or Ctrl-C.
+pub async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+    }
+}
+
 async fn redis(cfg: &Config) -> anyhow::Result<SharedStore> {
     let url = cfg.redis_url.as_deref().ok_or(ConfigError::Missing("WAKEGATE_REDIS_URL"))?;
     Ok(Arc::new(RedisStore::connect(url, &cfg.redis_prefix).await.with_context(|| format!("connecting to {url}"))?))
@@ -43,7 +59,15 @@ pub async fn waker(cfg: Config) -> anyhow::Result<()> {
         let client = wakegate_waker::saas::Client::new(saas);
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(wakegate_waker::saas::sync_loop(waker.clone(), client)))
     });
-    wakegate_waker::serve(listener, waker).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    let signal = tokio::spawn(async move {
+        terminated().await;
+        stop.cancel();
+    });
+    wakegate_waker::serve_until(listener, waker, shutdown, cfg.shutdown_grace).await;
+    signal.abort();
+    tracing::info!("waker stopped");
     Ok(())
 }
 
@@ -59,21 +83,26 @@ pub async fn edge(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding the edge to {} (WAKEGATE_EDGE_ADDR)", cfg.edge_addr))?;
     let addr = server.addr;
     tracing::info!(%addr, threads, waker = %cfg.waker_url, "edge listening");
-    std::future::pending::<()>().await;
-    drop(server);
+    terminated().await;
+    server.shutdown(cfg.shutdown_grace).await;
+    tracing::info!("edge stopped");
     Ok(())
 }
 
 pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
     let store = redis(&cfg).await?;
     let template = cfg.preview_url(cfg.edge_addr.port());
-    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let (stop, rx) = tokio::sync::watch::channel(false);
     let backend = crate::backend::start(&cfg, store.clone(), &template, rx.clone()).await?;
     let mut p = Provisioner::new(store, backend.cloud.clone(), cfg.provisioner_settings(template));
     p.dumps = cfg.s3.clone().map(wakegate_db::s3::Bucket::new);
     let p = Arc::new(p);
     tracing::info!(worker = %p.worker, "provisioner running");
     let tasks = p.spawn_all(rx);
+    // stop claiming on a signal; jobs in flight get the grace period to finish (one cut
+    // short keeps its lease until it runs out, and another worker takes it up)
+    terminated().await;
+    let _ = stop.send(true);
     for t in tasks {
         if let Err(e) = t.await {
             tracing::error!(error = %e, "a provisioner task ended abnormally");
@@ -82,5 +111,6 @@ pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
     for t in backend.tasks {
         t.abort();
     }
+    tracing::info!("provisioner stopped");
     Ok(())
 }

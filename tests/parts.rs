@@ -105,3 +105,197 @@ async fn three_processes_on_redis_serve_a_preview() {
         wakegate_testkit::kill_recorded_group(&machine.path().join("app.pid"));
     }
 }
+
+/// Sends SIGTERM to a part and returns its exit status (it must stop within `within`).
+fn terminate(p: &mut Proc, within: Duration) -> std::process::ExitStatus {
+    let pid = nix::unistd::Pid::from_raw(p.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = p.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the part did not stop within {within:?} of SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM (what systemd and container runtimes send) stops each part gracefully: the
+/// edge finishes every response in flight before it exits, the provisioner stops
+/// mid-build and the next one finishes the build, and every part exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_work_in_flight_finish_and_the_next_start_repairs() {
+    let redis = RedisServer::start().await.unwrap();
+    let data = wakegate_testkit::tempdir("sigterm");
+    let (edge_port, waker_port) = (free_port(), free_port());
+    let token = "operator-token-for-the-sigterm-test";
+    let env = [
+        ("WAKEGATE_REDIS_URL", redis.url()),
+        ("WAKEGATE_DATA", data.display().to_string()),
+        ("WAKEGATE_EDGE_ADDR", format!("127.0.0.1:{edge_port}")),
+        ("WAKEGATE_WAKER_ADDR", format!("127.0.0.1:{waker_port}")),
+        ("WAKEGATE_EDGE_KEY", TEST_EDGE_KEY.to_string()),
+        ("WAKEGATE_CSRF_KEY", TEST_CSRF_KEY.to_string()),
+        ("WAKEGATE_ORIGIN_KEY", TEST_ORIGIN_KEY.to_string()),
+        ("WAKEGATE_OPERATOR_TOKEN", token.to_string()),
+        ("WAKEGATE_SWEEP_SECS", "0.3".to_string()),
+        ("WAKEGATE_LEASE_SECS", "2".to_string()),
+        ("WAKEGATE_SHUTDOWN_GRACE_SECS", "10".to_string()),
+    ];
+    let spawn = |part: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wakegate"));
+        cmd.arg(part).stdout(Stdio::null()).stderr(Stdio::null());
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        Proc(cmd.spawn().unwrap())
+    };
+    let mut waker_proc = spawn("waker");
+    let mut provisioner = spawn("provisioner");
+    let mut edge_proc = spawn("edge");
+    let waker = std::net::SocketAddr::from(([127, 0, 0, 1], waker_port));
+    let edge = std::net::SocketAddr::from(([127, 0, 0, 1], edge_port));
+    let healthy = |addr: std::net::SocketAddr| async move {
+        wakegate_testkit::eventually(WAIT, "listening", || async {
+            http::send(addr, "GET", "w", "/healthz", &[], "").await.ok().filter(|r| r.status == 200)
+        })
+        .await
+    };
+    healthy(waker).await;
+    let repo = demo_repo();
+    let op = |method: &'static str, path: String, body: Option<serde_json::Value>| async move {
+        wakegate::operator::call(waker, token, method, &path, body).await.unwrap()
+    };
+    let (s, _) = op("POST", "/v1/projects".into(), Some(json!({"name": "demo", "git_url": repo.url()}))).await;
+    assert_eq!(s, 201);
+    let (_, p) = op("POST", "/v1/projects/demo/previews".into(), Some(json!({"ref": "main"}))).await;
+    let host = format!("{}.localhost:{edge_port}", p["label"].as_str().unwrap());
+    wakegate_testkit::eventually(WAIT, "the app through the edge", || async {
+        let r = http::get_html(edge, &host, "/").await.ok()?;
+        r.body.contains("Hello from the main branch").then_some(())
+    })
+    .await;
+
+    // the edge under load: streamed responses (250 ms each) in flight at the signal
+    let stream = |_| {
+        let host = host.clone();
+        tokio::spawn(async move {
+            http::send(edge, "GET", &host, "/stream", &[("user-agent", "curl/8"), ("connection", "close")], "").await
+        })
+    };
+    let inflight: Vec<_> = (0..24).map(stream).collect();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let s = terminate(&mut edge_proc, Duration::from_secs(15));
+        (s, edge_proc)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "the edge exits 0 on SIGTERM: {:?}", status.0);
+    for r in inflight {
+        let r = r.await.unwrap().expect("no request in flight is reset");
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.contains("chunk 4"), "every response finished: {}", r.body);
+    }
+    assert!(http::send(edge, "GET", &host, "/", &[], "").await.is_err(), "nothing listens once stopped");
+    let _edge = spawn("edge");
+
+    // the provisioner stops mid-build; the next one finishes the build
+    let (_, blue) = op("POST", "/v1/projects/demo/previews".into(), Some(json!({"ref": "feature/blue"}))).await;
+    let blue_id = blue["id"].as_str().unwrap().to_string();
+    let status =
+        tokio::task::spawn_blocking(move || terminate(&mut provisioner, Duration::from_secs(20))).await.unwrap();
+    assert!(status.success(), "the provisioner exits 0 on SIGTERM: {status:?}");
+    let _provisioner = spawn("provisioner");
+    let blue_host = format!("{}.localhost:{edge_port}", blue["label"].as_str().unwrap());
+    wakegate_testkit::eventually(WAIT, "the build to finish under the next provisioner", || async {
+        let r = http::get_html(edge, &blue_host, "/").await.ok()?;
+        r.body.contains("Hello from the feature/blue branch").then_some(())
+    })
+    .await;
+    let (_, v) = op("GET", format!("/v1/previews/{blue_id}"), None).await;
+    assert_eq!(v["state"], "running", "{v}");
+
+    // the waker too
+    let status =
+        tokio::task::spawn_blocking(move || terminate(&mut waker_proc, Duration::from_secs(15))).await.unwrap();
+    assert!(status.success(), "the waker exits 0 on SIGTERM: {status:?}");
+
+    for machine in std::fs::read_dir(data.join("machines")).unwrap().flatten() {
+        wakegate_testkit::kill_recorded_group(&machine.path().join("app.pid"));
+    }
+}
+
+/// `WAKEGATE_LOG_FORMAT=json` writes one JSON object per line, with the spans (the
+/// preview a job works on); `RUST_LOG` directives are honoured exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logs_are_json_lines_filtered_as_rust_log_says() {
+    let redis = RedisServer::start().await.unwrap();
+    let data = wakegate_testkit::tempdir("logs");
+    let (edge_port, waker_port) = (free_port(), free_port());
+    let token = "operator-token-for-the-logs-test";
+    let log = data.join("provisioner.log");
+    let env = [
+        ("WAKEGATE_REDIS_URL", redis.url()),
+        ("WAKEGATE_DATA", data.display().to_string()),
+        ("WAKEGATE_EDGE_ADDR", format!("127.0.0.1:{edge_port}")),
+        ("WAKEGATE_WAKER_ADDR", format!("127.0.0.1:{waker_port}")),
+        ("WAKEGATE_EDGE_KEY", TEST_EDGE_KEY.to_string()),
+        ("WAKEGATE_OPERATOR_TOKEN", token.to_string()),
+        ("WAKEGATE_LOG_FORMAT", "json".to_string()),
+        ("RUST_LOG", "warn,wakegate_provisioner=debug".to_string()),
+    ];
+    let spawn = |part: &str, stderr: Stdio| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wakegate"));
+        cmd.arg(part).stdout(Stdio::null()).stderr(stderr);
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        Proc(cmd.spawn().unwrap())
+    };
+    let _waker = spawn("waker", Stdio::null());
+    let mut provisioner = spawn("provisioner", Stdio::from(std::fs::File::create(&log).unwrap()));
+    let waker = std::net::SocketAddr::from(([127, 0, 0, 1], waker_port));
+    wakegate_testkit::eventually(WAIT, "waker to listen", || async {
+        http::send(waker, "GET", "w", "/healthz", &[], "").await.ok().filter(|r| r.status == 200)
+    })
+    .await;
+    let repo = demo_repo();
+    let op = |method: &'static str, path: String, body: Option<serde_json::Value>| async move {
+        wakegate::operator::call(waker, token, method, &path, body).await.unwrap()
+    };
+    op("POST", "/v1/projects".into(), Some(json!({"name": "demo", "git_url": repo.url()}))).await;
+    let (_, p) = op("POST", "/v1/projects/demo/previews".into(), Some(json!({"ref": "main"}))).await;
+    let id = p["id"].as_str().unwrap().to_string();
+    wakegate_testkit::eventually(WAIT, "the preview to run", || async {
+        let (_, v) = op("GET", format!("/v1/previews/{id}"), None).await;
+        (v["state"] == "running").then_some(())
+    })
+    .await;
+    tokio::task::spawn_blocking(move || terminate(&mut provisioner, Duration::from_secs(20))).await.unwrap();
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty());
+    let (mut debug, mut in_span) = (false, false);
+    for l in &lines {
+        let (level, target) = (l["level"].as_str().unwrap(), l["target"].as_str().unwrap());
+        assert!(l["timestamp"].is_string() && l["fields"]["message"].is_string(), "{l}");
+        if matches!(level, "INFO" | "DEBUG" | "TRACE") {
+            assert!(target.starts_with("wakegate_provisioner"), "only what RUST_LOG asks for: {l}");
+            assert_ne!(level, "TRACE", "{l}");
+        }
+        debug |= level == "DEBUG";
+        in_span |= l["spans"].as_array().is_some_and(|s| s.iter().any(|s| s["preview"] == id.as_str()));
+    }
+    assert!(debug, "wakegate_provisioner=debug lets its debug lines through: {text}");
+    assert!(in_span, "a job's lines carry the preview it works on: {text}");
+    assert!(!text.contains(token), "no secrets in the logs");
+
+    for machine in std::fs::read_dir(data.join("machines")).unwrap().flatten() {
+        wakegate_testkit::kill_recorded_group(&machine.path().join("app.pid"));
+    }
+}

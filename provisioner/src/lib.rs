@@ -61,6 +61,8 @@ pub struct Settings {
     /// Wakes, sleeps and erases run at once, beside the builds (so a wake never queues
     /// behind long builds).
     pub max_quick_jobs: usize,
+    /// How long jobs in flight may finish once the provisioner is told to stop.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Settings {
@@ -76,6 +78,7 @@ impl Default for Settings {
             liveness_every: Duration::from_secs(2),
             max_builds: 4,
             max_quick_jobs: 16,
+            shutdown_grace: Duration::from_secs(20),
         }
     }
 }

@@ -150,15 +150,31 @@ impl Provisioner {
     }
 
     /// Claims and runs one lane's jobs, at most `slots` at once.
+    /// Once told to stop, it claims no more and gives the jobs in flight
+    /// `settings.shutdown_grace` to finish (one cut short keeps its lease until it runs
+    /// out; another worker then takes the job up).
     pub async fn run_lane(self: Arc<Self>, lane: Lane, slots: usize, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(slots.max(1)));
+        let total = slots.max(1);
+        let slots = Arc::new(tokio::sync::Semaphore::new(total));
         loop {
             if *stop.borrow() {
+                let all = u32::try_from(total).unwrap_or(u32::MAX);
+                let running = total - slots.available_permits();
+                if running > 0 {
+                    info!(lane = lane.as_str(), running, "stopping: letting the jobs in flight finish");
+                }
+                if tokio::time::timeout(self.settings.shutdown_grace, slots.acquire_many(all)).await.is_err() {
+                    warn!(lane = lane.as_str(), "jobs still running after the grace period are left to their leases");
+                }
                 return;
             }
-            let Ok(permit) = slots.clone().acquire_owned().await else { return };
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = stop.changed() => continue,
+            };
             match self.store.claim(&self.worker, lane, self.settings.lease, now_ms()).await {
                 Ok(Some(lease)) => {
+                    tracing::debug!(job = %lease.job_id, kind = lease.kind.as_str(), preview = %lease.preview_id, "claimed a job");
                     let me = self.clone();
                     tokio::spawn(async move {
                         me.run_job(lease).await;

@@ -9,6 +9,9 @@
 //! * [`AcceptBackoff`] keeps an accept loop from spinning when descriptors run out;
 //! * [`serve`] puts these together for an axum [`Router`] (the waker, the agent
 //!   endpoint); the edge uses the parts with its own per-thread runtimes;
+//! * a [`CancellationToken`] shuts a listener down gracefully ([`serve_until`]): it
+//!   stops accepting, every open connection finishes the response it is sending and
+//!   closes, and what is still open after the grace period is dropped;
 //! * [`supervise`] restarts a background task that panics (every background loop of
 //!   waker and provisioner runs under it).
 #![forbid(unsafe_code)]
@@ -27,6 +30,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
+
+pub use tokio_util::sync::CancellationToken;
+pub use tokio_util::task::TaskTracker;
 
 /// Limits of one listener. The defaults suit a control-plane API.
 #[derive(Clone, Copy, Debug)]
@@ -56,10 +62,24 @@ impl Default for Limits {
 /// Serves `router` on `listener` until the task is dropped. Handlers can extract
 /// `ConnectInfo<SocketAddr>`.
 pub async fn serve(listener: TcpListener, router: Router, limits: Limits) {
+    serve_until(listener, router, limits, CancellationToken::new(), Duration::ZERO).await
+}
+
+/// [`serve`] until `shutdown` is cancelled, then gracefully: no new connections, the
+/// open ones finish their responses and close; after `grace` the rest are dropped.
+pub async fn serve_until(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
     let conns = Connections::new(limits.max_connections, limits.max_per_ip);
-    accept(listener, &conns, |stream, peer, admitted| {
+    let tracker = TaskTracker::new();
+    accept(listener, &conns, &shutdown, |stream, peer, admitted| {
         let router = router.clone();
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
             let ticks = Arc::new(AtomicU64::new(0));
             let io = TokioIo::new(Watched::new(stream, ticks.clone()));
             let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
@@ -69,23 +89,38 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits) {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
             let served = builder.serve_connection(io, svc);
-            serve_connection(served, ticks, limits.idle_timeout).await;
+            serve_connection(served, ticks, limits.idle_timeout, &shutdown).await;
             drop(admitted);
         });
     })
-    .await
+    .await;
+    tracker.close();
+    let open = tracker.len();
+    if open > 0 {
+        tracing::info!(open, grace_secs = grace.as_secs_f64(), "stopped accepting; letting open connections finish");
+    }
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(open = tracker.len(), "connections still open after the grace period are dropped");
+    }
 }
 
-/// Accepts connections forever: each one under the caps is handed to `on_conn` (with
-/// `TCP_NODELAY` set); one over them gets a 503 and is closed; failed accepts back off.
+/// Accepts connections until `shutdown` is cancelled: each one under the caps is handed
+/// to `on_conn` (with `TCP_NODELAY` set); one over them gets a 503 and is closed;
+/// failed accepts back off.
 pub async fn accept(
     listener: TcpListener,
     conns: &Arc<Connections>,
+    shutdown: &CancellationToken,
     mut on_conn: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr, Admitted),
 ) {
     let mut backoff = AcceptBackoff::default();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 backoff.reset();
                 let Some(admitted) = conns.admit(peer.ip()) else {
@@ -133,9 +168,15 @@ where
     }
 }
 
-/// Drives a connection until it ends; once its stream has seen no I/O for `idle`, it is
-/// shut down gracefully (a response in progress is finished, then the socket closes).
-pub async fn serve_connection<C: Graceful>(served: C, ticks: Arc<AtomicU64>, idle: Duration) {
+/// Drives a connection until it ends; once its stream has seen no I/O for `idle`, or
+/// `shutdown` is cancelled, it is shut down gracefully (a response in progress is
+/// finished, then the socket closes).
+pub async fn serve_connection<C: Graceful>(
+    served: C,
+    ticks: Arc<AtomicU64>,
+    idle: Duration,
+    shutdown: &CancellationToken,
+) {
     tokio::pin!(served);
     let idle = idle.max(Duration::from_millis(10));
     let check = idle / 4;
@@ -144,6 +185,10 @@ pub async fn serve_connection<C: Graceful>(served: C, ticks: Arc<AtomicU64>, idl
     loop {
         tokio::select! {
             _ = served.as_mut() => return,
+            () = shutdown.cancelled(), if !closing => {
+                served.as_mut().graceful_shutdown();
+                closing = true;
+            }
             _ = tokio::time::sleep(check), if !closing => {
                 let now = ticks.load(Ordering::Relaxed);
                 if now == seen {

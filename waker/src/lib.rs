@@ -52,3 +52,14 @@ pub use waker::{ForgeState, Waker, WakerConfig};
 pub async fn serve(listener: tokio::net::TcpListener, waker: std::sync::Arc<Waker>) {
     wakegate_serve::serve(listener, router(waker), wakegate_serve::Limits::default()).await
 }
+
+/// Serves the API until `shutdown` is cancelled, then lets the requests in flight
+/// (long-polls included) finish within `grace`.
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    waker: std::sync::Arc<Waker>,
+    shutdown: wakegate_serve::CancellationToken,
+    grace: std::time::Duration,
+) {
+    wakegate_serve::serve_until(listener, router(waker), wakegate_serve::Limits::default(), shutdown, grace).await
+}

@@ -158,12 +158,15 @@ fn with_state(f: impl FnOnce(&State)) {
     })
 }
 
-/// A running native edge. Dropping it (or [`EdgeServer::stop`]) stops every thread.
+/// A running native edge. [`EdgeServer::shutdown`] stops it gracefully; dropping it
+/// stops every thread at once.
 pub struct EdgeServer {
     pub addr: SocketAddr,
-    stop: tokio::sync::watch::Sender<bool>,
+    /// `Some(grace)` once stopping: open connections get that long to finish.
+    stop: tokio::sync::watch::Sender<Option<Duration>>,
     cached: Vec<Arc<AtomicUsize>>,
     conns: Arc<Connections>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl EdgeServer {
@@ -171,13 +174,14 @@ impl EdgeServer {
     /// `SO_REUSEPORT` listener (port 0 is resolved by the first). Returns once every
     /// thread listens.
     pub fn start(addr: SocketAddr, cfg: EdgeConfig, threads: usize) -> std::io::Result<EdgeServer> {
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let (stop, stop_rx) = tokio::sync::watch::channel(None);
         let cfg = Arc::new(cfg);
         let conns = Connections::new(cfg.max_connections, cfg.max_per_ip);
         let waker = platform::WakerAddr::parse(&cfg.waker_url)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let mut bound = addr;
         let mut cached = Vec::new();
+        let mut handles = Vec::new();
         for i in 0..threads.max(1) {
             let at = bound;
             let bind = move || -> std::io::Result<std::net::TcpListener> {
@@ -195,9 +199,26 @@ impl EdgeServer {
             };
             let listener = bind()?;
             bound = listener.local_addr()?;
-            cached.push(spawn_thread(i, listener, cfg.clone(), waker.clone(), conns.clone(), stop_rx.clone())?);
+            let (count, handle) =
+                spawn_thread(i, listener, cfg.clone(), waker.clone(), conns.clone(), stop_rx.clone())?;
+            cached.push(count);
+            handles.push(handle);
         }
-        Ok(EdgeServer { addr: bound, stop, cached, conns })
+        Ok(EdgeServer { addr: bound, stop, cached, conns, threads: handles })
+    }
+
+    /// Stops gracefully: no new connections; open ones finish the response they are
+    /// sending (within `grace`) and close; the visits seen are reported to the waker.
+    /// Returns once every thread has ended.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.stop.send(Some(grace));
+        let threads = std::mem::take(&mut self.threads);
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        });
+        let _ = joined.await;
     }
 
     /// Cached hosts over all threads (as of each thread's last activity tick).
@@ -213,7 +234,14 @@ impl EdgeServer {
 
 impl Drop for EdgeServer {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        // at once, unless a graceful stop is under way
+        self.stop.send_if_modified(|s| {
+            let fresh = s.is_none();
+            if fresh {
+                *s = Some(Duration::ZERO);
+            }
+            fresh
+        });
     }
 }
 
@@ -223,12 +251,12 @@ fn spawn_thread(
     cfg: Arc<EdgeConfig>,
     waker: platform::WakerAddr,
     conns: Arc<Connections>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<Arc<AtomicUsize>> {
+    mut stop: tokio::sync::watch::Receiver<Option<Duration>>,
+) -> std::io::Result<(Arc<AtomicUsize>, std::thread::JoinHandle<()>)> {
     let cached = Arc::new(AtomicUsize::new(0));
     let report = cached.clone();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    std::thread::Builder::new().name(format!("edge-{i}")).spawn(move || {
+    let handle = std::thread::Builder::new().name(format!("edge-{i}")).spawn(move || {
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async move {
             let listener = match TcpListener::from_std(listener) {
@@ -260,15 +288,25 @@ fn spawn_thread(
                     }
                 }
             };
-            tokio::select! {
-                _ = accept_loop(listener, pipeline, cfg, conns) => {}
-                _ = flusher => {}
-                _ = stop.wait_for(|s| *s) => {}
+            let shutdown = wakegate_serve::CancellationToken::new();
+            let tracker = wakegate_serve::TaskTracker::new();
+            let grace = tokio::select! {
+                _ = accept_loop(listener, pipeline.clone(), cfg, conns, &shutdown, &tracker) => Duration::ZERO,
+                _ = flusher => Duration::ZERO,
+                g = stop.wait_for(|s| s.is_some()) => g.ok().and_then(|g| *g).unwrap_or_default(),
+            };
+            // stopping: the listener is closed with the accept loop; open connections
+            // finish what they are sending, then the visits seen are reported
+            shutdown.cancel();
+            tracker.close();
+            if !grace.is_zero() {
+                let _ = tokio::time::timeout(grace, tracker.wait()).await;
+                pipeline.flush_activity().await;
             }
             PIPELINE.with(|p| p.borrow_mut().take());
         });
     })?;
-    Ok(cached)
+    Ok((cached, handle))
 }
 
 async fn accept_loop(
@@ -276,9 +314,12 @@ async fn accept_loop(
     pipeline: Rc<Pipeline<Native>>,
     cfg: Arc<EdgeConfig>,
     conns: Arc<Connections>,
+    shutdown: &wakegate_serve::CancellationToken,
+    tracker: &wakegate_serve::TaskTracker,
 ) {
-    wakegate_serve::accept(listener, &conns, |stream, peer, admitted| {
-        tokio::task::spawn_local(serve_connection(stream, peer, pipeline.clone(), cfg.clone(), admitted));
+    wakegate_serve::accept(listener, &conns, shutdown, |stream, peer, admitted| {
+        let conn = serve_connection(stream, peer, pipeline.clone(), cfg.clone(), admitted, shutdown.clone());
+        tracker.spawn_local(conn);
     })
     .await
 }
@@ -289,6 +330,7 @@ async fn serve_connection(
     pipeline: Rc<Pipeline<Native>>,
     cfg: Arc<EdgeConfig>,
     _admitted: Admitted,
+    shutdown: wakegate_serve::CancellationToken,
 ) {
     let conn = Rc::new(ConnInfo::new(peer, &cfg));
     let ticks = Arc::new(AtomicU64::new(0));
@@ -305,5 +347,5 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(cfg.header_read_timeout).max_buf_size(buffer);
     let served = builder.serve_connection(io, svc).with_upgrades();
-    wakegate_serve::serve_connection(served, ticks, cfg.idle_timeout).await;
+    wakegate_serve::serve_connection(served, ticks, cfg.idle_timeout, &shutdown).await;
 }
