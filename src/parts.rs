@@ -21,9 +21,18 @@ pub async fn terminated() {
         }
     };
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+        _ = term.recv() => tracing::info!("SIGTERM: stopping (a second signal stops at once)"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping (a second signal stops at once)"),
     }
+    // a second signal during the grace period: the operator means it
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::warn!("second signal: stopping at once");
+        std::process::exit(130);
+    });
 }
 
 async fn redis(cfg: &Config) -> anyhow::Result<SharedStore> {
@@ -33,6 +42,7 @@ async fn redis(cfg: &Config) -> anyhow::Result<SharedStore> {
 
 pub async fn waker(cfg: Config) -> anyhow::Result<()> {
     let store = redis(&cfg).await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
     let token = cfg.operator_token.clone().ok_or(ConfigError::Missing("WAKEGATE_OPERATOR_TOKEN"))?;
     let waker = Arc::new(
         Waker::new(
@@ -48,7 +58,8 @@ pub async fn waker(cfg: Config) -> anyhow::Result<()> {
         .with_orgs(cfg.org_settings())
         .with_saas(cfg.saas.clone())
         .with_forge(cfg.forge.clone())
-        .with_dumps(cfg.s3.clone().map(wakegate_db::s3::Bucket::new)),
+        .with_dumps(cfg.s3.clone().map(wakegate_db::s3::Bucket::new))
+        .with_stopping(shutdown.clone()),
     );
     let listener = TcpListener::bind(cfg.waker_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "waker listening");
@@ -59,7 +70,6 @@ pub async fn waker(cfg: Config) -> anyhow::Result<()> {
         let client = wakegate_waker::saas::Client::new(saas);
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(wakegate_waker::saas::sync_loop(waker.clone(), client)))
     });
-    let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();
     let signal = tokio::spawn(async move {
         terminated().await;
@@ -103,9 +113,15 @@ pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
     // short keeps its lease until it runs out, and another worker takes it up)
     terminated().await;
     let _ = stop.send(true);
-    for t in tasks {
-        if let Err(e) = t.await {
-            tracing::error!(error = %e, "a provisioner task ended abnormally");
+    let deadline = tokio::time::Instant::now() + cfg.shutdown_grace + Duration::from_secs(5);
+    for mut t in tasks {
+        match tokio::time::timeout_at(deadline, &mut t).await {
+            Ok(Err(e)) => tracing::error!(error = %e, "a provisioner task ended abnormally"),
+            Ok(Ok(())) => {}
+            Err(_) => {
+                tracing::warn!("a provisioner task did not stop within the grace period; stopping it");
+                t.abort();
+            }
         }
     }
     for t in backend.tasks {

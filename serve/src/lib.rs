@@ -66,7 +66,8 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits) {
 }
 
 /// [`serve`] until `shutdown` is cancelled, then gracefully: no new connections, the
-/// open ones finish their responses and close; after `grace` the rest are dropped.
+/// open ones finish their responses and close; it returns once they have, or after
+/// `grace` (what is still open then ends with the process).
 pub async fn serve_until(
     listener: TcpListener,
     router: Router,

@@ -38,6 +38,9 @@ pub struct Waker {
     pub(crate) forge: ForgeState,
     /// The dumps' bucket and records, when S3 is configured.
     pub(crate) db: Option<Arc<crate::db::DbState>>,
+    /// Cancelled when the process stops: status long-polls answer at once (the edge
+    /// asks again, of a replica that stays) instead of holding the shutdown up.
+    pub(crate) stopping: wakegate_serve::CancellationToken,
 }
 
 /// What a ref check found.
@@ -88,7 +91,13 @@ impl Waker {
             inbox: tokio::sync::Notify::new(),
             refs: RefCache::new(REF_ENTRIES),
         };
-        Waker { store, config, refs, orgs, saas: None, forge, db: None }
+        Waker { store, config, refs, orgs, saas: None, forge, db: None, stopping: Default::default() }
+    }
+
+    /// Long-polls end when `stopping` is cancelled (see [`crate::serve_until`]).
+    pub fn with_stopping(mut self, stopping: wakegate_serve::CancellationToken) -> Waker {
+        self.stopping = stopping;
+        self
     }
 
     /// Keeps database dumps in this bucket (none: the dumps calls say S3 is not set).

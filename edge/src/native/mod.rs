@@ -301,7 +301,8 @@ fn spawn_thread(
             tracker.close();
             if !grace.is_zero() {
                 let _ = tokio::time::timeout(grace, tracker.wait()).await;
-                pipeline.flush_activity().await;
+                // bounded: a waker that does not answer must not hold the exit up
+                let _ = tokio::time::timeout(Duration::from_secs(3), pipeline.flush_activity()).await;
             }
             PIPELINE.with(|p| p.borrow_mut().take());
         });

@@ -546,6 +546,48 @@ def db_dump_command(f):
     return cmd, dict(os.environ, MYSQL_PWD=f["password"], LC_ALL="C")
 
 
+db_lock = threading.Lock()
+
+
+def db_alive():
+    """Starts the database server again if it died (a crash must not take the preview's
+    data offline for good); True when it runs."""
+    with db_lock:
+        if dbf is None or db_server is None or db_server.poll() is None:
+            return db_server is not None and db_server.poll() is None
+        log(f"the database server exited ({db_server.returncode}); starting it again")
+        try:
+            db_start(dbf, "start")
+            return True
+        except Failed as f:
+            log(f"restarting the database server failed: {f.reason}")
+            return False
+
+
+def db_supervise():
+    while True:
+        time.sleep(1)
+        try:
+            db_alive()
+        except Exception as e:  # the supervisor outlives any one failure
+            log(f"supervising the database failed: {e!r}")
+
+
+def dump_to(path, logpath):
+    """The database through gzip into `path`; the dump program's exit code."""
+    cmd, env = db_dump_command(dbf)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as gz, \
+            open(logpath, "a") as logf:
+        dump = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf)
+        try:
+            shutil.copyfileobj(dump.stdout, gz, 1 << 20)
+        except BaseException:
+            dump.kill()  # a full disk: the dump stops too
+            dump.wait()
+            raise
+        return dump.wait()
+
+
 def pull(order):
     """Dumps the database through gzip to the disk, PUTs it to the presigned URL, and
     reports how it went (`wakegate db pull`)."""
@@ -554,17 +596,10 @@ def pull(order):
     try:
         if dbf is None:
             raise Failed("pull", "this preview has no database")
-        cmd, env = db_dump_command(dbf)
-        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as gz, \
-                open(logpath, "a") as logf:
-            dump = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf)
-            try:
-                shutil.copyfileobj(dump.stdout, gz, 1 << 20)
-            except BaseException:
-                dump.kill()  # a full disk: the dump stops too
-                dump.wait()
-                raise
-            code = dump.wait()
+        code = dump_to(path, logpath)
+        if code != 0 and db_server is not None and db_server.poll() is not None and db_alive():
+            # the server died under the dump: once more, on the restarted server
+            code = dump_to(path, logpath)
         if code != 0:
             raise Failed("pull", f"dumping the database failed (exit {code}):\n" + tail(logpath))
         size = os.path.getsize(path)
@@ -755,6 +790,8 @@ def main():
     log("ready")
     # asked for even without a database, so a pull is answered ("no database") at once
     threading.Thread(target=pull_loop, daemon=True).start()
+    if dbf is not None:
+        threading.Thread(target=db_supervise, daemon=True).start()
     code = app.wait()
     log(f"the app exited ({code})")
     # the control plane marks the preview failed (its page offers a retry) instead of
