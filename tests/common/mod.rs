@@ -144,6 +144,11 @@ impl World {
         http::get_html(self.edge, &self.host(preview), path).await.unwrap()
     }
 
+    /// [`World::visit`], with a transport error as `None` (for polling loops).
+    pub async fn try_visit(&self, preview: &Value, path: &str) -> Option<Response> {
+        http::get_html(self.edge, &self.host(preview), path).await.ok()
+    }
+
     pub async fn api(&self, preview: &Value, path: &str, headers: &[(&str, &str)]) -> Response {
         let mut h = vec![("accept", "application/json"), ("user-agent", "curl/8.5.0")];
         h.extend_from_slice(headers);
