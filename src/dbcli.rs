@@ -399,6 +399,44 @@ fn spinner(msg: &str) -> indicatif::ProgressBar {
     bar
 }
 
+enum Wake {
+    /// The preview does not sleep: waking is not what it needs.
+    NotAsleep,
+    Failed(anyhow::Error),
+}
+
+/// Wakes a sleeping preview and waits until it runs, with a spinner.
+async fn wake(api: &Api, preview: &str, deadline: tokio::time::Instant) -> Result<(), Wake> {
+    let shown_path = format!("/v1/previews/{}", seg(preview));
+    let state = |v: &Value| v["state"].as_str().unwrap_or("unknown").to_string();
+    let shown = api.ok(reqwest::Method::GET, &shown_path, None).await.map_err(Wake::Failed)?;
+    if !matches!(state(&shown).as_str(), "sleeping" | "stopping" | "waking") {
+        return Err(Wake::NotAsleep);
+    }
+    let bar = spinner(&format!("waking {preview}"));
+    let result = async {
+        let (s, w) = api.call(reqwest::Method::POST, &format!("{shown_path}/wake"), None).await?;
+        if s >= 400 && s != 409 {
+            bail!("waking {preview}: {}", w["error"].as_str().unwrap_or("refused"));
+        }
+        loop {
+            let now = state(&api.ok(reqwest::Method::GET, &shown_path, None).await?);
+            match now.as_str() {
+                "running" => return Ok(()),
+                "sleeping" | "stopping" | "waking" | "building" => {}
+                other => bail!("{preview} did not wake: it is {other}"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("{preview} did not wake in time");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    .await;
+    bar.finish_and_clear();
+    result.map_err(Wake::Failed)
+}
+
 /// `wakegate db pull <preview>`: the preview's database as `.sql.gz` in `output`.
 pub async fn pull(api: &Api, preview: &str, output: &str) -> anyhow::Result<()> {
     let path = format!("/v1/previews/{}/db/pull", seg(preview));
@@ -410,33 +448,12 @@ pub async fn pull(api: &Api, preview: &str, output: &str) -> anyhow::Result<()> 
         match status {
             200 | 202 => break,
             409 if !woken => {
-                let shown = api.ok(reqwest::Method::GET, &format!("/v1/previews/{}", seg(preview)), None).await?;
-                if !matches!(shown["state"].as_str(), Some("sleeping" | "stopping" | "waking")) {
-                    bail!("{}", v["error"].as_str().unwrap_or("the waker refused the pull"));
-                }
-                let bar = spinner(&format!("waking {preview}"));
-                let (s, w) =
-                    api.call(reqwest::Method::POST, &format!("/v1/previews/{}/wake", seg(preview)), None).await?;
-                if s >= 400 && s != 409 {
-                    bar.finish_and_clear();
-                    bail!("waking {preview}: {}", w["error"].as_str().unwrap_or("refused"));
-                }
-                loop {
-                    let shown = api.ok(reqwest::Method::GET, &format!("/v1/previews/{}", seg(preview)), None).await?;
-                    match shown["state"].as_str() {
-                        Some("running") => break,
-                        Some("sleeping" | "stopping" | "waking" | "building") => {}
-                        other => {
-                            bar.finish_and_clear();
-                            bail!("{preview} did not wake: it is {}", other.unwrap_or("unknown"));
-                        }
+                wake(api, preview, deadline).await.map_err(|e| match e {
+                    Wake::NotAsleep => {
+                        anyhow::anyhow!("{}", v["error"].as_str().unwrap_or("the waker refused the pull"))
                     }
-                    if tokio::time::Instant::now() >= deadline {
-                        bail!("{preview} did not wake in time");
-                    }
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-                bar.finish_and_clear();
+                    Wake::Failed(e) => e,
+                })?;
                 woken = true;
             }
             _ => bail!("{}", v["error"].as_str().unwrap_or(&format!("the waker answered {status}"))),

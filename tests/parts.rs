@@ -12,44 +12,83 @@ use std::time::Duration;
 use wakegate_testkit::Proc;
 use wakegate_testkit::{free_port, http, redis::RedisServer};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_processes_on_redis_serve_a_preview() {
-    let mut redis = RedisServer::start_persistent().await.unwrap();
-    let data = wakegate_testkit::tempdir("parts");
-    let (edge_port, waker_port) = (free_port(), free_port());
-    let token = "operator-token-for-the-parts-test";
-    let env = [
-        ("WAKEGATE_REDIS_URL", redis.url()),
-        ("WAKEGATE_DATA", data.display().to_string()),
-        ("WAKEGATE_EDGE_ADDR", format!("127.0.0.1:{edge_port}")),
-        ("WAKEGATE_WAKER_ADDR", format!("127.0.0.1:{waker_port}")),
-        ("WAKEGATE_EDGE_KEY", TEST_EDGE_KEY.to_string()),
-        ("WAKEGATE_CSRF_KEY", TEST_CSRF_KEY.to_string()),
-        ("WAKEGATE_ORIGIN_KEY", TEST_ORIGIN_KEY.to_string()),
-        ("WAKEGATE_OPERATOR_TOKEN", token.to_string()),
-        ("WAKEGATE_SWEEP_SECS", "0.3".to_string()),
-    ];
-    let spawn = |part: &str| {
+/// Three parts' shared settings in these tests (Redis, data, addresses, keys), and how
+/// to start one of them as a process.
+struct Parts {
+    env: Vec<(&'static str, String)>,
+    data: std::path::PathBuf,
+    edge_port: u16,
+    waker: std::net::SocketAddr,
+    edge: std::net::SocketAddr,
+    token: &'static str,
+}
+
+impl Parts {
+    fn new(redis: &RedisServer, tag: &str, token: &'static str, extra: &[(&'static str, &str)]) -> Parts {
+        let data = wakegate_testkit::tempdir(tag);
+        let (edge_port, waker_port) = (free_port(), free_port());
+        let mut env = vec![
+            ("WAKEGATE_REDIS_URL", redis.url()),
+            ("WAKEGATE_DATA", data.display().to_string()),
+            ("WAKEGATE_EDGE_ADDR", format!("127.0.0.1:{edge_port}")),
+            ("WAKEGATE_WAKER_ADDR", format!("127.0.0.1:{waker_port}")),
+            ("WAKEGATE_EDGE_KEY", TEST_EDGE_KEY.to_string()),
+            ("WAKEGATE_CSRF_KEY", TEST_CSRF_KEY.to_string()),
+            ("WAKEGATE_ORIGIN_KEY", TEST_ORIGIN_KEY.to_string()),
+            ("WAKEGATE_OPERATOR_TOKEN", token.to_string()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        let at = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        Parts { env, data, edge_port, waker: at(waker_port), edge: at(edge_port), token }
+    }
+
+    /// Starts `wakegate <part>` with its standard error to `stderr`.
+    fn spawn_to(&self, part: &str, stderr: Stdio) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wakegate"));
-        cmd.arg(part).stdout(Stdio::null()).stderr(Stdio::null());
-        for (k, v) in &env {
+        cmd.arg(part).stdout(Stdio::null()).stderr(stderr);
+        for (k, v) in &self.env {
             cmd.env(k, v);
         }
         Proc(cmd.spawn().unwrap())
-    };
-    let _waker = spawn("waker");
-    let _provisioner = spawn("provisioner");
-    let _edge = spawn("edge");
-    let waker = std::net::SocketAddr::from(([127, 0, 0, 1], waker_port));
-    let edge = std::net::SocketAddr::from(([127, 0, 0, 1], edge_port));
-    wakegate_testkit::eventually(WAIT, "waker to listen", || async {
-        http::send(waker, "GET", "w", "/healthz", &[], "").await.ok().filter(|r| r.status == 200)
-    })
-    .await;
+    }
+
+    fn spawn(&self, part: &str) -> Proc {
+        self.spawn_to(part, Stdio::null())
+    }
+
+    async fn waker_listens(&self) {
+        wakegate_testkit::eventually(WAIT, "waker to listen", || async {
+            http::send(self.waker, "GET", "w", "/healthz", &[], "").await.ok().filter(|r| r.status == 200)
+        })
+        .await;
+    }
+
+    async fn op(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        wakegate::operator::call(self.waker, self.token, method, path, body).await.unwrap()
+    }
+
+    /// Stops the apps this test's provisioners started.
+    fn kill_apps(&self) {
+        for machine in std::fs::read_dir(self.data.join("machines")).unwrap().flatten() {
+            wakegate_testkit::kill_recorded_group(&machine.path().join("app.pid"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_processes_on_redis_serve_a_preview() {
+    let mut redis = RedisServer::start_persistent().await.unwrap();
+    let parts = Parts::new(&redis, "parts", "operator-token-for-the-parts-test", &[("WAKEGATE_SWEEP_SECS", "0.3")]);
+    let (edge_port, waker, edge, token) = (parts.edge_port, parts.waker, parts.edge, parts.token);
+    let _waker = parts.spawn("waker");
+    let _provisioner = parts.spawn("provisioner");
+    let _edge = parts.spawn("edge");
+    parts.waker_listens().await;
 
     let repo = demo_repo();
-    let op = |method: &'static str, path: String, body: Option<serde_json::Value>| async move {
-        wakegate::operator::call(waker, token, method, &path, body).await.unwrap()
+    let op = |method: &'static str, path: String, body: Option<serde_json::Value>| {
+        let parts = &parts;
+        async move { parts.op(method, &path, body).await }
     };
     let (s, _) = op("POST", "/v1/projects".into(), Some(json!({"name": "demo", "git_url": repo.url()}))).await;
     assert_eq!(s, 201);
@@ -101,9 +140,7 @@ async fn three_processes_on_redis_serve_a_preview() {
     assert_eq!(v["state"], "running", "the record from before the restart is there");
 
     // stop the apps this test's provisioner started
-    for machine in std::fs::read_dir(data.join("machines")).unwrap().flatten() {
-        wakegate_testkit::kill_recorded_group(&machine.path().join("app.pid"));
-    }
+    parts.kill_apps();
 }
 
 /// Sends SIGTERM to a part and returns its exit status (it must stop within `within`).
@@ -126,45 +163,18 @@ fn terminate(p: &mut Proc, within: Duration) -> std::process::ExitStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_lets_work_in_flight_finish_and_the_next_start_repairs() {
     let redis = RedisServer::start().await.unwrap();
-    let data = wakegate_testkit::tempdir("sigterm");
-    let (edge_port, waker_port) = (free_port(), free_port());
-    let token = "operator-token-for-the-sigterm-test";
-    let env = [
-        ("WAKEGATE_REDIS_URL", redis.url()),
-        ("WAKEGATE_DATA", data.display().to_string()),
-        ("WAKEGATE_EDGE_ADDR", format!("127.0.0.1:{edge_port}")),
-        ("WAKEGATE_WAKER_ADDR", format!("127.0.0.1:{waker_port}")),
-        ("WAKEGATE_EDGE_KEY", TEST_EDGE_KEY.to_string()),
-        ("WAKEGATE_CSRF_KEY", TEST_CSRF_KEY.to_string()),
-        ("WAKEGATE_ORIGIN_KEY", TEST_ORIGIN_KEY.to_string()),
-        ("WAKEGATE_OPERATOR_TOKEN", token.to_string()),
-        ("WAKEGATE_SWEEP_SECS", "0.3".to_string()),
-        ("WAKEGATE_LEASE_SECS", "2".to_string()),
-        ("WAKEGATE_SHUTDOWN_GRACE_SECS", "10".to_string()),
-    ];
-    let spawn = |part: &str| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wakegate"));
-        cmd.arg(part).stdout(Stdio::null()).stderr(Stdio::null());
-        for (k, v) in &env {
-            cmd.env(k, v);
-        }
-        Proc(cmd.spawn().unwrap())
-    };
+    let extra = [("WAKEGATE_SWEEP_SECS", "0.3"), ("WAKEGATE_LEASE_SECS", "2"), ("WAKEGATE_SHUTDOWN_GRACE_SECS", "10")];
+    let parts = Parts::new(&redis, "sigterm", "operator-token-for-the-sigterm-test", &extra);
+    let (edge_port, edge) = (parts.edge_port, parts.edge);
+    let spawn = |part: &str| parts.spawn(part);
     let mut waker_proc = spawn("waker");
     let mut provisioner = spawn("provisioner");
     let mut edge_proc = spawn("edge");
-    let waker = std::net::SocketAddr::from(([127, 0, 0, 1], waker_port));
-    let edge = std::net::SocketAddr::from(([127, 0, 0, 1], edge_port));
-    let healthy = |addr: std::net::SocketAddr| async move {
-        wakegate_testkit::eventually(WAIT, "listening", || async {
-            http::send(addr, "GET", "w", "/healthz", &[], "").await.ok().filter(|r| r.status == 200)
-        })
-        .await
-    };
-    healthy(waker).await;
+    parts.waker_listens().await;
     let repo = demo_repo();
-    let op = |method: &'static str, path: String, body: Option<serde_json::Value>| async move {
-        wakegate::operator::call(waker, token, method, &path, body).await.unwrap()
+    let op = |method: &'static str, path: String, body: Option<serde_json::Value>| {
+        let parts = &parts;
+        async move { parts.op(method, &path, body).await }
     };
     let (s, _) = op("POST", "/v1/projects".into(), Some(json!({"name": "demo", "git_url": repo.url()}))).await;
     assert_eq!(s, 201);
@@ -243,9 +253,7 @@ async fn sigterm_lets_work_in_flight_finish_and_the_next_start_repairs() {
         tokio::task::spawn_blocking(move || terminate(&mut waker_proc, Duration::from_secs(15))).await.unwrap();
     assert!(status.success(), "the waker exits 0 on SIGTERM: {status:?}");
 
-    for machine in std::fs::read_dir(data.join("machines")).unwrap().flatten() {
-        wakegate_testkit::kill_recorded_group(&machine.path().join("app.pid"));
-    }
+    parts.kill_apps();
 }
 
 /// `WAKEGATE_LOG_FORMAT=json` writes one JSON object per line, with the spans (the
@@ -253,38 +261,17 @@ async fn sigterm_lets_work_in_flight_finish_and_the_next_start_repairs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logs_are_json_lines_filtered_as_rust_log_says() {
     let redis = RedisServer::start().await.unwrap();
-    let data = wakegate_testkit::tempdir("logs");
-    let (edge_port, waker_port) = (free_port(), free_port());
-    let token = "operator-token-for-the-logs-test";
-    let log = data.join("provisioner.log");
-    let env = [
-        ("WAKEGATE_REDIS_URL", redis.url()),
-        ("WAKEGATE_DATA", data.display().to_string()),
-        ("WAKEGATE_EDGE_ADDR", format!("127.0.0.1:{edge_port}")),
-        ("WAKEGATE_WAKER_ADDR", format!("127.0.0.1:{waker_port}")),
-        ("WAKEGATE_EDGE_KEY", TEST_EDGE_KEY.to_string()),
-        ("WAKEGATE_OPERATOR_TOKEN", token.to_string()),
-        ("WAKEGATE_LOG_FORMAT", "json".to_string()),
-        ("RUST_LOG", "warn,wakegate_provisioner=debug".to_string()),
-    ];
-    let spawn = |part: &str, stderr: Stdio| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wakegate"));
-        cmd.arg(part).stdout(Stdio::null()).stderr(stderr);
-        for (k, v) in &env {
-            cmd.env(k, v);
-        }
-        Proc(cmd.spawn().unwrap())
-    };
-    let _waker = spawn("waker", Stdio::null());
-    let mut provisioner = spawn("provisioner", Stdio::from(std::fs::File::create(&log).unwrap()));
-    let waker = std::net::SocketAddr::from(([127, 0, 0, 1], waker_port));
-    wakegate_testkit::eventually(WAIT, "waker to listen", || async {
-        http::send(waker, "GET", "w", "/healthz", &[], "").await.ok().filter(|r| r.status == 200)
-    })
-    .await;
+    let extra = [("WAKEGATE_LOG_FORMAT", "json"), ("RUST_LOG", "warn,wakegate_provisioner=debug")];
+    let parts = Parts::new(&redis, "logs", "operator-token-for-the-logs-test", &extra);
+    let token = parts.token;
+    let log = parts.data.join("provisioner.log");
+    let _waker = parts.spawn("waker");
+    let mut provisioner = parts.spawn_to("provisioner", Stdio::from(std::fs::File::create(&log).unwrap()));
+    parts.waker_listens().await;
     let repo = demo_repo();
-    let op = |method: &'static str, path: String, body: Option<serde_json::Value>| async move {
-        wakegate::operator::call(waker, token, method, &path, body).await.unwrap()
+    let op = |method: &'static str, path: String, body: Option<serde_json::Value>| {
+        let parts = &parts;
+        async move { parts.op(method, &path, body).await }
     };
     op("POST", "/v1/projects".into(), Some(json!({"name": "demo", "git_url": repo.url()}))).await;
     let (_, p) = op("POST", "/v1/projects/demo/previews".into(), Some(json!({"ref": "main"}))).await;
@@ -317,7 +304,5 @@ async fn logs_are_json_lines_filtered_as_rust_log_says() {
     assert!(in_span, "a job's lines carry the preview it works on: {text}");
     assert!(!text.contains(token), "no secrets in the logs");
 
-    for machine in std::fs::read_dir(data.join("machines")).unwrap().flatten() {
-        wakegate_testkit::kill_recorded_group(&machine.path().join("app.pid"));
-    }
+    parts.kill_apps();
 }

@@ -264,10 +264,9 @@ impl AgentApi {
             Ok(x) => x,
             Err(r) => return r,
         };
-        let wait = || self.wait();
         let Some(preview) = preview else {
             return if record.pool.is_some() && record.preview.is_none() {
-                wait()
+                self.wait()
             } else {
                 error(410, "this machine is not wanted")
             };
@@ -281,7 +280,7 @@ impl AgentApi {
             State::Building { restart: true, .. } => return error(410, "this machine is not wanted"),
             State::Building { .. } | State::Waking { .. } | State::Running { .. } => {}
             // going to sleep: the machine is about to stop
-            _ => return wait(),
+            _ => return self.wait(),
         }
         let project = match self.store.get_project(&preview.project_id).await {
             Ok(Some(p)) => p,
@@ -392,9 +391,10 @@ impl AgentApi {
             Err(e) => return error(502, &e),
         };
         if !order.fetched {
-            let fetched = PullOrder { fetched: true, ..order.clone() };
-            let (a, b) = (serde_json::to_string(&order).expect("json"), serde_json::to_string(&fetched).expect("json"));
-            if let Err(e) = self.store.table_swap(PULL_ORDERS, machine, Some(&a), Some(&b)).await {
+            let fetched = wakegate_store::edit_record(self.store.as_ref(), PULL_ORDERS, machine, |o: PullOrder| {
+                (o.key == order.key && !o.fetched).then_some(PullOrder { fetched: true, ..o })
+            });
+            if let Err(e) = fetched.await {
                 return error(503, &e.to_string());
             }
         }

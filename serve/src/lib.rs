@@ -183,10 +183,13 @@ pub async fn serve_connection<C: Graceful>(
     let check = idle / 4;
     let (mut seen, mut quiet) = (ticks.load(Ordering::Relaxed), Duration::ZERO);
     let mut closing = false;
+    let stopping = shutdown.cancelled();
+    tokio::pin!(stopping);
     loop {
         tokio::select! {
+            biased;
             _ = served.as_mut() => return,
-            () = shutdown.cancelled(), if !closing => {
+            () = &mut stopping, if !closing => {
                 served.as_mut().graceful_shutdown();
                 closing = true;
             }

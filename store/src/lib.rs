@@ -265,7 +265,8 @@ pub async fn edit_record<T: serde::Serialize + serde::de::DeserializeOwned>(
         let old: T = serde_json::from_str(&raw)
             .map_err(|e| StoreError::Corrupt { key: format!("{table}/{key}"), reason: e.to_string() })?;
         let Some(new) = f(old) else { return Ok(None) };
-        let new_raw = serde_json::to_string(&new).expect("serializable");
+        let new_raw = serde_json::to_string(&new)
+            .map_err(|e| StoreError::Corrupt { key: format!("{table}/{key}"), reason: e.to_string() })?;
         if store.table_swap(table, key, Some(&raw), Some(&new_raw)).await? {
             return Ok(Some(new));
         }

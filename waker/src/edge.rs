@@ -83,11 +83,12 @@ pub async fn status(
     let wait = q.wait.unwrap_or(0).min(MAX_WAIT_MS);
     let (p, project) = w.find_by_host(&q.host).await?;
     let suspended = w.suspended_domain(&q.host, &p.value, &project).await?;
-    let p = if p.version <= after && wait > 0 && suspended.is_none() && !w.stopping.is_cancelled() {
+    let p = if p.version <= after && wait > 0 && suspended.is_none() {
         let waited = tokio::select! {
-            r = w.store.wait_preview(&p.value.id, after, Duration::from_millis(wait)) => r?,
+            biased;
             // stopping: the record as it is now; the edge asks again
             () = w.stopping.cancelled() => Some(p),
+            r = w.store.wait_preview(&p.value.id, after, Duration::from_millis(wait)) => r?,
         };
         waited.ok_or_else(|| ApiError::NotFound("preview removed".into()))?
     } else {

@@ -215,10 +215,14 @@ impl EdgeServer {
         let threads = std::mem::take(&mut self.threads);
         let joined = tokio::task::spawn_blocking(move || {
             for t in threads {
-                let _ = t.join();
+                if t.join().is_err() {
+                    tracing::error!("an edge thread panicked while stopping");
+                }
             }
         });
-        let _ = joined.await;
+        if let Err(e) = joined.await {
+            tracing::error!(error = %e, "waiting for the edge threads failed");
+        }
     }
 
     /// Cached hosts over all threads (as of each thread's last activity tick).
@@ -300,9 +304,13 @@ fn spawn_thread(
             shutdown.cancel();
             tracker.close();
             if !grace.is_zero() {
-                let _ = tokio::time::timeout(grace, tracker.wait()).await;
+                if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+                    tracing::warn!(open = tracker.len(), "connections still open after the grace period are cut");
+                }
                 // bounded: a waker that does not answer must not hold the exit up
-                let _ = tokio::time::timeout(Duration::from_secs(3), pipeline.flush_activity()).await;
+                if tokio::time::timeout(Duration::from_secs(3), pipeline.flush_activity()).await.is_err() {
+                    tracing::warn!("the waker did not take the last visits within 3 s; they are lost");
+                }
             }
             PIPELINE.with(|p| p.borrow_mut().take());
         });

@@ -272,13 +272,7 @@ def db_socket():
 
 def db_init(db):
     """A fresh, empty data directory (whatever an earlier attempt left goes)."""
-    global dbf
-    db_stop()
-    dbf = None
-    for p in (DB_FILE,):
-        if os.path.exists(p):
-            os.remove(p)
-    shutil.rmtree(DB, ignore_errors=True)
+    drop_db()
     os.makedirs(DB)
     engine = db["engine"]
     f = {"engine": engine, "name": db["name"], "env": db["env"], "user": "app",
