@@ -28,8 +28,11 @@ pub async fn start(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Backend> {
     if cfg.backend == BackendKind::Local {
-        let cloud = Arc::new(LocalCloud::new(std::path::absolute(cfg.data_dir.join("machines"))?)?);
-        return Ok(Backend { cloud, hetzner: None, agent_addr: None, tasks: Vec::new() });
+        let root = std::path::absolute(cfg.data_dir.join("machines"))?;
+        let cloud = Arc::new(LocalCloud::new(&root)?);
+        let every = cfg.sweep_every.min(std::time::Duration::from_secs(1));
+        let logs = tokio::spawn(wakegate_provisioner::local::ship_logs(root, store, every, stop));
+        return Ok(Backend { cloud, hetzner: None, agent_addr: None, tasks: vec![logs] });
     }
     let h = &cfg.hetzner;
     let token = h.token.clone().ok_or(ConfigError::Missing("WAKEGATE_HETZNER_TOKEN"))?;

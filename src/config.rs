@@ -56,6 +56,8 @@ pub struct Config {
     pub csrf_key: Option<Key>,
     pub origin_key: Option<Key>,
     pub operator_token: Option<String>,
+    /// Where `/metrics` is served (`WAKEGATE_METRICS_ADDR`); off when unset.
+    pub metrics_addr: Option<SocketAddr>,
     pub sweep_every: Duration,
     /// How long a stopping process (SIGTERM, Ctrl-C) lets requests and jobs in flight
     /// finish (`WAKEGATE_SHUTDOWN_GRACE_SECS`, default 20).
@@ -298,6 +300,15 @@ impl Config {
             csrf_key: key(src, "WAKEGATE_CSRF_KEY", "WAKEGATE_CSRF_KEY_FILE")?,
             origin_key: key(src, "WAKEGATE_ORIGIN_KEY", "WAKEGATE_ORIGIN_KEY_FILE")?,
             operator_token: secret(src, "WAKEGATE_OPERATOR_TOKEN", "WAKEGATE_OPERATOR_TOKEN_FILE")?,
+            metrics_addr: src
+                .get("WAKEGATE_METRICS_ADDR")
+                .map(|v| {
+                    v.parse().map_err(|e| ConfigError::Invalid {
+                        key: "WAKEGATE_METRICS_ADDR",
+                        reason: format!("{v:?}: {e} (an address and port, e.g. 127.0.0.1:9464)"),
+                    })
+                })
+                .transpose()?,
             sweep_every: secs(src, "WAKEGATE_SWEEP_SECS", prov.sweep_every.as_secs_f64())?,
             shutdown_grace: secs(src, "WAKEGATE_SHUTDOWN_GRACE_SECS", 20.0)?,
             lease: secs(src, "WAKEGATE_LEASE_SECS", prov.lease.as_secs_f64())?,

@@ -45,12 +45,22 @@ impl Api {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.with_context(|| format!("cannot reach the waker at {}", self.base))?;
+        let resp = req.send().await.map_err(|e| {
+            // the innermost cause says what happened (connection refused, no such host)
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            anyhow::anyhow!(
+                "cannot reach the waker at {}: {cause} (is it running? set --server or WAKEGATE_WAKER_URL)",
+                self.base
+            )
+        })?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await?;
         let json = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
         if status == 401 {
-            bail!("the waker refused the operator token (401): check WAKEGATE_OPERATOR_TOKEN");
+            bail!("the waker refused the operator token (401): check --token or WAKEGATE_OPERATOR_TOKEN");
         }
         Ok((status, json))
     }

@@ -28,6 +28,9 @@ pub struct Dev {
     /// The Hetzner backend when configured (tests reach its pool keeper through it).
     pub hetzner: Option<Arc<wakegate_provisioner::hetzner::HetznerCloud>>,
     pub agent_addr: Option<SocketAddr>,
+    /// Where `/metrics` answers, when `WAKEGATE_METRICS_ADDR` is set.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics_stop: tokio_util::sync::CancellationToken,
     stop: tokio::sync::watch::Sender<bool>,
     edge: Option<EdgeServer>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -42,6 +45,10 @@ impl Dev {
     /// `store` with the local backend under `<data>/machines`.
     pub async fn start(cfg: &Config, store: SharedStore) -> anyhow::Result<Dev> {
         use anyhow::Context as _;
+        // the recorder first: the edge's threads take their metric handles as they start
+        if cfg.metrics_addr.is_some() {
+            crate::metrics::handle()?;
+        }
         let waker_listener = TcpListener::bind(cfg.waker_addr)
             .await
             .with_context(|| format!("cannot listen on {} for waker (set WAKEGATE_WAKER_ADDR)", cfg.waker_addr))?;
@@ -105,7 +112,14 @@ impl Dev {
         }
         tasks.push(tokio::spawn(wakegate_waker::serve(waker_listener, waker)));
         tasks.extend(provisioner.spawn_all(stop_rx));
+        let metrics_stop = tokio_util::sync::CancellationToken::new();
+        let metrics_addr = match cfg.metrics_addr {
+            Some(addr) => Some(crate::metrics::serve(addr, metrics_stop.clone()).await?),
+            None => None,
+        };
         Ok(Dev {
+            metrics_addr,
+            metrics_stop,
             edge_addr,
             waker_addr,
             store,
@@ -132,6 +146,7 @@ impl Dev {
                     if apply(self.store.as_ref(), &p.value.id, &Event::SleepRequested, now_ms()).await.is_ok()
                         && self.provisioner.cloud.stop(machine, &project).await.is_ok()
                     {
+                        metrics::counter!(wakegate_core::metrics::SLEEPS, "reason" => "shutdown").increment(1);
                         if let Err(e) = apply(self.store.as_ref(), &p.value.id, &Event::Stopped, now_ms()).await {
                             tracing::warn!(preview = %p.value.id, error = %e, "recording a stop at shutdown failed");
                         }
@@ -140,6 +155,7 @@ impl Dev {
             }
         }
         self.edge.take();
+        self.metrics_stop.cancel();
         for t in self.tasks.drain(..) {
             t.abort();
         }
@@ -149,6 +165,7 @@ impl Dev {
 
 impl Drop for Dev {
     fn drop(&mut self) {
+        self.metrics_stop.cancel();
         for t in &self.tasks {
             t.abort();
         }

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use std::sync::Arc;
+use wakegate::cli::{PreviewCmd, ProjectCmd, Streams, Target};
 use wakegate::config::{Config, Env};
 use wakegate::dbcli::seg;
 use wakegate::dev::Dev;
@@ -34,17 +35,50 @@ enum Cmd {
     Provisioner,
     /// Prints the waker's OpenAPI document.
     Openapi,
-    /// Orgs, the domains they prove and their preview bases, through the waker's
-    /// operator API (WAKEGATE_WAKER_URL, WAKEGATE_OPERATOR_TOKEN).
+    /// Previews: list, show, create, pin, unpin, ttl, sleep, wake, erase, rebuild.
+    Previews {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        cmd: PreviewCmd,
+    },
+    /// Projects: list, show, create.
+    Projects {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        cmd: ProjectCmd,
+    },
+    /// A preview's build and app logs.
+    Logs {
+        #[command(flatten)]
+        target: Target,
+        /// An id (`pv-…`) or `project/ref`.
+        preview: String,
+        /// Which log.
+        #[arg(long, value_enum, default_value = "all")]
+        stream: Streams,
+        /// Keeps printing what comes (Ctrl-C stops).
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Orgs, the domains they prove and their preview bases.
     Org {
+        #[command(flatten)]
+        target: Target,
         #[command(subcommand)]
         cmd: OrgCmd,
     },
-    /// A project's database dumps in S3 (WAKEGATE_WAKER_URL, WAKEGATE_OPERATOR_TOKEN).
+    /// A project's database dumps in S3.
     Db {
+        #[command(flatten)]
+        target: Target,
         #[command(subcommand)]
         cmd: DbCmd,
     },
+    /// Prints shell completions (bash, zsh, fish, elvish, powershell), e.g.
+    /// `wakegate completions bash > /etc/bash_completion.d/wakegate`.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(clap::Subcommand)]
@@ -120,9 +154,17 @@ fn init_tracing() -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = <Cli as clap::Parser>::parse();
-    if let Cmd::Openapi = cli.cmd {
-        println!("{}", wakegate_waker::openapi_json());
-        return Ok(());
+    match cli.cmd {
+        Cmd::Openapi => {
+            println!("{}", wakegate_waker::openapi_json());
+            return Ok(());
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "wakegate", &mut std::io::stdout());
+            return Ok(());
+        }
+        _ => {}
     }
     init_tracing()?;
     let cfg = Config::from_source(&Env)?;
@@ -131,16 +173,18 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Waker => wakegate::parts::waker(cfg).await,
         Cmd::Edge => wakegate::parts::edge(cfg).await,
         Cmd::Provisioner => wakegate::parts::provisioner(cfg).await,
-        Cmd::Openapi => Ok(()),
-        Cmd::Org { cmd } => org(&cfg, cmd).await,
-        Cmd::Db { cmd } => db(&cfg, cmd).await,
+        Cmd::Openapi | Cmd::Completions { .. } => Ok(()),
+        Cmd::Previews { target, cmd } => wakegate::cli::previews(&target.api(&cfg)?, cmd).await,
+        Cmd::Projects { target, cmd } => wakegate::cli::projects(&target.api(&cfg)?, cmd).await,
+        Cmd::Logs { target, preview, stream, follow } => {
+            wakegate::cli::logs(&target.api(&cfg)?, &preview, stream, follow).await
+        }
+        Cmd::Org { target, cmd } => org(&target.api(&cfg)?, cmd).await,
+        Cmd::Db { target, cmd } => db(&target.api(&cfg)?, cmd).await,
     }
 }
 
-async fn db(cfg: &Config, cmd: DbCmd) -> anyhow::Result<()> {
-    use wakegate::dbcli::Api;
-    let token = cfg.operator_token.clone().context("set WAKEGATE_OPERATOR_TOKEN (or _FILE)")?;
-    let api = Api::new(&cfg.waker_url, &token)?;
+async fn db(api: &wakegate::dbcli::Api, cmd: DbCmd) -> anyhow::Result<()> {
     match cmd {
         DbCmd::Push { project, file, engine, target } => {
             let p = wakegate::dbcli::Push {
@@ -149,12 +193,12 @@ async fn db(cfg: &Config, cmd: DbCmd) -> anyhow::Result<()> {
                 engine: engine.as_deref(),
                 target: target.as_deref(),
             };
-            wakegate::dbcli::push(&api, p).await
+            wakegate::dbcli::push(api, p).await
         }
-        DbCmd::List { project } => wakegate::dbcli::list(&api, &project).await,
+        DbCmd::List { project } => wakegate::dbcli::list(api, &project).await,
         DbCmd::Pull { preview, output } => {
             let output = output.unwrap_or_else(|| format!("{preview}.sql.gz"));
-            wakegate::dbcli::pull(&api, &preview, &output).await
+            wakegate::dbcli::pull(api, &preview, &output).await
         }
         DbCmd::Use { project, dump } => {
             api.ok(reqwest::Method::POST, &format!("/v1/projects/{}/dumps/{}/use", seg(&project), seg(&dump)), None)
@@ -171,42 +215,29 @@ async fn db(cfg: &Config, cmd: DbCmd) -> anyhow::Result<()> {
     }
 }
 
-async fn org(cfg: &Config, cmd: OrgCmd) -> anyhow::Result<()> {
-    let token = cfg.operator_token.clone().context("set WAKEGATE_OPERATOR_TOKEN (or _FILE)")?;
-    let authority = cfg
-        .waker_url
-        .split("://")
-        .nth(1)
-        .map(|rest| rest.split('/').next().unwrap_or(rest))
-        .context("WAKEGATE_WAKER_URL must look like http://host:port")?;
-    let addr = tokio::net::lookup_host(authority)
-        .await
-        .with_context(|| format!("resolving {authority}"))?
-        .next()
-        .with_context(|| format!("{authority} has no address"))?;
+async fn org(api: &wakegate::dbcli::Api, cmd: OrgCmd) -> anyhow::Result<()> {
+    use reqwest::Method;
     let (method, path, body) = match cmd {
-        OrgCmd::List => ("GET", "/v1/orgs".to_string(), None),
-        OrgCmd::Show { org } => ("GET", format!("/v1/orgs/{}", seg(&org)), None),
-        OrgCmd::Create { name } => ("POST", "/v1/orgs".into(), Some(serde_json::json!({ "name": name }))),
+        OrgCmd::List => (Method::GET, "/v1/orgs".to_string(), None),
+        OrgCmd::Show { org } => (Method::GET, format!("/v1/orgs/{}", seg(&org)), None),
+        OrgCmd::Create { name } => (Method::POST, "/v1/orgs".into(), Some(serde_json::json!({ "name": name }))),
         OrgCmd::AddDomain { org, domain } => {
-            ("POST", format!("/v1/orgs/{}/domains", seg(&org)), Some(serde_json::json!({ "domain": domain })))
+            (Method::POST, format!("/v1/orgs/{}/domains", seg(&org)), Some(serde_json::json!({ "domain": domain })))
         }
         OrgCmd::Verify { org, domain } => {
-            ("POST", format!("/v1/orgs/{}/domains/{}/verify", seg(&org), seg(&domain)), None)
+            (Method::POST, format!("/v1/orgs/{}/domains/{}/verify", seg(&org), seg(&domain)), None)
         }
         OrgCmd::RemoveDomain { org, domain } => {
-            ("DELETE", format!("/v1/orgs/{}/domains/{}", seg(&org), seg(&domain)), None)
+            (Method::DELETE, format!("/v1/orgs/{}/domains/{}", seg(&org), seg(&domain)), None)
         }
         OrgCmd::AddBase { org, base } => {
-            ("POST", format!("/v1/orgs/{}/bases", seg(&org)), Some(serde_json::json!({ "base": base })))
+            (Method::POST, format!("/v1/orgs/{}/bases", seg(&org)), Some(serde_json::json!({ "base": base })))
         }
-        OrgCmd::RemoveBase { org, base } => ("DELETE", format!("/v1/orgs/{}/bases/{}", seg(&org), seg(&base)), None),
+        OrgCmd::RemoveBase { org, base } => {
+            (Method::DELETE, format!("/v1/orgs/{}/bases/{}", seg(&org), seg(&base)), None)
+        }
     };
-    let (status, answer) = wakegate::operator::call(addr, &token, method, &path, body).await?;
-    if status >= 400 {
-        let field = answer["field"].as_str().map(|f| format!(" ({f})")).unwrap_or_default();
-        anyhow::bail!("{status}: {}{field}", answer["error"].as_str().unwrap_or("failed"));
-    }
+    let answer = api.ok(method, &path, body).await?;
     if !answer.is_null() {
         println!("{}", serde_json::to_string_pretty(&answer)?);
     }

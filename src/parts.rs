@@ -63,6 +63,7 @@ pub async fn waker(cfg: Config) -> anyhow::Result<()> {
     );
     let listener = TcpListener::bind(cfg.waker_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "waker listening");
+    crate::metrics::maybe_serve(cfg.metrics_addr, &shutdown).await?;
     let _forge = waker.spawn_forge();
     let _recheck =
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(wakegate_waker::orgs::recheck_loop(waker.clone())));
@@ -89,11 +90,15 @@ pub async fn edge(cfg: Config) -> anyhow::Result<()> {
         Config::require_key(&cfg.origin_key, "WAKEGATE_ORIGIN_KEY")?,
     );
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // the recorder before the threads: they take their metric handles as they start
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
+    crate::metrics::maybe_serve(cfg.metrics_addr, &metrics_stop).await?;
     let server = EdgeServer::start(cfg.edge_addr, edge, threads)
         .with_context(|| format!("binding the edge to {} (WAKEGATE_EDGE_ADDR)", cfg.edge_addr))?;
     let addr = server.addr;
     tracing::info!(%addr, threads, waker = %cfg.waker_url, "edge listening");
     terminated().await;
+    metrics_stop.cancel();
     server.shutdown(cfg.shutdown_grace).await;
     tracing::info!("edge stopped");
     Ok(())
@@ -103,6 +108,9 @@ pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
     let store = redis(&cfg).await?;
     let template = cfg.preview_url(cfg.edge_addr.port());
     let (stop, rx) = tokio::sync::watch::channel(false);
+    // the recorder before anything records
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
+    crate::metrics::maybe_serve(cfg.metrics_addr, &metrics_stop).await?;
     let backend = crate::backend::start(&cfg, store.clone(), &template, rx.clone()).await?;
     let mut p = Provisioner::new(store, backend.cloud.clone(), cfg.provisioner_settings(template));
     p.dumps = cfg.s3.clone().map(wakegate_db::s3::Bucket::new);
@@ -127,6 +135,7 @@ pub async fn provisioner(cfg: Config) -> anyhow::Result<()> {
     for t in backend.tasks {
         t.abort();
     }
+    metrics_stop.cancel();
     tracing::info!("provisioner stopped");
     Ok(())
 }

@@ -198,6 +198,10 @@ async fn server_matches_its_openapi_document() {
         ("PUT", format!("/v1/previews/{id}/ttl"), json!({"ttl_hours": 2.5}).to_string()),
         ("PUT", format!("/v1/previews/{id}/ttl"), json!({"ttl_hours": null}).to_string()),
         ("PUT", format!("/v1/previews/{id}/ttl"), json!({"ttl_hours": 0}).to_string()),
+        ("GET", format!("/v1/previews/{id}/logs?stream=build"), String::new()),
+        ("GET", format!("/v1/previews/{id}/logs?stream=app&from=5"), String::new()),
+        ("GET", format!("/v1/previews/{id}/logs?stream=db"), String::new()),
+        ("GET", "/v1/previews/nope/logs?stream=app".into(), String::new()),
         ("POST", format!("/v1/previews/{id}/rebuild"), String::new()),
     ];
     for (m, path, body) in &operator_calls {

@@ -8,6 +8,7 @@
 //! * [`lifecycle`] — a preview's [`lifecycle::State`], the [`lifecycle::Event`]s that move
 //!   it and the pure [`lifecycle::transition`] that returns the next state plus the
 //!   [`lifecycle::Effect`]s a driver must perform;
+//! * [`metrics`] — the names of the Prometheus metrics the parts record;
 //! * [`redirect`] — the one `return_to` sanitizer (same-origin paths only);
 //! * [`route`] — the record the edge routes on, and the wire types edge and waker share;
 //! * [`sign`] — HMAC request signing (edge → waker, edge → origin) and CSRF tokens;
@@ -20,6 +21,7 @@ pub mod form;
 pub mod gitref;
 pub mod host;
 pub mod lifecycle;
+pub mod metrics;
 pub mod redirect;
 pub mod route;
 pub mod sign;

@@ -403,6 +403,18 @@ pub struct HostRequest {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActivityBatch {
     pub hosts: Vec<String>,
+    /// Requests answered since the last report, by answer
+    /// ([`crate::metrics::EDGE_ANSWERS`]): the Worker's metrics, which the waker
+    /// records (the native edge serves its own).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub served: std::collections::BTreeMap<String, u64>,
+    /// Requests to a sleeping preview refused a wake (bots, prefetches, `HEAD`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused_wakes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Longest body waker accepts.

@@ -140,11 +140,51 @@ pub trait Platform: Sized + 'static {
     /// Runs `work` in the background (it may outlive the request).
     fn spawn(&self, cx: &Self::Cx, work: LocalBoxFuture<'static, ()>);
     fn warn(&self, what: &str, error: &EdgeError);
+    /// When a request began, if this platform has a monotonic clock to time it with.
+    fn began(&self) -> Option<std::time::Instant> {
+        None
+    }
+    /// Notes what a request got. By default it is counted in [`State`] and reported to
+    /// waker with the activity (the Worker); the native edge records metrics itself.
+    fn served(&self, what: Served, _began: Option<std::time::Instant>) {
+        self.state().count(what);
+    }
+    /// Notes a request refused a wake because it may not wake anything (a bot, a
+    /// prefetch, a `HEAD`); counted like [`Platform::served`].
+    fn refused_wake(&self) {
+        let s = self.state();
+        s.refused.set(s.refused.get() + 1);
+    }
     /// Whether a request may await I/O another request started. The native edge: yes.
     /// A Worker: no (workerd refuses I/O on behalf of another request), so there each
     /// request does its own waker calls instead of joining one in flight.
     fn shares_io_between_requests(&self) -> bool {
         true
+    }
+}
+
+/// What a request got, for metrics: a small fixed set (the `answer` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    Proxy,
+    Page,
+    Hold,
+    Status,
+    Rebuild,
+    /// A plain answer: no such preview or endpoint, a preview unavailable to this
+    /// client (a bot at a sleeping one), a refused request (bad host, too large).
+    Other,
+    /// The edge failed a request itself (the waker unreachable, say). An origin that
+    /// fails a proxied or held request is counted under `proxy` or `hold`.
+    Error,
+}
+
+impl Served {
+    pub const ALL: [Served; 7] =
+        [Served::Proxy, Served::Page, Served::Hold, Served::Status, Served::Rebuild, Served::Other, Served::Error];
+
+    pub fn as_str(self) -> &'static str {
+        wakegate_core::metrics::EDGE_ANSWERS[self as usize]
     }
 }
 
@@ -167,6 +207,9 @@ pub struct State {
     nonce_prefix: u64,
     counter: Cell<u64>,
     signature: RefCell<String>,
+    /// Requests by [`Served`] since the last activity report (the Worker's metrics).
+    served: Cell<[u64; Served::ALL.len()]>,
+    refused: Cell<u64>,
 }
 
 impl State {
@@ -182,7 +225,28 @@ impl State {
             nonce_prefix,
             counter: Cell::new(0),
             signature: RefCell::new(String::with_capacity(128)),
+            served: Cell::new([0; Served::ALL.len()]),
+            refused: Cell::new(0),
         }
+    }
+
+    /// Counts a request for the next activity report.
+    pub fn count(&self, what: Served) {
+        let mut c = self.served.get();
+        c[what as usize] += 1;
+        self.served.set(c);
+    }
+
+    /// Whether requests were counted since the last report.
+    fn has_counts(&self) -> bool {
+        self.refused.get() > 0 || self.served.get().iter().any(|n| *n > 0)
+    }
+
+    /// Takes the counts kept since the last report.
+    fn take_counts(&self) -> (std::collections::BTreeMap<String, u64>, u64) {
+        let c = self.served.replace([0; Served::ALL.len()]);
+        let served = Served::ALL.iter().zip(c).filter(|(_, n)| *n > 0).map(|(s, n)| (s.as_str().into(), n)).collect();
+        (served, self.refused.replace(0))
     }
 
     /// Cached hosts (for memory accounting).
@@ -247,32 +311,71 @@ impl<P: Platform> Pipeline<P> {
 
     /// Answers one request.
     pub async fn handle(self: &Rc<Self>, cx: &P::Cx, req: P::Request) -> P::Response {
+        let began = self.platform.began();
+        // the counts of earlier requests (kept only where nothing else reports them)
+        if self.state().has_counts() {
+            self.flush_if_due(cx);
+        }
         let plan = {
             let head = self.platform.head(&req);
             self.plan(&req, head).await
         };
-        let result = match plan {
-            Ok(Plan::Answer(a)) => return self.platform.respond(a),
-            Ok(Plan::Page { answer, wake }) => return self.page_then_wake(cx, answer, wake),
-            Ok(Plan::Proxy { route, info, signature }) => return self.proxy(cx, req, route, info, signature).await,
-            Ok(Plan::Hold { route, wake, info }) => return self.hold(cx, req, route, wake, info).await,
-            Ok(Plan::Status { host, after }) => self.status(&host, after, STATUS_WAIT_MS).await.map(|r| match r {
-                Some(r) => Answer::json(200, &status_json(&r)),
-                None => Answer::json(404, &serde_json::json!({ "error": "no such preview" })),
-            }),
-            Ok(Plan::Rebuild { host, info, origin }) => self.rebuild(cx, req, host, info, origin).await,
-            Err(e) => Err(e),
+        let (what, result) = match plan {
+            Ok(Plan::Answer(a)) => return self.answered(a, Served::Other, began),
+            Ok(Plan::Page { answer, wake }) => {
+                self.platform.served(Served::Page, began);
+                return self.page_then_wake(cx, answer, wake);
+            }
+            Ok(Plan::Proxy { route, info, signature }) => {
+                let r = self.proxy(cx, req, route, info, signature).await;
+                self.platform.served(Served::Proxy, began);
+                return r;
+            }
+            Ok(Plan::Hold { route, wake, info }) => {
+                let r = self.hold(cx, req, route, wake, info).await;
+                self.platform.served(Served::Hold, began);
+                return r;
+            }
+            Ok(Plan::Status { host, after }) => (
+                Served::Status,
+                self.status(&host, after, STATUS_WAIT_MS).await.map(|r| match r {
+                    Some(r) => Answer::json(200, &status_json(&r)),
+                    None => Answer::json(404, &serde_json::json!({ "error": "no such preview" })),
+                }),
+            ),
+            Ok(Plan::Rebuild { host, info, origin }) => {
+                (Served::Rebuild, self.rebuild(cx, req, host, info, origin).await)
+            }
+            Err(e) => (Served::Other, Err(e)),
         };
         match result {
-            Ok(a) => self.platform.respond(a),
-            Err(e) => self.fail(&e),
+            Ok(a) => {
+                self.platform.served(what, began);
+                self.platform.respond(a)
+            }
+            Err(e) => {
+                self.warn_ours(&e);
+                let what = if e.is_ours() { Served::Error } else { Served::Other };
+                self.answered(e.answer(), what, began)
+            }
         }
     }
 
-    fn fail(&self, e: &EdgeError) -> P::Response {
+    /// A plain answer, counted as `what`.
+    fn answered(&self, a: Answer, what: Served, began: Option<std::time::Instant>) -> P::Response {
+        self.platform.served(what, began);
+        self.platform.respond(a)
+    }
+
+    fn warn_ours(&self, e: &EdgeError) {
         if e.is_ours() {
             self.platform.warn("edge", e);
         }
+    }
+
+    /// An error inside a proxied or held request (counted as that).
+    fn fail(&self, e: &EdgeError) -> P::Response {
+        self.warn_ours(e);
         self.platform.respond(e.answer())
     }
 
@@ -319,7 +422,7 @@ impl<P: Platform> Pipeline<P> {
         let Some(route) = self.route(&host).await? else {
             return Ok(Plan::Answer(Answer::page(&Page::NotFound { host: host.into_owned() }, &Context::default())));
         };
-        Ok(match decide(&route.record, info) {
+        Ok(match self.decide(&route.record, info) {
             Decision::Proxy => Plan::Proxy { signature: self.origin_signature(head), route, info },
             Decision::Page { page, wake } => Plan::Page {
                 answer: self.page(&page, &route, head.path_and_query),
@@ -335,6 +438,14 @@ impl<P: Platform> Pipeline<P> {
                 })
             }
         })
+    }
+
+    /// [`decide`], noting a request that may not wake the sleeping preview it asks for.
+    fn decide(&self, record: &RouteRecord, info: RequestInfo) -> Decision {
+        if !info.may_wake && matches!(record.status, wakegate_core::route::RouteStatus::Sleeping) {
+            self.platform.refused_wake();
+        }
+        decide(record, info)
     }
 
     fn page(&self, kind: &PageKind, route: &Route, return_to: &str) -> Answer {
@@ -471,8 +582,14 @@ impl<P: Platform> Pipeline<P> {
     /// Records a person's traffic; at most every `activity_every_ms` the batch goes to
     /// waker in the background.
     fn note_activity(self: &Rc<Self>, cx: &P::Cx, host: &Host) {
+        self.state().mark_active(host);
+        self.flush_if_due(cx);
+    }
+
+    /// Sends the report in the background when the last one is `activity_every_ms` old.
+    /// A Worker has no timers between requests: its reports ride on requests.
+    fn flush_if_due(self: &Rc<Self>, cx: &P::Cx) {
         let state = self.state();
-        state.mark_active(host);
         let now = self.platform.now();
         if now.saturating_sub(state.last_flush.get()) >= self.settings.activity_every_ms {
             let me = self.clone();
@@ -485,10 +602,11 @@ impl<P: Platform> Pipeline<P> {
         let state = self.state();
         state.last_flush.set(self.platform.now());
         let hosts: Vec<String> = state.active.borrow_mut().drain().map(|h| h.to_string()).collect();
-        if hosts.is_empty() {
+        let (served, refused_wakes) = state.take_counts();
+        if hosts.is_empty() && served.is_empty() && refused_wakes == 0 {
             return;
         }
-        let body = serde_json::to_vec(&ActivityBatch { hosts }).unwrap_or_default();
+        let body = serde_json::to_vec(&ActivityBatch { hosts, served, refused_wakes }).unwrap_or_default();
         if let Err(e) = self.waker("POST", "/v1/edge/activity", body).await {
             self.platform.warn("activity report", &e);
         }
@@ -532,7 +650,7 @@ impl<P: Platform> Pipeline<P> {
                 self.platform.warn("origin", &error);
                 self.forget(route.host.as_str());
                 if let Ok(Some(fresh)) = self.route(route.host.as_str()).await {
-                    match (decide(&fresh.record, info), unsent) {
+                    match (self.decide(&fresh.record, info), unsent) {
                         (Decision::Page { page, wake }, _) => {
                             let answer = self.page(&page, &fresh, &return_to);
                             return self.page_then_wake(cx, answer, wake.then(|| fresh.host.clone()));

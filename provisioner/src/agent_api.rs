@@ -214,6 +214,30 @@ async fn progress((Api(api), Extension(Machine(m)), b): Call) -> axum::response:
     })
 }
 
+#[derive(Deserialize)]
+struct LogQuery {
+    stream: String,
+    #[serde(default)]
+    offset: u64,
+}
+
+/// `GET`: how much of this machine's log file the store has; `POST` (raw bytes): what
+/// the file holds from `offset`. Both answer `{"shipped": n}`, where to go on from.
+async fn logs(
+    axum::extract::Query(q): axum::extract::Query<LogQuery>,
+    method: axum::http::Method,
+    (Api(api), Extension(Machine(m)), b): Call,
+) -> axum::response::Response {
+    let Some(stream) = wakegate_store::logs::Stream::parse(&q.stream) else {
+        return to_axum(error(400, "stream must be build or app"));
+    };
+    let bytes = match axum::body::to_bytes(b, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => return to_axum(error(413, &format!("body larger than {MAX_BODY} bytes"))),
+    };
+    to_axum(api.ship_log(&m, stream, (method == axum::http::Method::POST).then_some((q.offset, &bytes[..]))).await)
+}
+
 async fn exited((Api(api), Extension(Machine(m)), b): Call) -> axum::response::Response {
     record(&api, &m, b, |r: ExitReport| Ok(Report::Exited(cut(r.reason)))).await
 }
@@ -232,6 +256,7 @@ pub fn router(api: Arc<AgentApi>) -> axum::Router {
         .route("/v1/agent/dump", auth(get(dump)))
         .route("/v1/agent/progress", auth(post(progress)))
         .route("/v1/agent/pull", auth(get(pull_order).post(pulled)))
+        .route("/v1/agent/logs", auth(get(logs).post(logs)))
         .fallback(|| async { to_axum(error(404, "no such agent call")) })
         .with_state(api.clone())
 }
@@ -333,6 +358,26 @@ impl AgentApi {
             Ok(Some(d)) => reply(200, serde_json::to_value(&d).expect("serializable")),
             Ok(None) => reply(204, json!(null)),
             Err(reason) => error(409, &reason),
+        }
+    }
+
+    /// Where this machine's log file is shipped to, after adding `chunk` (its offset and
+    /// bytes) when there is one.
+    async fn ship_log(&self, machine: &str, stream: wakegate_store::logs::Stream, chunk: Option<(u64, &[u8])>) -> Resp {
+        let (record, _) = match self.lookup(machine).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let Some(preview) = record.preview else { return error(409, "this machine works for no preview") };
+        let shipped = match chunk {
+            Some((offset, data)) => {
+                wakegate_store::logs::append(self.store.as_ref(), &preview, stream, machine, offset, data).await
+            }
+            None => wakegate_store::logs::shipped(self.store.as_ref(), &preview, stream, machine).await,
+        };
+        match shipped {
+            Ok(n) => reply(200, json!({ "shipped": n })),
+            Err(e) => error(503, &e.to_string()),
         }
     }
 

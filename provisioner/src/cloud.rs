@@ -33,17 +33,21 @@ pub struct DumpSource {
 }
 
 /// A machine as the backend sees it (labels are the ground truth for what exists).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MachineInfo {
     pub id: MachineId,
     pub preview_id: String,
     pub created_at: Millis,
     /// Held by the backend itself (a ready machine in a pool): not an orphan.
     pub held: bool,
+    /// What the cloud says it is doing (`running`, `off`, `snapshot`, …).
+    pub status: String,
+    /// What it costs per hour, estimated from the cloud's prices (0 when free).
+    pub hourly_cost: f64,
 }
 
 /// Every machine a backend manages, and what finding out cost.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Listing {
     pub machines: Vec<MachineInfo>,
     /// Cloud API requests the listing made (0 for a local backend); the reconciler
@@ -71,6 +75,28 @@ pub trait Progress: Send + Sync {
     async fn detail(&self, _done: u64, _total: u64) {}
 }
 
+/// How a wake starts a preview again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WakeKind {
+    /// Processes start again on a host that is up, their build and data on its disk
+    /// (the local backend).
+    Warm,
+    /// A stopped server powers on with its disk.
+    Resume,
+    /// A server is created again from its hibernation snapshot.
+    Cold,
+}
+
+impl WakeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WakeKind::Warm => "warm",
+            WakeKind::Resume => "resume",
+            WakeKind::Cold => "cold",
+        }
+    }
+}
+
 /// How a deploy or start ended when it did not fail.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -94,6 +120,8 @@ pub trait Cloud: Send + Sync + 'static {
         spec: &DeploySpec,
         progress: &dyn Progress,
     ) -> Result<Outcome, CloudError>;
+    /// How this backend wakes a preview of `project` (the wake metrics' `kind`).
+    fn wake_kind(&self, project: &Project) -> WakeKind;
     /// Starts a sleeping machine again.
     async fn start(&self, machine: &MachineId, project: &Project) -> Result<Outcome, CloudError>;
     /// Puts a machine to sleep the project's way, keeping what it needs to start again.

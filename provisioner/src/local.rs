@@ -454,6 +454,10 @@ impl Cloud for LocalCloud {
         self.start_app(machine, &dir, &mf).await.map(Outcome::Ready)
     }
 
+    fn wake_kind(&self, _: &Project) -> crate::cloud::WakeKind {
+        crate::cloud::WakeKind::Warm
+    }
+
     async fn start(&self, machine: &MachineId, _: &Project) -> Result<Outcome, CloudError> {
         let dir = self.dir(machine)?;
         let raw = tokio::fs::read(dir.join("machine.json")).await.map_err(|_| CloudError::NotFound(machine.clone()))?;
@@ -520,7 +524,8 @@ impl Cloud for LocalCloud {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
             let preview_id = tokio::fs::read_to_string(entry.path().join("owner")).await.unwrap_or_default();
-            out.push(MachineInfo { id, preview_id, created_at, held: false });
+            let status = if group_alive(&entry.path(), "app.pid").await { "running" } else { "off" };
+            out.push(MachineInfo { id, preview_id, created_at, held: false, status: status.into(), hourly_cost: 0.0 });
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Listing { machines: out, requests: 0 })
@@ -557,5 +562,72 @@ impl Cloud for LocalCloud {
             }
         }
         Ok(out)
+    }
+}
+
+/// Ships the machines' build and app logs under `root` into the store every `every`
+/// until `stop` (what the Hetzner agent does on its machine), so `wakegate logs` works
+/// from any waker. Where each file was shipped to is remembered here and, after a
+/// restart, read back from the store.
+pub async fn ship_logs(
+    root: PathBuf,
+    store: wakegate_store::SharedStore,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use wakegate_store::logs::{self, Stream};
+    let mut shipped: std::collections::HashMap<(String, Stream), u64> = std::collections::HashMap::new();
+    loop {
+        let mut seen = std::collections::HashSet::new();
+        if let Ok(mut rd) = tokio::fs::read_dir(&root).await {
+            while let Ok(Some(entry)) = rd.next_entry().await {
+                let machine = entry.file_name().to_string_lossy().into_owned();
+                if !machine.starts_with("m-") {
+                    continue;
+                }
+                let Ok(preview) = tokio::fs::read_to_string(entry.path().join("owner")).await else { continue };
+                for stream in Stream::ALL {
+                    let key = (machine.clone(), stream);
+                    seen.insert(key.clone());
+                    let Ok(mut file) = tokio::fs::File::open(entry.path().join(stream.file())).await else { continue };
+                    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+                    let at = match shipped.get(&key) {
+                        Some(at) => *at,
+                        None => match logs::shipped(store.as_ref(), &preview, stream, &machine).await {
+                            Ok(at) => at,
+                            Err(_) => continue,
+                        },
+                    };
+                    // the file started over (a build again on this machine)
+                    let at = if len < at { 0 } else { at };
+                    if len == at {
+                        shipped.insert(key, at);
+                        continue;
+                    }
+                    use tokio::io::AsyncSeekExt;
+                    let mut buf = vec![0; (len - at).min(logs::MAX_CHUNK as u64) as usize];
+                    if file.seek(std::io::SeekFrom::Start(at)).await.is_err()
+                        || file.read_exact(&mut buf).await.is_err()
+                    {
+                        continue;
+                    }
+                    match logs::append(store.as_ref(), &preview, stream, &machine, at, &buf).await {
+                        Ok(now) => {
+                            shipped.insert(key, now);
+                        }
+                        Err(e) => tracing::debug!(%machine, error = %e, "shipping a log failed; trying again"),
+                    }
+                }
+            }
+        }
+        // machines that are gone
+        shipped.retain(|k, _| seen.contains(k));
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
     }
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{error, info, instrument, warn};
 use wakegate_core::lifecycle::{Event, MachineId, Phase, State};
+use wakegate_core::metrics as m;
 use wakegate_store::driver::{apply, Applied, ApplyError};
 use wakegate_store::{Lane, Lease, SharedStore, StoreError};
 
@@ -233,6 +234,8 @@ impl Provisioner {
                 return;
             }
         };
+        let outcome = if result.is_ok() { "ok" } else { "retry" };
+        metrics::counter!(m::JOBS, "kind" => lease.kind.as_str(), "result" => outcome).increment(1);
         match result {
             Ok(()) => {
                 if let Err(e) = self.store.complete(&lease).await {
@@ -311,7 +314,25 @@ impl Provisioner {
                 let Some(project) = self.store.get_project(&current.value.project_id).await? else {
                     return Ok(());
                 };
-                let event = match self.cloud.start(machine, &project).await {
+                let kind = self.cloud.wake_kind(&project).as_str();
+                let queued = now_ms().saturating_sub(current.value.state_since);
+                metrics::histogram!(m::WAKE_PHASE_SECONDS, "phase" => "queued").record(queued as f64 / 1000.0);
+                let began = std::time::Instant::now();
+                let started = self.cloud.start(machine, &project).await;
+                let took = began.elapsed().as_secs_f64();
+                metrics::histogram!(m::WAKE_PHASE_SECONDS, "phase" => "start").record(took);
+                let result = match &started {
+                    Ok(Outcome::Ready(_)) => "ok",
+                    // the machine reported itself: its state says how it went
+                    Ok(Outcome::Reported) => match self.store.get_preview(id).await {
+                        Ok(Some(p)) if matches!(p.value.state, State::Running { .. }) => "ok",
+                        _ => "failed",
+                    },
+                    Err(_) => "failed",
+                };
+                metrics::histogram!(m::WAKE_SECONDS, "kind" => kind, "result" => result)
+                    .record(took + queued as f64 / 1000.0);
+                let event = match started {
                     Ok(Outcome::Ready(origin)) => Event::Ready { machine: machine.clone(), origin },
                     Ok(Outcome::Reported) => return Ok(()),
                     Err(CloudError::NotFound(_)) => Event::MachineLost {
@@ -337,6 +358,8 @@ impl Provisioner {
             }
             (State::Erasing { .. }, wakegate_core::lifecycle::JobKind::Erase) => {
                 self.drop_pull(id).await?;
+                // the machines go, and what they logged with them
+                wakegate_store::logs::remove(self.store.as_ref(), id).await?;
                 self.event(id, Event::MachinesDeleted).await.map(|_| ())
             }
             (State::Running { machine, .. }, wakegate_core::lifecycle::JobKind::PullDb) => {

@@ -17,7 +17,27 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{info, warn};
 use wakegate_core::lifecycle::{EraseReason, Event, MachineId, State};
+use wakegate_core::metrics as m;
+use wakegate_core::route::Preview;
 use wakegate_store::driver::{apply, apply_at, sync_indexes};
+use wakegate_store::Versioned;
+
+/// Every preview state, so a gauge drops to 0 when its last preview leaves it.
+const PREVIEW_STATES: [&str; 9] =
+    ["building", "running", "stopping", "sleeping", "waking", "failed", "erasing", "erased", "gone"];
+/// The server statuses Hetzner reports (and `snapshot` for a hibernated machine).
+const SERVER_STATUSES: [&str; 10] = [
+    "running",
+    "initializing",
+    "starting",
+    "stopping",
+    "off",
+    "deleting",
+    "migrating",
+    "rebuilding",
+    "unknown",
+    "snapshot",
+];
 
 /// Most items one batch handles.
 const BATCH: usize = 500;
@@ -175,7 +195,10 @@ impl Provisioner {
                 let timeout = timeouts.get(&p.value.project_id).copied().unwrap_or(0);
                 if now.saturating_sub(last) >= timeout {
                     match apply(self.store.as_ref(), &id, &Event::SleepRequested, now).await {
-                        Ok(_) => {
+                        Ok(a) => {
+                            if a.changed {
+                                metrics::counter!(m::SLEEPS, "reason" => "idle").increment(1);
+                            }
                             info!(preview = %id, idle_ms = now.saturating_sub(last), "idle: going to sleep");
                             r.slept += 1;
                             progressed = true;
@@ -258,6 +281,30 @@ impl Provisioner {
         self.pace.soon.store(false, Ordering::Release);
     }
 
+    /// Servers by state, and what they cost per hour (in total, and per project for the
+    /// dashboard).
+    async fn record_listing(&self, previews: &[Versioned<Preview>], machines: &[crate::cloud::MachineInfo]) {
+        let mut by_status: HashMap<&str, usize> = SERVER_STATUSES.iter().map(|s| (*s, 0)).collect();
+        for m in machines {
+            *by_status.entry(m.status.as_str()).or_default() += 1;
+        }
+        for (status, n) in by_status {
+            metrics::gauge!(m::SERVERS, "state" => status.to_string()).set(n as f64);
+        }
+        metrics::gauge!(m::COST_PER_HOUR).set(machines.iter().map(|m| m.hourly_cost).sum::<f64>());
+        let project_of: HashMap<&str, &str> =
+            previews.iter().map(|p| (p.value.id.as_str(), p.value.project_id.as_str())).collect();
+        let mut costs: HashMap<String, f64> = HashMap::new();
+        for m in machines.iter().filter(|m| m.hourly_cost > 0.0) {
+            if let Some(project) = project_of.get(m.preview_id.as_str()) {
+                *costs.entry(project.to_string()).or_default() += m.hourly_cost;
+            }
+        }
+        if let Err(e) = wakegate_store::stats::set_costs(self.store.as_ref(), &costs).await {
+            warn!(error = %e, "recording projects' costs failed");
+        }
+    }
+
     /// Compares the store with the cloud and repairs: re-enqueues the job a
     /// transitional state waits on (every sweep), and, when the pace allows, deletes
     /// machines no record references (after the grace period) and fails previews whose
@@ -267,6 +314,13 @@ impl Provisioner {
             (Ok(p), Ok(j)) => (p, j),
             (Err(e), _) | (_, Err(e)) => return warn!(error = %e, "reconcile: reading the store failed"),
         };
+        let mut by_state: HashMap<&str, usize> = PREVIEW_STATES.iter().map(|s| (*s, 0)).collect();
+        for p in &previews {
+            *by_state.entry(p.value.state.as_str()).or_default() += 1;
+        }
+        for (state, n) in by_state {
+            metrics::gauge!(m::PREVIEWS, "state" => state).set(n as f64);
+        }
         let jobs: HashSet<_> = jobs.into_iter().collect();
         for p in &previews {
             if let Some(kind) = p.value.state.pending_job() {
@@ -298,6 +352,7 @@ impl Provisioner {
         };
         self.listed(requests);
         r.listed += 1;
+        self.record_listing(&previews, &machines).await;
         let referenced: HashSet<MachineId> = match self.store.list_previews().await {
             Ok(fresh) => fresh.iter().flat_map(|p| p.value.state.machines().into_iter().cloned()).collect(),
             Err(e) => return warn!(error = %e, "reconcile: reading the store failed"),

@@ -42,16 +42,20 @@ impl Connections {
 
     /// A place for a connection from `ip`, or `None` when a cap is reached.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
+        let refused = |cap: &'static str| {
+            metrics::counter!(wakegate_core::metrics::RATE_LIMITED, "where" => cap).increment(1);
+            None
+        };
         if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
             self.total.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            return refused("connections");
         }
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = per_ip.entry(ip).or_insert(0);
         if *n >= self.max_per_ip {
             drop(per_ip);
             self.total.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            return refused("connections_per_ip");
         }
         *n += 1;
         Some(Admitted { conns: self.clone(), ip })

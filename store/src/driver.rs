@@ -135,6 +135,7 @@ async fn apply_inner(
         }
         if changed {
             sync_indexes(store, &next, now).await?;
+            crate::stats::observe(store, &current.value, &next, now).await;
         }
         return Ok(Some(Applied { preview: Versioned { version, value: next }, delete, stale: t.stale, changed }));
     }

@@ -14,8 +14,10 @@
 pub mod conformance;
 pub mod driver;
 pub mod embedded;
+pub mod logs;
 pub mod redis_store;
 pub mod secret;
+pub mod stats;
 
 use async_trait::async_trait;
 use std::sync::Arc;

@@ -34,7 +34,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
         edge::route, edge::status, edge::wake, edge::rebuild, edge::activity,
         operator::list_projects, operator::create_project, operator::get_project, operator::create_preview,
         operator::list_previews, operator::show, operator::pin, operator::unpin, operator::set_ttl,
-        operator::sleep, operator::wake, operator::erase, operator::rebuild,
+        operator::sleep, operator::wake, operator::erase, operator::rebuild, operator::logs,
         orgs::list, orgs::create, orgs::show, orgs::add_domain, orgs::verify, orgs::remove_domain,
         orgs::add_base, orgs::remove_base, operator::custom_hostnames, crate::forge::hooks::receive,
         db::start, db::list, db::show, db::parts, db::part_url, db::complete, db::use_dump, db::remove, db::pull, db::pull_status, db::pull_done,
@@ -47,7 +47,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
         crate::forge::hooks::HookAnswer, wakegate_core::route::ForgeConfig, wakegate_core::route::SecretRef,
         wakegate_core::route::ForgeKind, wakegate_core::route::Change, wakegate_core::route::GoneInfo,
         wakegate_core::lifecycle::GoneWhy, db::NewDump, db::DumpView, db::UploadStarted, db::PartUrl,
-        db::PartView, db::Completion, db::SentPart, db::DumpList, db::PullView,
+        db::PartView, db::Completion, db::SentPart, db::DumpList, db::PullView, crate::model::LogSlice,
     )),
     modifiers(&SecuritySchemes),
     tags(
@@ -105,7 +105,9 @@ async fn json_errors(r: Response) -> Response {
     let status = r.status();
     let is_json =
         r.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if status.as_u16() < 400 || is_json {
+    // the dashboard's pages are HTML on purpose
+    let is_html = r.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+    if status.as_u16() < 400 || is_json || is_html {
         return r;
     }
     let (mut parts, _) = r.into_parts();
@@ -155,6 +157,7 @@ pub fn router(waker: Arc<Waker>) -> Router {
         .route("/v1/previews/{id}/wake", op(post(operator::wake)))
         .route("/v1/previews/{id}/erase", op(post(operator::erase)))
         .route("/v1/previews/{id}/rebuild", op(post(operator::rebuild)))
+        .route("/v1/previews/{id}/logs", op(get(operator::logs)))
         .route(
             "/v1/forge/{project}/hook",
             post(crate::forge::hooks::receive).layer(DefaultBodyLimit::max(crate::forge::hooks::MAX_HOOK_BODY)),
@@ -163,6 +166,7 @@ pub fn router(waker: Arc<Waker>) -> Router {
         .route("/healthz", get(health))
         .route("/openapi.json", get(openapi))
         .merge(api)
+        .merge(crate::dashboard::routes())
         .fallback(not_found)
         .with_state(waker)
         .layer(

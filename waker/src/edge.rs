@@ -172,6 +172,17 @@ pub async fn activity(State(w): State<Arc<Waker>>, Body(batch): Body<ActivityBat
             ids.push(id);
         }
     }
-    w.store.touch(&ids, now_ms()).await?;
+    // the Worker's counts (the native edge serves its own metrics); only known answers
+    for (answer, n) in &batch.served {
+        if let Some(a) = wakegate_core::metrics::EDGE_ANSWERS.iter().find(|a| **a == answer.as_str()) {
+            metrics::counter!(wakegate_core::metrics::EDGE_REQUESTS, "edge" => "worker", "answer" => *a).increment(*n);
+        }
+    }
+    if batch.refused_wakes > 0 {
+        metrics::counter!(wakegate_core::metrics::BOTS_REFUSED, "edge" => "worker").increment(batch.refused_wakes);
+    }
+    let now = now_ms();
+    w.store.touch(&ids, now).await?;
+    wakegate_store::stats::record_visits(w.store.as_ref(), &ids, now).await?;
     Ok(StatusCode::NO_CONTENT)
 }

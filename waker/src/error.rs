@@ -130,6 +130,15 @@ impl IntoResponse for ApiError {
             ApiError::Gone(g) => Some(g.clone()),
             _ => None,
         };
+        match &self {
+            ApiError::TooManyRequests(_) => {
+                metrics::counter!(wakegate_core::metrics::RATE_LIMITED, "where" => "waker").increment(1)
+            }
+            ApiError::Overloaded(_) => {
+                metrics::counter!(wakegate_core::metrics::RATE_LIMITED, "where" => "waker_overload").increment(1)
+            }
+            _ => {}
+        }
         let mut r = (self.status(), Json(ErrorBody { error: self.to_string(), field, gone })).into_response();
         if matches!(self, ApiError::TooManyRequests(_) | ApiError::Overloaded(_) | ApiError::Unavailable(_)) {
             r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));

@@ -17,6 +17,8 @@
 //!   names every preview of theirs answers at under them;
 //! * [`saas`] — custom names registered as Cloudflare for SaaS custom hostnames,
 //!   their status followed until live;
+//! * `dashboard` — the operators' page at `/dashboard`: a login with the operator
+//!   token makes a session cookie; every preview and project, CSRF-protected actions;
 //! * [`error`] — the one error enum and the one place a status is chosen;
 //! * [`forge`] — GitLab and GitHub drive previews: verified, de-duplicated webhooks
 //!   persisted and worked on after the answer, one comment per merge request edited in
@@ -31,6 +33,7 @@
 
 pub mod app;
 pub mod auth;
+mod dashboard;
 pub mod db;
 pub mod dns;
 pub mod edge;
@@ -62,4 +65,14 @@ pub async fn serve_until(
     grace: std::time::Duration,
 ) {
     wakegate_serve::serve_until(listener, router(waker), wakegate_serve::Limits::default(), shutdown, grace).await
+}
+
+/// Counts a call to a cloud API (`status` 0: no answer) and remembers the rate-limit
+/// budget it reported.
+pub(crate) fn record_call(api: &'static str, status: u16, remaining: Option<f64>) {
+    use wakegate_core::metrics as m;
+    metrics::counter!(m::CLOUD_REQUESTS, "api" => api, "outcome" => m::cloud_outcome(status)).increment(1);
+    if let Some(r) = remaining {
+        metrics::gauge!(m::CLOUD_RATELIMIT_REMAINING, "api" => api).set(r);
+    }
 }

@@ -109,8 +109,23 @@ pub struct PreviewView {
     pub ttl_remaining_ms: Option<u64>,
     pub ttl_remaining: Option<String>,
     pub created_at: u64,
+    /// When the version it runs (or builds) was asked for: the TTL counts from here.
+    pub deployed_at: u64,
+    /// When someone last visited it (bots do not count), if ever.
+    #[serde(default)]
+    pub last_visit_at: Option<u64>,
     pub last_error: Option<String>,
     pub version: u64,
+}
+
+/// Part of a preview's log.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LogSlice {
+    /// Where `text` begins: above the `from` asked for when older bytes were dropped.
+    pub start: u64,
+    /// Where the log ends now: ask `from` here to follow it.
+    pub end: u64,
+    pub text: String,
 }
 
 /// Custom hostnames registered with Cloudflare for SaaS.

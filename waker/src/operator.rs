@@ -135,7 +135,7 @@ pub async fn create_preview(
     let project = w.project_named(&name).await?;
     let (current, created) = w.ensure_preview(&project, &git_ref, true, |_| {}).await?;
     let mut view = w.view(&current, &project);
-    w.with_saas_status(std::slice::from_mut(&mut view)).await;
+    w.complete_views(std::slice::from_mut(&mut view)).await;
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(view)))
 }
 
@@ -234,7 +234,7 @@ pub async fn list_previews(State(w): State<Arc<Waker>>) -> Result<Json<Vec<Previ
         w.store.list_projects().await?.into_iter().map(|p| (p.id.clone(), p)).collect();
     let mut views: Vec<PreviewView> =
         previews.iter().filter_map(|p| projects.get(&p.value.project_id).map(|pr| w.view(p, pr))).collect();
-    w.with_saas_status(&mut views).await;
+    w.complete_views(&mut views).await;
     Ok(Json(views))
 }
 
@@ -247,7 +247,7 @@ pub async fn list_previews(State(w): State<Arc<Waker>>) -> Result<Json<Vec<Previ
 pub async fn show(State(w): State<Arc<Waker>>, Path(id): Path<String>) -> Result<Json<PreviewView>, ApiError> {
     let (p, project) = w.load(&id).await?;
     let mut view = w.view(&p, &project);
-    w.with_saas_status(std::slice::from_mut(&mut view)).await;
+    w.complete_views(std::slice::from_mut(&mut view)).await;
     Ok(Json(view))
 }
 
@@ -280,7 +280,9 @@ async fn update(w: &Waker, id: &str, f: impl Fn(&mut Preview)) -> Result<Json<Pr
                 if let Err(e) = sync_indexes(w.store.as_ref(), &next, now_ms()).await {
                     warn!(preview = %id, error = %e, "updating the TTL index failed; the sweeper will repair it");
                 }
-                return Ok(Json(w.view(&Versioned { version, value: next }, &project)));
+                let mut view = w.view(&Versioned { version, value: next }, &project);
+                w.complete_views(std::slice::from_mut(&mut view)).await;
+                return Ok(Json(view));
             }
             Err(StoreError::Conflict) => continue,
             Err(e) => return Err(e.into()),
@@ -291,12 +293,17 @@ async fn update(w: &Waker, id: &str, f: impl Fn(&mut Preview)) -> Result<Json<Pr
 
 async fn event(w: &Waker, id: &str, event: Event) -> Result<Created<PreviewView>, ApiError> {
     let a = apply(w.store.as_ref(), id, &event, now_ms()).await?;
+    if event == Event::SleepRequested && a.changed {
+        metrics::counter!(wakegate_core::metrics::SLEEPS, "reason" => "manual").increment(1);
+    }
     let project = w
         .store
         .get_project(&a.preview.value.project_id)
         .await?
         .ok_or_else(|| ApiError::NotFound("the preview's project is gone".into()))?;
-    Ok((StatusCode::ACCEPTED, Json(w.view(&a.preview, &project))))
+    let mut view = w.view(&a.preview, &project);
+    w.complete_views(std::slice::from_mut(&mut view)).await;
+    Ok((StatusCode::ACCEPTED, Json(view)))
 }
 
 /// Keeps a preview past its TTL until unpinned.
@@ -372,4 +379,33 @@ lifecycle_action!(
 pub async fn rebuild(State(w): State<Arc<Waker>>, Path(id): Path<String>) -> Result<Created<Accepted>, ApiError> {
     let (p, project) = w.load(&id).await?;
     Ok((StatusCode::ACCEPTED, Json(w.rebuild(p, &project).await?)))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// `build` (checkout, database restore, build command) or `app` (its output).
+    pub stream: String,
+    /// The stream offset to read from: 0, or the `end` of the last answer to follow it.
+    #[serde(default)]
+    pub from: u64,
+}
+
+/// A preview's build or app log from an offset (the newest 256 KiB are kept; erasing
+/// a preview drops them).
+#[utoipa::path(get, path = "/v1/previews/{id}/logs", tag = "operator", security(("operator_token" = [])),
+    params(("id" = String, Path, description = "preview id"), LogsQuery),
+    responses(
+        (status = 200, body = crate::model::LogSlice), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn logs(
+    State(w): State<Arc<Waker>>,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
+) -> Result<Json<crate::model::LogSlice>, ApiError> {
+    let stream = wakegate_store::logs::Stream::parse(&q.stream)
+        .ok_or_else(|| ApiError::bad("stream", "stream must be build or app"))?;
+    w.load(&id).await?;
+    let s = wakegate_store::logs::read(w.store.as_ref(), &id, stream, q.from).await?;
+    Ok(Json(crate::model::LogSlice { start: s.start, end: s.end, text: s.text }))
 }

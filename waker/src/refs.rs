@@ -85,6 +85,12 @@ impl RefChecker for GitRefs {
                             Ok(_permit) => ls_remote(&key.0, &key.1, inner.timeout).await,
                             Err(_) => Err("closed".to_string()),
                         };
+                        let result = match &answer {
+                            Ok(true) => "exists",
+                            Ok(false) => "missing",
+                            Err(_) => "error",
+                        };
+                        metrics::counter!(wakegate_core::metrics::REF_CHECKS, "result" => result).increment(1);
                         inner.cache.put(key.clone(), answer.clone());
                         lock(&inner.inflight).remove(&key);
                         answer

@@ -140,7 +140,10 @@ impl Client {
             if let Some(b) = &body {
                 req = req.json(b);
             }
-            let resp = match req.send().await {
+            let resp = req.send().await;
+            let status = resp.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+            crate::record_call("cloudflare", status, None);
+            let resp = match resp {
                 Ok(r) => r,
                 Err(e) if attempt < TRIES => {
                     warn!(error = %e, "Cloudflare request failed; retrying");

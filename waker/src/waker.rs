@@ -142,9 +142,17 @@ impl Waker {
         self
     }
 
-    /// Fills views' custom hostname statuses from Cloudflare's last answers (the
-    /// registrations are read once for all of them).
-    pub(crate) async fn with_saas_status(&self, views: &mut [PreviewView]) {
+    /// Fills what views take from elsewhere than the record: last visits, and custom
+    /// hostname statuses from Cloudflare's last answers (each read once for all views).
+    pub(crate) async fn complete_views(&self, views: &mut [PreviewView]) {
+        match wakegate_store::stats::last_visits(self.store.as_ref()).await {
+            Ok(visits) => {
+                for view in views.iter_mut() {
+                    view.last_visit_at = visits.get(&view.id).copied();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading last visits failed; views go without"),
+        }
         let Some(saas) = &self.saas else { return };
         let regs = crate::saas::registrations(self).await;
         for view in views {
@@ -379,6 +387,8 @@ impl Waker {
             ttl_remaining_ms: remaining,
             ttl_remaining: remaining.map(ttl::format_remaining),
             created_at: v.created_at,
+            deployed_at: v.built_at,
+            last_visit_at: None,
             last_error: v.last_error.clone(),
             version: p.version,
         }

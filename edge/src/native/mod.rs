@@ -277,6 +277,7 @@ fn spawn_thread(
                 pool: platform::pool(),
                 waker,
                 state: State::new(settings.cache, u64::from_le_bytes(prefix)),
+                metrics: platform::Metrics::new(),
             };
             let pipeline = Pipeline::new(native, settings);
             PIPELINE.with(|p| *p.borrow_mut() = Some(pipeline.clone()));

@@ -12,7 +12,7 @@ use super::body::{ClientBody, OutBody, ResponseBody};
 use super::pool::{Pool, PooledBody};
 use super::{ConnInfo, EdgeConfig};
 use crate::answer::{Answer, EdgeError};
-use crate::pipeline::{Failed, Forward, Head, Platform, State};
+use crate::pipeline::{Failed, Forward, Head, Platform, Served, State};
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -36,6 +36,27 @@ pub struct Native {
     pub(super) pool: Rc<Pool>,
     pub(super) waker: WakerAddr,
     pub(super) state: State,
+    pub(super) metrics: Metrics,
+}
+
+/// The native edge's metric handles, looked up once per thread (the recorder is
+/// installed before the edge starts; without one they cost nothing).
+pub(super) struct Metrics {
+    seconds: [metrics::Histogram; Served::ALL.len()],
+    requests: [metrics::Counter; Served::ALL.len()],
+    refused: metrics::Counter,
+}
+
+impl Metrics {
+    pub(super) fn new() -> Metrics {
+        use wakegate_core::metrics as m;
+        Metrics {
+            seconds: Served::ALL.map(|s| metrics::histogram!(m::EDGE_REQUEST_SECONDS, "answer" => s.as_str())),
+            requests: Served::ALL
+                .map(|s| metrics::counter!(m::EDGE_REQUESTS, "edge" => "native", "answer" => s.as_str())),
+            refused: metrics::counter!(m::BOTS_REFUSED, "edge" => "native"),
+        }
+    }
 }
 
 /// Where the waker is, parsed once: scheme, authority (also the `Host` sent) and any
@@ -358,6 +379,22 @@ impl Platform for Native {
 
     fn warn(&self, what: &str, error: &EdgeError) {
         warn!(error = %error, "{what}");
+    }
+
+    fn began(&self) -> Option<std::time::Instant> {
+        Some(std::time::Instant::now())
+    }
+
+    fn served(&self, what: Served, began: Option<std::time::Instant>) {
+        let i = what as usize;
+        self.metrics.requests[i].increment(1);
+        if let Some(t) = began {
+            self.metrics.seconds[i].record(t.elapsed().as_secs_f64());
+        }
+    }
+
+    fn refused_wake(&self) {
+        self.metrics.refused.increment(1);
     }
 }
 

@@ -63,13 +63,13 @@ def log(msg):
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def call(method, path, body=None, timeout=30):
-    data = None if body is None else json.dumps(body).encode()
+def call(method, path, body=None, timeout=30, raw=None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     req = urllib.request.Request(CFG["control"].rstrip("/") + path, data=data, method=method)
     req.add_header("Authorization", "Bearer " + CFG["token"])
     req.add_header("X-Wakegate-Machine", CFG["machine"])
     if data is not None:
-        req.add_header("Content-Type", "application/json")
+        req.add_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
@@ -748,6 +748,35 @@ def stop_app(*_):
     sys.exit(0)
 
 
+def ship_logs():
+    """Sends what build.log and app.log gained to the control plane every 2 s, so
+    `wakegate logs` shows them. Where each stands is asked once, then kept."""
+    at = {}
+    while True:
+        for stream in ("build", "app"):
+            path = os.path.join(ROOT, stream + ".log")
+            try:
+                size = os.path.getsize(path)
+                if stream not in at:
+                    status, body, _ = call("GET", f"/v1/agent/logs?stream={stream}")
+                    if status != 200:
+                        continue
+                    at[stream] = body["shipped"]
+                if size < at[stream]:
+                    at[stream] = 0  # the file started over
+                if size == at[stream]:
+                    continue
+                with open(path, "rb") as f:
+                    f.seek(at[stream])
+                    chunk = f.read(16 * 1024)
+                status, body, _ = call("POST", f"/v1/agent/logs?stream={stream}&offset={at[stream]}", raw=chunk)
+                if status == 200:
+                    at[stream] = body["shipped"]
+            except Exception as e:  # noqa: BLE001 - shipping logs must never stop
+                log(f"shipping {stream}.log failed: {e!r}")
+        time.sleep(2)
+
+
 def main():
     signal.signal(signal.SIGTERM, stop_app)
     os.makedirs(ROOT, exist_ok=True)
@@ -769,6 +798,7 @@ def main():
                 time.sleep(3600)
         time.sleep(float(headers.get("Retry-After", "1")) if headers else 1)
     log(f"work: {work['preview']} at {work['git_ref']}")
+    threading.Thread(target=ship_logs, daemon=True).start()
     try:
         m = deploy(work)
         start(m, work)

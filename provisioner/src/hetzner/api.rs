@@ -18,6 +18,7 @@ use serde::Serialize;
 use std::sync::Mutex;
 use std::time::Duration;
 use tracing::{debug, warn};
+use wakegate_core::metrics as m;
 
 /// The production endpoint.
 pub const BASE_URL: &str = "https://api.hetzner.cloud/v1";
@@ -190,7 +191,12 @@ impl Client {
                         b.limit = header_u64(h, "ratelimit-limit").or(b.limit);
                         b.remaining = header_u64(h, "ratelimit-remaining").or(b.remaining);
                         b.reset = header_u64(h, "ratelimit-reset").or(b.reset);
+                        if let Some(r) = b.remaining {
+                            metrics::gauge!(m::CLOUD_RATELIMIT_REMAINING, "api" => "hetzner").set(r as f64);
+                        }
                     }
+                    metrics::counter!(m::CLOUD_REQUESTS, "api" => "hetzner", "outcome" => m::cloud_outcome(status))
+                        .increment(1);
                     let retry_after = header_u64(h, "retry-after").map(Duration::from_secs);
                     let bytes = resp.bytes().await.map_err(|e| ApiError::Transport(e.to_string()))?;
                     if status < 400 {
@@ -213,7 +219,11 @@ impl Client {
                         return Err(e);
                     }
                 }
-                Err(e) => (None, ApiError::Transport(e.to_string())),
+                Err(e) => {
+                    metrics::counter!(m::CLOUD_REQUESTS, "api" => "hetzner", "outcome" => m::cloud_outcome(0))
+                        .increment(1);
+                    (None, ApiError::Transport(e.to_string()))
+                }
             };
             attempt += 1;
             if attempt >= self.opts.max_attempts {

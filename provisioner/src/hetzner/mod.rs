@@ -176,6 +176,9 @@ fn address_of(s: &models::Server) -> (Option<String>, Option<String>) {
     (ip, name)
 }
 
+/// Snapshot storage: EUR 0.0119 per GB and month (gross), per hour of a 730-hour month.
+pub const SNAPSHOT_EUR_PER_GB_HOUR: f64 = 0.0119 / 730.0;
+
 /// The store table of one pool's ready machines (machine → created_at).
 pub fn pool_table(key: &str) -> String {
     format!("hetzner-pool:{key}")
@@ -486,6 +489,8 @@ impl HetznerCloud {
                     }
                 }
             }
+            metrics::gauge!(wakegate_core::metrics::POOL_READY, "pool" => key.clone()).set(ready.len() as f64);
+            metrics::gauge!(wakegate_core::metrics::POOL_SIZE, "pool" => key.clone()).set(spec.min_ready as f64);
             if ready.len() >= spec.min_ready {
                 continue;
             }
@@ -596,6 +601,13 @@ impl Cloud for HetznerCloud {
         let project = spec.project.name.clone();
         self.ensure_server(machine, &image, &server_type, &location, &mut record, Some(&project)).await?;
         self.await_report(&spec.preview_id, machine).await
+    }
+
+    fn wake_kind(&self, project: &Project) -> crate::cloud::WakeKind {
+        match project.machine.sleep_mode {
+            SleepMode::Stop => crate::cloud::WakeKind::Resume,
+            SleepMode::Hibernate => crate::cloud::WakeKind::Cold,
+        }
     }
 
     async fn start(&self, machine: &MachineId, project: &Project) -> Result<Outcome, CloudError> {
@@ -742,7 +754,7 @@ impl Cloud for HetznerCloud {
         let before = self.client.counters().requests;
         let sel = format!("{MANAGED_BY}={MANAGED_BY_VALUE}");
         let mut by_machine: BTreeMap<String, MachineInfo> = BTreeMap::new();
-        let mut add = |labels: &HashMap<String, String>, fallback: &str, created: &str| {
+        let mut add = |labels: &HashMap<String, String>, fallback: &str, created: &str, status: &str, cost: f64| {
             let id = labels.get("machine").cloned().unwrap_or_else(|| fallback.to_string());
             let created_at = api::parse_time(created).unwrap_or(0);
             let e = by_machine.entry(id.clone()).or_insert(MachineInfo {
@@ -750,14 +762,28 @@ impl Cloud for HetznerCloud {
                 preview_id: labels.get("preview").cloned().unwrap_or_default(),
                 created_at,
                 held: false,
+                status: status.to_string(),
+                hourly_cost: 0.0,
             });
             e.created_at = e.created_at.min(created_at);
+            e.hourly_cost += cost;
         };
         for s in self.client.servers(&sel).await.map_err(api_err)? {
-            add(&s.labels, &s.name, &s.created);
+            // a server is billed whether it runs or not, at its type's price where it is
+            let price = s
+                .server_type
+                .prices
+                .iter()
+                .find(|p| p.location == s.location.name)
+                .and_then(|p| p.price_hourly.gross.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            let status = serde_json::to_value(s.status).ok();
+            let status = status.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown");
+            add(&s.labels, &s.name, &s.created, status, price);
         }
         for i in self.client.snapshots(&sel).await.map_err(api_err)? {
-            add(&i.labels, &format!("image-{}", i.id), &i.created);
+            let gb = i.image_size.unwrap_or(i.disk_size);
+            add(&i.labels, &format!("image-{}", i.id), &i.created, "snapshot", gb * SNAPSHOT_EUR_PER_GB_HOUR);
         }
         // ready pool machines belong to the backend
         let mut held = std::collections::HashSet::new();

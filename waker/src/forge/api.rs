@@ -43,10 +43,17 @@ pub struct Http {
     /// Sent as the `Authorization` header.
     authorization: String,
     extra: Vec<(&'static str, &'static str)>,
+    /// `gitlab` or `github`: the metrics' `api` label.
+    name: &'static str,
 }
 
 impl Http {
-    pub fn new(base: &str, token: &str, extra: Vec<(&'static str, &'static str)>) -> Result<Http, ForgeError> {
+    pub fn new(
+        name: &'static str,
+        base: &str,
+        token: &str,
+        extra: Vec<(&'static str, &'static str)>,
+    ) -> Result<Http, ForgeError> {
         let client = reqwest::Client::builder()
             .timeout(TIMEOUT)
             .user_agent(concat!("wakegate/", env!("CARGO_PKG_VERSION")))
@@ -59,6 +66,7 @@ impl Http {
             base: base.trim_end_matches('/').to_string(),
             authorization: format!("Bearer {token}"),
             extra,
+            name,
         })
     }
 
@@ -88,6 +96,7 @@ impl Http {
             let resp = match req.send().await {
                 Ok(r) => r,
                 Err(e) => {
+                    crate::record_call(self.name, 0, None);
                     // without the URL: nothing secret is in it, but it is noise in logs
                     let e = ForgeError::Transport(e.without_url().to_string());
                     if attempt == TRIES {
@@ -101,9 +110,16 @@ impl Http {
             };
             let status = resp.status().as_u16();
             let headers = resp.headers().clone();
+            // GitLab: RateLimit-Remaining; GitHub: x-ratelimit-remaining
+            let remaining = ["ratelimit-remaining", "x-ratelimit-remaining"]
+                .iter()
+                .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok()));
             let bytes = resp.bytes().await.map_err(|e| ForgeError::Transport(e.without_url().to_string()))?;
             let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            if let Some(wait) = rate_limited(status, &headers, &body) {
+            let limited = rate_limited(status, &headers, &body);
+            // GitHub says "rate limited" with a 403 too
+            crate::record_call(self.name, if limited.is_some() { 429 } else { status }, remaining);
+            if let Some(wait) = limited {
                 if wait > MAX_RATE_WAIT || attempt == TRIES {
                     return Err(ForgeError::RateLimited { retry_after: wait });
                 }
@@ -256,7 +272,7 @@ mod tests {
 
     #[test]
     fn never_follows_a_link_off_the_api() {
-        let http = Http::new("https://gitlab.example/api/v4", "t", vec![]).unwrap();
+        let http = Http::new("gitlab", "https://gitlab.example/api/v4", "t", vec![]).unwrap();
         assert!(http.same_origin("https://gitlab.example/api/v4/projects?page=2"));
         assert!(http.same_origin("https://gitlab.example:443/api/v4/projects"));
         assert!(!http.same_origin("https://evil.example/api/v4/projects"));

@@ -30,7 +30,7 @@ impl GitHub {
         let extra = vec![("accept", "application/vnd.github+json"), ("x-github-api-version", "2022-11-28")];
         let (owner, name) = config.repo.split_once('/').unwrap_or((&config.repo, ""));
         Ok(GitHub {
-            http: Http::new(&config.api_url, token, extra)?,
+            http: Http::new("github", &config.api_url, token, extra)?,
             repo: format!("/repos/{}/{}", segment(owner), segment(name)),
         })
     }

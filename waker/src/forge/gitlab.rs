@@ -32,7 +32,7 @@ pub struct GitLab {
 impl GitLab {
     pub fn new(config: &ForgeConfig, token: &str) -> Result<GitLab, ForgeError> {
         Ok(GitLab {
-            http: Http::new(&config.api_url, token, vec![])?,
+            http: Http::new("gitlab", &config.api_url, token, vec![])?,
             project: format!("/projects/{}", segment(&config.repo)),
         })
     }
