@@ -167,10 +167,10 @@ pub enum Streams {
 
 /// The preview a user names: an id, or `project/ref` looked up.
 async fn resolve(api: &Api, name: &str) -> anyhow::Result<String> {
-    if name.starts_with("pv-") {
-        return Ok(name.to_string());
-    }
     let Some((project, git_ref)) = name.split_once('/') else {
+        if name.starts_with("pv-") {
+            return Ok(name.to_string());
+        }
         bail!("name a preview by its id (pv-…) or as project/ref, e.g. demo/main");
     };
     let git_ref = wakegate_core::gitref::normalize(git_ref).map_err(|e| anyhow::anyhow!("{git_ref:?}: {e}"))?;
@@ -256,6 +256,13 @@ async fn wait_settled(api: &Api, id: &str, limit: Duration) -> anyhow::Result<()
             last = state;
         }
         match p["state"].as_str() {
+            // a redeploy that failed leaves the old version running, and says why
+            Some("running") if !p["last_error"].is_null() => {
+                bail!(
+                    "{id}: the new version failed; the old one still runs: {}",
+                    p["last_error"].as_str().unwrap_or("")
+                )
+            }
             Some("running") => {
                 println!("{}", p["url"].as_str().unwrap_or(""));
                 return Ok(());
@@ -361,7 +368,11 @@ pub async fn previews(api: &Api, cmd: PreviewCmd) -> anyhow::Result<()> {
             let ttl = if hours == "project" {
                 Value::Null
             } else {
-                let h: f64 = hours.parse().map_err(|_| anyhow::anyhow!("hours must be a number or `project`"))?;
+                let h = hours
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|h| h.is_finite())
+                    .ok_or_else(|| anyhow::anyhow!("hours must be a number or `project`"))?;
                 json!(h)
             };
             let p = api.ok(Method::PUT, &path(&id, "/ttl"), Some(json!({ "ttl_hours": ttl }))).await?;
@@ -438,26 +449,36 @@ pub async fn projects(api: &Api, cmd: ProjectCmd) -> anyhow::Result<()> {
 }
 
 /// Prints a preview's logs; with `follow`, goes on printing what comes until
-/// interrupted (or until the preview is erased).
+/// interrupted (a waker that does not answer for a while is asked again).
 pub async fn logs(api: &Api, preview: &str, which: Streams, follow: bool) -> anyhow::Result<()> {
-    use std::io::Write;
+    use std::io::{IsTerminal, Write};
     let id = resolve(api, preview).await?;
     let streams: &[&str] = match which {
         Streams::Build => &["build"],
         Streams::App => &["app"],
         Streams::All => &["build", "app"],
     };
+    let terminal = std::io::stdout().is_terminal();
     let mut from = vec![0u64; streams.len()];
     let mut shown: Option<usize> = None;
+    let mut at_line_start = true;
     let labelled = streams.len() > 1;
     loop {
         for (i, stream) in streams.iter().enumerate() {
             let path = format!("/v1/previews/{}/logs?stream={stream}&from={}", seg(&id), from[i]);
-            let s = api.ok(Method::GET, &path, None).await?;
+            let s = match api.ok(Method::GET, &path, None).await {
+                Ok(s) => s,
+                Err(e) if follow => {
+                    eprintln!("[{e:#}; asking again]");
+                    tokio::time::sleep(FOLLOW_EVERY * 5).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let (start, end) = (s["start"].as_u64().unwrap_or(0), s["end"].as_u64().unwrap_or(0));
             let text = s["text"].as_str().unwrap_or("");
             if end < from[i] {
-                // the log was dropped (the preview erased) and begins again
+                // the log was dropped (an erase) and begins again
                 from[i] = 0;
                 continue;
             }
@@ -466,22 +487,94 @@ pub async fn logs(api: &Api, preview: &str, which: Streams, follow: bool) -> any
             }
             let mut out = std::io::stdout().lock();
             if labelled && shown != Some(i) {
+                if !at_line_start {
+                    writeln!(out)?;
+                }
                 writeln!(out, "==> {stream} <==")?;
                 shown = Some(i);
             }
             if start > from[i] {
                 writeln!(out, "[… {} earlier bytes no longer kept]", start - from[i])?;
             }
+            // a terminal gets colours, never other escapes (titles, clipboard, links)
+            let text = if terminal { printable(text) } else { text.to_string() };
             out.write_all(text.as_bytes())?;
-            if !text.ends_with('\n') && !follow {
-                writeln!(out)?;
-            }
+            at_line_start = text.ends_with('\n');
             out.flush()?;
             from[i] = end;
         }
         if !follow {
+            if !at_line_start {
+                println!();
+            }
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+/// How often `logs --follow` asks for more.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// Log text safe for a terminal: colour (SGR) sequences stay; other escape sequences
+/// and control characters but newline and tab are dropped.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' if chars.peek() == Some(&'[') => {
+                chars.next();
+                let mut seq = String::from("\u{1b}[");
+                let mut end = None;
+                for c in chars.by_ref() {
+                    seq.push(c);
+                    if ('@'..='~').contains(&c) {
+                        end = Some(c);
+                        break;
+                    }
+                }
+                if end == Some('m') && seq[2..seq.len() - 1].chars().all(|c| c.is_ascii_digit() || c == ';') {
+                    out.push_str(&seq);
+                }
+            }
+            '\u{1b}' => {
+                // OSC and the like: up to BEL or ESC \
+                if chars.peek() == Some(&']') {
+                    while let Some(c) = chars.next() {
+                        if c == '\u{7}' || (c == '\u{1b}' && chars.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_keep_colours_and_drop_other_escapes() {
+        let hostile = "\u{1b}[31mred\u{1b}[0m \u{1b}]52;c;ZXZpbA==\u{7}\u{1b}]0;title\u{1b}\\\u{1b}[2J\rok\u{8}\n\tend";
+        assert_eq!(printable(hostile), "\u{1b}[31mred\u{1b}[0m ok\n\tend");
+    }
+
+    #[test]
+    fn times_and_hours_read_as_people_write_them() {
+        assert_eq!(ago(0, 5_000), "just now");
+        assert_eq!(ago(0, 150_000), "2 min ago");
+        assert_eq!(ago(0, 7_200_000), "2 h ago");
+        assert_eq!(ago(10, 0), "just now", "a clock behind is not the future");
+        assert_eq!(in_hours(&json!(12.0)), "12 h");
+        assert_eq!(in_hours(&json!(2.5)), "2.5 h");
     }
 }

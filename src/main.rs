@@ -237,7 +237,11 @@ async fn org(api: &wakegate::dbcli::Api, cmd: OrgCmd) -> anyhow::Result<()> {
             (Method::DELETE, format!("/v1/orgs/{}/bases/{}", seg(&org), seg(&base)), None)
         }
     };
-    let answer = api.ok(method, &path, body).await?;
+    let (status, answer) = api.call(method, &path, body).await?;
+    if status >= 400 {
+        let field = answer["field"].as_str().map(|f| format!(" ({f})")).unwrap_or_default();
+        anyhow::bail!("{status}: {}{field}", answer["error"].as_str().unwrap_or("failed"));
+    }
     if !answer.is_null() {
         println!("{}", serde_json::to_string_pretty(&answer)?);
     }

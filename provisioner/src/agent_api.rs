@@ -364,11 +364,14 @@ impl AgentApi {
     /// Where this machine's log file is shipped to, after adding `chunk` (its offset and
     /// bytes) when there is one.
     async fn ship_log(&self, machine: &str, stream: wakegate_store::logs::Stream, chunk: Option<(u64, &[u8])>) -> Resp {
-        let (record, _) = match self.lookup(machine).await {
+        let (_, preview) = match self.lookup(machine).await {
             Ok(x) => x,
             Err(r) => return r,
         };
-        let Some(preview) = record.preview else { return error(409, "this machine works for no preview") };
+        let Some(preview) = preview.filter(|p| wakegate_store::logs::current_machine(&p.state) == Some(machine)) else {
+            return error(409, "this machine is not the one its preview shows the logs of");
+        };
+        let preview = preview.id;
         let shipped = match chunk {
             Some((offset, data)) => {
                 wakegate_store::logs::append(self.store.as_ref(), &preview, stream, machine, offset, data).await

@@ -586,6 +586,12 @@ pub async fn ship_logs(
                     continue;
                 }
                 let Ok(preview) = tokio::fs::read_to_string(entry.path().join("owner")).await else { continue };
+                // only the machine the preview shows: not one serving on during a
+                // redeploy, nor one on its way out
+                match store.get_preview(&preview).await {
+                    Ok(Some(p)) if logs::current_machine(&p.value.state) == Some(machine.as_str()) => {}
+                    _ => continue,
+                }
                 for stream in Stream::ALL {
                     let key = (machine.clone(), stream);
                     seen.insert(key.clone());
@@ -598,9 +604,8 @@ pub async fn ship_logs(
                             Err(_) => continue,
                         },
                     };
-                    // the file started over (a build again on this machine)
-                    let at = if len < at { 0 } else { at };
-                    if len == at {
+                    // the files only grow; one shorter than shipped is not ours to resend
+                    if len <= at {
                         shipped.insert(key, at);
                         continue;
                     }

@@ -92,11 +92,17 @@ pub async fn append(
     data: &[u8],
 ) -> crate::Result<u64> {
     let data = &data[..data.len().min(MAX_CHUNK)];
+    // a character cut by the chunk's end waits for its other bytes
+    let data = match std::str::from_utf8(data) {
+        Err(e) if e.error_len().is_none() => &data[..e.valid_up_to()],
+        _ => data,
+    };
     let table = stream.table();
     for _ in 0..16 {
         let raw = store.table_get(&table, preview).await?;
         let mut log: Log = raw.as_deref().and_then(|r| serde_json::from_str(r).ok()).unwrap_or_default();
-        let restart = log.machine != machine || (offset == 0 && log.shipped > 0);
+        // a retried chunk, or a shipper behind or ahead: told where the record is
+        let restart = log.machine != machine;
         if !restart && offset != log.shipped {
             return Ok(log.shipped);
         }
@@ -147,6 +153,21 @@ pub async fn read(store: &dyn Store, preview: &str, stream: Stream, from: u64) -
     Ok(Slice { start: log.start + at as u64, end: log.end(), text: log.text[at..].to_string() })
 }
 
+/// The machine whose logs a preview in `state` shows: the one building, running,
+/// stopping, asleep or waking. A machine still serving during a redeploy, or one on
+/// its way out, ships nothing.
+pub fn current_machine(state: &wakegate_core::lifecycle::State) -> Option<&str> {
+    use wakegate_core::lifecycle::State;
+    match state {
+        State::Building { machine: Some(m), .. }
+        | State::Running { machine: m, .. }
+        | State::Stopping { machine: m, .. }
+        | State::Sleeping { machine: m }
+        | State::Waking { machine: m } => Some(m.as_str()),
+        _ => None,
+    }
+}
+
 /// Where the record says `machine`'s file has been shipped to (0 for another machine).
 pub async fn shipped(store: &dyn Store, preview: &str, stream: Stream, machine: &str) -> crate::Result<u64> {
     let raw = store.table_get(&stream.table(), preview).await?;
@@ -180,6 +201,14 @@ mod tests {
         assert_eq!((all.start, all.end, all.text.as_str()), (0, 8, "one\ntwo\n"));
         assert_eq!(read(&s, "p", Stream::Build, 4).await.unwrap().text, "two\n");
         assert_eq!(read(&s, "p", Stream::Build, 100).await.unwrap().text, "");
+        // a retried first chunk does not start the stream over
+        assert_eq!(append(&s, "p", Stream::Build, "m1", 0, b"one\n").await.unwrap(), 8);
+        // a character cut at the chunk's end waits for its other bytes
+        let mut cut = "é".as_bytes().to_vec();
+        cut.truncate(1);
+        assert_eq!(append(&s, "q", Stream::App, "m1", 0, &[b"ab".as_slice(), &cut].concat()).await.unwrap(), 2);
+        assert_eq!(append(&s, "q", Stream::App, "m1", 2, "é!".as_bytes()).await.unwrap(), 5);
+        assert_eq!(read(&s, "q", Stream::App, 0).await.unwrap().text, "abé!");
         // a rebuild on another machine starts a section
         assert_eq!(append(&s, "p", Stream::Build, "m2", 5, b"late").await.unwrap(), 0);
         assert_eq!(append(&s, "p", Stream::Build, "m2", 0, b"three").await.unwrap(), 5);

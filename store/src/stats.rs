@@ -140,6 +140,8 @@ pub(crate) async fn observe(store: &dyn Store, before: &Preview, after: &Preview
                 metrics::histogram!(m::BUILD_PHASE_SECONDS, "phase" => phase.as_str()).record(seconds(since));
             }
             let result = match next {
+                // a redeploy that failed keeps the old version running, and says why
+                State::Running { .. } if after.last_error.is_some() => Some("failed"),
                 State::Running { .. } => Some("ok"),
                 State::Failed { .. } => Some("failed"),
                 _ => None,
@@ -156,6 +158,12 @@ pub(crate) async fn observe(store: &dyn Store, before: &Preview, after: &Preview
     }
     if let (State::Erasing { reason, .. }, false) = (&after.state, matches!(before.state, State::Erasing { .. })) {
         metrics::counter!(m::ERASES, "reason" => reason.as_str()).increment(1);
+    }
+    // whatever way it was erased (with machines or not), its logs go
+    if matches!(after.state, State::Erased { .. } | State::Gone { .. }) {
+        if let Err(e) = crate::logs::remove(store, &after.id).await {
+            tracing::warn!(preview = %after.id, error = %e, "dropping an erased preview's logs failed");
+        }
     }
     if let Some(what) = count {
         if let Err(e) = bump(store, &after.project_id, what, now).await {

@@ -755,6 +755,8 @@ def ship_logs():
     while True:
         for stream in ("build", "app"):
             path = os.path.join(ROOT, stream + ".log")
+            if not os.path.exists(path):
+                continue
             try:
                 size = os.path.getsize(path)
                 if stream not in at:
@@ -762,15 +764,16 @@ def ship_logs():
                     if status != 200:
                         continue
                     at[stream] = body["shipped"]
-                if size < at[stream]:
-                    at[stream] = 0  # the file started over
-                if size == at[stream]:
-                    continue
-                with open(path, "rb") as f:
-                    f.seek(at[stream])
-                    chunk = f.read(16 * 1024)
-                status, body, _ = call("POST", f"/v1/agent/logs?stream={stream}&offset={at[stream]}", raw=chunk)
-                if status == 200:
+                # until caught up (at most 64 chunks a round), 16 KiB a request
+                for _ in range(64):
+                    if size <= at[stream]:
+                        break
+                    with open(path, "rb") as f:
+                        f.seek(at[stream])
+                        chunk = f.read(16 * 1024)
+                    status, body, _ = call("POST", f"/v1/agent/logs?stream={stream}&offset={at[stream]}", raw=chunk)
+                    if status != 200 or body["shipped"] == at[stream]:
+                        break
                     at[stream] = body["shipped"]
             except Exception as e:  # noqa: BLE001 - shipping logs must never stop
                 log(f"shipping {stream}.log failed: {e!r}")
