@@ -29,8 +29,12 @@ use std::path::PathBuf;
 
 /// A fresh directory under the system temp dir (not removed, so failures can be read).
 pub fn tempdir(tag: &str) -> PathBuf {
+    // the clock alone repeats for two calls close enough together (seen once): a
+    // counter makes each name of this process its own
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let dir = std::env::temp_dir().join(format!("wakegate-{tag}-{}-{nanos}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("wakegate-{tag}-{}-{nanos}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
