@@ -279,6 +279,11 @@ async fn dev(cfg: Config) -> anyhow::Result<()> {
         println!("  {:<14} {}   ({})", branch, p["url"].as_str().unwrap_or(""), p["state"].as_str().unwrap_or(""));
     }
     println!("\nOperator API: http://{}/v1/previews  (Authorization: Bearer {})", dev.waker_addr, dev.operator_token);
+    println!("Dashboard:    http://{}/dashboard  (log in with that token)", dev.waker_addr);
+    println!(
+        "CLI:          WAKEGATE_WAKER_URL=http://{} WAKEGATE_OPERATOR_TOKEN={} wakegate previews ls",
+        dev.waker_addr, dev.operator_token
+    );
     println!("Stop with Ctrl-C (or SIGTERM): running previews are put to sleep and wake on the next visit.\n");
     wakegate::parts::terminated().await;
     println!("stopping…");

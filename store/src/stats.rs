@@ -34,6 +34,11 @@ pub async fn record_visits(store: &dyn Store, ids: &[String], at: Millis) -> cra
     Ok(())
 }
 
+/// One preview's last visit.
+pub async fn last_visit(store: &dyn Store, id: &str) -> crate::Result<Option<Millis>> {
+    Ok(store.table_get(VISITS, id).await?.and_then(|v| v.parse().ok()))
+}
+
 /// Every preview's last visit.
 pub async fn last_visits(store: &dyn Store) -> crate::Result<HashMap<String, Millis>> {
     Ok(store.table_list(VISITS).await?.into_iter().filter_map(|(k, v)| Some((k, v.parse().ok()?))).collect())

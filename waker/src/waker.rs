@@ -145,7 +145,14 @@ impl Waker {
     /// Fills what views take from elsewhere than the record: last visits, and custom
     /// hostname statuses from Cloudflare's last answers (each read once for all views).
     pub(crate) async fn complete_views(&self, views: &mut [PreviewView]) {
-        match wakegate_store::stats::last_visits(self.store.as_ref()).await {
+        // one preview's action reads its own visit, not the whole table
+        let visits = match views {
+            [one] => wakegate_store::stats::last_visit(self.store.as_ref(), &one.id)
+                .await
+                .map(|v| v.map(|at| (one.id.clone(), at)).into_iter().collect()),
+            _ => wakegate_store::stats::last_visits(self.store.as_ref()).await,
+        };
+        match visits {
             Ok(visits) => {
                 for view in views.iter_mut() {
                     view.last_visit_at = visits.get(&view.id).copied();
