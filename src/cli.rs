@@ -61,7 +61,11 @@ fn read_config() -> anyhow::Result<(FileConfig, Option<PathBuf>)> {
 impl Target {
     /// The API client, from flags, then `cfg` (the environment), then the config file.
     pub fn api(&self, cfg: &crate::config::Config) -> anyhow::Result<Api> {
-        let (file, path) = read_config()?;
+        // the file is read only when a flag leaves something to find
+        let (file, path) = match (&self.server, &self.token) {
+            (Some(_), Some(_)) => (FileConfig::default(), None),
+            _ => read_config()?,
+        };
         let server = self
             .server
             .clone()

@@ -528,7 +528,9 @@ pub async fn pull(api: &Api, preview: &str, output: &str) -> anyhow::Result<()> 
     });
     if let Err(e) = written {
         if let Some(tmp) = &tmp {
-            let _ = std::fs::remove_file(tmp);
+            if let Err(rm) = std::fs::remove_file(tmp) {
+                eprintln!("could not remove the partial download {}: {rm}", tmp.display());
+            }
         }
         return Err(e);
     }

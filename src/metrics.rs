@@ -51,11 +51,11 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
         .await
         .with_context(|| format!("binding the metrics listener to {addr} (WAKEGATE_METRICS_ADDR)"))?;
     let bound = listener.local_addr()?;
-    let upkeep = handle.clone();
+    let rendering = handle.clone();
     let router = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let h = upkeep.clone();
+            let h = rendering.clone();
             async move {
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], h.render())
             }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{World, APP, MAIN};
+use common::{run_in_pty, OnPty, World, APP, MAIN};
 use serde_json::Value;
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -42,23 +42,9 @@ fn fails(c: Command) -> String {
 
 /// Runs it with stdout on a pseudo-terminal of `cols` columns: what the terminal showed.
 fn in_pty(w: &World, args: &[&str], cols: u16) -> String {
-    let size = nix::pty::Winsize { ws_row: 40, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
-    let pty = nix::pty::openpty(Some(&size), None).unwrap();
-    let mut child = command(w, args).stdout(Stdio::from(pty.slave)).stderr(Stdio::piped()).spawn().unwrap();
-    let mut master = std::fs::File::from(pty.master);
-    let reader = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = master.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&out).replace("\r\n", "\n")
-    });
-    assert!(child.wait().unwrap().success());
-    reader.join().unwrap()
+    let (screen, ok) = run_in_pty(command(w, args), OnPty::Stdout, Some(cols));
+    assert!(ok, "wakegate {args:?} failed");
+    screen.replace("\r\n", "\n")
 }
 
 fn show(w: &World, preview: &str) -> Value {

@@ -47,23 +47,7 @@ fn cli_command(w: &World, state: &std::path::Path, args: &[&str]) -> Command {
 /// Runs the CLI with its stderr on a pseudo-terminal; what the terminal showed, and
 /// whether it succeeded.
 fn cli_in_pty(w: &World, state: &std::path::Path, args: &[&str]) -> (String, bool) {
-    let pty = nix::pty::openpty(None, None).unwrap();
-    let mut child = cli_command(w, state, args).stdout(Stdio::null()).stderr(Stdio::from(pty.slave)).spawn().unwrap();
-    let mut master = std::fs::File::from(pty.master);
-    let reader = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        // EIO once the child's end closes
-        while let Ok(n) = master.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    });
-    let ok = child.wait().unwrap().success();
-    (reader.join().unwrap(), ok)
+    run_in_pty(cli_command(w, state, args), OnPty::Stderr, None)
 }
 
 /// A PostgreSQL-flavoured dump of about `mb` MB of SQL with a greeting, users and notes.

@@ -430,10 +430,12 @@ pub async fn import(dir: &Path, f: &DbFile, dump: &DumpSource, progress: &dyn Pr
     };
     if copied.is_err() {
         // a download cut short must not reach the end of input, which commits it
-        let _ = child.kill().await;
-    } else {
-        // end of input: the client finishes (and commits)
-        let _ = stdin.shutdown().await;
+        if let Err(e) = child.kill().await {
+            tracing::warn!(error = %e, "stopping the import client after a cut download failed");
+        }
+    } else if let Err(e) = stdin.shutdown().await {
+        // end of input: the client finishes (and commits); its exit status says how
+        tracing::warn!(error = %e, "closing the import client's input failed");
     }
     drop(stdin);
     let status = child.wait().await.map_err(failed)?;

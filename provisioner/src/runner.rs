@@ -357,9 +357,8 @@ impl Provisioner {
                 self.event(id, event).await.map(|_| ())
             }
             (State::Erasing { .. }, wakegate_core::lifecycle::JobKind::Erase) => {
+                // its logs go with the transition to erased (wakegate_store::stats::observe)
                 self.drop_pull(id).await?;
-                // the machines go, and what they logged with them
-                wakegate_store::logs::remove(self.store.as_ref(), id).await?;
                 self.event(id, Event::MachinesDeleted).await.map(|_| ())
             }
             (State::Running { machine, .. }, wakegate_core::lifecycle::JobKind::PullDb) => {

@@ -247,9 +247,15 @@ pub fn gcra(tat: Millis, limit: u32, window: Duration, now: Millis) -> Option<Mi
 
 /// A random id: 16 hex chars with a prefix.
 pub fn new_id(prefix: &str) -> String {
-    let mut b = [0u8; 8];
+    format!("{prefix}{}", random_hex::<8>())
+}
+
+/// `N` random bytes from the OS, as hex. The OS's generator fails only on a system
+/// without one (no `getrandom` and no `/dev/urandom`), which nothing sent can cause.
+pub fn random_hex<const N: usize>() -> String {
+    let mut b = [0u8; N];
     getrandom::fill(&mut b).expect("OS randomness");
-    format!("{prefix}{}", hex::encode(b))
+    hex::encode(b)
 }
 
 /// Rewrites the JSON record at `table`/`key` with what `f` makes of it, by compare and

@@ -339,3 +339,42 @@ pub async fn hetzner_world(c: &HetznerCloud, extra: &[(&str, &str)]) -> World {
     env.extend_from_slice(extra);
     World::start_with(&env, 600).await
 }
+
+/// Which of a command's outputs a pseudo-terminal gets (the other is discarded).
+pub enum OnPty {
+    Stdout,
+    Stderr,
+}
+
+/// Runs `cmd` with one output on a pseudo-terminal (`cols` wide, or the default size);
+/// what the terminal showed, and whether the command succeeded.
+pub fn run_in_pty(mut cmd: std::process::Command, on: OnPty, cols: Option<u16>) -> (String, bool) {
+    use std::io::Read;
+    use std::process::Stdio;
+    let size = cols.map(|ws_col| nix::pty::Winsize { ws_row: 40, ws_col, ws_xpixel: 0, ws_ypixel: 0 });
+    let pty = nix::pty::openpty(size.as_ref(), None).unwrap();
+    let (tty, other) = (Stdio::from(pty.slave), Stdio::null());
+    let (stdout, stderr) = match on {
+        OnPty::Stdout => (tty, other),
+        OnPty::Stderr => (other, tty),
+    };
+    let mut child = cmd.stdout(stdout).stderr(stderr).spawn().unwrap();
+    // the command holds our copy of the terminal's end: closed, the child's exit ends
+    // the reads
+    drop(cmd);
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the child's end closes
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let ok = child.wait().unwrap().success();
+    (reader.join().unwrap(), ok)
+}

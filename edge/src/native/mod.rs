@@ -211,6 +211,7 @@ impl EdgeServer {
     /// sending (within `grace`) and close; the visits seen are reported to the waker.
     /// Returns once every thread has ended.
     pub async fn shutdown(mut self, grace: Duration) {
+        // no receiver left means every thread has ended already
         let _ = self.stop.send(Some(grace));
         let threads = std::mem::take(&mut self.threads);
         let joined = tokio::task::spawn_blocking(move || {

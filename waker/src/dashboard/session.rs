@@ -49,12 +49,6 @@ pub(crate) struct Live {
     pub session: Session,
 }
 
-fn random_hex() -> String {
-    let mut b = [0u8; SECRET_BYTES];
-    getrandom::fill(&mut b).expect("OS randomness");
-    hex::encode(b)
-}
-
 fn key_of(id: &str) -> String {
     hex::encode(Sha256::digest(format!("wakegate-dashboard-session\n{id}").as_bytes()))
 }
@@ -66,8 +60,9 @@ fn encode(s: &Session) -> Result<String, StoreError> {
 /// Starts a session; its id goes in the cookie.
 pub(crate) async fn create(w: &Waker, now: Millis) -> Result<(String, Session), StoreError> {
     prune(w, now).await?;
-    let id = random_hex();
-    let session = Session { expires_at: now + SESSION_TTL_MS, csrf: random_hex(), flash: None };
+    let id = wakegate_store::random_hex::<SECRET_BYTES>();
+    let session =
+        Session { expires_at: now + SESSION_TTL_MS, csrf: wakegate_store::random_hex::<SECRET_BYTES>(), flash: None };
     w.store.table_put(SESSIONS, &key_of(&id), &encode(&session)?).await?;
     Ok((id, session))
 }
