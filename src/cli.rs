@@ -170,7 +170,7 @@ pub enum Streams {
 }
 
 /// The preview a user names: an id, or `project/ref` looked up.
-async fn resolve(api: &Api, name: &str) -> anyhow::Result<String> {
+pub async fn resolve(api: &Api, name: &str) -> anyhow::Result<String> {
     let Some((project, git_ref)) = name.split_once('/') else {
         if name.starts_with("pv-") {
             return Ok(name.to_string());

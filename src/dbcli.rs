@@ -390,6 +390,120 @@ pub async fn list(api: &Api, project: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `1.2 GB`, `340.0 MB`, `12.0 kB`.
+fn bytes(n: u64) -> String {
+    match n {
+        0..=999_999 => format!("{:.1} kB", n as f64 / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
+}
+
+/// `wakegate db images [project]`: every database image, and what uses it.
+pub async fn images(api: &Api, project: Option<&str>) -> anyhow::Result<()> {
+    let path = match project {
+        Some(p) => format!("/v1/db/images?project={}", seg(p)),
+        None => "/v1/db/images".to_string(),
+    };
+    let v = api.ok(reqwest::Method::GET, &path, None).await?;
+    let now = wakegate_store::now_ms();
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Dynamic)
+        .set_header(["IMAGE", "PROJECT", "ENGINE", "DUMP", "STATE", "SIZE", "AGE", "PREVIEWS"]);
+    for i in v["images"].as_array().into_iter().flatten() {
+        let state = match (i["state"].as_str().unwrap_or("?"), i["current"] == true) {
+            ("ready", true) => "ready (current)".to_string(),
+            ("failed", _) => format!("failed: {}", printable(i["reason"].as_str().unwrap_or("?"))),
+            (s, _) => s.to_string(),
+        };
+        let previews: Vec<&str> = i["previews"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
+        t.add_row([
+            i["id"].as_str().unwrap_or("").to_string(),
+            i["project"].as_str().unwrap_or("").to_string(),
+            format!("{} ({})", i["engine"].as_str().unwrap_or(""), i["version"].as_str().unwrap_or("")),
+            i["dump"].as_str().unwrap_or("").to_string(),
+            state,
+            bytes(i["size"].as_u64().unwrap_or(0)),
+            crate::cli::ago(i["created_at"].as_u64().unwrap_or(now), now),
+            if previews.is_empty() { "-".to_string() } else { previews.join(" ") },
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// `wakegate db show <preview>`: where its database came from.
+pub async fn show(api: &Api, preview: &str) -> anyhow::Result<()> {
+    let v = api.ok(reqwest::Method::GET, &format!("/v1/previews/{}/db", seg(preview)), None).await?;
+    print!("{}", describe(&v));
+    Ok(())
+}
+
+fn describe(v: &Value) -> String {
+    let mut out = String::new();
+    let method = v["method"].as_str().unwrap_or("?");
+    match v["image"].as_str() {
+        Some(image) => out.push_str(&format!("image:     {image} ({method})\n")),
+        None => out.push_str("image:     none (the dump was imported)\n"),
+    }
+    if let Some(d) = v["dump"].as_str() {
+        out.push_str(&format!("dump:      {d}\n"));
+    }
+    if let Some(ms) = v["took_ms"].as_u64() {
+        out.push_str(&format!("made in:   {ms} ms\n"));
+    }
+    if let Some(b) = v["diverged_bytes"].as_u64() {
+        out.push_str(&format!("diverged:  {} from the image\n", bytes(b)));
+    }
+    if let Some(r) = v.get("refresh").filter(|r| r.is_object()) {
+        let state = r["state"].as_str().unwrap_or("?");
+        out.push_str(&format!("refresh:   {state}"));
+        if let Some(reason) = r["reason"].as_str() {
+            out.push_str(&format!(": {}", printable(reason)));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `wakegate db refresh <preview>`: its data made again from the current image.
+pub async fn refresh(api: &Api, preview: &str, wait: bool) -> anyhow::Result<()> {
+    let path = format!("/v1/previews/{}/db/refresh", seg(preview));
+    let asked = api.ok(reqwest::Method::POST, &path, None).await?;
+    if !wait {
+        println!("refresh of {preview}'s data asked for ({})", asked["id"].as_str().unwrap_or("?"));
+        return Ok(());
+    }
+    let id = asked["id"].as_str().unwrap_or_default().to_string();
+    let bar = spinner(&format!("refreshing {preview}'s data"));
+    let deadline = tokio::time::Instant::now() + PULL_WAIT;
+    let done = loop {
+        let v = api.ok(reqwest::Method::GET, &format!("/v1/previews/{}/db", seg(preview)), None).await?;
+        let r = &v["refresh"];
+        if r["id"].as_str() == Some(id.as_str()) && r["state"] != "pending" {
+            break v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bar.finish_and_clear();
+            bail!("{preview}'s data was not refreshed in time");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    bar.finish_and_clear();
+    let r = &done["refresh"];
+    if r["state"] == "failed" {
+        bail!("refreshing {preview}'s data failed: {}", printable(r["reason"].as_str().unwrap_or("no reason given")));
+    }
+    let how = match r["method"].as_str() {
+        Some("import") => "by importing the dump (no image is ready)".to_string(),
+        Some(m) => format!("from {} ({m})", done["image"].as_str().unwrap_or("its image")),
+        None => String::new(),
+    };
+    println!("{preview}'s data refreshed {how} in {} ms", r["took_ms"].as_u64().unwrap_or(0));
+    Ok(())
+}
+
 /// Text with control characters (terminal escapes) shown as `\u{…}`, new lines kept.
 fn printable(s: &str) -> String {
     s.chars()

@@ -101,6 +101,22 @@ enum DbCmd {
     Use { project: String, dump: String },
     /// Deletes a dump (never the base).
     Rm { project: String, dump: String },
+    /// The database images (of one project): engine, dump, size, age, previews using each.
+    Images { project: Option<String> },
+    /// One preview's database: the image it was cloned from, how, how far it has diverged.
+    Show {
+        /// An id (`pv-…`) or `project/ref`.
+        preview: String,
+    },
+    /// Makes a running preview's data again from the current image (from the dump when
+    /// no image is ready), without rebuilding the app; waits and says how long it took.
+    Refresh {
+        /// An id (`pv-…`) or `project/ref`.
+        preview: String,
+        /// Return once asked, without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Downloads a preview's database as .sql.gz (waking the preview if it sleeps).
     Pull {
         preview: String,
@@ -196,6 +212,15 @@ async fn db(api: &wakegate::dbcli::Api, cmd: DbCmd) -> anyhow::Result<()> {
             wakegate::dbcli::push(api, p).await
         }
         DbCmd::List { project } => wakegate::dbcli::list(api, &project).await,
+        DbCmd::Images { project } => wakegate::dbcli::images(api, project.as_deref()).await,
+        DbCmd::Show { preview } => {
+            let id = wakegate::cli::resolve(api, &preview).await?;
+            wakegate::dbcli::show(api, &id).await
+        }
+        DbCmd::Refresh { preview, no_wait } => {
+            let id = wakegate::cli::resolve(api, &preview).await?;
+            wakegate::dbcli::refresh(api, &id, !no_wait).await
+        }
         DbCmd::Pull { preview, output } => {
             let output = output.unwrap_or_else(|| format!("{preview}.sql.gz"));
             wakegate::dbcli::pull(api, &preview, &output).await

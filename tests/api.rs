@@ -416,6 +416,15 @@ async fn server_matches_its_openapi_document() {
     call("GET", format!("/v1/previews/{rid}/db/pull"), Value::Null, 200).await;
     call("DELETE", format!("/v1/previews/{rid}/db/pull"), Value::Null, 204).await;
     call("DELETE", format!("/v1/previews/{rid}/db/pull"), Value::Null, 404).await;
+    // database images: none yet (this app has no database); nothing to refresh
+    let images = call("GET", "/v1/db/images".into(), Value::Null, 200).await;
+    assert_eq!(images["images"], json!([]), "{images}");
+    call("GET", "/v1/db/images?project=demo".into(), Value::Null, 200).await;
+    call("GET", "/v1/db/images?project=nope".into(), Value::Null, 404).await;
+    call("GET", format!("/v1/previews/{rid}/db"), Value::Null, 404).await;
+    call("POST", format!("/v1/previews/{rid}/db/refresh"), Value::Null, 409).await;
+    call("POST", format!("/v1/previews/{id}/db/refresh"), Value::Null, 409).await;
+    call("POST", "/v1/previews/nope/db/refresh".into(), Value::Null, 404).await;
 
     let documented: BTreeSet<String> = spec["paths"]
         .as_object()

@@ -18,10 +18,14 @@ const SANITIZE: &str = include_str!("../examples/db-app/db/sanitize.sql");
 const BUCKET: &str = "dumps";
 
 async fn world_with_s3() -> (World, S3Server, Bucket) {
+    world_with_s3_in(wakegate_testkit::tempdir("e2e")).await
+}
+
+async fn world_with_s3_in(data: std::path::PathBuf) -> (World, S3Server, Bucket) {
     let s3 = S3Server::start().await.unwrap();
     let settings = s3.settings(BUCKET);
     let extra: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let w = World::start_with(&extra, 600).await;
+    let w = World::start_in(data, &extra, 600).await;
     let bucket = bucket_of(&s3, BUCKET);
     bucket.ensure().await.unwrap();
     (w, s3, bucket)
@@ -521,4 +525,218 @@ async fn on_hetzner_the_database_runs_on_the_preview_server() {
         .await;
     }
     w.stop().await;
+}
+
+/// The project's images as the API lists them.
+async fn images_of(w: &World, project: &str) -> Vec<Value> {
+    let (s, v) = w.op("GET", &format!("/v1/db/images?project={project}"), None).await;
+    assert_eq!(s, 200, "{v}");
+    v["images"].as_array().unwrap().clone()
+}
+
+/// The project's current image, once ready.
+async fn ready_image(w: &World, project: &str) -> Value {
+    wakegate_testkit::eventually(WAIT, "the project's image to be baked", || async {
+        let images = images_of(w, project).await;
+        if let Some(failed) = images.iter().find(|i| i["state"] == "failed") {
+            panic!("the bake failed: {failed}");
+        }
+        images.into_iter().find(|i| i["state"] == "ready" && i["current"] == true)
+    })
+    .await
+}
+
+async fn database_of(w: &World, preview: &str) -> Value {
+    let (s, v) = w.op("GET", &format!("/v1/previews/{preview}/db"), None).await;
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+/// Bake → clone → isolation → divergence → refresh → a new base → the old image
+/// collected, for one engine. `method` is what clones must use (reflink on XFS).
+async fn bake_and_clone(w: &World, engine: &str, method: Option<&str>) {
+    let dir = wakegate_testkit::tempdir("images");
+    let state = dir.join("state");
+    let project = format!("img-{}", &engine[..2]);
+    let repo = db_repo(engine);
+    repo.branch("feature/third", &[("README", "a third branch")]);
+    let (s, v) = w.op("POST", "/v1/projects", Some(json!({"name": project, "git_url": repo.url()}))).await;
+    assert_eq!(s, 201, "{v}");
+    let f = dir.join("base.sql.gz");
+    std::fs::write(&f, gzip(&dump_sql(2, &format!("baked for {engine}")))).unwrap();
+    let (_, err, ok) = cli(w, &state, &["push", &project, f.to_str().unwrap(), "--engine", engine]);
+    assert!(ok, "{err}");
+    let create = |git_ref: &'static str| {
+        let project = project.clone();
+        async move {
+            let (s, p) = w.op("POST", &format!("/v1/projects/{project}/previews"), Some(json!({"ref": git_ref}))).await;
+            assert!(s == 201 || s == 200, "{p}");
+            w.wait_state(p["id"].as_str().unwrap(), "running").await
+        }
+    };
+
+    // the first build imports (there is no image yet) and records the recipe; the
+    // provisioner bakes the image beside it
+    let a = create("main").await;
+    let a_id = a["id"].as_str().unwrap();
+    assert_eq!(database_of(w, a_id).await["method"], "import");
+    let image = ready_image(w, &project).await;
+    let image_id = image["id"].as_str().unwrap().to_string();
+    assert_eq!(image["engine"], engine, "{image}");
+    assert!(image["size"].as_u64().unwrap() > 1_000_000, "{image}");
+    assert!(image["version"].as_str().unwrap().chars().any(|c| c.is_ascii_digit()), "{image}");
+    let image_dir = w.data.join("db-images").join(&image_id);
+    assert!(image_dir.join("db/data").is_dir(), "the image's data directory");
+
+    // the next preview clones it: the app reads the baked, sanitized data
+    let b = create("feature/other").await;
+    let b_id = b["id"].as_str().unwrap();
+    let made = database_of(w, b_id).await;
+    assert_eq!(made["image"], image_id.as_str(), "{made}");
+    let how = made["method"].as_str().unwrap().to_string();
+    match method {
+        Some(m) => assert_eq!(how, m, "{made}"),
+        None => assert!(how == "reflink" || how == "copy", "{made}"),
+    }
+    assert_eq!(text(w, &b, "/").await, format!("message: baked for {engine}"));
+    assert_eq!(text(w, &b, "/email").await, "email: user1@example.invalid", "{engine}: baked sanitized");
+    // the clone has its own credentials, not the image's
+    let b_machine = w.machine_of(b_id).await;
+    let db: Value =
+        serde_json::from_slice(&std::fs::read(w.dev.machines_dir.join(&b_machine).join("db.json")).unwrap()).unwrap();
+    let baked: Value = serde_json::from_slice(&std::fs::read(image_dir.join("image.json")).unwrap()).unwrap();
+    assert_ne!(db["password"], baked["db"]["password"], "the clone's app password is its own");
+
+    // writes stay in the clone: not in the image, not in a clone made after them
+    assert_eq!(text(w, &b, "/write?note=only-in-b").await, "written");
+    let c = create("feature/third").await;
+    let c_id = c["id"].as_str().unwrap();
+    assert_eq!(database_of(w, c_id).await["image"], image_id.as_str());
+    assert_eq!(text(w, &c, "/notes").await, "notes: ");
+    assert_eq!(text(w, &b, "/notes").await, "notes: only-in-b");
+    assert_eq!(text(w, &a, "/notes").await, "notes: ");
+    // what the write changed is measured against the image
+    wakegate_testkit::eventually(WAIT, "b's divergence to be measured", || async {
+        let v = database_of(w, b_id).await;
+        (v["diverged_bytes"].as_u64()? > 0).then_some(())
+    })
+    .await;
+
+    // refresh: b's data is the image's again, the app untouched (same machine)
+    let (out, err, ok) = cli(w, &state, &["refresh", b_id]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("refreshed from {image_id} ({how})")), "{out}");
+    assert_eq!(text(w, &b, "/notes").await, "notes: ");
+    assert_eq!(text(w, &b, "/").await, format!("message: baked for {engine}"));
+    assert_eq!(w.machine_of(b_id).await, b_machine, "refreshing rebuilt nothing");
+
+    // the images view: engine, dump, size, age, and the previews using each
+    let (out, err, ok) = cli(w, &state, &["images", &project]);
+    assert!(ok, "{err}");
+    for seen in [image_id.as_str(), "ready (current)", b_id, c_id, engine] {
+        assert!(out.contains(seen), "{seen:?} in {out}");
+    }
+    assert!(!out.contains(a_id), "a imported: it uses no image\n{out}");
+
+    // a new base bakes a new image; the old one stays while previews use it
+    let f2 = dir.join("second.sql");
+    std::fs::write(&f2, dump_sql(1, "the second base")).unwrap();
+    let (_, err, ok) = cli(w, &state, &["push", &project, f2.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let second = wakegate_testkit::eventually(WAIT, "the new base's image", || async {
+        let i = ready_image(w, &project).await;
+        (i["id"] != image_id.as_str()).then_some(i)
+    })
+    .await;
+    let old = images_of(w, &project).await.into_iter().find(|i| i["id"] == image_id.as_str());
+    assert_eq!(old.as_ref().map(|o| o["current"].clone()), Some(json!(false)), "kept while used: {old:?}");
+    // a refresh takes the current image
+    let (out, err, ok) = cli(w, &state, &["refresh", c_id]);
+    assert!(ok, "{err}");
+    assert!(out.contains(second["id"].as_str().unwrap()), "{out}");
+    assert_eq!(text(w, &c, "/").await, "message: the second base");
+    // once nothing uses the old image, it is collected: record and directory
+    for id in [b_id] {
+        let (s, _) = w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
+        assert_eq!(s, 202);
+        w.wait_state(id, "erased").await;
+    }
+    wakegate_testkit::eventually(WAIT, "the old image to be collected", || async {
+        let gone = !images_of(w, &project).await.iter().any(|i| i["id"] == image_id.as_str());
+        (gone && !image_dir.exists()).then_some(())
+    })
+    .await;
+    for id in [a_id, c_id] {
+        let (s, _) = w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
+        assert_eq!(s, 202);
+        w.wait_state(id, "erased").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn previews_clone_the_baked_image_on_both_engines() {
+    let (w, _s3, _bucket) = world_with_s3().await;
+    for engine in ["postgres", "mariadb"] {
+        bake_and_clone(&w, engine, None).await;
+    }
+    w.stop().await;
+}
+
+/// An XFS filesystem (with reflink) in a file, on a loop device, mounted for the test.
+struct Xfs {
+    file: std::path::PathBuf,
+    mount: std::path::PathBuf,
+    device: String,
+}
+
+impl Xfs {
+    /// `Err` says why this machine cannot (not root, no loop devices, no mkfs.xfs).
+    fn make() -> Result<Xfs, String> {
+        let run = |cmd: &mut Command| -> Result<String, String> {
+            let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let dir = wakegate_testkit::tempdir("xfs");
+        let file = dir.join("xfs.img");
+        std::fs::File::create(&file).and_then(|f| f.set_len(1 << 30)).map_err(|e| e.to_string())?;
+        run(Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&file))?;
+        let device = run(Command::new("losetup").args(["-f", "--show"]).arg(&file))?;
+        let mount = dir.join("mnt");
+        std::fs::create_dir(&mount).map_err(|e| e.to_string())?;
+        let x = Xfs { file, mount, device };
+        run(Command::new("mount").arg(&x.device).arg(&x.mount))?;
+        Ok(x)
+    }
+}
+
+impl Drop for Xfs {
+    fn drop(&mut self) {
+        // the processes killed at the world's end may take a moment to let go of it
+        for _ in 0..100 {
+            if Command::new("umount").arg(&self.mount).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_xfs_previews_clone_the_image_by_reflink() {
+    let xfs = match Xfs::make() {
+        Ok(x) => x,
+        Err(why) if std::env::var_os("WAKEGATE_REQUIRE_REFLINK").is_some() => panic!("no XFS here: {why}"),
+        Err(why) => return eprintln!("skipped: this machine cannot make an XFS filesystem ({why})"),
+    };
+    let data = xfs.mount.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let (w, _s3, _bucket) = world_with_s3_in(data).await;
+    bake_and_clone(&w, "postgres", Some("reflink")).await;
+    w.stop().await;
+    drop(xfs);
 }

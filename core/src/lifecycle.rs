@@ -223,10 +223,13 @@ pub enum JobKind {
     Erase,
     /// Dump the running preview's database to S3 (`wakegate db pull`).
     PullDb,
+    /// Make the running preview's database again from its image (`wakegate db refresh`).
+    RefreshDb,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 5] = [JobKind::Build, JobKind::Wake, JobKind::Sleep, JobKind::Erase, JobKind::PullDb];
+    pub const ALL: [JobKind; 6] =
+        [JobKind::Build, JobKind::Wake, JobKind::Sleep, JobKind::Erase, JobKind::PullDb, JobKind::RefreshDb];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -235,6 +238,7 @@ impl JobKind {
             JobKind::Sleep => "sleep",
             JobKind::Erase => "erase",
             JobKind::PullDb => "pull_db",
+            JobKind::RefreshDb => "refresh_db",
         }
     }
 

@@ -26,6 +26,8 @@ pub const ALL: &[(&str, Kind, &str)] = &[
     (REF_CHECKS, Kind::Counter, "Checks through git ls-remote whether a branch exists (forge projects ask the forge's API, counted in wakegate_cloud_requests_total), by result (exists, missing, error)."),
     (COST_PER_HOUR, Kind::Gauge, "Estimated cost per hour of the servers and snapshots Wakegate manages now (a stopped server is billed too), in the cloud's currency (EUR gross for Hetzner), from the server types' prices."),
     (JOBS, Kind::Counter, "Provisioner jobs that ended, by kind and result (ok, retry)."),
+    (DB_BAKE_SECONDS, Kind::Histogram, "Time a database image took to bake (download, import, sanitize, clean shutdown), by result (ok, failed)."),
+    (DB_RESTORE_SECONDS, Kind::Histogram, "Time from a preview's database being started on to it answering, by method (reflink, copy, snapshot: from the project's image; import: from the dump)."),
 ];
 
 /// The `answer` label of the edge's request metrics, in the edge's `Served` order.
@@ -59,6 +61,8 @@ pub const CLOUD_RATELIMIT_REMAINING: &str = "wakegate_cloud_ratelimit_remaining"
 pub const REF_CHECKS: &str = "wakegate_ref_checks_total";
 pub const COST_PER_HOUR: &str = "wakegate_running_cost_per_hour";
 pub const JOBS: &str = "wakegate_jobs_total";
+pub const DB_BAKE_SECONDS: &str = "wakegate_db_image_bake_duration_seconds";
+pub const DB_RESTORE_SECONDS: &str = "wakegate_db_restore_duration_seconds";
 
 /// The outcome label of a cloud API call with HTTP status `status` (0: no answer).
 pub fn cloud_outcome(status: u16) -> &'static str {

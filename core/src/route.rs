@@ -240,13 +240,37 @@ pub struct Preview {
 pub struct Progress {
     pub done: u64,
     pub total: u64,
+    /// How a database is being restored, when that is what the bytes are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub how: Option<Restore>,
+}
+
+/// How a preview's database is being made.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Restore {
+    /// Cloned from the project's database image.
+    Clone,
+    /// The dump imported; no image is ready.
+    Import,
+    /// The dump imported while its image is being baked for the previews after it.
+    ImportWhileBaking,
 }
 
 impl Progress {
-    /// `12.3 MB of 50.0 MB`
+    /// `12.3 MB of 50.0 MB`, and how, when it is known.
     pub fn text(&self) -> String {
         let mb = |b: u64| b as f64 / 1_000_000.0;
-        format!("{:.1} MB of {:.1} MB", mb(self.done.min(self.total)), mb(self.total))
+        let bytes = format!("{:.1} MB of {:.1} MB", mb(self.done.min(self.total)), mb(self.total));
+        match self.how {
+            None => bytes,
+            Some(Restore::Clone) => format!("cloning its image, {bytes}"),
+            Some(Restore::Import) => format!("importing the dump, {bytes}"),
+            Some(Restore::ImportWhileBaking) => {
+                format!("importing the dump, {bytes} (its image is being baked: the next previews clone it)")
+            }
+        }
     }
 }
 

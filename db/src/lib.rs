@@ -9,7 +9,10 @@
 #![forbid(unsafe_code)]
 
 pub mod check;
+pub mod image;
 pub mod s3;
+
+pub use image::{CloneMethod, Image, ImageState, ImageUse, Images, Recipe, Refresh, RefreshState};
 
 use serde::{Deserialize, Serialize};
 use wakegate_core::Millis;

@@ -390,7 +390,7 @@ impl AgentApi {
             Ok(p) => p,
             Err(r) => return r,
         };
-        crate::runner::record_progress(&self.store, &preview.id, r.done.min(r.total), r.total).await;
+        crate::runner::record_progress(&self.store, &preview.id, r.done.min(r.total), r.total, None).await;
         reply(204, json!(null))
     }
 

@@ -19,6 +19,52 @@ pub struct DeploySpec {
     pub git_auth: Option<crate::git::GitAuth>,
     /// The dump the preview's database is filled from, when the project has one.
     pub dump: Option<DumpSource>,
+    /// Ready images of that dump: the build clones the one whose recipe is its own.
+    pub images: Vec<ImageSource>,
+    /// Whether an image of the dump is being baked (an import says so).
+    pub baking: bool,
+}
+
+/// A database image a build may clone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageSource {
+    pub id: String,
+    /// The digest of the recipe it was baked with: only a build with the same recipe
+    /// clones it.
+    pub recipe_digest: String,
+    /// Where the backend keeps it (a directory, a snapshot id).
+    pub location: String,
+    pub dump_id: String,
+}
+
+/// A bake: import `dump` the `recipe`'s way into a stopped data directory.
+#[derive(Clone, Debug)]
+pub struct BakeOrder {
+    pub image_id: String,
+    pub project: Project,
+    pub recipe: wakegate_db::Recipe,
+    pub dump: DumpSource,
+}
+
+/// What a bake made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Baked {
+    pub location: String,
+    pub size: u64,
+    /// The engine's version (`postgres (PostgreSQL) 15.8`).
+    pub version: String,
+}
+
+/// How a preview's database was made: its recipe (recorded so the project's image can
+/// be baked), and the image and method.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DbMade {
+    /// `None` when it cannot be baked (a sanitize file too big to keep).
+    pub recipe: Option<wakegate_db::Recipe>,
+    pub dump_id: Option<String>,
+    pub image: Option<String>,
+    pub method: wakegate_db::CloneMethod,
+    pub took_ms: u64,
 }
 
 /// Where a build downloads a dump from: a short-lived presigned URL, never the
@@ -73,6 +119,10 @@ pub trait Progress: Send + Sync {
     async fn phase(&self, phase: Phase) -> bool;
     /// How far the current phase is (bytes of a dump restored); shown on the splash.
     async fn detail(&self, _done: u64, _total: u64) {}
+    /// How the database is being made (shown with the bytes).
+    async fn restoring(&self, _how: wakegate_core::route::Restore) {}
+    /// The preview's database is made.
+    async fn database(&self, _made: DbMade) {}
 }
 
 /// How a wake starts a preview again.
@@ -139,6 +189,36 @@ pub trait Cloud: Send + Sync + 'static {
         _key: &str,
     ) -> Result<u64, CloudError> {
         Err(CloudError::Failed("this backend keeps no preview databases".into()))
+    }
+    /// Bakes a database image. A bake cut short leaves what [`Cloud::drop_image`]
+    /// removes; it is never ready.
+    async fn bake_image(&self, _order: &BakeOrder) -> Result<Baked, CloudError> {
+        Err(CloudError::Failed("this backend keeps no database images".into()))
+    }
+    /// Removes an image and whatever a bake of it left (a missing one is fine). `false`
+    /// when a clone holds it right now: ask again later.
+    async fn drop_image(&self, _id: &str, _location: &str) -> Result<bool, CloudError> {
+        Ok(true)
+    }
+    /// The ids of the images this backend holds, whole or being baked (what a crash
+    /// may have left without a record is found here).
+    async fn images(&self) -> Result<Vec<String>, CloudError> {
+        Ok(Vec::new())
+    }
+    /// Makes a running machine's database again, from `image` when given (else from
+    /// `dump`, imported), without rebuilding or stopping the app.
+    async fn refresh_db(
+        &self,
+        _machine: &MachineId,
+        _image: Option<&ImageSource>,
+        _dump: Option<&DumpSource>,
+    ) -> Result<DbMade, CloudError> {
+        Err(CloudError::Failed("this backend keeps no preview databases".into()))
+    }
+    /// Bytes a machine's database differs from the image it was cloned from (its size,
+    /// imported); `None` when it has none or this backend cannot tell.
+    async fn db_diverged(&self, _machine: &MachineId) -> Result<Option<u64>, CloudError> {
+        Ok(None)
     }
     /// Which of these running machines' apps have died, with the reason. Backends whose
     /// machines report for themselves (an agent) answer none.

@@ -12,7 +12,10 @@
 //! below the kernel's ephemeral range, reserved by a file in `ports/` beside the machines
 //! root (shared by every provisioner on that root) and given back when the app stops.
 
-use crate::cloud::{Cloud, CloudError, DeploySpec, Listing, MachineInfo, Outcome, Progress};
+use crate::cloud::{
+    BakeOrder, Baked, Cloud, CloudError, DbMade, DeploySpec, ImageSource, Listing, MachineInfo, Outcome, Progress,
+};
+use crate::localimage;
 use crate::manifest::Manifest;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -21,7 +24,9 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wakegate_core::lifecycle::{MachineId, Phase};
+use wakegate_core::route::Restore;
 use wakegate_core::route::{Preview, Project};
+use wakegate_db::CloneMethod;
 
 #[derive(Serialize, Deserialize)]
 struct MachineFile {
@@ -192,7 +197,8 @@ impl LocalCloud {
         release_db_port(&self.ports, dir).await;
     }
 
-    /// A fresh database for the preview, filled from its dump and sanitized.
+    /// The preview's database: cloned from the project's image when one fits its
+    /// recipe, else a fresh one filled from its dump and sanitized.
     async fn restore_db(
         &self,
         dir: &Path,
@@ -204,32 +210,188 @@ impl LocalCloud {
             return Err(CloudError::Failed("cancelled".into()));
         }
         self.stop_db(dir).await;
+        if let Some(dump) = spec.dump.as_ref().filter(|d| d.engine != db.engine) {
+            return Err(crate::localdb::wrong_engine(db.engine, dump));
+        }
+        let recipe = recipe_of(dir, db, spec.dump.is_some()).await?;
+        let began = std::time::Instant::now();
+        let dump_id = spec.dump.as_ref().map(|d| d.id.clone());
+        if let (Some(image), Some(recipe)) = (fitting(&spec.images, recipe.as_ref()), &recipe) {
+            match self.clone_image(dir, db, image, None, progress).await {
+                Ok((method, _hold)) => {
+                    let took_ms = began.elapsed().as_millis() as u64;
+                    tracing::info!(preview = %spec.preview_id, image = %image.id, method = method.as_str(), took_ms, "database cloned from its image");
+                    // recorded while the clone still holds the image
+                    let made = DbMade {
+                        recipe: Some(recipe.clone()),
+                        dump_id,
+                        image: Some(image.id.clone()),
+                        method,
+                        took_ms,
+                    };
+                    progress.database(made).await;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(preview = %spec.preview_id, image = %image.id, error = %e, "cloning the database image failed: importing the dump instead")
+                }
+            }
+        }
         let mut f = crate::localdb::init(dir, db).await?;
         f.port = reserve_port(&self.ports)?;
         crate::localdb::write(dir, &f).await?;
         crate::localdb::start(dir, &f).await?;
         crate::localdb::create(dir, &f).await?;
-        let Some(dump) = &spec.dump else {
+        if let Some(dump) = &spec.dump {
+            let how = if spec.baking { Restore::ImportWhileBaking } else { Restore::Import };
+            progress.restoring(how).await;
+            fill(dir, &f, dump, db, progress).await?;
+            tracing::info!(preview = %spec.preview_id, dump = %dump.id, "database restored");
+        } else {
             tracing::info!(preview = %spec.preview_id, "the project has no dump: the database starts empty");
-            return Ok(());
-        };
-        crate::localdb::import(dir, &f, dump, progress).await?;
-        match db.sanitize_path() {
-            Some(path) => {
-                let file = dir.join("src").join(path);
-                if !file.is_file() {
-                    return Err(CloudError::Failed(format!(
-                        "{path} is not in the repository: add the SQL that sanitizes an imported dump, or set \
-                         `sanitize = false` under [database] in {}",
-                        crate::manifest::FILE
-                    )));
-                }
-                crate::localdb::sanitize(dir, &f, &file).await?;
-            }
-            None => tracing::info!(preview = %spec.preview_id, "sanitize = false: the dump is used as it is"),
         }
-        tracing::info!(preview = %spec.preview_id, dump = %dump.id, "database restored");
+        let took_ms = began.elapsed().as_millis() as u64;
+        progress.database(DbMade { recipe, dump_id, image: None, method: CloneMethod::Import, took_ms }).await;
         Ok(())
+    }
+
+    fn images_dir(&self) -> PathBuf {
+        self.root.parent().map_or_else(|| self.root.join(".db-images"), |p| p.join("db-images"))
+    }
+
+    /// Clones `image` into the machine's database and starts its server, with fresh
+    /// credentials and port (or `keep`'s, when refreshing a running preview's). The
+    /// returned hold keeps the image from being collected until dropped.
+    async fn clone_image(
+        &self,
+        dir: &Path,
+        db: &crate::manifest::Database,
+        image: &ImageSource,
+        keep: Option<&crate::localdb::DbFile>,
+        progress: &dyn Progress,
+    ) -> Result<(CloneMethod, nix::fcntl::Flock<std::fs::File>), CloudError> {
+        let from = PathBuf::from(&image.location);
+        let Some(file) = localimage::read(&from).await else {
+            return Err(CloudError::Failed(format!("the image {} is not on this machine", image.id)));
+        };
+        let version = localimage::version(db.engine).await?;
+        if file.version != version {
+            return Err(CloudError::Failed(format!(
+                "the image was baked under {}, and this machine runs {version}",
+                file.version
+            )));
+        }
+        let hold = localimage::hold(&from)
+            .ok_or_else(|| CloudError::Failed(format!("the image {} was collected", image.id)))?;
+        progress.restoring(Restore::Clone).await;
+        crate::local::stop_group(dir, "import.pid").await;
+        crate::local::stop_group(dir, "db.pid").await;
+        crate::localdb::remove_logged(&dir.join(CLONED)).await;
+        let data = dir.join("db");
+        if data.exists() {
+            tokio::fs::remove_dir_all(&data)
+                .await
+                .map_err(|e| CloudError::Failed(format!("removing the old database: {e}")))?;
+        }
+        tokio::fs::create_dir_all(&data).await.map_err(backend)?;
+        crate::localdb::chown_to_pg(&data)?;
+        let (src, dst) = (from.join("db/data"), data.join("data"));
+        let (method, bytes) = tokio::task::spawn_blocking(move || localimage::clone_tree(&src, &dst))
+            .await
+            .map_err(backend)?
+            .map_err(|e| CloudError::Failed(format!("cloning the image: {e}")))?;
+        progress.detail(bytes, bytes).await;
+        // the image's credentials until the server is up, then the preview's own
+        let mut theirs = file.db.clone();
+        let ours = match keep {
+            Some(k) => k.clone(),
+            None => {
+                let mut ours =
+                    crate::localdb::DbFile { env: db.env, port: reserve_port(&self.ports)?, ..file.db.clone() };
+                crate::localdb::fresh_passwords(&mut ours)?;
+                crate::localdb::write(dir, &ours).await?;
+                ours
+            }
+        };
+        theirs.port = ours.port;
+        crate::localdb::start(dir, &theirs).await?;
+        crate::localdb::set_passwords(dir, &theirs, &ours).await?;
+        tokio::fs::write(dir.join(CLONED), image.location.as_bytes()).await.map_err(backend)?;
+        Ok((method, hold))
+    }
+
+    /// Stops what a bake of `id` runs and removes what it left, whole or not.
+    async fn clear_image(&self, id: &str) {
+        let images = self.images_dir();
+        for d in [localimage::baking_dir(&images, id), images.join(id)] {
+            stop_group(&d, "import.pid").await;
+            stop_group(&d, "db.pid").await;
+            release_db_port(&self.ports, &d).await;
+            crate::localdb::remove_logged(&d).await;
+        }
+    }
+}
+
+/// The machine's file naming the image its database was cloned from.
+const CLONED: &str = "db-image";
+
+/// What the preview's database is made of besides its dump: `None` when its sanitize
+/// file is too big to keep in an image's record (it imports then). A missing sanitize
+/// file fails a database that has a dump to import.
+async fn recipe_of(
+    dir: &Path,
+    db: &crate::manifest::Database,
+    has_dump: bool,
+) -> Result<Option<wakegate_db::Recipe>, CloudError> {
+    let sanitize = match db.sanitize_path() {
+        None => None,
+        Some(path) => match tokio::fs::read(dir.join("src").join(path)).await {
+            Ok(sql) if sql.len() > wakegate_db::image::MAX_SANITIZE => return Ok(None),
+            Ok(sql) => Some(String::from_utf8_lossy(&sql).into_owned()),
+            Err(_) if has_dump => {
+                return Err(CloudError::Failed(format!(
+                    "{path} is not in the repository: add the SQL that sanitizes an imported dump, or set \
+                     `sanitize = false` under [database] in {}",
+                    crate::manifest::FILE
+                )))
+            }
+            Err(_) => None,
+        },
+    };
+    Ok(Some(wakegate_db::Recipe { engine: db.engine, name: db.name.clone(), sanitize }))
+}
+
+/// The image baked with this recipe, if one is offered.
+fn fitting<'a>(images: &'a [ImageSource], recipe: Option<&wakegate_db::Recipe>) -> Option<&'a ImageSource> {
+    let digest = recipe?.digest();
+    images.iter().find(|i| i.recipe_digest == digest)
+}
+
+/// Imports the dump into the started server and runs the sanitize file.
+async fn fill(
+    dir: &Path,
+    f: &crate::localdb::DbFile,
+    dump: &crate::cloud::DumpSource,
+    db: &crate::manifest::Database,
+    progress: &dyn Progress,
+) -> Result<(), CloudError> {
+    crate::localdb::import(dir, f, dump, progress).await?;
+    match db.sanitize_path() {
+        Some(path) => crate::localdb::sanitize(dir, f, &dir.join("src").join(path)).await,
+        None => {
+            tracing::info!("sanitize = false: the dump is used as it is");
+            Ok(())
+        }
+    }
+}
+
+/// A bake's progress goes nowhere: nobody waits on it.
+struct Quiet;
+
+#[async_trait]
+impl Progress for Quiet {
+    async fn phase(&self, _: Phase) -> bool {
+        true
     }
 }
 
@@ -345,8 +507,9 @@ pub(crate) async fn stop_group(dir: &Path, pidfile: &str) {
 /// Stops every process any machine under `root` records, synchronously (for shutdown
 /// paths that cannot await, such as `Drop`). Machines and checkouts stay.
 pub fn kill_all_blocking(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else { return };
-    for e in entries.flatten() {
+    let images = root.parent().map(|p| p.join("db-images"));
+    let entries = [Some(root), images.as_deref()].into_iter().flatten().filter_map(|d| std::fs::read_dir(d).ok());
+    for e in entries.flatten().flatten() {
         for pidfile in ["build.pid", "app.pid", "import.pid", "db.pid"] {
             let pgid = std::fs::read_to_string(e.path().join(pidfile)).ok().and_then(|s| s.trim().parse::<u32>().ok());
             if let Some(pgid) = pgid.filter(|p| *p > 1) {
@@ -529,6 +692,142 @@ impl Cloud for LocalCloud {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Listing { machines: out, requests: 0 })
+    }
+
+    async fn bake_image(&self, order: &BakeOrder) -> Result<Baked, CloudError> {
+        let images = self.images_dir();
+        let (work, done) = (localimage::baking_dir(&images, &order.image_id), images.join(&order.image_id));
+        // whatever an earlier attempt left, whole or not, is not an image until recorded
+        self.clear_image(&order.image_id).await;
+        tokio::fs::create_dir_all(&work).await.map_err(backend)?;
+        let db = crate::manifest::Database {
+            engine: order.recipe.engine,
+            name: order.recipe.name.clone(),
+            env: crate::manifest::DbEnv::Url,
+            sanitize: None,
+        };
+        let mut f = crate::localdb::init(&work, &db).await?;
+        f.port = reserve_port(&self.ports)?;
+        crate::localdb::write(&work, &f).await?;
+        let baked = async {
+            crate::localdb::start(&work, &f).await?;
+            crate::localdb::create(&work, &f).await?;
+            crate::localdb::import(&work, &f, &order.dump, &Quiet).await?;
+            if let Some(sql) = &order.recipe.sanitize {
+                let file = work.join("sanitize.sql");
+                tokio::fs::write(&file, sql).await.map_err(backend)?;
+                crate::localdb::sanitize(&work, &f, &file).await?;
+            }
+            localimage::shutdown(&work, db.engine, Duration::from_secs(600)).await
+        }
+        .await;
+        if let Err(e) = baked {
+            self.clear_image(&order.image_id).await;
+            return Err(e);
+        }
+        unreserve_port(&self.ports, f.port).await;
+        f.port = 0;
+        crate::localdb::write(&work, &f).await?;
+        let version = localimage::version(db.engine).await?;
+        localimage::write(&work, &localimage::ImageFile { db: f, version: version.clone() }).await?;
+        localimage::make_lock(&work).map_err(backend)?;
+        let size = localimage::size(&work.join("db/data"));
+        tokio::fs::rename(&work, &done).await.map_err(backend)?;
+        Ok(Baked { location: done.display().to_string(), size, version })
+    }
+
+    async fn drop_image(&self, id: &str, _location: &str) -> Result<bool, CloudError> {
+        let dir = self.images_dir().join(id);
+        // held while it is removed: a clone starting now finds it gone
+        let _taken = match localimage::take(&dir) {
+            Ok(None) => return Ok(false),
+            Ok(Some(l)) => Some(l),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(backend(e)),
+        };
+        self.clear_image(id).await;
+        Ok(true)
+    }
+
+    async fn images(&self) -> Result<Vec<String>, CloudError> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut rd = match tokio::fs::read_dir(self.images_dir()).await {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(backend(e)),
+        };
+        while let Some(e) = rd.next_entry().await.map_err(backend)? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_suffix(".baking").unwrap_or(&name);
+            if id.starts_with("i-") {
+                out.insert(id.to_string());
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    async fn refresh_db(
+        &self,
+        machine: &MachineId,
+        image: Option<&ImageSource>,
+        dump: Option<&crate::cloud::DumpSource>,
+    ) -> Result<DbMade, CloudError> {
+        let dir = self.dir(machine)?;
+        let Some(old) = crate::localdb::read(&dir).await.filter(|d| d.port != 0) else {
+            return Err(CloudError::Failed("this preview has no database running".into()));
+        };
+        let raw = tokio::fs::read(dir.join("machine.json")).await.map_err(|_| CloudError::NotFound(machine.clone()))?;
+        let mf: MachineFile = serde_json::from_slice(&raw).map_err(backend)?;
+        let Some(db) = &mf.manifest.database else {
+            return Err(CloudError::Failed("this preview has no database".into()));
+        };
+        let recipe = recipe_of(&dir, db, dump.is_some()).await?;
+        let began = std::time::Instant::now();
+        let dump_id = dump.map(|d| d.id.clone());
+        // the port and passwords stay the preview's: the app's settings name them
+        if let Some(image) = image.filter(|i| fitting(std::slice::from_ref(i), recipe.as_ref()).is_some()) {
+            match self.clone_image(&dir, db, image, Some(&old), &Quiet).await {
+                Ok((method, _hold)) => {
+                    let took_ms = began.elapsed().as_millis() as u64;
+                    let image = Some(image.id.clone());
+                    return Ok(DbMade { recipe, dump_id, image, method, took_ms });
+                }
+                Err(e) => {
+                    tracing::warn!(%machine, error = %e, "cloning the database image failed: importing the dump instead")
+                }
+            }
+        }
+        let mut f = crate::localdb::init(&dir, db).await?;
+        crate::localdb::remove_logged(&dir.join(CLONED)).await;
+        (f.port, f.password) = (old.port, old.password.clone());
+        crate::localdb::start(&dir, &f).await?;
+        crate::localdb::create(&dir, &f).await?;
+        if let Some(dump) = dump {
+            fill(&dir, &f, dump, db, &Quiet).await?;
+        }
+        crate::localdb::set_passwords(&dir, &f, &old).await?;
+        let took_ms = began.elapsed().as_millis() as u64;
+        Ok(DbMade { recipe, dump_id, image: None, method: CloneMethod::Import, took_ms })
+    }
+
+    async fn db_diverged(&self, machine: &MachineId) -> Result<Option<u64>, CloudError> {
+        let dir = self.dir(machine)?;
+        let Ok(image) = tokio::fs::read_to_string(dir.join(CLONED)).await else { return Ok(None) };
+        let image = PathBuf::from(image);
+        let Some(hold) = localimage::hold(&image) else { return Ok(None) };
+        let n = tokio::task::spawn_blocking(move || {
+            let n = localimage::diverged(&image.join("db/data"), &dir.join("db/data"));
+            drop(hold);
+            n
+        })
+        .await
+        .map_err(backend)?;
+        match n {
+            Ok(n) => Ok(Some(n)),
+            // erased meanwhile
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(backend(e)),
+        }
     }
 
     async fn pull_db(

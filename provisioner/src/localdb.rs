@@ -46,7 +46,7 @@ fn random_password() -> Result<String, CloudError> {
 }
 
 /// Finds an engine's program: on the PATH, or in the newest PostgreSQL's `bin`.
-fn program(name: &str) -> Result<PathBuf, CloudError> {
+pub(crate) fn program(name: &str) -> Result<PathBuf, CloudError> {
     let mut dirs: Vec<PathBuf> =
         std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
@@ -109,11 +109,18 @@ fn os_user() -> Result<String, CloudError> {
     }
 }
 
-fn chown_to_pg(path: &Path) -> Result<(), CloudError> {
+pub(crate) fn chown_to_pg(path: &Path) -> Result<(), CloudError> {
     if let Some(u) = pg_account()? {
         std::os::unix::fs::chown(path, Some(u.uid.as_raw()), Some(u.gid.as_raw())).map_err(failed)?;
     }
     Ok(())
+}
+
+/// The MariaDB server's own temporary directory, beside its data.
+async fn private_tmp(dir: &Path) -> Result<PathBuf, CloudError> {
+    let tmp = data(dir).join("tmp");
+    tokio::fs::create_dir_all(&tmp).await.map_err(failed)?;
+    Ok(tmp)
 }
 
 /// Removes a file or directory; one that is not there is fine.
@@ -174,7 +181,11 @@ pub async fn init(dir: &Path, db: &Database) -> Result<DbFile, CloudError> {
                 return Err(failed(format!("the machines directory is too deep for a socket path: {}", dir.display())));
             }
             let mut cmd = command(Engine::Mariadb, "mariadb-install-db")?;
-            cmd.arg("--no-defaults")
+            // a temporary directory of its own: two bootstraps sharing /tmp can take
+            // each other's temporary tables
+            let tmp = private_tmp(dir).await?;
+            cmd.env("TMPDIR", &tmp)
+                .arg("--no-defaults")
                 .arg(format!("--datadir={}", d.join("data").display()))
                 // the superuser answers only on the server's socket, to this account:
                 // no password another preview's app could try over TCP
@@ -224,6 +235,7 @@ pub async fn start(dir: &Path, f: &DbFile) -> Result<(), CloudError> {
             let mut cmd = command(Engine::Mariadb, "mariadbd")?;
             cmd.arg("--no-defaults")
                 .arg(format!("--datadir={}", d.display()))
+                .arg(format!("--tmpdir={}", private_tmp(dir).await?.display()))
                 .arg(format!("--socket={}", socket(dir).display()))
                 .arg(format!("--port={}", f.port))
                 .arg(format!("--pid-file={}", data(dir).join("mysqld.pid").display()))
@@ -311,6 +323,31 @@ async fn admin(dir: &Path, f: &DbFile, sql: &str) -> Result<String, CloudError> 
     run(cmd, "the database").await
 }
 
+/// New passwords for the app's user and the superuser.
+pub fn fresh_passwords(f: &mut DbFile) -> Result<(), CloudError> {
+    (f.password, f.admin_password) = (random_password()?, random_password()?);
+    Ok(())
+}
+
+/// Changes the passwords of the server `f` reaches (a clone of an image, which has the
+/// image's) to `to`'s.
+pub async fn set_passwords(dir: &Path, f: &DbFile, to: &DbFile) -> Result<(), CloudError> {
+    let (user, pw) = (&f.user, &to.password);
+    match f.engine {
+        Engine::Postgres => {
+            let sql = format!(
+                "ALTER ROLE \"{user}\" PASSWORD '{pw}'; ALTER ROLE \"{ADMIN}\" PASSWORD '{}'",
+                to.admin_password
+            );
+            admin(dir, f, &sql).await?;
+        }
+        Engine::Mariadb => {
+            admin(dir, f, &format!("ALTER USER '{user}'@'%' IDENTIFIED BY '{pw}'; FLUSH PRIVILEGES;")).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Makes the app's user and database.
 pub async fn create(dir: &Path, f: &DbFile) -> Result<(), CloudError> {
     let (user, pw, name) = (&f.user, &f.password, &f.name);
@@ -372,15 +409,20 @@ fn client(f: &DbFile, file: Option<&Path>) -> Result<tokio::process::Command, Cl
     Ok(cmd)
 }
 
+/// The error of a dump for another engine than the database's.
+pub fn wrong_engine(engine: Engine, dump: &DumpSource) -> CloudError {
+    failed(format!(
+        "wakegate.toml says the database is {}, and the dump {} is a {} dump",
+        engine.label(),
+        dump.id,
+        dump.engine.label()
+    ))
+}
+
 /// Streams the dump from its URL into the database, reporting compressed bytes read.
 pub async fn import(dir: &Path, f: &DbFile, dump: &DumpSource, progress: &dyn Progress) -> Result<(), CloudError> {
     if dump.engine != f.engine {
-        return Err(failed(format!(
-            "wakegate.toml says the database is {}, and the dump {} is a {} dump",
-            f.engine.label(),
-            dump.id,
-            dump.engine.label()
-        )));
+        return Err(wrong_engine(f.engine, dump));
     }
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))

@@ -51,6 +51,8 @@ pub struct Provisioner {
     pub(crate) pace: crate::sweep::Pace,
     /// The dumps' bucket, when S3 is configured: builds get presigned download URLs.
     pub dumps: Option<wakegate_db::s3::Bucket>,
+    /// Database images this provisioner is baking.
+    pub(crate) bakes: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// How long a build's dump URL works: long enough for a checkout and a slow download
@@ -81,6 +83,8 @@ pub async fn dump_source(
 struct StoreProgress<'a> {
     p: &'a Provisioner,
     preview: &'a str,
+    project_id: &'a str,
+    how: std::sync::Mutex<Option<wakegate_core::route::Restore>>,
 }
 
 #[async_trait]
@@ -94,7 +98,17 @@ impl Progress for StoreProgress<'_> {
     }
 
     async fn detail(&self, done: u64, total: u64) {
-        record_progress(&self.p.store, self.preview, done, total).await
+        let how = *self.how.lock().unwrap_or_else(|e| e.into_inner());
+        record_progress(&self.p.store, self.preview, done, total, how).await
+    }
+
+    async fn restoring(&self, how: wakegate_core::route::Restore) {
+        *self.how.lock().unwrap_or_else(|e| e.into_inner()) = Some(how);
+        record_progress(&self.p.store, self.preview, 0, 0, Some(how)).await
+    }
+
+    async fn database(&self, made: crate::cloud::DbMade) {
+        self.p.record_made(self.preview, self.project_id, &made).await
     }
 }
 
@@ -106,8 +120,14 @@ fn record(e: wakegate_db::RecordError) -> ApplyError {
 }
 
 /// Records how far a database restore is, while the preview is restoring one.
-pub(crate) async fn record_progress(store: &SharedStore, preview: &str, done: u64, total: u64) {
-    let progress = wakegate_core::route::Progress { done, total };
+pub(crate) async fn record_progress(
+    store: &SharedStore,
+    preview: &str,
+    done: u64,
+    total: u64,
+    how: Option<wakegate_core::route::Restore>,
+) {
+    let progress = wakegate_core::route::Progress { done, total, how };
     let r = wakegate_store::driver::edit(store.as_ref(), preview, &|p| {
         if matches!(p.state, State::Building { phase: Phase::RestoringDb, restart: false, .. }) {
             p.progress = Some(progress);
@@ -122,7 +142,7 @@ pub(crate) async fn record_progress(store: &SharedStore, preview: &str, done: u6
 impl Provisioner {
     pub fn new(store: SharedStore, cloud: Arc<dyn Cloud>, settings: Settings) -> Provisioner {
         let worker = wakegate_store::new_id("w-");
-        Provisioner { store, cloud, settings, worker, pace: Default::default(), dumps: None }
+        Provisioner { store, cloud, settings, worker, pace: Default::default(), dumps: None, bakes: Default::default() }
     }
 
     /// Starts the job lanes, the sweepers and the liveness checks, each supervised
@@ -136,11 +156,15 @@ impl Provisioner {
             let (me, stop) = (self.clone(), stop.clone());
             crate::supervise::supervise("sweeps", move || me.clone().run_sweeps(stop.clone()))
         };
+        let images = {
+            let (me, stop) = (self.clone(), stop.clone());
+            crate::supervise::supervise("images", move || me.clone().run_images(stop.clone()))
+        };
         let liveness = {
             let me = self.clone();
             crate::supervise::supervise("liveness", move || me.clone().run_liveness(stop.clone()))
         };
-        vec![tokio::spawn(jobs), tokio::spawn(sweeps), tokio::spawn(liveness)]
+        vec![tokio::spawn(jobs), tokio::spawn(sweeps), tokio::spawn(images), tokio::spawn(liveness)]
     }
 
     /// Claims and runs jobs of both lanes until `stop` turns true.
@@ -252,15 +276,21 @@ impl Provisioner {
                         }
                     }
                 }
-                // likewise a pull asked for while this one's job was finishing
-                if lease.kind == wakegate_core::lifecycle::JobKind::PullDb {
-                    let pulls = wakegate_db::Pulls::new(self.store.clone());
-                    if let Ok(Some(p)) = pulls.get(&lease.preview_id).await {
-                        if p.state == wakegate_db::PullState::Pending {
-                            if let Err(e) = self.store.enqueue(&lease.preview_id, lease.kind).await {
-                                warn!(preview = %lease.preview_id, error = %e, "re-enqueueing a pull failed");
-                            }
-                        }
+                // likewise a pull or a refresh asked for while this one's job was finishing
+                let again = match lease.kind {
+                    wakegate_core::lifecycle::JobKind::PullDb => {
+                        let pulls = wakegate_db::Pulls::new(self.store.clone());
+                        matches!(pulls.get(&lease.preview_id).await, Ok(Some(p)) if p.state == wakegate_db::PullState::Pending)
+                    }
+                    wakegate_core::lifecycle::JobKind::RefreshDb => {
+                        let images = wakegate_db::Images::new(self.store.clone());
+                        matches!(images.refresh(&lease.preview_id).await, Ok(Some(r)) if r.state == wakegate_db::RefreshState::Pending)
+                    }
+                    _ => false,
+                };
+                if again {
+                    if let Err(e) = self.store.enqueue(&lease.preview_id, lease.kind).await {
+                        warn!(preview = %lease.preview_id, error = %e, "re-enqueueing a database job failed");
                     }
                 }
             }
@@ -359,10 +389,29 @@ impl Provisioner {
             (State::Erasing { .. }, wakegate_core::lifecycle::JobKind::Erase) => {
                 // its logs go with the transition to erased (wakegate_store::stats::observe)
                 self.drop_pull(id).await?;
+                wakegate_db::Images::new(self.store.clone()).forget(id).await?;
                 self.event(id, Event::MachinesDeleted).await.map(|_| ())
             }
             (State::Running { machine, .. }, wakegate_core::lifecycle::JobKind::PullDb) => {
                 self.pull(id, machine, current.version).await
+            }
+            (State::Running { machine, .. }, wakegate_core::lifecycle::JobKind::RefreshDb) => {
+                self.refresh(id, machine).await.map_err(ApplyError::Store)
+            }
+            (state, wakegate_core::lifecycle::JobKind::RefreshDb) => {
+                let images = wakegate_db::Images::new(self.store.clone());
+                let Some(r) = images.refresh(id).await?.filter(|r| r.state == wakegate_db::RefreshState::Pending)
+                else {
+                    return Ok(());
+                };
+                let reason = format!("the preview is {}, not running: wake it and refresh again", state.as_str());
+                images
+                    .finish_refresh(id, &r.id, |r| {
+                        (r.state, r.reason, r.finished_at) =
+                            (wakegate_db::RefreshState::Failed, Some(reason.clone()), Some(now_ms()))
+                    })
+                    .await
+                    .map_err(ApplyError::Store)
             }
             (state, wakegate_core::lifecycle::JobKind::PullDb) => {
                 let reason = format!("the preview is {}, not running: wake it and pull again", state.as_str());
@@ -515,8 +564,11 @@ impl Provisioner {
                 return self.event(id, failed).await.map(|_| ());
             }
         };
+        let (images, baking) = if dump.is_some() { self.offered_images(preview).await } else { (Vec::new(), false) };
         let spec = DeploySpec {
             dump,
+            images,
+            baking,
             git_auth,
             preview_id: id.to_string(),
             git_url: project.git_url.clone(),
@@ -529,7 +581,7 @@ impl Provisioner {
             ),
             project,
         };
-        let progress = StoreProgress { p: self, preview: id };
+        let progress = StoreProgress { p: self, preview: id, project_id: &preview.project_id, how: Default::default() };
         let deploy = self.cloud.deploy(&machine, &spec, &progress);
         let result = tokio::select! {
             r = deploy => r,

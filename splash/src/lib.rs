@@ -256,10 +256,20 @@ mod tests {
         assert_eq!(Page::Building { phase: Phase::Build, progress: None }.status(), 503);
         let restoring = Page::Building {
             phase: Phase::RestoringDb,
-            progress: Some(wakegate_core::route::Progress { done: 12_345_678, total: 50_000_000 }),
+            progress: Some(wakegate_core::route::Progress { done: 12_345_678, total: 50_000_000, how: None }),
         };
         let html = render(&restoring, &cx());
         assert!(html.contains("Restoring the database — 12.3 MB of 50.0 MB"), "{html}");
+        let how = Some(wakegate_core::route::Restore::ImportWhileBaking);
+        let baking = Page::Building {
+            phase: Phase::RestoringDb,
+            progress: Some(wakegate_core::route::Progress { done: 1_000_000, total: 2_000_000, how }),
+        };
+        let html = render(&baking, &cx());
+        assert!(
+            html.contains("Restoring the database — importing the dump, 1.0 MB of 2.0 MB (its image is being baked"),
+            "{html}"
+        );
     }
 
     #[test]

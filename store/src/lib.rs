@@ -78,7 +78,7 @@ impl Lane {
 
     pub fn of(kind: JobKind) -> Lane {
         match kind {
-            JobKind::Build | JobKind::PullDb => Lane::Build,
+            JobKind::Build | JobKind::PullDb | JobKind::RefreshDb => Lane::Build,
             JobKind::Wake | JobKind::Sleep | JobKind::Erase => Lane::Quick,
         }
     }

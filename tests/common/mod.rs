@@ -77,7 +77,11 @@ impl World {
     }
 
     pub async fn start_with(extra: &[(&str, &str)], idle_timeout_secs: u64) -> World {
-        let data = wakegate_testkit::tempdir("e2e");
+        Self::start_in(wakegate_testkit::tempdir("e2e"), extra, idle_timeout_secs).await
+    }
+
+    /// A world whose data (store, machines, database images) lives under `data`.
+    pub async fn start_in(data: std::path::PathBuf, extra: &[(&str, &str)], idle_timeout_secs: u64) -> World {
         let cfg = settings(&data, extra);
         let store = Arc::new(wakegate_store::EmbeddedStore::open(&data.join("store.log")).unwrap());
         let dev = Dev::start(&cfg, store).await.unwrap();

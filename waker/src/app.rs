@@ -38,6 +38,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
         orgs::list, orgs::create, orgs::show, orgs::add_domain, orgs::verify, orgs::remove_domain,
         orgs::add_base, orgs::remove_base, operator::custom_hostnames, crate::forge::hooks::receive,
         db::start, db::list, db::show, db::parts, db::part_url, db::complete, db::use_dump, db::remove, db::pull, db::pull_status, db::pull_done,
+        crate::images::list, crate::images::show, crate::images::refresh,
     ),
     components(schemas(
         ErrorBody, Accepted, Health, NewProject, NewPreview, SetTtl, PreviewView, Project, RouteRecord,
@@ -48,6 +49,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
         wakegate_core::route::ForgeKind, wakegate_core::route::Change, wakegate_core::route::GoneInfo,
         wakegate_core::lifecycle::GoneWhy, db::NewDump, db::DumpView, db::UploadStarted, db::PartUrl,
         db::PartView, db::Completion, db::SentPart, db::DumpList, db::PullView, crate::model::LogSlice,
+        crate::images::ImageView, crate::images::ImageList, crate::images::RefreshView, crate::images::DatabaseView,
     )),
     modifiers(&SecuritySchemes),
     tags(
@@ -148,6 +150,9 @@ pub fn router(waker: Arc<Waker>) -> Router {
         .route("/v1/projects/{name}/dumps/{id}/complete", op(post(db::complete)))
         .route("/v1/projects/{name}/dumps/{id}/use", op(post(db::use_dump)))
         .route("/v1/previews/{id}/db/pull", op(get(db::pull_status).post(db::pull).delete(db::pull_done)))
+        .route("/v1/previews/{id}/db", op(get(crate::images::show)))
+        .route("/v1/previews/{id}/db/refresh", op(post(crate::images::refresh)))
+        .route("/v1/db/images", op(get(crate::images::list)))
         .route("/v1/previews", op(get(operator::list_previews)))
         .route("/v1/previews/{id}", op(get(operator::show)))
         .route("/v1/previews/{id}/pin", op(post(operator::pin)))

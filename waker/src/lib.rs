@@ -39,6 +39,7 @@ pub mod dns;
 pub mod edge;
 pub mod error;
 pub mod forge;
+pub mod images;
 pub mod model;
 pub mod names;
 pub mod operator;
