@@ -742,8 +742,8 @@ async fn main() {
         String::from_utf8_lossy(&Command::new("nginx").arg("-v").output().unwrap().stderr).trim()
     );
     let doc = format!(
-        "# Benchmarks\n\nMeasured by `scripts/bench` (= `cargo bench --bench edge`) in one run on one machine: {machine_line}; loopback only; wrk: the median of {RUNS} runs of {LOAD_SECS} s per row (by req/s) after a 1 s warm-up, with the spread of the runs. Ratios are against nginx measured in the same run.\n\n{md}"
+        "Measured by `scripts/bench` (= `cargo bench --bench edge`) in one run on one machine: {machine_line}; loopback only; wrk: the median of {RUNS} runs of {LOAD_SECS} s per row (by req/s) after a 1 s warm-up, with the spread of the runs. Ratios are against nginx measured in the same run.\n\n{md}"
     );
-    std::fs::write(wakegate_testkit::wrangler::repo_root().join("BENCHMARKS.md"), doc).unwrap();
+    wakegate_testkit::write_benchmarks_section("edge", &doc);
     println!("\nwritten to BENCHMARKS.md");
 }

@@ -71,6 +71,9 @@ pub struct Config {
     pub liveness_every: Duration,
     pub max_builds: usize,
     pub max_quick_jobs: usize,
+    /// Whether projects' base dumps are baked into database images previews clone
+    /// (`WAKEGATE_DB_IMAGES`, default true; false: every preview imports its dump).
+    pub db_images: bool,
     /// DNS servers that verify org domains (`WAKEGATE_DNS_SERVERS`, comma-separated
     /// `ip:port`); empty: the system's resolvers.
     pub dns_servers: Vec<SocketAddr>,
@@ -323,6 +326,7 @@ impl Config {
             liveness_every: secs(src, "WAKEGATE_LIVENESS_SECS", prov.liveness_every.as_secs_f64())?,
             max_builds: count(src, "WAKEGATE_MAX_BUILDS", prov.max_builds, 1..=256)?,
             max_quick_jobs: count(src, "WAKEGATE_MAX_QUICK_JOBS", prov.max_quick_jobs, 1..=1024)?,
+            db_images: parse(src, "WAKEGATE_DB_IMAGES", prov.db_images)?,
             dns_servers: match src.get("WAKEGATE_DNS_SERVERS") {
                 Some(v) => {
                     v.split(',').map(|a| a.trim().parse::<SocketAddr>()).collect::<Result<Vec<_>, _>>().map_err(
@@ -437,6 +441,7 @@ impl Config {
             liveness_every: self.liveness_every,
             max_builds: self.max_builds,
             max_quick_jobs: self.max_quick_jobs,
+            db_images: self.db_images,
             shutdown_grace: self.shutdown_grace,
         }
     }

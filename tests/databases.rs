@@ -682,53 +682,9 @@ async fn previews_clone_the_baked_image_on_both_engines() {
     w.stop().await;
 }
 
-/// An XFS filesystem (with reflink) in a file, on a loop device, mounted for the test.
-struct Xfs {
-    file: std::path::PathBuf,
-    mount: std::path::PathBuf,
-    device: String,
-}
-
-impl Xfs {
-    /// `Err` says why this machine cannot (not root, no loop devices, no mkfs.xfs).
-    fn make() -> Result<Xfs, String> {
-        let run = |cmd: &mut Command| -> Result<String, String> {
-            let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-            if !out.status.success() {
-                return Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim()));
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        };
-        let dir = wakegate_testkit::tempdir("xfs");
-        let file = dir.join("xfs.img");
-        std::fs::File::create(&file).and_then(|f| f.set_len(1 << 30)).map_err(|e| e.to_string())?;
-        run(Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&file))?;
-        let device = run(Command::new("losetup").args(["-f", "--show"]).arg(&file))?;
-        let mount = dir.join("mnt");
-        std::fs::create_dir(&mount).map_err(|e| e.to_string())?;
-        let x = Xfs { file, mount, device };
-        run(Command::new("mount").arg(&x.device).arg(&x.mount))?;
-        Ok(x)
-    }
-}
-
-impl Drop for Xfs {
-    fn drop(&mut self) {
-        // the processes killed at the world's end may take a moment to let go of it
-        for _ in 0..100 {
-            if Command::new("umount").arg(&self.mount).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = Command::new("losetup").args(["-d", &self.device]).status();
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_xfs_previews_clone_the_image_by_reflink() {
-    let xfs = match Xfs::make() {
+    let xfs = match wakegate_testkit::xfs::Xfs::make(1 << 30) {
         Ok(x) => x,
         Err(why) if std::env::var_os("WAKEGATE_REQUIRE_REFLINK").is_some() => panic!("no XFS here: {why}"),
         Err(why) => return eprintln!("skipped: this machine cannot make an XFS filesystem ({why})"),

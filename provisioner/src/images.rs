@@ -32,7 +32,7 @@ impl Provisioner {
     /// The ready images a build of `preview` may clone, and whether one of its dump is
     /// being baked. Only a preview on the project's base dump clones.
     pub(crate) async fn offered_images(&self, preview: &wakegate_core::route::Preview) -> (Vec<ImageSource>, bool) {
-        if preview.dump.is_some() {
+        if preview.dump.is_some() || !self.settings.db_images {
             return (Vec::new(), false);
         }
         let dumps = wakegate_db::Dumps::new(self.store.clone());
@@ -155,7 +155,7 @@ impl Provisioner {
         // the image each project wants now: its base dump with its newest recipe
         let dumps = wakegate_db::Dumps::new(self.store.clone());
         let mut wanted: Vec<(wakegate_core::route::Project, wakegate_db::Dump, wakegate_db::Recipe)> = Vec::new();
-        if self.dumps.is_some() {
+        if self.dumps.is_some() && self.settings.db_images {
             for p in projects {
                 let (Ok(Some(base)), Ok(Some(recipe))) = (dumps.base(&p.id).await, images.recipe(&p.id).await) else {
                     continue;

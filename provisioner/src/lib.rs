@@ -65,6 +65,8 @@ pub struct Settings {
     pub max_quick_jobs: usize,
     /// How long jobs in flight may finish once the provisioner is told to stop.
     pub shutdown_grace: Duration,
+    /// Whether base dumps are baked into database images that previews clone.
+    pub db_images: bool,
 }
 
 impl Default for Settings {
@@ -81,6 +83,7 @@ impl Default for Settings {
             max_builds: 4,
             max_quick_jobs: 16,
             shutdown_grace: Duration::from_secs(20),
+            db_images: true,
         }
     }
 }

@@ -97,8 +97,29 @@ fn data(dir: &Path) -> PathBuf {
     dir.join("db")
 }
 
+/// MariaDB's socket: beside its data, or where that path is too long for a socket
+/// (108 bytes on Linux), in a private directory under the system's temporary one,
+/// named by a digest of the data's path.
 fn socket(dir: &Path) -> PathBuf {
-    data(dir).join("mysqld.sock")
+    let beside = data(dir).join("mysqld.sock");
+    if beside.as_os_str().len() <= 100 {
+        return beside;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    std::env::temp_dir().join("wakegate-sockets").join(format!("{}.sock", hex::encode(&digest[..12])))
+}
+
+/// Makes the directory of `dir`'s socket, when it is not beside the data (only this
+/// account may enter it).
+fn socket_dir(dir: &Path) -> Result<(), CloudError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let sock = socket(dir);
+    let Some(parent) = sock.parent().filter(|p| !p.starts_with(dir)) else { return Ok(()) };
+    match std::fs::DirBuilder::new().mode(0o700).create(parent) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(failed(format!("{}: {e}", parent.display()))),
+        _ => Ok(()),
+    }
 }
 
 /// The account Wakegate runs as: MariaDB's superuser over the socket.
@@ -178,8 +199,12 @@ pub async fn init(dir: &Path, db: &Database) -> Result<DbFile, CloudError> {
         }
         Engine::Mariadb => {
             if socket(dir).as_os_str().len() > 100 {
-                return Err(failed(format!("the machines directory is too deep for a socket path: {}", dir.display())));
+                return Err(failed(format!(
+                    "the temporary directory is too deep for a socket path: {}",
+                    socket(dir).display()
+                )));
             }
+            socket_dir(dir)?;
             let mut cmd = command(Engine::Mariadb, "mariadb-install-db")?;
             // a temporary directory of its own: two bootstraps sharing /tmp can take
             // each other's temporary tables
@@ -232,6 +257,7 @@ pub async fn start(dir: &Path, f: &DbFile) -> Result<(), CloudError> {
             cmd
         }
         Engine::Mariadb => {
+            socket_dir(dir)?;
             let mut cmd = command(Engine::Mariadb, "mariadbd")?;
             cmd.arg("--no-defaults")
                 .arg(format!("--datadir={}", d.display()))

@@ -24,6 +24,7 @@ pub mod s3;
 
 pub use rng::Rng;
 pub mod wrangler;
+pub mod xfs;
 
 use std::path::PathBuf;
 
@@ -80,5 +81,68 @@ pub fn kill_recorded_group(pidfile: &std::path::Path) {
             .args(["-KILL", "--", &format!("-{pgid}")])
             .stderr(std::process::Stdio::null())
             .status();
+    }
+}
+
+/// Writes `body` as the section `name` of BENCHMARKS.md, between its markers, keeping
+/// the other benchmarks' sections (each `cargo bench` target writes its own). A file
+/// from before the markers is kept as the `edge` section.
+pub fn write_benchmarks_section(name: &str, body: &str) {
+    let path = wrangler::repo_root().join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    std::fs::write(&path, benchmarks_with(&old, name, body)).unwrap();
+}
+
+fn benchmarks_with(old: &str, name: &str, body: &str) -> String {
+    const TITLE: &str = "# Benchmarks\n\n";
+    let marked = |n: &str| (format!("<!-- begin {n} -->\n"), format!("<!-- end {n} -->\n"));
+    let mut sections: Vec<(String, String)> = Vec::new();
+    let mut rest = old.strip_prefix(TITLE).unwrap_or(old);
+    if !rest.is_empty() && !rest.contains("<!-- begin ") {
+        sections
+            .push(("edge".into(), rest.strip_prefix("Measured").map_or(rest.to_string(), |r| format!("Measured{r}"))));
+        rest = "";
+    }
+    while let Some(at) = rest.find("<!-- begin ") {
+        let after = &rest[at + "<!-- begin ".len()..];
+        let Some(close) = after.find(" -->\n") else { break };
+        let n = after[..close].to_string();
+        let (_, end) = marked(&n);
+        let content = &after[close + " -->\n".len()..];
+        let Some(stop) = content.find(&end) else { break };
+        sections.push((n, content[..stop].to_string()));
+        rest = &content[stop + end.len()..];
+    }
+    let body = if body.ends_with('\n') { body.to_string() } else { format!("{body}\n") };
+    match sections.iter_mut().find(|(n, _)| n == name) {
+        Some(s) => s.1 = body,
+        None => sections.push((name.to_string(), body)),
+    }
+    let mut out = TITLE.to_string();
+    for (n, content) in sections {
+        let (begin, end) = marked(&n);
+        out.push_str(&begin);
+        out.push_str(&content);
+        out.push_str(&end);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod benchmarks_tests {
+    use super::benchmarks_with;
+
+    #[test]
+    fn sections_replace_their_own_and_keep_the_others() {
+        let old = "# Benchmarks\n\nMeasured by the edge.\n| a | b |\n";
+        let one = benchmarks_with(old, "db-images", "## Database images\nfast\n");
+        assert!(one.contains("<!-- begin edge -->\nMeasured by the edge.\n| a | b |\n<!-- end edge -->"), "{one}");
+        assert!(one.contains("<!-- begin db-images -->\n## Database images\nfast\n<!-- end db-images -->"), "{one}");
+        let two = benchmarks_with(&one, "edge", "Measured again.\n");
+        assert!(two.contains("<!-- begin edge -->\nMeasured again.\n<!-- end edge -->"), "{two}");
+        assert!(two.contains("## Database images\nfast\n"), "{two}");
+        assert_eq!(benchmarks_with(&two, "edge", "Measured again.\n"), two, "stable");
+        assert!(benchmarks_with("", "x", "y").starts_with("# Benchmarks\n\n<!-- begin x -->\ny\n<!-- end x -->"));
     }
 }
