@@ -629,6 +629,14 @@ async fn bake_and_clone(w: &World, engine: &str, method: Option<&str>) {
     assert_eq!(text(w, &b, "/notes").await, "notes: ");
     assert_eq!(text(w, &b, "/").await, format!("message: baked for {engine}"));
     assert_eq!(w.machine_of(b_id).await, b_machine, "refreshing rebuilt nothing");
+    // and from the dashboard's button
+    assert_eq!(text(w, &b, "/write?note=again").await, "written");
+    dashboard_refresh(w, b_id).await;
+    wakegate_testkit::eventually(WAIT, "the dashboard's refresh", || async {
+        let r = w.try_visit(&b, "/notes").await?;
+        (r.status == 200 && r.body == "notes: ").then_some(())
+    })
+    .await;
 
     // the images view: engine, dump, size, age, and the previews using each
     let (out, err, ok) = cli(w, &state, &["images", &project]);
@@ -695,4 +703,23 @@ async fn on_xfs_previews_clone_the_image_by_reflink() {
     bake_and_clone(&w, "postgres", Some("reflink")).await;
     w.stop().await;
     drop(xfs);
+}
+
+/// Logs in to the dashboard and presses a preview's "Refresh data" button.
+async fn dashboard_refresh(w: &World, preview: &str) {
+    use wakegate_testkit::http;
+    let (addr, host) = (w.dev.waker_addr, format!("127.0.0.1:{}", w.dev.waker_addr.port()));
+    let form = [("accept", "text/html"), ("content-type", "application/x-www-form-urlencoded")];
+    let body = format!("token={}", w.dev.operator_token);
+    let r = http::send(addr, "POST", &host, "/dashboard/login", &form, body).await.unwrap();
+    assert_eq!(r.status, 303, "{}", r.body);
+    let cookie = r.header("set-cookie").unwrap().split(';').next().unwrap().to_string();
+    let r = http::send(addr, "GET", &host, "/dashboard", &[("cookie", &cookie)], "").await.unwrap();
+    let action = format!("/dashboard/previews/{preview}/refresh-data");
+    assert!(r.body.contains(&action) && r.body.contains("Refresh data"), "{}", r.body);
+    let csrf = csrf_of(&r.body);
+    let mut headers = form.to_vec();
+    headers.push(("cookie", &cookie));
+    let r = http::send(addr, "POST", &host, &action, &headers, format!("csrf={csrf}")).await.unwrap();
+    assert_eq!(r.status, 303, "{}", r.body);
 }

@@ -213,7 +213,12 @@ async fn provisioner_killed_mid_bake_leaves_nothing_half_baked() {
             let (_, v) = st.op("GET", "/v1/db/images", None).await;
             let i = v["images"].as_array()?.first()?.clone();
             assert_eq!(i["state"], "baking", "{i}");
-            let dir = images.join(format!("{}.baking", i["id"].as_str()?));
+            // the attempt's own directory, `<id>.<worker>-<attempt>.baking`
+            let id = i["id"].as_str()?;
+            let dir = std::fs::read_dir(&images).ok()?.flatten().map(|e| e.path()).find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                name.starts_with(&format!("{id}.")) && name.ends_with(".baking")
+            })?;
             Some((i["id"].as_str()?.to_string(), read_pid(&dir.join("import.pid"))?, read_pid(&dir.join("db.pid"))?))
         })
         .await;

@@ -146,8 +146,7 @@ pub struct ImageUse {
     /// When the database was made (cloned or imported), and how long it took.
     pub at: Millis,
     pub took_ms: u64,
-    /// Bytes that differ from the image (or, imported, the data's size), when last
-    /// measured.
+    /// Bytes that differ from the image, when last measured (a clone only).
     #[serde(default)]
     pub diverged: Option<u64>,
     #[serde(default)]

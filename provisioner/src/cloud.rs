@@ -41,6 +41,8 @@ pub struct ImageSource {
 #[derive(Clone, Debug)]
 pub struct BakeOrder {
     pub image_id: String,
+    /// Names this attempt (its worker and number): its work is its own.
+    pub attempt: String,
     pub project: Project,
     pub recipe: wakegate_db::Recipe,
     pub dump: DumpSource,
@@ -205,18 +207,18 @@ pub trait Cloud: Send + Sync + 'static {
     async fn images(&self) -> Result<Vec<String>, CloudError> {
         Ok(Vec::new())
     }
-    /// Makes a running machine's database again, from `image` when given (else from
-    /// `dump`, imported), without rebuilding or stopping the app.
+    /// Makes a running machine's database again, from the image among `images` that
+    /// fits (else from `dump`, imported), without rebuilding or stopping the app.
     async fn refresh_db(
         &self,
         _machine: &MachineId,
-        _image: Option<&ImageSource>,
+        _images: &[ImageSource],
         _dump: Option<&DumpSource>,
     ) -> Result<DbMade, CloudError> {
         Err(CloudError::Failed("this backend keeps no preview databases".into()))
     }
-    /// Bytes a machine's database differs from the image it was cloned from (its size,
-    /// imported); `None` when it has none or this backend cannot tell.
+    /// Bytes a machine's database differs from the image it was cloned from; `None`
+    /// when it was not cloned, or this backend cannot tell.
     async fn db_diverged(&self, _machine: &MachineId) -> Result<Option<u64>, CloudError> {
         Ok(None)
     }

@@ -55,11 +55,12 @@ impl Provisioner {
         (ready, baking)
     }
 
-    /// Records how a preview's database was made: its recipe (the project's image is
-    /// baked with it) and the image it came from.
-    pub(crate) async fn record_made(&self, preview: &str, project_id: &str, made: &DbMade) {
+    /// Records how a preview's database was made: the image it came from and, from a
+    /// build on the project's base dump, its recipe (the project's image is baked with
+    /// it; a build without a dump may lack its sanitize file, and a refresh is no news).
+    pub(crate) async fn record_made(&self, preview: &str, project_id: &str, made: &DbMade, on_base: bool) {
         let images = self.images();
-        if let Some(recipe) = &made.recipe {
+        if let Some(recipe) = made.recipe.as_ref().filter(|_| on_base && made.dump_id.is_some()) {
             match images.set_recipe(project_id, recipe).await {
                 Ok(true) => {
                     info!(project = %project_id, digest = %recipe.digest(), "the project's database recipe changed")
@@ -95,17 +96,12 @@ impl Provisioner {
         let (offered, _) = self.offered_images(&preview.value).await;
         let result = match dump_source(&self.store, self.dumps.as_ref(), &preview.value, BAKE_URL_TTL).await {
             Err(reason) => Err(reason),
-            Ok(dump) => {
-                // the image of the dump the preview would be built with
-                let image = offered.first();
-                let r = self.cloud.refresh_db(machine, image, dump.as_ref()).await;
-                r.map_err(|e| e.to_string())
-            }
+            Ok(dump) => self.cloud.refresh_db(machine, &offered, dump.as_ref()).await.map_err(|e| e.to_string()),
         };
         match &result {
             Ok(made) => {
                 info!(preview = %id, method = made.method.as_str(), took_ms = made.took_ms, "database refreshed");
-                self.record_made(id, &preview.value.project_id, made).await;
+                self.record_made(id, &preview.value.project_id, made, false).await;
             }
             Err(reason) => warn!(preview = %id, %reason, "refreshing the database failed"),
         }
@@ -166,10 +162,12 @@ impl Provisioner {
             }
         }
         let now = now_ms();
+        // one bake at a time per provisioner: a bake not started is not recorded
+        let mut free = self.bakes_here().is_empty();
         for (project, dump, recipe) in &wanted {
             let id = recipe.image_id(&dump.sha256);
             match all.iter().find(|i| i.id == id && i.project_id == project.id) {
-                None => {
+                None if free => {
                     let image = Image {
                         id,
                         project_id: project.id.clone(),
@@ -189,20 +187,32 @@ impl Provisioner {
                         reason: None,
                     };
                     if images.create(&image).await.is_ok() {
+                        free = false;
                         self.clone().start_bake(project.clone(), image);
                     }
                 }
-                Some(i) if self.due(i, now) => {
+                Some(i) if i.state == ImageState::Baking && i.attempts >= MAX_ATTEMPTS && self.stale(i, now) => {
+                    // a dump that kills its baker (memory, disk) is not tried for ever
+                    let mut failed = i.clone();
+                    let why =
+                        format!("the bake stopped {} times without finishing (see the provisioner's log)", i.attempts);
+                    (failed.state, failed.reason, failed.heartbeat) = (ImageState::Failed, Some(why), now);
+                    if images.update(i, &failed).await.is_ok() {
+                        warn!(image = %i.id, "giving up baking the image: builds import");
+                    }
+                }
+                Some(i) if free && self.due(i, now) => {
                     let mut taken = i.clone();
                     (taken.state, taken.worker, taken.heartbeat, taken.reason) =
                         (ImageState::Baking, self.worker.clone(), now, None);
                     taken.attempts += 1;
                     if images.update(i, &taken).await.is_ok() {
+                        free = false;
                         info!(image = %i.id, attempt = taken.attempts, "taking the image's bake up again");
                         self.clone().start_bake(project.clone(), taken);
                     }
                 }
-                Some(_) => {}
+                _ => {}
             }
         }
         self.collect(&all, &uses, &wanted).await;
@@ -231,9 +241,15 @@ impl Provisioner {
         self.bakes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Starts baking `image` unless this provisioner bakes one already (a bake takes a
+    /// core and a dump's size of disk; the next round starts the next).
     fn start_bake(self: std::sync::Arc<Self>, project: wakegate_core::route::Project, image: Image) {
-        if !self.bakes_here().insert(image.id.clone()) {
-            return;
+        {
+            let mut here = self.bakes_here();
+            if !here.is_empty() {
+                return;
+            }
+            here.insert(image.id.clone());
         }
         tokio::spawn(async move {
             let id = image.id.clone();
@@ -251,7 +267,13 @@ impl Provisioner {
             Ok(s) => s,
             Err(reason) => return self.bake_ended(&image, Err(reason), began).await,
         };
-        let order = BakeOrder { image_id: image.id.clone(), project, recipe: image.recipe.clone(), dump: source };
+        let order = BakeOrder {
+            image_id: image.id.clone(),
+            attempt: format!("{}-{}", self.worker, image.attempts),
+            project,
+            recipe: image.recipe.clone(),
+            dump: source,
+        };
         let mut current = image.clone();
         let every = self.settings.lease / 3;
         let heartbeat = async {

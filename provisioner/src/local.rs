@@ -210,53 +210,75 @@ impl LocalCloud {
             return Err(CloudError::Failed("cancelled".into()));
         }
         self.stop_db(dir).await;
-        if let Some(dump) = spec.dump.as_ref().filter(|d| d.engine != db.engine) {
-            return Err(crate::localdb::wrong_engine(db.engine, dump));
-        }
-        let recipe = recipe_of(dir, db, spec.dump.is_some()).await?;
-        let began = std::time::Instant::now();
-        let dump_id = spec.dump.as_ref().map(|d| d.id.clone());
-        if let (Some(image), Some(recipe)) = (fitting(&spec.images, recipe.as_ref()), &recipe) {
-            match self.clone_image(dir, db, image, None, progress).await {
-                Ok((method, _hold)) => {
-                    let took_ms = began.elapsed().as_millis() as u64;
-                    tracing::info!(preview = %spec.preview_id, image = %image.id, method = method.as_str(), took_ms, "database cloned from its image");
-                    // recorded while the clone still holds the image
-                    let made = DbMade {
-                        recipe: Some(recipe.clone()),
-                        dump_id,
-                        image: Some(image.id.clone()),
-                        method,
-                        took_ms,
-                    };
-                    progress.database(made).await;
-                    return Ok(());
-                }
-                Err(e) => {
-                    tracing::warn!(preview = %spec.preview_id, image = %image.id, error = %e, "cloning the database image failed: importing the dump instead")
-                }
-            }
-        }
-        let mut f = crate::localdb::init(dir, db).await?;
-        f.port = reserve_port(&self.ports)?;
-        crate::localdb::write(dir, &f).await?;
-        crate::localdb::start(dir, &f).await?;
-        crate::localdb::create(dir, &f).await?;
-        if let Some(dump) = &spec.dump {
-            let how = if spec.baking { Restore::ImportWhileBaking } else { Restore::Import };
-            progress.restoring(how).await;
-            fill(dir, &f, dump, db, progress).await?;
-            tracing::info!(preview = %spec.preview_id, dump = %dump.id, "database restored");
-        } else {
-            tracing::info!(preview = %spec.preview_id, "the project has no dump: the database starts empty");
-        }
-        let took_ms = began.elapsed().as_millis() as u64;
-        progress.database(DbMade { recipe, dump_id, image: None, method: CloneMethod::Import, took_ms }).await;
+        let how = if spec.baking { Restore::ImportWhileBaking } else { Restore::Import };
+        let made = self.make_db(dir, db, &spec.images, spec.dump.as_ref(), None, how, progress).await?;
+        tracing::info!(preview = %spec.preview_id, method = made.method.as_str(), took_ms = made.took_ms, "database made");
         Ok(())
     }
 
+    /// Makes the machine's database: a clone of the image among `images` that fits the
+    /// checkout's recipe, else a fresh one filled from `dump` (empty without one). With
+    /// `keep` (a running preview's refresh), its port and passwords stay. Reported to
+    /// `progress` while a clone still holds its image.
+    #[allow(clippy::too_many_arguments)]
+    async fn make_db(
+        &self,
+        dir: &Path,
+        db: &crate::manifest::Database,
+        images: &[ImageSource],
+        dump: Option<&crate::cloud::DumpSource>,
+        keep: Option<&crate::localdb::DbFile>,
+        how: Restore,
+        progress: &dyn Progress,
+    ) -> Result<DbMade, CloudError> {
+        if let Some(dump) = dump.filter(|d| d.engine != db.engine) {
+            return Err(crate::localdb::wrong_engine(db.engine, dump));
+        }
+        let recipe = recipe_of(dir, db, dump.is_some()).await?;
+        let began = std::time::Instant::now();
+        let dump_id = dump.map(|d| d.id.clone());
+        let image = dump.and_then(|d| fitting(images, recipe.as_ref(), &d.id));
+        if let Some(image) = image {
+            match self.clone_image(dir, db, image, keep, progress).await {
+                Ok((method, _hold)) => {
+                    let took_ms = began.elapsed().as_millis() as u64;
+                    let made = DbMade { recipe, dump_id, image: Some(image.id.clone()), method, took_ms };
+                    progress.database(made.clone()).await;
+                    return Ok(made);
+                }
+                Err(e) => {
+                    let why =
+                        format!("cloning the database image {} failed, importing the dump instead: {e}", image.id);
+                    tracing::warn!(dir = %dir.display(), "{why}");
+                    append_log(dir, &why).await;
+                    // what the clone started and reserved goes first
+                    crate::local::stop_group(dir, "db.pid").await;
+                    if keep.is_none() {
+                        release_db_port(&self.ports, dir).await;
+                    }
+                }
+            }
+        }
+        let mut f = crate::localdb::init(dir, db, keep).await?;
+        crate::localdb::remove_logged(&dir.join(CLONED)).await;
+        if keep.is_none() {
+            f.port = reserve_port(&self.ports)?;
+            crate::localdb::write(dir, &f).await?;
+        }
+        crate::localdb::start(dir, &f).await?;
+        crate::localdb::create(dir, &f).await?;
+        if let Some(dump) = dump {
+            progress.restoring(how).await;
+            fill(dir, &f, dump, db, progress).await?;
+        }
+        let took_ms = began.elapsed().as_millis() as u64;
+        let made = DbMade { recipe, dump_id, image: None, method: CloneMethod::Import, took_ms };
+        progress.database(made.clone()).await;
+        Ok(made)
+    }
+
     fn images_dir(&self) -> PathBuf {
-        self.root.parent().map_or_else(|| self.root.join(".db-images"), |p| p.join("db-images"))
+        images_dir(&self.root)
     }
 
     /// Clones `image` into the machine's database and starts its server, with fresh
@@ -271,6 +293,8 @@ impl LocalCloud {
         progress: &dyn Progress,
     ) -> Result<(CloneMethod, nix::fcntl::Flock<std::fs::File>), CloudError> {
         let from = PathBuf::from(&image.location);
+        let hold = localimage::hold(&from)
+            .ok_or_else(|| CloudError::Failed(format!("the image {} was collected", image.id)))?;
         let Some(file) = localimage::read(&from).await else {
             return Err(CloudError::Failed(format!("the image {} is not on this machine", image.id)));
         };
@@ -281,8 +305,6 @@ impl LocalCloud {
                 file.version
             )));
         }
-        let hold = localimage::hold(&from)
-            .ok_or_else(|| CloudError::Failed(format!("the image {} was collected", image.id)))?;
         progress.restoring(Restore::Clone).await;
         crate::local::stop_group(dir, "import.pid").await;
         crate::local::stop_group(dir, "db.pid").await;
@@ -320,14 +342,68 @@ impl LocalCloud {
         Ok((method, hold))
     }
 
-    /// Stops what a bake of `id` runs and removes what it left, whole or not.
+    /// A bake's work in `work`, moved to `done` once whole.
+    async fn bake_in(&self, work: &Path, done: &Path, order: &BakeOrder) -> Result<Baked, CloudError> {
+        let db = crate::manifest::Database {
+            engine: order.recipe.engine,
+            name: order.recipe.name.clone(),
+            env: crate::manifest::DbEnv::Url,
+            sanitize: None,
+        };
+        let mut f = crate::localdb::init(work, &db, None).await?;
+        f.port = reserve_port(&self.ports)?;
+        crate::localdb::write(work, &f).await?;
+        let baked = async {
+            crate::localdb::start(work, &f).await?;
+            crate::localdb::create(work, &f).await?;
+            crate::localdb::import(work, &f, &order.dump, &Quiet).await?;
+            if let Some(sql) = &order.recipe.sanitize {
+                let file = work.join("sanitize.sql");
+                tokio::fs::write(&file, sql).await.map_err(backend)?;
+                crate::localdb::sanitize(work, &f, &file).await?;
+            }
+            localimage::shutdown(work, db.engine, Duration::from_secs(600)).await
+        }
+        .await;
+        // the port is given back only once no file names it
+        let port = std::mem::replace(&mut f.port, 0);
+        let written = crate::localdb::write(work, &f).await;
+        unreserve_port(&self.ports, port).await;
+        baked?;
+        written?;
+        let version = localimage::version(db.engine).await?;
+        localimage::write(work, &localimage::ImageFile { db: f, version: version.clone() }).await?;
+        localimage::make_lock(work).map_err(backend)?;
+        let size = localimage::size(&work.join("db/data"));
+        // never over another attempt's whole image
+        if done.exists() {
+            return Err(CloudError::Failed("another attempt finished this image first".into()));
+        }
+        tokio::fs::rename(work, done).await.map_err(backend)?;
+        Ok(Baked { location: done.display().to_string(), size, version })
+    }
+
+    /// Stops what a bake in `d` runs and removes the directory.
+    async fn clear_dir(&self, d: &Path) {
+        stop_group(d, "import.pid").await;
+        stop_group(d, "db.pid").await;
+        release_db_port(&self.ports, d).await;
+        crate::localdb::remove_logged(d).await;
+    }
+
+    /// Stops what every bake of `id` runs and removes what they left, whole or not.
     async fn clear_image(&self, id: &str) {
         let images = self.images_dir();
-        for d in [localimage::baking_dir(&images, id), images.join(id)] {
-            stop_group(&d, "import.pid").await;
-            stop_group(&d, "db.pid").await;
-            release_db_port(&self.ports, &d).await;
-            crate::localdb::remove_logged(&d).await;
+        let mut dirs = vec![images.join(id)];
+        if let Ok(mut rd) = tokio::fs::read_dir(&images).await {
+            while let Ok(Some(e)) = rd.next_entry().await {
+                if localimage::id_of(&e.file_name().to_string_lossy()) == Some(id) {
+                    dirs.push(e.path());
+                }
+            }
+        }
+        for d in dirs {
+            self.clear_dir(&d).await;
         }
     }
 }
@@ -335,9 +411,39 @@ impl LocalCloud {
 /// The machine's file naming the image its database was cloned from.
 const CLONED: &str = "db-image";
 
+/// Where images live: beside the machines root.
+fn images_dir(root: &Path) -> PathBuf {
+    root.parent().map_or_else(|| root.join(".db-images"), |p| p.join("db-images"))
+}
+
+/// Serializes what changes a machine's database (a refresh, a stop, a delete), across
+/// provisioners sharing the root: an exclusive `flock` on `<machine>/db.lock`, taken off
+/// the runtime's threads. `None` when the machine is gone.
+async fn db_lock(dir: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let path = dir.join("db.lock");
+    tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).ok()?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Adds a line to the machine's build log (what `wakegate logs` shows).
+async fn append_log(dir: &Path, line: &str) {
+    use tokio::io::AsyncWriteExt;
+    if let Ok(mut f) = tokio::fs::OpenOptions::new().create(true).append(true).open(dir.join("build.log")).await {
+        if let Err(e) = f.write_all(format!("{line}\n").as_bytes()).await {
+            tracing::debug!(error = %e, "writing the build log failed");
+        }
+    }
+}
+
 /// What the preview's database is made of besides its dump: `None` when its sanitize
 /// file is too big to keep in an image's record (it imports then). A missing sanitize
-/// file fails a database that has a dump to import.
+/// file fails a database that has a dump to import; one that leads out of the checkout
+/// (a symbolic link) is refused.
 async fn recipe_of(
     dir: &Path,
     db: &crate::manifest::Database,
@@ -345,26 +451,43 @@ async fn recipe_of(
 ) -> Result<Option<wakegate_db::Recipe>, CloudError> {
     let sanitize = match db.sanitize_path() {
         None => None,
-        Some(path) => match tokio::fs::read(dir.join("src").join(path)).await {
-            Ok(sql) if sql.len() > wakegate_db::image::MAX_SANITIZE => return Ok(None),
-            Ok(sql) => Some(String::from_utf8_lossy(&sql).into_owned()),
-            Err(_) if has_dump => {
-                return Err(CloudError::Failed(format!(
-                    "{path} is not in the repository: add the SQL that sanitizes an imported dump, or set \
-                     `sanitize = false` under [database] in {}",
-                    crate::manifest::FILE
-                )))
+        Some(path) => {
+            let src = dir.join("src");
+            let inside = match (tokio::fs::canonicalize(src.join(path)).await, tokio::fs::canonicalize(&src).await) {
+                (Ok(file), Ok(root)) if file.starts_with(&root) => Some(file),
+                (Ok(_), Ok(_)) => {
+                    return Err(CloudError::Failed(format!("{path} leads out of the repository: it is not read")))
+                }
+                _ => None,
+            };
+            match inside {
+                Some(file) => match tokio::fs::read(&file).await {
+                    Ok(sql) if sql.len() > wakegate_db::image::MAX_SANITIZE => return Ok(None),
+                    Ok(sql) => Some(String::from_utf8_lossy(&sql).into_owned()),
+                    Err(e) => return Err(CloudError::Failed(format!("reading {path}: {e}"))),
+                },
+                None if has_dump => {
+                    return Err(CloudError::Failed(format!(
+                        "{path} is not in the repository: add the SQL that sanitizes an imported dump, or set \
+                         `sanitize = false` under [database] in {}",
+                        crate::manifest::FILE
+                    )))
+                }
+                None => None,
             }
-            Err(_) => None,
-        },
+        }
     };
     Ok(Some(wakegate_db::Recipe { engine: db.engine, name: db.name.clone(), sanitize }))
 }
 
-/// The image baked with this recipe, if one is offered.
-fn fitting<'a>(images: &'a [ImageSource], recipe: Option<&wakegate_db::Recipe>) -> Option<&'a ImageSource> {
+/// The image of `dump_id` baked with this recipe, if one is offered.
+fn fitting<'a>(
+    images: &'a [ImageSource],
+    recipe: Option<&wakegate_db::Recipe>,
+    dump_id: &str,
+) -> Option<&'a ImageSource> {
     let digest = recipe?.digest();
-    images.iter().find(|i| i.recipe_digest == digest)
+    images.iter().find(|i| i.recipe_digest == digest && i.dump_id == dump_id)
 }
 
 /// Imports the dump into the started server and runs the sanitize file.
@@ -507,8 +630,8 @@ pub(crate) async fn stop_group(dir: &Path, pidfile: &str) {
 /// Stops every process any machine under `root` records, synchronously (for shutdown
 /// paths that cannot await, such as `Drop`). Machines and checkouts stay.
 pub fn kill_all_blocking(root: &Path) {
-    let images = root.parent().map(|p| p.join("db-images"));
-    let entries = [Some(root), images.as_deref()].into_iter().flatten().filter_map(|d| std::fs::read_dir(d).ok());
+    let images = images_dir(root);
+    let entries = [root, images.as_path()].into_iter().filter_map(|d| std::fs::read_dir(d).ok());
     for e in entries.flatten().flatten() {
         for pidfile in ["build.pid", "app.pid", "import.pid", "db.pid"] {
             let pgid = std::fs::read_to_string(e.path().join(pidfile)).ok().and_then(|s| s.trim().parse::<u32>().ok());
@@ -696,44 +819,17 @@ impl Cloud for LocalCloud {
 
     async fn bake_image(&self, order: &BakeOrder) -> Result<Baked, CloudError> {
         let images = self.images_dir();
-        let (work, done) = (localimage::baking_dir(&images, &order.image_id), images.join(&order.image_id));
+        let work = localimage::baking_dir(&images, &order.image_id, &order.attempt);
+        let done = images.join(&order.image_id);
         // whatever an earlier attempt left, whole or not, is not an image until recorded
         self.clear_image(&order.image_id).await;
         tokio::fs::create_dir_all(&work).await.map_err(backend)?;
-        let db = crate::manifest::Database {
-            engine: order.recipe.engine,
-            name: order.recipe.name.clone(),
-            env: crate::manifest::DbEnv::Url,
-            sanitize: None,
-        };
-        let mut f = crate::localdb::init(&work, &db).await?;
-        f.port = reserve_port(&self.ports)?;
-        crate::localdb::write(&work, &f).await?;
-        let baked = async {
-            crate::localdb::start(&work, &f).await?;
-            crate::localdb::create(&work, &f).await?;
-            crate::localdb::import(&work, &f, &order.dump, &Quiet).await?;
-            if let Some(sql) = &order.recipe.sanitize {
-                let file = work.join("sanitize.sql");
-                tokio::fs::write(&file, sql).await.map_err(backend)?;
-                crate::localdb::sanitize(&work, &f, &file).await?;
-            }
-            localimage::shutdown(&work, db.engine, Duration::from_secs(600)).await
+        let baked = self.bake_in(&work, &done, order).await;
+        if baked.is_err() {
+            // this attempt's directory only: another worker's may be the one wanted
+            self.clear_dir(&work).await;
         }
-        .await;
-        if let Err(e) = baked {
-            self.clear_image(&order.image_id).await;
-            return Err(e);
-        }
-        unreserve_port(&self.ports, f.port).await;
-        f.port = 0;
-        crate::localdb::write(&work, &f).await?;
-        let version = localimage::version(db.engine).await?;
-        localimage::write(&work, &localimage::ImageFile { db: f, version: version.clone() }).await?;
-        localimage::make_lock(&work).map_err(backend)?;
-        let size = localimage::size(&work.join("db/data"));
-        tokio::fs::rename(&work, &done).await.map_err(backend)?;
-        Ok(Baked { location: done.display().to_string(), size, version })
+        baked
     }
 
     async fn drop_image(&self, id: &str, _location: &str) -> Result<bool, CloudError> {
@@ -757,9 +853,7 @@ impl Cloud for LocalCloud {
             Err(e) => return Err(backend(e)),
         };
         while let Some(e) = rd.next_entry().await.map_err(backend)? {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let id = name.strip_suffix(".baking").unwrap_or(&name);
-            if id.starts_with("i-") {
+            if let Some(id) = localimage::id_of(&e.file_name().to_string_lossy()) {
                 out.insert(id.to_string());
             }
         }
@@ -769,45 +863,25 @@ impl Cloud for LocalCloud {
     async fn refresh_db(
         &self,
         machine: &MachineId,
-        image: Option<&ImageSource>,
+        images: &[ImageSource],
         dump: Option<&crate::cloud::DumpSource>,
     ) -> Result<DbMade, CloudError> {
         let dir = self.dir(machine)?;
+        // one change to the database at a time: a sleep or erase waits for this
+        let Some(_held) = db_lock(&dir).await else { return Err(CloudError::NotFound(machine.clone())) };
         let Some(old) = crate::localdb::read(&dir).await.filter(|d| d.port != 0) else {
             return Err(CloudError::Failed("this preview has no database running".into()));
         };
+        if !group_alive(&dir, "db.pid").await {
+            return Err(CloudError::Failed("this preview's database is not running".into()));
+        }
         let raw = tokio::fs::read(dir.join("machine.json")).await.map_err(|_| CloudError::NotFound(machine.clone()))?;
         let mf: MachineFile = serde_json::from_slice(&raw).map_err(backend)?;
         let Some(db) = &mf.manifest.database else {
             return Err(CloudError::Failed("this preview has no database".into()));
         };
-        let recipe = recipe_of(&dir, db, dump.is_some()).await?;
-        let began = std::time::Instant::now();
-        let dump_id = dump.map(|d| d.id.clone());
         // the port and passwords stay the preview's: the app's settings name them
-        if let Some(image) = image.filter(|i| fitting(std::slice::from_ref(i), recipe.as_ref()).is_some()) {
-            match self.clone_image(&dir, db, image, Some(&old), &Quiet).await {
-                Ok((method, _hold)) => {
-                    let took_ms = began.elapsed().as_millis() as u64;
-                    let image = Some(image.id.clone());
-                    return Ok(DbMade { recipe, dump_id, image, method, took_ms });
-                }
-                Err(e) => {
-                    tracing::warn!(%machine, error = %e, "cloning the database image failed: importing the dump instead")
-                }
-            }
-        }
-        let mut f = crate::localdb::init(&dir, db).await?;
-        crate::localdb::remove_logged(&dir.join(CLONED)).await;
-        (f.port, f.password) = (old.port, old.password.clone());
-        crate::localdb::start(&dir, &f).await?;
-        crate::localdb::create(&dir, &f).await?;
-        if let Some(dump) = dump {
-            fill(&dir, &f, dump, db, &Quiet).await?;
-        }
-        crate::localdb::set_passwords(&dir, &f, &old).await?;
-        let took_ms = began.elapsed().as_millis() as u64;
-        Ok(DbMade { recipe, dump_id, image: None, method: CloneMethod::Import, took_ms })
+        self.make_db(&dir, db, images, dump, Some(&old), Restore::Import, &Quiet).await
     }
 
     async fn db_diverged(&self, machine: &MachineId) -> Result<Option<u64>, CloudError> {

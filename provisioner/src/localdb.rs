@@ -117,9 +117,21 @@ fn socket_dir(dir: &Path) -> Result<(), CloudError> {
     let sock = socket(dir);
     let Some(parent) = sock.parent().filter(|p| !p.starts_with(dir)) else { return Ok(()) };
     match std::fs::DirBuilder::new().mode(0o700).create(parent) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(failed(format!("{}: {e}", parent.display()))),
-        _ => Ok(()),
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(failed(format!("{}: {e}", parent.display())))
+        }
+        _ => {}
     }
+    // made by someone else first, it could hand the server's socket to them
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(parent).map_err(failed)?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(failed(format!(
+            "{} is not a private directory of this account: remove it, or use a shorter data directory",
+            parent.display()
+        )));
+    }
+    Ok(())
 }
 
 /// The account Wakegate runs as: MariaDB's superuser over the socket.
@@ -161,7 +173,9 @@ pub(crate) async fn remove_logged(path: &Path) {
 }
 
 /// A fresh, empty data directory for `db` (whatever an earlier attempt left goes).
-pub async fn init(dir: &Path, db: &Database) -> Result<DbFile, CloudError> {
+/// With `keep`, the new database gets its port and passwords (a running preview's
+/// refresh: the app's settings name them).
+pub async fn init(dir: &Path, db: &Database, keep: Option<&DbFile>) -> Result<DbFile, CloudError> {
     crate::local::stop_group(dir, "import.pid").await;
     crate::local::stop_group(dir, "db.pid").await;
     let d = data(dir);
@@ -175,6 +189,12 @@ pub async fn init(dir: &Path, db: &Database) -> Result<DbFile, CloudError> {
         user: USER.into(),
         password: random_password()?,
         admin_password: random_password()?,
+    };
+    let file = match keep {
+        Some(k) => {
+            DbFile { port: k.port, password: k.password.clone(), admin_password: k.admin_password.clone(), ..file }
+        }
+        None => file,
     };
     match db.engine {
         Engine::Postgres => {
@@ -231,7 +251,23 @@ pub async fn read(dir: &Path) -> Option<DbFile> {
 }
 
 pub async fn write(dir: &Path, f: &DbFile) -> Result<(), CloudError> {
-    tokio::fs::write(dir.join(FILE), serde_json::to_vec_pretty(f).map_err(failed)?).await.map_err(failed)
+    write_private(&dir.join(FILE), &serde_json::to_vec_pretty(f).map_err(failed)?).await
+}
+
+/// Writes a file only this account may read (it holds passwords), whole or not at all.
+pub(crate) async fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CloudError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (path, bytes) = (path.to_path_buf(), bytes.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&bytes)?;
+        std::fs::rename(&tmp, &path)
+    })
+    .await
+    .map_err(failed)?
+    .map_err(failed)
 }
 
 /// Starts the server on `f.port` (the caller reserved it) and waits until it answers.

@@ -58,7 +58,7 @@ pub async fn read(image_dir: &Path) -> Option<ImageFile> {
 
 pub async fn write(image_dir: &Path, f: &ImageFile) -> Result<(), CloudError> {
     let raw = serde_json::to_vec_pretty(f).map_err(failed)?;
-    tokio::fs::write(image_dir.join(FILE), raw).await.map_err(failed)
+    crate::localdb::write_private(&image_dir.join(FILE), &raw).await
 }
 
 /// Stops the database server of `dir` cleanly and waits for it: PostgreSQL's fast
@@ -95,10 +95,12 @@ pub async fn shutdown(dir: &Path, engine: Engine, wait: Duration) -> Result<(), 
 }
 
 /// A shared hold on an image while it is cloned or compared; `None` when the image is
-/// not there (collected).
+/// not there, or is being collected right now (never waits).
 pub fn hold(image_dir: &Path) -> Option<nix::fcntl::Flock<File>> {
     let f = File::open(image_dir.join(LOCK)).ok()?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockShared).ok()
+    let held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).ok()?;
+    // collected between the open and the lock: the lock is on a removed file
+    image_dir.join(FILE).exists().then_some(held)
 }
 
 /// Takes the image for removal: `None` while a clone holds it.
@@ -274,9 +276,16 @@ pub fn size(path: &Path) -> u64 {
         .sum()
 }
 
-/// The directory a bake of `id` works in until it is whole.
-pub fn baking_dir(images: &Path, id: &str) -> PathBuf {
-    images.join(format!("{id}.baking"))
+/// The directory one attempt at baking `id` works in until it is whole (each attempt
+/// its own: one taken over never shares a directory with the next).
+pub fn baking_dir(images: &Path, id: &str, attempt: &str) -> PathBuf {
+    images.join(format!("{id}.{attempt}.baking"))
+}
+
+/// The image an entry of the images directory is of: `i-…` or `i-….<attempt>.baking`.
+pub fn id_of(name: &str) -> Option<&str> {
+    let id = name.split('.').next()?;
+    (id.starts_with("i-") && (id.len() == name.len() || name.ends_with(".baking"))).then_some(id)
 }
 
 #[cfg(test)]
@@ -325,11 +334,16 @@ mod tests {
     fn an_image_held_by_a_clone_cannot_be_taken() {
         let dir = wakegate_testkit::tempdir("hold");
         make_lock(&dir).unwrap();
+        std::fs::write(dir.join(FILE), b"{}").unwrap();
         let held = hold(&dir).expect("the lock file is there");
         assert!(take(&dir).unwrap().is_none(), "a clone holds it");
         drop(held);
         let taken = take(&dir).unwrap().expect("free once the clone is done");
         drop(taken);
         assert!(hold(&wakegate_testkit::tempdir("none").join("gone")).is_none());
+        assert_eq!(id_of("i-0123456789abcdef"), Some("i-0123456789abcdef"));
+        assert_eq!(id_of("i-0123456789abcdef.w-1-2.baking"), Some("i-0123456789abcdef"));
+        assert_eq!(id_of("i-0123.json"), None);
+        assert_eq!(id_of("lost+found"), None);
     }
 }

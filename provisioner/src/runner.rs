@@ -84,6 +84,8 @@ struct StoreProgress<'a> {
     p: &'a Provisioner,
     preview: &'a str,
     project_id: &'a str,
+    /// Whether the build's dump is the project's base (not its own `--target` one).
+    on_base: bool,
     how: std::sync::Mutex<Option<wakegate_core::route::Restore>>,
 }
 
@@ -108,7 +110,7 @@ impl Progress for StoreProgress<'_> {
     }
 
     async fn database(&self, made: crate::cloud::DbMade) {
-        self.p.record_made(self.preview, self.project_id, &made).await
+        self.p.record_made(self.preview, self.project_id, &made, self.on_base).await
     }
 }
 
@@ -581,7 +583,13 @@ impl Provisioner {
             ),
             project,
         };
-        let progress = StoreProgress { p: self, preview: id, project_id: &preview.project_id, how: Default::default() };
+        let progress = StoreProgress {
+            p: self,
+            preview: id,
+            project_id: &preview.project_id,
+            on_base: preview.dump.is_none(),
+            how: Default::default(),
+        };
         let deploy = self.cloud.deploy(&machine, &spec, &progress);
         let result = tokio::select! {
             r = deploy => r,

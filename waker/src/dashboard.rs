@@ -198,7 +198,8 @@ async fn tables(w: &Waker, csrf: &str) -> Result<page::Tables, ApiError> {
     w.complete_views(&mut views).await;
     let weeks = wakegate_store::stats::weeks(w.store.as_ref(), now).await?;
     let costs = wakegate_store::stats::costs(w.store.as_ref()).await?;
-    Ok(page::tables(views, &projects, &weeks, &costs, csrf.to_string(), now))
+    let with_db = wakegate_db::Images::new(w.store.clone()).uses().await?.into_iter().map(|(p, _)| p).collect();
+    Ok(page::tables(views, &projects, &weeks, &costs, &with_db, csrf.to_string(), now))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -328,7 +329,8 @@ async fn logout(State(w): State<Arc<Waker>>, headers: HeaderMap, Form(form): For
     }
 }
 
-/// `POST /dashboard/previews/{id}/{action}`: pin, unpin, sleep, wake, erase or rebuild.
+/// `POST /dashboard/previews/{id}/{action}`: pin, unpin, sleep, wake, erase, rebuild or
+/// refresh-data.
 async fn act(
     State(w): State<Arc<Waker>>,
     Path((id, action)): Path<(String, String)>,
@@ -388,6 +390,7 @@ async fn perform(w: &Arc<Waker>, id: &str, action: Action) -> Result<(String, St
         Action::Wake => operator::wake(s, p).await.map(|(_, Json(v))| v.state),
         Action::Erase => operator::erase(s, p).await.map(|(_, Json(v))| v.state),
         Action::Rebuild => operator::rebuild(s, p).await.map(|(_, Json(a))| a.state),
+        Action::RefreshData => crate::images::refresh(s, p).await.map(|(_, Json(r))| r.state),
     };
     state.map(|s| (name.clone(), s)).map_err(|e| (name, e))
 }

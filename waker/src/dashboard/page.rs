@@ -22,11 +22,13 @@ pub(crate) enum Action {
     Wake,
     Erase,
     Rebuild,
+    /// The running preview's data made again from its project's database image.
+    RefreshData,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 6] =
-        [Action::Pin, Action::Unpin, Action::Sleep, Action::Wake, Action::Erase, Action::Rebuild];
+    pub(crate) const ALL: [Action; 7] =
+        [Action::Pin, Action::Unpin, Action::Sleep, Action::Wake, Action::Erase, Action::Rebuild, Action::RefreshData];
 
     /// The path segment (`/dashboard/previews/{id}/{action}`) and the API call's name.
     pub(crate) fn as_str(self) -> &'static str {
@@ -37,6 +39,7 @@ impl Action {
             Action::Wake => "wake",
             Action::Erase => "erase",
             Action::Rebuild => "rebuild",
+            Action::RefreshData => "refresh-data",
         }
     }
 
@@ -53,6 +56,7 @@ impl Action {
             Action::Wake => "Wake",
             Action::Erase => "Erase",
             Action::Rebuild => "Rebuild",
+            Action::RefreshData => "Refresh data",
         }
     }
 
@@ -68,7 +72,7 @@ impl Action {
     /// The buttons a preview in `state` shows. Any action may still be posted (the
     /// state may have moved since the page was drawn): the lifecycle decides, and a
     /// refusal is shown to the operator.
-    pub(crate) fn offered(state: &str, pinned: bool) -> Vec<Action> {
+    pub(crate) fn offered(state: &str, pinned: bool, has_db: bool) -> Vec<Action> {
         let mut v = Vec::new();
         if state != "gone" {
             v.push(if pinned { Action::Unpin } else { Action::Pin });
@@ -81,6 +85,9 @@ impl Action {
         }
         if matches!(state, "erased" | "failed" | "running") {
             v.push(Action::Rebuild);
+        }
+        if state == "running" && has_db {
+            v.push(Action::RefreshData);
         }
         if matches!(state, "building" | "running" | "stopping" | "sleeping" | "waking" | "failed") {
             v.push(Action::Erase);
@@ -97,12 +104,18 @@ impl Action {
             Action::Wake => format!("Wake requested for {name}; it is {state} now."),
             Action::Erase => format!("Erase requested for {name}; it is {state} now."),
             Action::Rebuild => format!("Rebuild requested for {name}; it is {state} now."),
+            Action::RefreshData => {
+                format!("Data refresh requested for {name}: its database is made again from the current image.")
+            }
         }
     }
 
     /// What the operator is told when it was refused or failed.
     pub(crate) fn failed(self, name: &str, why: &str) -> String {
-        let verb = self.as_str();
+        let verb = match self {
+            Action::RefreshData => "refresh the data of",
+            other => other.as_str(),
+        };
         format!("Could not {verb} {name}: {why}.")
     }
 }
@@ -174,6 +187,7 @@ pub(crate) fn tables(
     projects: &[Project],
     weeks: &HashMap<String, Counts>,
     costs: &HashMap<String, f64>,
+    with_db: &std::collections::HashSet<String>,
     csrf: String,
     now: Millis,
 ) -> Tables {
@@ -194,11 +208,17 @@ pub(crate) fn tables(
         })
         .collect();
     summary.sort_by(|a, b| a.name.cmp(&b.name));
-    let previews = views.into_iter().map(|v| row(v, now)).collect();
+    let previews = views
+        .into_iter()
+        .map(|v| {
+            let has_db = with_db.contains(&v.id);
+            row(v, now, has_db)
+        })
+        .collect();
     Tables { previews, projects: summary, csrf }
 }
 
-fn row(v: PreviewView, now: Millis) -> Row {
+fn row(v: PreviewView, now: Millis, has_db: bool) -> Row {
     let short = wakegate_core::host::short_ref(&v.git_ref).to_string();
     let phase = v.phase.as_deref().map(phase_text);
     let (reason, failure) = match v.state.as_str() {
@@ -218,7 +238,7 @@ fn row(v: PreviewView, now: Millis) -> Row {
     };
     Row {
         name: format!("{} {short}", v.project),
-        actions: Action::offered(&v.state, v.pinned),
+        actions: Action::offered(&v.state, v.pinned, has_db),
         created: When::new(v.created_at, now),
         deployed: When::new(v.deployed_at, now),
         visited: v.last_visit_at.map(|at| When::new(at, now)),
@@ -366,13 +386,14 @@ mod tests {
     #[test]
     fn actions_by_state() {
         use Action::*;
-        assert_eq!(Action::offered("running", false), vec![Pin, Sleep, Rebuild, Erase]);
-        assert_eq!(Action::offered("running", true), vec![Unpin, Sleep, Rebuild, Erase]);
-        assert_eq!(Action::offered("sleeping", false), vec![Pin, Wake, Erase]);
-        assert_eq!(Action::offered("erased", false), vec![Pin, Rebuild]);
-        assert_eq!(Action::offered("building", false), vec![Pin, Erase]);
-        assert_eq!(Action::offered("erasing", false), vec![Pin]);
-        assert_eq!(Action::offered("gone", false), vec![]);
+        assert_eq!(Action::offered("running", false, false), vec![Pin, Sleep, Rebuild, Erase]);
+        assert_eq!(Action::offered("running", true, false), vec![Unpin, Sleep, Rebuild, Erase]);
+        assert_eq!(Action::offered("running", false, true), vec![Pin, Sleep, Rebuild, RefreshData, Erase]);
+        assert_eq!(Action::offered("sleeping", false, true), vec![Pin, Wake, Erase]);
+        assert_eq!(Action::offered("erased", false, false), vec![Pin, Rebuild]);
+        assert_eq!(Action::offered("building", false, false), vec![Pin, Erase]);
+        assert_eq!(Action::offered("erasing", false, false), vec![Pin]);
+        assert_eq!(Action::offered("gone", false, false), vec![]);
         for a in Action::ALL {
             assert_eq!(Action::parse(a.as_str()), Some(a));
         }
@@ -438,7 +459,7 @@ mod tests {
         let projects = [project("p2", "web"), project("p1", "demo"), project("p3", "idle")];
         let weeks = HashMap::from([("p1".to_string(), Counts { builds: 3, wakes: 2 })]);
         let costs = HashMap::from([("p2".to_string(), 0.0123)]);
-        let t = tables(views, &projects, &weeks, &costs, "tok".into(), 120_000);
+        let t = tables(views, &projects, &weeks, &costs, &Default::default(), "tok".into(), 120_000);
         let order: Vec<_> = t.previews.iter().map(|r| (r.project.as_str(), r.git_ref.as_str())).collect();
         assert_eq!(order, [("demo", "feature/<b>"), ("demo", "main"), ("web", "main")]);
         let building = &t.previews[0];
@@ -461,7 +482,15 @@ mod tests {
     #[test]
     fn pages_escape_what_they_show() {
         let views = vec![view("demo", "refs/heads/<script>x</script>", "running")];
-        let t = tables(views, &[project("p1", "demo")], &HashMap::new(), &HashMap::new(), "c\"srf".into(), 0);
+        let t = tables(
+            views,
+            &[project("p1", "demo")],
+            &HashMap::new(),
+            &HashMap::new(),
+            &Default::default(),
+            "c\"srf".into(),
+            0,
+        );
         let html = DashboardPage {
             title: "Previews",
             t: &t,
