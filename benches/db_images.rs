@@ -23,45 +23,11 @@ const SANITIZE: &str = "UPDATE users SET email = concat('user', id, '@example.in
 const APP: &str = include_str!("../examples/db-app/app.py");
 const WAIT: Duration = Duration::from_secs(4 * 3600);
 
-/// Writes about `mb` MB of SQL (a greeting, users, and a filler table) gzipped to `path`.
+/// Writes about `mb` MB of generated SQL, gzipped, to `path`.
 fn write_dump(path: &std::path::Path, mb: u64) {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-";
     let f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
-    gz.write_all(
-        b"CREATE TABLE greeting (id int PRIMARY KEY, message text);\n\
-          INSERT INTO greeting VALUES (1, 'baked');\n\
-          CREATE TABLE users (id int PRIMARY KEY, email text);\n\
-          INSERT INTO users VALUES (1, 'alice@real-customer.example');\n\
-          CREATE TABLE notes (note varchar(200));\n\
-          CREATE TABLE filler (id int, payload text);\n",
-    )
-    .unwrap();
-    let mut g = wakegate_testkit::rng::Rng::new(0x2545_F491_4F6C_DD1D);
-    let (mut written, mut id) = (0u64, 0u64);
-    let mut line = Vec::with_capacity(16 << 10);
-    while written < mb * 1_000_000 {
-        line.clear();
-        line.extend_from_slice(b"INSERT INTO filler VALUES ");
-        for row in 0..50 {
-            id += 1;
-            if row > 0 {
-                line.push(b',');
-            }
-            line.extend_from_slice(format!("({id},'").as_bytes());
-            for _ in 0..25 {
-                let mut r = g.next_u64();
-                for _ in 0..10 {
-                    line.push(ALPHABET[(r & 63) as usize]);
-                    r >>= 6;
-                }
-            }
-            line.extend_from_slice(b"')");
-        }
-        line.extend_from_slice(b";\n");
-        gz.write_all(&line).unwrap();
-        written += line.len() as u64;
-    }
+    wakegate_testkit::dump::write_sql(&mut gz, mb * 1_000_000, "baked").unwrap();
     gz.finish().unwrap().flush().unwrap();
 }
 
@@ -195,7 +161,9 @@ async fn measure(root: &std::path::Path, engine: &str, mb: u64, runs: usize) -> 
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let _ = std::fs::remove_file(&dump);
+    if let Err(e) = std::fs::remove_file(&dump) {
+        eprintln!("could not remove {}: {e}", dump.display());
+    }
     // the recipe a build would record, so the bake runs alone (a build beside it would
     // slow both)
     let project = st.dev.store.list_projects().await.unwrap().into_iter().find(|p| p.name == "shop").unwrap();
@@ -235,7 +203,9 @@ async fn measure(root: &std::path::Path, engine: &str, mb: u64, runs: usize) -> 
         import_restore.push(restore);
     }
     st.dev.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        eprintln!("could not remove {}: {e}", dir.display());
+    }
     let size = if mb >= 1000 { format!("{:.1} GB", mb as f64 / 1000.0) } else { format!("{mb} MB") };
     format!(
         "| {engine} | {size} | {bake:.1} s | {:.3} ({}) {method} | {:.3} | {:.1} ({}) | {:.1} | {:.0}× |\n",

@@ -54,42 +54,10 @@ fn cli_in_pty(w: &World, state: &std::path::Path, args: &[&str]) -> (String, boo
     run_in_pty(cli_command(w, state, args), OnPty::Stderr, None)
 }
 
-/// A PostgreSQL-flavoured dump of about `mb` MB of SQL with a greeting, users and notes.
+/// About `mb` MB of SQL with a greeting, users and notes.
 fn dump_sql(mb: usize, message: &str) -> Vec<u8> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-";
     let mut out = Vec::with_capacity(mb * 1_000_000 + 4096);
-    out.extend_from_slice(
-        format!(
-            "CREATE TABLE greeting (id int PRIMARY KEY, message text);\n\
-             INSERT INTO greeting VALUES (1, '{message}');\n\
-             CREATE TABLE users (id int PRIMARY KEY, email text);\n\
-             INSERT INTO users VALUES (1, 'alice@real-customer.example'), (2, 'bob@real-customer.example');\n\
-             CREATE TABLE notes (note varchar(200));\n\
-             CREATE TABLE filler (id int, payload text);\n"
-        )
-        .as_bytes(),
-    );
-    let mut g = wakegate_testkit::rng::Rng::new(0x2545_F491_4F6C_DD1D);
-    let mut id = 0u64;
-    while out.len() < mb * 1_000_000 {
-        out.extend_from_slice(b"INSERT INTO filler VALUES ");
-        for row in 0..50 {
-            id += 1;
-            if row > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(format!("({id},'").as_bytes());
-            for _ in 0..25 {
-                let mut r = g.next_u64();
-                for _ in 0..10 {
-                    out.push(ALPHABET[(r & 63) as usize]);
-                    r >>= 6;
-                }
-            }
-            out.extend_from_slice(b"')");
-        }
-        out.extend_from_slice(b";\n");
-    }
+    wakegate_testkit::dump::write_sql(&mut out, mb as u64 * 1_000_000, message).unwrap();
     out
 }
 

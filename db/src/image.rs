@@ -10,7 +10,7 @@
 //! * [`ImageUse`] — which image a preview's database was cloned from, how, and how far
 //!   it has diverged since: an image is collected only once nothing uses it.
 
-use crate::{corrupt, Engine, RecordError};
+use crate::{get_json, Engine, RecordError};
 use serde::{Deserialize, Serialize};
 use wakegate_core::Millis;
 use wakegate_store::{SharedStore, StoreError};
@@ -69,6 +69,16 @@ pub enum ImageState {
     Ready,
     /// The bake failed; previews import the dump. A new base or recipe bakes again.
     Failed,
+}
+
+impl ImageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageState::Baking => "baking",
+            ImageState::Ready => "ready",
+            ImageState::Failed => "failed",
+        }
+    }
 }
 
 /// One database image of a project.
@@ -162,6 +172,16 @@ pub enum RefreshState {
     Failed,
 }
 
+impl RefreshState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshState::Pending => "pending",
+            RefreshState::Done => "done",
+            RefreshState::Failed => "failed",
+        }
+    }
+}
+
 /// A preview's data made again from its image (`wakegate db refresh`), one at a time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refresh {
@@ -203,11 +223,7 @@ impl Images {
     }
 
     pub async fn get(&self, project_id: &str, id: &str) -> Result<Option<Image>, StoreError> {
-        let key = row(project_id, id);
-        match self.store.table_get(IMAGES, &key).await? {
-            Some(raw) => Ok(Some(serde_json::from_str(&raw).map_err(|e| corrupt(&key, e))?)),
-            None => Ok(None),
-        }
+        get_json(&self.store, IMAGES, &row(project_id, id)).await
     }
 
     /// Every image (of one project, when given), newest first; a record that cannot be
@@ -266,10 +282,7 @@ impl Images {
 
     /// The recipe a project's newest build recorded.
     pub async fn recipe(&self, project_id: &str) -> Result<Option<Recipe>, StoreError> {
-        match self.store.table_get(RECIPES, project_id).await? {
-            Some(raw) => Ok(Some(serde_json::from_str(&raw).map_err(|e| corrupt(project_id, e))?)),
-            None => Ok(None),
-        }
+        get_json(&self.store, RECIPES, project_id).await
     }
 
     /// Records the recipe of a project's newest build; `true` when it changed.
@@ -293,10 +306,7 @@ impl Images {
     }
 
     pub async fn use_of(&self, preview: &str) -> Result<Option<ImageUse>, StoreError> {
-        match self.store.table_get(USES, preview).await? {
-            Some(raw) => Ok(Some(serde_json::from_str(&raw).map_err(|e| corrupt(preview, e))?)),
-            None => Ok(None),
-        }
+        get_json(&self.store, USES, preview).await
     }
 
     pub async fn set_use(&self, preview: &str, u: &ImageUse) -> Result<(), StoreError> {
@@ -324,10 +334,12 @@ impl Images {
     }
 
     pub async fn refresh(&self, preview: &str) -> Result<Option<Refresh>, StoreError> {
-        match self.store.table_get(REFRESHES, preview).await? {
-            Some(raw) => Ok(Some(serde_json::from_str(&raw).map_err(|e| corrupt(preview, e))?)),
-            None => Ok(None),
-        }
+        get_json(&self.store, REFRESHES, preview).await
+    }
+
+    /// The preview's refresh still to be done, if one is.
+    pub async fn pending_refresh(&self, preview: &str) -> Result<Option<Refresh>, StoreError> {
+        Ok(self.refresh(preview).await?.filter(|r| r.state == RefreshState::Pending))
     }
 
     /// Asks for a refresh: `Ok(false)` when one is pending already.

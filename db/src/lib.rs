@@ -166,17 +166,25 @@ fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt { key: key.to_string(), reason: e.to_string() }
 }
 
+/// The JSON record at `table`/`key`, if any; one that cannot be read is `Corrupt`.
+async fn get_json<T: serde::de::DeserializeOwned>(
+    store: &SharedStore,
+    table: &str,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    match store.table_get(table, key).await? {
+        Some(raw) => Ok(Some(serde_json::from_str(&raw).map_err(|e| corrupt(key, e))?)),
+        None => Ok(None),
+    }
+}
+
 impl Dumps {
     pub fn new(store: SharedStore) -> Dumps {
         Dumps { store }
     }
 
     pub async fn get(&self, project_id: &str, id: &str) -> Result<Option<Dump>, StoreError> {
-        let key = row(project_id, id);
-        match self.store.table_get(DUMPS, &key).await? {
-            Some(raw) => Ok(Some(serde_json::from_str(&raw).map_err(|e| corrupt(&key, e))?)),
-            None => Ok(None),
-        }
+        get_json(&self.store, DUMPS, &row(project_id, id)).await
     }
 
     /// Writes a new record.
@@ -310,10 +318,7 @@ impl Pulls {
     }
 
     pub async fn get(&self, preview: &str) -> Result<Option<Pull>, StoreError> {
-        match self.store.table_get(PULLS, preview).await? {
-            Some(raw) => Ok(Some(serde_json::from_str(&raw).map_err(|e| corrupt(preview, e))?)),
-            None => Ok(None),
-        }
+        get_json(&self.store, PULLS, preview).await
     }
 
     /// Replaces the preview's pull if it still is `old` (`None`: there was none).

@@ -89,9 +89,7 @@ impl Provisioner {
     /// none is ready): the refresh asked for, recorded as done or failed.
     pub(crate) async fn refresh(&self, id: &str, machine: &MachineId) -> Result<(), wakegate_store::StoreError> {
         let images = self.images();
-        let Some(asked) = images.refresh(id).await?.filter(|r| r.state == RefreshState::Pending) else {
-            return Ok(());
-        };
+        let Some(asked) = images.pending_refresh(id).await? else { return Ok(()) };
         let Some(preview) = self.store.get_preview(id).await? else { return Ok(()) };
         let (offered, _) = self.offered_images(&preview.value).await;
         let result = match dump_source(&self.store, self.dumps.as_ref(), &preview.value, BAKE_URL_TTL).await {
@@ -301,7 +299,6 @@ impl Provisioner {
 
     /// Where a bake reads the image's dump from.
     async fn bake_source(&self, image: &Image) -> Result<crate::cloud::DumpSource, String> {
-        let Some(bucket) = &self.dumps else { return Err("this provisioner has no S3 settings".into()) };
         let dumps = wakegate_db::Dumps::new(self.store.clone());
         let d = dumps
             .get(&image.project_id, &image.dump_id)
@@ -309,8 +306,7 @@ impl Provisioner {
             .map_err(|e| e.to_string())?
             .filter(|d| d.state == wakegate_db::DumpState::Ready)
             .ok_or_else(|| format!("the dump {} is gone", image.dump_id))?;
-        let url = bucket.presign_get(&d.key, BAKE_URL_TTL).await?;
-        Ok(crate::cloud::DumpSource { id: d.id, engine: d.engine, url, size: d.size, gzip: d.gzip })
+        crate::runner::presigned(self.dumps.as_ref(), d, BAKE_URL_TTL).await
     }
 
     /// Records how a bake ended, if the image is still this worker's.
@@ -393,27 +389,26 @@ impl Provisioner {
             }
         }
         // what the backend holds that no record names
+        let held = match self.cloud.images().await {
+            Ok(held) => held,
+            Err(e) => return warn!(error = %e, "images: listing the backend's images failed"),
+        };
         let known: std::collections::HashSet<&str> = all.iter().map(|i| i.id.as_str()).collect();
-        match self.cloud.images().await {
-            Ok(held) => {
-                for id in held.iter().filter(|id| !known.contains(id.as_str())) {
-                    // a bake recorded just after the listing above is not an orphan
-                    if self.bakes_here().contains(id) {
-                        continue;
-                    }
-                    match images.list(None).await {
-                        Ok(now) if now.iter().any(|i| &i.id == id) => continue,
-                        Ok(_) => {}
-                        Err(_) => continue,
-                    }
-                    match self.cloud.drop_image(id, "").await {
-                        Ok(true) => info!(image = %id, "removed a database image no record names"),
-                        Ok(false) => {}
-                        Err(e) => warn!(image = %id, error = %e, "removing an unrecorded image failed"),
-                    }
-                }
+        let unknown: Vec<&String> = held.iter().filter(|id| !known.contains(id.as_str())).collect();
+        if unknown.is_empty() {
+            return;
+        }
+        // a bake recorded after the listing above is not an orphan: read the records again
+        let Ok(now) = images.list(None).await else { return };
+        for id in unknown {
+            if self.bakes_here().contains(id) || now.iter().any(|i| &i.id == id) {
+                continue;
             }
-            Err(e) => warn!(error = %e, "images: listing the backend's images failed"),
+            match self.cloud.drop_image(id, "").await {
+                Ok(true) => info!(image = %id, "removed a database image no record names"),
+                Ok(false) => {}
+                Err(e) => warn!(image = %id, error = %e, "removing an unrecorded image failed"),
+            }
         }
     }
 

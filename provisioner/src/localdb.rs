@@ -35,7 +35,7 @@ pub const FILE: &str = "db.json";
 const USER: &str = "app";
 const ADMIN: &str = "wakegate";
 
-fn failed(e: impl std::fmt::Display) -> CloudError {
+pub(crate) fn failed(e: impl std::fmt::Display) -> CloudError {
     CloudError::Failed(e.to_string())
 }
 

@@ -8,7 +8,7 @@
 //! the exclusive one, so an image is never removed under a clone in progress.
 
 use crate::cloud::CloudError;
-use crate::localdb::DbFile;
+use crate::localdb::{failed, DbFile};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{ErrorKind, Read};
@@ -30,10 +30,6 @@ pub const FILE: &str = "image.json";
 const LOCK: &str = "lock";
 /// Blocks compared at a time when measuring divergence.
 const BLOCK: usize = 64 * 1024;
-
-fn failed(e: impl std::fmt::Display) -> CloudError {
-    CloudError::Failed(e.to_string())
-}
 
 /// The engine's version line (`postgres (PostgreSQL) 15.8`).
 pub async fn version(engine: Engine) -> Result<String, CloudError> {

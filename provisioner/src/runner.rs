@@ -73,11 +73,20 @@ pub async fn dump_source(
         None => dumps.base(&preview.project_id).await.map_err(|e| e.to_string())?,
     };
     let Some(d) = dump.filter(|d| d.state == wakegate_db::DumpState::Ready) else { return Ok(None) };
+    presigned(bucket, d, ttl).await.map(Some)
+}
+
+/// Where a build or a bake downloads `d` from, for `ttl`.
+pub(crate) async fn presigned(
+    bucket: Option<&wakegate_db::s3::Bucket>,
+    d: wakegate_db::Dump,
+    ttl: std::time::Duration,
+) -> Result<crate::cloud::DumpSource, String> {
     let Some(bucket) = bucket else {
         return Err(format!("the project's database dump {} is in S3, and this provisioner has no S3 settings", d.id));
     };
     let url = bucket.presign_get(&d.key, ttl).await?;
-    Ok(Some(crate::cloud::DumpSource { id: d.id, engine: d.engine, url, size: d.size, gzip: d.gzip }))
+    Ok(crate::cloud::DumpSource { id: d.id, engine: d.engine, url, size: d.size, gzip: d.gzip })
 }
 
 struct StoreProgress<'a> {
@@ -286,7 +295,7 @@ impl Provisioner {
                     }
                     wakegate_core::lifecycle::JobKind::RefreshDb => {
                         let images = wakegate_db::Images::new(self.store.clone());
-                        matches!(images.refresh(&lease.preview_id).await, Ok(Some(r)) if r.state == wakegate_db::RefreshState::Pending)
+                        matches!(images.pending_refresh(&lease.preview_id).await, Ok(Some(_)))
                     }
                     _ => false,
                 };
@@ -402,10 +411,7 @@ impl Provisioner {
             }
             (state, wakegate_core::lifecycle::JobKind::RefreshDb) => {
                 let images = wakegate_db::Images::new(self.store.clone());
-                let Some(r) = images.refresh(id).await?.filter(|r| r.state == wakegate_db::RefreshState::Pending)
-                else {
-                    return Ok(());
-                };
+                let Some(r) = images.pending_refresh(id).await? else { return Ok(()) };
                 let reason = format!("the preview is {}, not running: wake it and refresh again", state.as_str());
                 images
                     .finish_refresh(id, &r.id, |r| {

@@ -13,6 +13,7 @@
 pub mod browser;
 pub mod cloudflare;
 pub mod dns;
+pub mod dump;
 pub mod fake_api;
 pub mod forges;
 pub mod git;

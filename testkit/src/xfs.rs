@@ -44,7 +44,12 @@ impl Drop for Xfs {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        let _ = Command::new("losetup").args(["-d", &self.device]).status();
-        let _ = std::fs::remove_file(&self.file);
+        // a loop device the kernel already let go of (autoclear) is no failure
+        if let Err(e) = Command::new("losetup").args(["-d", &self.device]).stderr(Stdio::null()).status() {
+            eprintln!("losetup -d {}: {e}", self.device);
+        }
+        if let Err(e) = std::fs::remove_file(&self.file) {
+            eprintln!("could not remove {}: {e}", self.file.display());
+        }
     }
 }

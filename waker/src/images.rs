@@ -12,7 +12,7 @@ use serde::Serialize;
 use std::sync::Arc;
 use tracing::info;
 use wakegate_core::lifecycle::{JobKind, State as Lifecycle};
-use wakegate_db::{Image, ImageState, Images, Refresh, RefreshState};
+use wakegate_db::{Image, Images, Refresh};
 
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ImageView {
@@ -56,14 +56,6 @@ pub struct ImagesQuery {
     pub project: Option<String>,
 }
 
-fn state_name(s: ImageState) -> &'static str {
-    match s {
-        ImageState::Baking => "baking",
-        ImageState::Ready => "ready",
-        ImageState::Failed => "failed",
-    }
-}
-
 /// Every database image (of one project), newest first, with the previews using each.
 #[utoipa::path(get, path = "/v1/db/images", tag = "operator", security(("operator_token" = [])),
     params(ImagesQuery),
@@ -80,12 +72,17 @@ pub async fn list(State(w): State<Arc<Waker>>, Query(q): Query<ImagesQuery>) -> 
     let uses = images.uses().await?;
     let projects = w.store.list_projects().await?;
     let dumps = wakegate_db::Dumps::new(w.store.clone());
+    // each project's base and recipe, read once
+    let mut wanted = std::collections::HashMap::new();
     let mut out = Vec::with_capacity(all.len());
     for i in all {
         let name =
             projects.iter().find(|p| p.id == i.project_id).map_or_else(|| i.project_id.clone(), |p| p.name.clone());
-        let base = dumps.base_id(&i.project_id).await?;
-        let recipe = images.recipe(&i.project_id).await?;
+        if !wanted.contains_key(&i.project_id) {
+            let now = (dumps.base_id(&i.project_id).await?, images.recipe(&i.project_id).await?);
+            wanted.insert(i.project_id.clone(), now);
+        }
+        let (base, recipe) = &wanted[&i.project_id];
         let current = base.as_deref() == Some(i.dump_id.as_str()) && recipe.as_ref() == Some(&i.recipe);
         let mut previews: Vec<String> =
             uses.iter().filter(|(_, u)| u.image.as_deref() == Some(i.id.as_str())).map(|(p, _)| p.clone()).collect();
@@ -96,7 +93,7 @@ pub async fn list(State(w): State<Arc<Waker>>, Query(q): Query<ImagesQuery>) -> 
             version: i.version,
             dump: i.dump_id,
             dump_sha256: i.dump_sha256,
-            state: state_name(i.state).into(),
+            state: i.state.as_str().into(),
             current,
             size: i.size,
             created_at: i.created_at,
@@ -132,12 +129,7 @@ pub struct RefreshView {
 fn refresh_view(r: &Refresh) -> RefreshView {
     RefreshView {
         id: r.id.clone(),
-        state: match r.state {
-            RefreshState::Pending => "pending",
-            RefreshState::Done => "done",
-            RefreshState::Failed => "failed",
-        }
-        .into(),
+        state: r.state.as_str().into(),
         asked_at: r.asked_at,
         finished_at: r.finished_at,
         method: r.method.map(|m| m.as_str().to_string()),
