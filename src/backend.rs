@@ -67,6 +67,7 @@ pub async fn start(
         retry_after: format!("{}", h.agent_retry.as_secs_f64()),
         preview_url_template: preview_url_template.to_string(),
         dumps: cfg.s3.clone().map(wakegate_db::s3::Bucket::new),
+        db_images: cfg.db_images,
     });
     tracing::info!(addr = %agent_addr, api = %h.api_url, "Hetzner backend: agent endpoint listening");
     let tasks = vec![

@@ -192,7 +192,9 @@ fn list(src: &dyn Source, key: &str) -> Option<Vec<String>> {
     src.get(key).map(|v| v.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
 }
 
-/// `WAKEGATE_POOLS`: comma-separated `<server type>@<location>:<min ready>:<max>:<max age secs>`.
+/// `WAKEGATE_POOLS`: comma-separated `[<project>/]<server type>@<location>:<min ready>:<max>:<max
+/// age secs>`. A pool with a project holds machines for that project's previews, made
+/// from its database image once one is baked.
 pub fn parse_pools(v: &str) -> Result<Vec<wakegate_provisioner::hetzner::PoolSpec>, ConfigError> {
     let bad = |reason: String| ConfigError::Invalid { key: "WAKEGATE_POOLS", reason };
     let mut out = Vec::new();
@@ -200,6 +202,16 @@ pub fn parse_pools(v: &str) -> Result<Vec<wakegate_provisioner::hetzner::PoolSpe
         let parts: Vec<&str> = item.split(':').collect();
         let [kind, min, max, age] = parts.as_slice() else {
             return Err(bad(format!("{item:?}: expected <type>@<location>:<min>:<max>:<max age secs>")));
+        };
+        let (project, kind) = match kind.split_once('/') {
+            Some((p, k))
+                if (1..=63).contains(&p.len())
+                    && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
+            {
+                (Some(p.to_string()), k)
+            }
+            Some((p, _)) => return Err(bad(format!("{item:?}: {p:?} is not a project name"))),
+            None => (None, *kind),
         };
         let (server_type, location) =
             kind.split_once('@').ok_or_else(|| bad(format!("{item:?}: expected <type>@<location>")))?;
@@ -212,6 +224,7 @@ pub fn parse_pools(v: &str) -> Result<Vec<wakegate_provisioner::hetzner::PoolSpe
             server_type: server_type.into(),
             location: location.into(),
             image: None,
+            project,
             min_ready,
             max,
             max_age_secs,
@@ -527,6 +540,11 @@ mod tests {
 
     #[test]
     fn pools_parse_and_refuse() {
+        let p = parse_pools("cx22@fsn1:2:5:86400, cpx31@nbg1:0:1:3600").unwrap();
+        assert!(p.iter().all(|p| p.project.is_none()));
+        let p = parse_pools("shop/cx22@fsn1:1:3:86400").unwrap();
+        assert_eq!((p[0].project.as_deref(), p[0].server_type.as_str()), (Some("shop"), "cx22"));
+        assert!(parse_pools("Shop!/cx22@fsn1:1:3:86400").unwrap_err().to_string().contains("not a project name"));
         let p = parse_pools("cx22@fsn1:2:5:86400, cpx31@nbg1:0:1:3600").unwrap();
         assert_eq!(p.len(), 2);
         assert_eq!(

@@ -462,16 +462,19 @@ async fn on_hetzner_the_database_runs_on_the_preview_server() {
         assert!(v["progress"]["done"].as_u64() <= v["progress"]["total"].as_u64(), "{v}");
 
         // the machine got a URL, never the bucket's credentials
-        let (sid, ..) = c.fake.with(|s| s.servers())[0].clone();
-        let ud = c.fake.with(|s| s.user_data(sid)).unwrap();
-        assert!(!ud.contains(wakegate_testkit::s3::SECRET_KEY) && !ud.contains(wakegate_testkit::s3::ACCESS_KEY));
+        for (sid, ..) in c.fake.with(|s| s.servers()) {
+            let ud = c.fake.with(|s| s.user_data(sid)).unwrap();
+            assert!(!ud.contains(wakegate_testkit::s3::SECRET_KEY) && !ud.contains(wakegate_testkit::s3::ACCESS_KEY));
+        }
 
         // sleep keeps the database (a stopped server's disk, or the hibernation snapshot)
         let (s, _) = w.op("POST", &format!("/v1/previews/{id}/sleep"), None).await;
         assert_eq!(s, 202);
         w.wait_state(&id, "sleeping").await;
         if sleep_mode == "hibernate" {
-            assert!(c.fake.with(|s| s.servers()).is_empty(), "hibernated: the server is gone, its snapshot kept");
+            let servers = c.fake.with(|s| s.servers());
+            let mine = servers.iter().filter(|x| x.3.get("preview") == Some(&id)).count();
+            assert_eq!(mine, 0, "hibernated: the server is gone, its snapshot kept");
         }
         let (s, _) = w.op("POST", &format!("/v1/previews/{id}/wake"), None).await;
         assert_eq!(s, 202);
@@ -487,10 +490,161 @@ async fn on_hetzner_the_database_runs_on_the_preview_server() {
         let (s, _) = w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
         assert_eq!(s, 202);
         w.wait_state(&id, "erased").await;
+        // (the project's database image stays: it is the keeper's, not the preview's)
         wakegate_testkit::eventually(WAIT, "the server and its snapshots to go", || async {
-            c.fake.with(|s| s.servers().is_empty() && s.images().is_empty()).then_some(())
+            let mine = |l: &std::collections::BTreeMap<String, String>| l.get("preview") == Some(&id);
+            c.fake.with(|s| {
+                (!s.servers().iter().any(|x| mine(&x.3)) && !s.images().iter().any(|x| mine(&x.1))).then_some(())
+            })
         })
         .await;
+    }
+    w.stop().await;
+}
+
+/// Hetzner: a builder server bakes the project's base dump; its snapshot (labelled with
+/// the project and the dump's digest) is the image; the builder is deleted; the
+/// project's pool is refilled from the snapshot, and a preview taking a pool machine (or
+/// a new server) starts its database from the disk. A new base → a new image, the pool
+/// machines of the old one recycled, the old snapshot collected once no preview uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_hetzner_the_image_is_a_snapshot_pools_are_made_from() {
+    let s3 = S3Server::start().await.unwrap();
+    let settings = s3.settings(BUCKET);
+    let c = hetzner_cloud().await;
+    let mut extra: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    extra.push(("WAKEGATE_POOLS", "hi-po/cx22@fsn1:1:2:86400,hi-ma/cx22@fsn1:1:2:86400"));
+    let w = hetzner_world(&c, &extra).await;
+    bucket_of(&s3, BUCKET).ensure().await.unwrap();
+    let dir = wakegate_testkit::tempdir("himg");
+    let state = dir.join("state");
+    for engine in ["postgres", "mariadb"] {
+        let project = format!("hi-{}", &engine[..2]);
+        let repo = db_repo(engine);
+        repo.branch("feature/third", &[("README", "a third branch")]);
+        repo.branch("feature/fourth", &[("README", "a fourth branch")]);
+        let (s, v) = w.op("POST", "/v1/projects", Some(json!({"name": project, "git_url": repo.url()}))).await;
+        assert_eq!(s, 201, "{v}");
+        let f = dir.join(format!("{engine}.sql.gz"));
+        std::fs::write(&f, gzip(&dump_sql(2, &format!("baked on hetzner for {engine}")))).unwrap();
+        let (_, err, ok) = cli(&w, &state, &["push", &project, f.to_str().unwrap(), "--engine", engine]);
+        assert!(ok, "{err}");
+        let create = |git_ref: &'static str| {
+            let project = project.clone();
+            let w = &w;
+            async move {
+                let body = Some(json!({ "ref": git_ref }));
+                let (s, p) = w.op("POST", &format!("/v1/projects/{project}/previews"), body).await;
+                assert!(s == 201 || s == 200, "{p}");
+                w.wait_state(p["id"].as_str().unwrap(), "running").await
+            }
+        };
+        // the project's pool machines, ready, as (server, the snapshot it came from)
+        let pool = |project: String| {
+            let c = &c;
+            move || {
+                c.fake.with(|s| {
+                    s.servers()
+                        .into_iter()
+                        .filter(|(_, _, _, l)| {
+                            l.get("project") == Some(&project) && l.contains_key("pool") && !l.contains_key("preview")
+                        })
+                        .map(|(id, ..)| (id, s.server_image(id)))
+                        .collect::<Vec<_>>()
+                })
+            }
+        };
+
+        // the first build imports and records the recipe; a builder bakes beside it
+        let a = create("main").await;
+        let a_id = a["id"].as_str().unwrap();
+        assert_eq!(database_of(&w, a_id).await["method"], "import");
+        let image = ready_image(&w, &project).await;
+        let image_id = image["id"].as_str().unwrap().to_string();
+        assert!(image["version"].as_str().unwrap().chars().any(|c| c.is_ascii_digit()), "{image}");
+        let snapshot: i64 = image["location"].as_str().unwrap().parse().unwrap();
+        let labels = c.fake.with(|s| s.images()).into_iter().find(|(id, _)| *id == snapshot).expect("the snapshot").1;
+        assert_eq!(labels.get("role").map(String::as_str), Some("db-image"), "{labels:?}");
+        assert_eq!(labels.get("project"), Some(&project), "{labels:?}");
+        assert_eq!(labels.get("image"), Some(&image_id), "{labels:?}");
+        let sha = sha256_hex(&std::fs::read(&f).unwrap());
+        assert!(labels.get("dump-sha256").is_some_and(|d| sha.starts_with(d.as_str())), "{labels:?} {sha}");
+        // the builder is gone
+        wakegate_testkit::eventually(WAIT, "the builder to be deleted", || async {
+            let builders = c.fake.with(|s| s.servers()).into_iter().filter(|x| x.3.contains_key("role")).count();
+            (builders == 0).then_some(())
+        })
+        .await;
+        // the pool is made again from the snapshot
+        let table = wakegate_provisioner::hetzner::pool_table(&wakegate_provisioner::hetzner::pool_key(
+            &format!("project-{project}"),
+            "cx22",
+            "fsn1",
+        ));
+        let ready_from_image =
+            wakegate_testkit::eventually(WAIT, "a ready pool machine made from the image", || async {
+                let p = pool(project.clone())();
+                let ready = w.dev.store.table_list(&table).await.unwrap();
+                let made = !p.is_empty() && p.iter().all(|(_, i)| *i == Some(snapshot));
+                let entry =
+                    ready.first().map(|(m, raw)| (m.clone(), wakegate_provisioner::hetzner::PoolEntry::parse(raw)));
+                entry.filter(|(_, e)| made && e.db_image.as_deref() == Some(image_id.as_str())).map(|(m, _)| m)
+            })
+            .await;
+
+        // a preview takes it: its database was on the disk, sanitized, with passwords
+        // of its own
+        let b = create("feature/other").await;
+        let b_id = b["id"].as_str().unwrap();
+        assert_eq!(w.machine_of(b_id).await, ready_from_image, "b took the pool's machine");
+        let made = database_of(&w, b_id).await;
+        assert_eq!((made["image"].as_str(), made["method"].as_str()), (Some(image_id.as_str()), Some("snapshot")));
+        assert_eq!(text(&w, &b, "/").await, format!("message: baked on hetzner for {engine}"));
+        assert_eq!(text(&w, &b, "/email").await, "email: user1@example.invalid", "{engine}: baked sanitized");
+        // writes stay on b's disk: not in the image, not in a preview made after them
+        assert_eq!(text(&w, &b, "/write?note=only-in-b").await, "written");
+        let c_preview = create("feature/third").await;
+        let c_id = c_preview["id"].as_str().unwrap();
+        assert_eq!(database_of(&w, c_id).await["method"], "snapshot");
+        assert_eq!(text(&w, &c_preview, "/notes").await, "notes: ");
+        assert_eq!(text(&w, &b, "/notes").await, "notes: only-in-b");
+
+        // a new base: a new image, the pool's old machines recycled
+        let f2 = dir.join(format!("{engine}-second.sql"));
+        std::fs::write(&f2, dump_sql(1, "the second base")).unwrap();
+        let (_, err, ok) = cli(&w, &state, &["push", &project, f2.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        let second = wakegate_testkit::eventually(WAIT, "the new base's image", || async {
+            let i = ready_image(&w, &project).await;
+            (i["id"] != image_id.as_str()).then_some(i)
+        })
+        .await;
+        let second_snapshot: i64 = second["location"].as_str().unwrap().parse().unwrap();
+        wakegate_testkit::eventually(WAIT, "the pool made again from the new image", || async {
+            let p = pool(project.clone())();
+            (!p.is_empty() && p.iter().all(|(_, i)| *i == Some(second_snapshot))).then_some(())
+        })
+        .await;
+        let d = create("feature/fourth").await;
+        assert_eq!(database_of(&w, d["id"].as_str().unwrap()).await["image"], second["id"]);
+        assert_eq!(text(&w, &d, "/").await, "message: the second base");
+        // the old snapshot stays while b and c use it, and goes once they are erased
+        assert!(c.fake.with(|s| s.images()).iter().any(|(id, _)| *id == snapshot), "kept while used");
+        for id in [b_id, c_id] {
+            let (s, _) = w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
+            assert_eq!(s, 202);
+            w.wait_state(id, "erased").await;
+        }
+        wakegate_testkit::eventually(WAIT, "the old image's snapshot to be collected", || async {
+            let gone = !images_of(&w, &project).await.iter().any(|i| i["id"] == image_id.as_str());
+            (gone && !c.fake.with(|s| s.images()).iter().any(|(id, _)| *id == snapshot)).then_some(())
+        })
+        .await;
+        for id in [a_id, d["id"].as_str().unwrap()] {
+            let (s, _) = w.op("POST", &format!("/v1/previews/{id}/erase"), None).await;
+            assert_eq!(s, 202);
+            w.wait_state(id, "erased").await;
+        }
     }
     w.stop().await;
 }

@@ -92,6 +92,7 @@ impl Rig {
             retry_after: "0.1".into(),
             preview_url_template: "http://{label}.localhost:1".into(),
             dumps: None,
+            db_images: false,
         });
         let tasks = vec![
             tokio::spawn(wakegate_waker::serve(wl, waker)),

@@ -280,6 +280,15 @@ impl Images {
         Ok(())
     }
 
+    /// The project's current image, once ready: its base dump baked with the recipe its
+    /// newest build recorded.
+    pub async fn current(&self, project_id: &str) -> Result<Option<Image>, StoreError> {
+        let Some(base) = crate::Dumps::new(self.store.clone()).base(project_id).await? else { return Ok(None) };
+        let Some(recipe) = self.recipe(project_id).await? else { return Ok(None) };
+        let id = recipe.image_id(&base.sha256);
+        Ok(self.get(project_id, &id).await?.filter(|i| i.state == ImageState::Ready))
+    }
+
     /// The recipe a project's newest build recorded.
     pub async fn recipe(&self, project_id: &str) -> Result<Option<Recipe>, StoreError> {
         get_json(&self.store, RECIPES, project_id).await

@@ -13,6 +13,7 @@
 //! timeouts); undeclared methods are 405.
 
 use crate::cloud::Cloud;
+use crate::hetzner::bake::{BakeOutcome, BakeWork, BAKES};
 use crate::hetzner::{MachineRecord, PullOrder, PullOutcome, MACHINES, PULL_ORDERS};
 use crate::now_ms;
 use axum::extract::{Extension, State as Api};
@@ -44,7 +45,12 @@ pub struct AgentApi {
     /// The dumps' bucket, when S3 is configured: an agent restoring a database gets a
     /// presigned URL of its dump (never the bucket's credentials).
     pub dumps: Option<wakegate_db::s3::Bucket>,
+    /// Whether builds use database images (`WAKEGATE_DB_IMAGES`).
+    pub db_images: bool,
 }
+
+/// Longest body carrying a recipe (its sanitize SQL).
+const MAX_RECIPE_BODY: usize = wakegate_db::image::MAX_SANITIZE + 16 * 1024;
 
 /// How long an agent's upload URL for a pulled database works: it asks just before.
 const PULL_PUT_TTL: std::time::Duration = std::time::Duration::from_secs(900);
@@ -104,6 +110,46 @@ struct ExitReport {
     reason: String,
 }
 
+/// A builder's report: the image baked (its data's size and the engine's version), or
+/// why not.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BakedReport {
+    image: String,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// What a build's agent asks before making its database: its recipe (`None` when it
+/// has none an image could be baked with: a missing or too big sanitize file) and the
+/// database image on its disk, if any.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DbAsk {
+    #[serde(default)]
+    recipe: Option<wakegate_db::Recipe>,
+    #[serde(default)]
+    image: Option<String>,
+}
+
+/// How a build's agent made its database.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DbMadeReport {
+    #[serde(default)]
+    recipe: Option<wakegate_db::Recipe>,
+    #[serde(default)]
+    dump: Option<String>,
+    #[serde(default)]
+    image: Option<String>,
+    method: wakegate_db::CloneMethod,
+    took_ms: u64,
+}
+
 /// The machine a call proved it is.
 #[derive(Clone)]
 struct Machine(String);
@@ -125,9 +171,11 @@ fn cut(mut reason: String) -> String {
 
 /// Reads a bounded JSON body of `T`; 413 or 400 otherwise.
 async fn body<T: serde::de::DeserializeOwned>(b: axum::body::Body) -> Result<T, Resp> {
-    let bytes = axum::body::to_bytes(b, MAX_BODY)
-        .await
-        .map_err(|_| error(413, &format!("body larger than {MAX_BODY} bytes")))?;
+    body_within(b, MAX_BODY).await
+}
+
+async fn body_within<T: serde::de::DeserializeOwned>(b: axum::body::Body, max: usize) -> Result<T, Resp> {
+    let bytes = axum::body::to_bytes(b, max).await.map_err(|_| error(413, &format!("body larger than {max} bytes")))?;
     serde_json::from_slice(&bytes).map_err(|e| error(400, &format!("invalid body: {e}")))
 }
 
@@ -158,7 +206,28 @@ async fn work(Api(api): Api<Arc<AgentApi>>, Extension(Machine(m)): Extension<Mac
 }
 
 async fn dump(Api(api): Api<Arc<AgentApi>>, Extension(Machine(m)): Extension<Machine>) -> axum::response::Response {
-    to_axum(api.dump(&m).await)
+    to_axum(api.dump(&m, DbAsk { recipe: None, image: None }).await)
+}
+
+async fn dump_for((Api(api), Extension(Machine(m)), b): Call) -> axum::response::Response {
+    to_axum(match body_within::<DbAsk>(b, MAX_RECIPE_BODY).await {
+        Ok(ask) => api.dump(&m, ask).await,
+        Err(e) => e,
+    })
+}
+
+async fn db_made((Api(api), Extension(Machine(m)), b): Call) -> axum::response::Response {
+    to_axum(match body_within::<DbMadeReport>(b, MAX_RECIPE_BODY).await {
+        Ok(r) => api.db_made(&m, r).await,
+        Err(e) => e,
+    })
+}
+
+async fn baked((Api(api), Extension(Machine(m)), b): Call) -> axum::response::Response {
+    to_axum(match body::<BakedReport>(b).await {
+        Ok(r) => api.baked(&m, r).await,
+        Err(e) => e,
+    })
 }
 
 async fn pull_order(
@@ -253,7 +322,9 @@ pub fn router(api: Arc<AgentApi>) -> axum::Router {
         .route("/v1/agent/ready", auth(post(ready)))
         .route("/v1/agent/failed", auth(post(failed)))
         .route("/v1/agent/exited", auth(post(exited)))
-        .route("/v1/agent/dump", auth(get(dump)))
+        .route("/v1/agent/dump", auth(get(dump).post(dump_for)))
+        .route("/v1/agent/db", auth(post(db_made)))
+        .route("/v1/agent/baked", auth(post(baked)))
         .route("/v1/agent/progress", auth(post(progress)))
         .route("/v1/agent/pull", auth(get(pull_order).post(pulled)))
         .route("/v1/agent/logs", auth(get(logs).post(logs)))
@@ -285,6 +356,12 @@ impl AgentApi {
     }
 
     async fn work(&self, machine: &str) -> Resp {
+        // a builder's work is its bake
+        match self.bake_order(machine).await {
+            Ok(Some(w)) => return reply(200, json!({ "bake": w })),
+            Ok(None) => {}
+            Err(r) => return r,
+        }
         let (record, preview) = match self.lookup(machine).await {
             Ok(x) => x,
             Err(r) => return r,
@@ -346,18 +423,96 @@ impl AgentApi {
         }
     }
 
-    /// Where the database of the preview `machine` builds comes from: 200 with a
-    /// presigned URL, 204 when the project has no dump (the database starts empty), 409
-    /// with the reason the build fails with.
-    async fn dump(&self, machine: &str) -> Resp {
+    /// Where the database of the preview `machine` builds comes from: 200 with
+    /// `use_image` when the database image on the machine's disk is one the build may
+    /// use (a ready image of the project's base dump, baked with the build's recipe), else
+    /// with a presigned URL of the dump; 204 when there is no dump (the database starts
+    /// empty); 409 with the reason the build fails with.
+    async fn dump(&self, machine: &str, ask: DbAsk) -> Resp {
+        use wakegate_core::route::Restore;
         let preview = match self.building(machine).await {
             Ok(p) => p,
             Err(r) => return r,
         };
-        match crate::runner::dump_source(&self.store, self.dumps.as_ref(), &preview, DUMP_URL_TTL).await {
-            Ok(Some(d)) => reply(200, serde_json::to_value(&d).expect("serializable")),
-            Ok(None) => reply(204, json!(null)),
-            Err(reason) => error(409, &reason),
+        let dump = match crate::runner::dump_source(&self.store, self.dumps.as_ref(), &preview, DUMP_URL_TTL).await {
+            Ok(Some(d)) => d,
+            Ok(None) => return reply(204, json!(null)),
+            Err(reason) => return error(409, &reason),
+        };
+        let (offered, baking) = crate::images::offered(&self.store, &preview, self.db_images).await;
+        let fits = match (&ask.image, &ask.recipe) {
+            (Some(have), Some(recipe)) => {
+                let digest = recipe.digest();
+                offered.iter().any(|i| &i.id == have && i.recipe_digest == digest && i.dump_id == dump.id)
+            }
+            _ => false,
+        };
+        if fits {
+            crate::runner::record_progress(&self.store, &preview.id, dump.size, dump.size, Some(Restore::Clone)).await;
+            return reply(200, json!({ "use_image": ask.image, "id": dump.id, "engine": dump.engine }));
+        }
+        let how = if baking { Restore::ImportWhileBaking } else { Restore::Import };
+        crate::runner::record_progress(&self.store, &preview.id, 0, dump.size, Some(how)).await;
+        reply(200, serde_json::to_value(&dump).expect("serializable"))
+    }
+
+    /// Records how the build's database was made (and, from the base dump, the
+    /// project's recipe: its image is baked with it).
+    async fn db_made(&self, machine: &str, r: DbMadeReport) -> Resp {
+        let preview = match self.building(machine).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        let made = crate::cloud::DbMade {
+            recipe: r.recipe,
+            dump_id: r.dump,
+            image: r.image,
+            method: r.method,
+            took_ms: r.took_ms,
+        };
+        let on_base = preview.dump.is_none();
+        crate::images::record_made(&self.store, &preview.id, &preview.project_id, &made, on_base).await;
+        reply(204, json!(null))
+    }
+
+    /// The bake this machine is the builder of, marked asked for.
+    async fn bake_order(&self, machine: &str) -> Result<Option<BakeWork>, Resp> {
+        let w = match self.store.table_get(BAKES, machine).await {
+            Ok(Some(raw)) => serde_json::from_str::<BakeWork>(&raw).map_err(|e| error(500, &e.to_string()))?,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(error(503, &e.to_string())),
+        };
+        if w.outcome.is_some() {
+            // reported already: a restarted agent stays idle until the machine stops
+            return Err(error(410, "this builder's bake is over"));
+        }
+        if !w.fetched {
+            let image = w.image.clone();
+            let marked = wakegate_store::edit_record(self.store.as_ref(), BAKES, machine, |o: BakeWork| {
+                (o.image == image && !o.fetched).then_some(BakeWork { fetched: true, ..o })
+            });
+            if let Err(e) = marked.await {
+                return Err(error(503, &e.to_string()));
+            }
+        }
+        Ok(Some(w))
+    }
+
+    /// How the builder's bake went.
+    async fn baked(&self, machine: &str, r: BakedReport) -> Resp {
+        let outcome = match (r.size, r.version, r.reason) {
+            (Some(size), Some(version), None) => BakeOutcome::Baked { size, version: cut(version) },
+            (None, None, Some(reason)) => BakeOutcome::Failed { reason: cut(reason) },
+            _ => return error(400, "give either size and version, or reason"),
+        };
+        let edited = wakegate_store::edit_record(self.store.as_ref(), BAKES, machine, |w: BakeWork| {
+            (w.image == r.image && w.outcome.is_none()).then(|| BakeWork { outcome: Some(outcome.clone()), ..w })
+        })
+        .await;
+        match edited {
+            Ok(Some(_)) => reply(204, json!(null)),
+            Ok(None) => error(409, "no such bake is asked of this machine"),
+            Err(e) => error(503, &e.to_string()),
         }
     }
 

@@ -29,60 +29,12 @@ impl Provisioner {
         Images::new(self.store.clone())
     }
 
-    /// The ready images a build of `preview` may clone, and whether one of its dump is
-    /// being baked. Only a preview on the project's base dump clones.
     pub(crate) async fn offered_images(&self, preview: &wakegate_core::route::Preview) -> (Vec<ImageSource>, bool) {
-        if preview.dump.is_some() || !self.settings.db_images {
-            return (Vec::new(), false);
-        }
-        let dumps = wakegate_db::Dumps::new(self.store.clone());
-        let Ok(Some(base)) = dumps.base_id(&preview.project_id).await else { return (Vec::new(), false) };
-        let Ok(images) = self.images().list(Some(&preview.project_id)).await else { return (Vec::new(), false) };
-        let of_base = images.into_iter().filter(|i| i.dump_id == base);
-        let (mut ready, mut baking) = (Vec::new(), false);
-        for i in of_base {
-            match i.state {
-                ImageState::Ready => ready.push(ImageSource {
-                    recipe_digest: i.recipe.digest(),
-                    id: i.id,
-                    location: i.location,
-                    dump_id: i.dump_id,
-                }),
-                ImageState::Baking => baking = true,
-                ImageState::Failed => {}
-            }
-        }
-        (ready, baking)
+        offered(&self.store, preview, self.settings.db_images).await
     }
 
-    /// Records how a preview's database was made: the image it came from and, from a
-    /// build on the project's base dump, its recipe (the project's image is baked with
-    /// it; a build without a dump may lack its sanitize file, and a refresh is no news).
     pub(crate) async fn record_made(&self, preview: &str, project_id: &str, made: &DbMade, on_base: bool) {
-        let images = self.images();
-        if let Some(recipe) = made.recipe.as_ref().filter(|_| on_base && made.dump_id.is_some()) {
-            match images.set_recipe(project_id, recipe).await {
-                Ok(true) => {
-                    info!(project = %project_id, digest = %recipe.digest(), "the project's database recipe changed")
-                }
-                Ok(false) => {}
-                Err(e) => warn!(project = %project_id, error = %e, "recording the database recipe failed"),
-            }
-        }
-        let u = ImageUse {
-            image: made.image.clone(),
-            method: made.method,
-            dump_id: made.dump_id.clone(),
-            at: now_ms(),
-            took_ms: made.took_ms,
-            diverged: made.image.as_ref().map(|_| 0),
-            measured_at: None,
-        };
-        if let Err(e) = images.set_use(preview, &u).await {
-            warn!(%preview, error = %e, "recording the database's image failed");
-        }
-        metrics::histogram!(m::DB_RESTORE_SECONDS, "method" => made.method.as_str())
-            .record(made.took_ms as f64 / 1000.0);
+        record_made(&self.store, preview, project_id, made, on_base).await
     }
 
     /// Makes a running preview's database again from the current image (the dump when
@@ -438,4 +390,77 @@ impl Provisioner {
             }
         }
     }
+}
+
+/// The ready images a build of `preview` may clone (the newest first), and whether one
+/// of its dump is being baked. Only a preview on the project's base dump clones.
+pub async fn offered(
+    store: &wakegate_store::SharedStore,
+    preview: &wakegate_core::route::Preview,
+    enabled: bool,
+) -> (Vec<ImageSource>, bool) {
+    if preview.dump.is_some() || !enabled {
+        return (Vec::new(), false);
+    }
+    let dumps = wakegate_db::Dumps::new(store.clone());
+    let Ok(Some(base)) = dumps.base_id(&preview.project_id).await else { return (Vec::new(), false) };
+    let Ok(mut images) = Images::new(store.clone()).list(Some(&preview.project_id)).await else {
+        return (Vec::new(), false);
+    };
+    images.sort_by_key(|i| std::cmp::Reverse(i.ready_at));
+    let of_base = images.into_iter().filter(|i| i.dump_id == base);
+    let (mut ready, mut baking) = (Vec::new(), false);
+    for i in of_base {
+        match i.state {
+            ImageState::Ready => ready.push(ImageSource {
+                recipe_digest: i.recipe.digest(),
+                id: i.id,
+                location: i.location,
+                dump_id: i.dump_id,
+            }),
+            ImageState::Baking => baking = true,
+            ImageState::Failed => {}
+        }
+    }
+    (ready, baking)
+}
+
+/// Records how a preview's database was made: the image it came from and, from a build
+/// on the project's base dump, its recipe (the project's image is baked with it; a
+/// build without a dump may lack its sanitize file, and a refresh is no news).
+pub async fn record_made(
+    store: &wakegate_store::SharedStore,
+    preview: &str,
+    project_id: &str,
+    made: &DbMade,
+    on_base: bool,
+) {
+    let images = Images::new(store.clone());
+    if let Some(recipe) = made.recipe.as_ref().filter(|_| on_base && made.dump_id.is_some()) {
+        match images.set_recipe(project_id, recipe).await {
+            Ok(true) => {
+                info!(project = %project_id, digest = %recipe.digest(), "the project's database recipe changed")
+            }
+            Ok(false) => {}
+            Err(e) => warn!(project = %project_id, error = %e, "recording the database recipe failed"),
+        }
+    }
+    let u = ImageUse {
+        image: made.image.clone(),
+        method: made.method,
+        dump_id: made.dump_id.clone(),
+        at: now_ms(),
+        took_ms: made.took_ms,
+        // a server made from a snapshot is not compared with it (Hetzner cannot tell)
+        diverged: made
+            .image
+            .as_ref()
+            .filter(|_| matches!(made.method, CloneMethod::Reflink | CloneMethod::Copy))
+            .map(|_| 0),
+        measured_at: None,
+    };
+    if let Err(e) = images.set_use(preview, &u).await {
+        warn!(%preview, error = %e, "recording the database's image failed");
+    }
+    metrics::histogram!(m::DB_RESTORE_SECONDS, "method" => made.method.as_str()).record(made.took_ms as f64 / 1000.0);
 }

@@ -138,10 +138,11 @@ pub(crate) async fn record_progress(
     total: u64,
     how: Option<wakegate_core::route::Restore>,
 ) {
-    let progress = wakegate_core::route::Progress { done, total, how };
     let r = wakegate_store::driver::edit(store.as_ref(), preview, &|p| {
         if matches!(p.state, State::Building { phase: Phase::RestoringDb, restart: false, .. }) {
-            p.progress = Some(progress);
+            // a report of bytes alone keeps how the database is being made
+            let how = how.or(p.progress.as_ref().and_then(|x| x.how));
+            p.progress = Some(wakegate_core::route::Progress { done, total, how });
         }
     })
     .await;

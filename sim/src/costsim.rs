@@ -404,6 +404,7 @@ pub async fn simulate(w: &Workload, t: &Timings, mode: Mode, plans: &[Plan]) -> 
         retry_after: "5".into(),
         preview_url_template: settings.preview_url_template.clone(),
         dumps: None,
+        db_images: false,
     });
     let agent_task = tokio::spawn(wakegate_provisioner::agent_api::serve(agent_listener, agent_api));
     let _ = vms.agent.set(agent_addr);

@@ -329,6 +329,11 @@ impl HetznerState {
         self.servers.values().map(|s| (s.id, s.name.clone(), s.status.to_string(), s.labels.clone())).collect()
     }
 
+    /// The snapshot a server was created from, if any.
+    pub fn server_image(&self, id: i64) -> Option<i64> {
+        self.servers.get(&id).and_then(|s| s.image)
+    }
+
     /// Snapshots that exist now, as (id, labels).
     pub fn images(&self) -> Vec<(i64, BTreeMap<String, String>)> {
         self.images.values().map(|i| (i.id, i.labels.clone())).collect()

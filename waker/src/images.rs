@@ -30,8 +30,10 @@ pub struct ImageView {
     pub state: String,
     /// Whether it is the project's current image (its base dump, its newest recipe).
     pub current: bool,
-    /// Bytes of its data (a snapshot's size on Hetzner).
+    /// Bytes of its data directory.
     pub size: u64,
+    /// Where it is: its directory (local backend) or its snapshot's id (Hetzner).
+    pub location: String,
     pub created_at: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ready_at: Option<u64>,
@@ -93,6 +95,7 @@ pub async fn list(State(w): State<Arc<Waker>>, Query(q): Query<ImagesQuery>) -> 
             version: i.version,
             dump: i.dump_id,
             dump_sha256: i.dump_sha256,
+            location: i.location,
             state: i.state.as_str().into(),
             current,
             size: i.size,

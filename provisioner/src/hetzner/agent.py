@@ -9,12 +9,17 @@ It pulls its work from the control plane, so nothing ever connects in to the mac
   POST {control}/v1/agent/phase   {"phase": "checkout" | "build" | "start" | "health"}
   POST {control}/v1/agent/ready   {"port": N}
   POST {control}/v1/agent/failed  {"phase": ..., "reason": ...}
-  GET  {control}/v1/agent/dump    200 {id, engine, url, size, gzip}: the dump to restore, a
-                                  presigned URL good for minutes; 204: none, start empty
+  POST {control}/v1/agent/dump    {"recipe": {engine, name, sanitize} | null, "image": id | null}
+                                  200 {use_image, id}: the database image on this disk fits,
+                                  start it; 200 {id, engine, url, size, gzip}: the dump to
+                                  import, a presigned URL good for minutes; 204: none, start empty
+  POST {control}/v1/agent/db      {recipe, dump, image, method, took_ms}: how the database was made
   POST {control}/v1/agent/progress {"done": bytes, "total": bytes} of the dump restored
   GET  {control}/v1/agent/pull    200 {key, url}: dump the database as .sql.gz and PUT it to
                                   url (`wakegate db pull`); 204: nothing (Retry-After)
   POST {control}/v1/agent/pull    {"key": ..., "size": N} once uploaded, or {"key", "reason"}
+  POST {control}/v1/agent/baked   {"image", "size", "version"} or {"image", "reason"}: a builder's
+                                  bake (its work is {"bake": {image, recipe, dump}})
 
 Every call carries `Authorization: Bearer <token>` and `X-Wakegate-Machine: <name>`.
 The checkout and a marker of what was built stay on the disk, so a wake after a stop
@@ -25,6 +30,13 @@ on this machine (loopback only): a fresh data directory under the root, filled f
 project's dump streamed from S3 through gunzip into the engine's client, then
 sanitized. It stays on the disk, so sleep and hibernation keep it; the deploy marker is
 written only after it is complete, so a restore cut short starts over from scratch.
+
+A *builder* (work {"bake": ...}) makes a database image: it imports the dump into a fresh
+data directory, runs the recipe's sanitize SQL, stops the server cleanly and moves the
+directory to `db-image/` under the root with the credentials in `image.json`; the
+control plane then snapshots the disk. A machine created from that snapshot starts its
+preview's database straight from `db-image/` (when the control plane says it fits the
+branch's recipe), with new passwords; otherwise it removes it and imports.
 Python 3.11+ standard library only.
 """
 
@@ -54,6 +66,9 @@ SRC = os.path.join(ROOT, "src")
 MARKER = os.path.join(ROOT, "deployed.json")
 DB = os.path.join(ROOT, "db")
 DB_FILE = os.path.join(ROOT, "db.json")
+IMAGE = os.path.join(ROOT, "db-image")
+IMAGE_FILE = os.path.join(IMAGE, "image.json")
+MAX_SANITIZE = 1 << 20  # the control plane's limit on a recipe's sanitize SQL
 app = None
 db_server = None
 dbf = None  # the preview's database: engine, name, env, port, credentials
@@ -298,9 +313,7 @@ def db_init(db):
                "--auth-root-authentication-method=socket", f"--auth-root-socket-user={os_user()}",
                "--skip-test-db"]
         db_run(cmd + (["--user=root"] if os.geteuid() == 0 else []), "restoring_db", "mariadb-install-db")
-    # the credentials stay on this machine only, readable by root
-    with open(os.open(DB_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as w:
-        json.dump(f, w)
+    write_db_file(f)
     return f
 
 
@@ -361,17 +374,19 @@ def db_start(f, phase):
 
 
 def db_stop():
-    """Stops the server cleanly (PostgreSQL's fast shutdown), killing it if it hangs."""
+    """Stops the server cleanly (PostgreSQL's fast shutdown), killing it if it hangs;
+    whether it was running and stopped cleanly."""
     global db_server
     s, db_server = db_server, None
     if s is None or s.poll() is not None:
-        return
+        return False
     s.send_signal(signal.SIGINT if s.engine == "postgres" else signal.SIGTERM)
     try:
-        s.wait(timeout=60)
+        return s.wait(timeout=600) == 0
     except subprocess.TimeoutExpired:
         s.kill()
         s.wait()
+        return False
 
 
 def db_create(f):
@@ -414,23 +429,49 @@ def progress(done, total):
         pass  # the splash shows the last figure a little longer
 
 
-def db_import(f):
-    """Streams the project's dump (or this preview's own) into the database; returns its
-    id, or None when there is none (the database starts empty)."""
-    status, dump = None, None
+def recipe_of(db):
+    """What an image of this database is baked with: None when the sanitize file is
+    missing, too big or not UTF-8 (the dump is imported, and the import says why)."""
+    sanitize = None
+    if db["sanitize"] is not None:
+        try:
+            with open(os.path.join(SRC, db["sanitize"]), "rb") as r:
+                raw = r.read(MAX_SANITIZE + 1)
+            if len(raw) > MAX_SANITIZE:
+                return None
+            sanitize = raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+    return {"engine": db["engine"], "name": db["name"], "sanitize": sanitize}
+
+
+def image_on_disk():
+    """The database image this machine was created with, if its disk holds one."""
+    try:
+        img = json.load(open(IMAGE_FILE))
+        return img if isinstance(img, dict) and isinstance(img.get("id"), str) else None
+    except (OSError, ValueError):
+        return None
+
+
+def ask_dump(recipe, image):
+    """How the control plane says to make the database: (status, answer)."""
+    status, answer = None, None
     for attempt in range(30):
         try:
-            status, dump, _ = call("GET", "/v1/agent/dump")
+            status, answer, _ = call("POST", "/v1/agent/dump", {"recipe": recipe, "image": image})
             if status < 500:
                 break
         except OSError as e:
             log(f"asking for the dump failed: {e}")
         time.sleep(min(2 ** attempt * 0.1, 5))
-    if status == 204:
-        log("the project has no dump: the database starts empty")
-        return None
-    if status != 200:
-        raise Failed("restoring_db", (dump or {}).get("error") or f"the control plane answered {status} for the dump")
+    if status not in (200, 204):
+        raise Failed("restoring_db", (answer or {}).get("error") or f"the control plane answered {status} for the dump")
+    return status, answer
+
+
+def db_import(f, dump, report_progress=True):
+    """Streams a dump from its presigned URL into the database."""
     if dump["engine"] != f["engine"]:
         raise Failed("restoring_db", f"wakegate.toml says the database is {LABELS[f['engine']]}, and the dump "
                                      f"{dump['id']} is a {LABELS.get(dump['engine'], dump['engine'])} dump")
@@ -439,6 +480,7 @@ def db_import(f):
     except (urllib.error.URLError, OSError) as e:
         raise Failed("restoring_db", f"downloading the dump: {e}")
     total = int(resp.headers.get("Content-Length") or dump["size"])
+    say = progress if report_progress else (lambda done, total: None)
     cmd, env = db_client(f)
     logf = open(os.path.join(ROOT, "import.log"), "a")
     client = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=logf)
@@ -456,7 +498,7 @@ def db_import(f):
             client.stdin.write(chunk)
             if time.monotonic() - last >= 0.5:
                 last = time.monotonic()
-                progress(counted.n, total)
+                say(counted.n, total)
     except BrokenPipeError:
         pass  # the client stopped: its own error says why
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, http.client.HTTPException) as e:
@@ -469,13 +511,12 @@ def db_import(f):
         except BrokenPipeError:
             pass
     code = client.wait()
-    progress(counted.n, total)
+    say(counted.n, total)
     if broken is not None:
         raise Failed("restoring_db", f"reading the dump: {broken}")
     if code != 0:
         raise Failed("restoring_db", f"importing the dump failed (exit {code}):\n"
                      + tail(os.path.join(ROOT, "import.log")))
-    return dump["id"]
 
 
 def db_sanitize(f, path):
@@ -487,24 +528,142 @@ def db_sanitize(f, path):
                      + tail(os.path.join(ROOT, "import.log")))
 
 
+def write_db_file(f):
+    # the credentials stay on this machine only, readable by root
+    with open(os.open(DB_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as w:
+        json.dump(f, w)
+
+
 def restore_db(db):
-    """The preview's database, fresh: a new server filled from its dump and sanitized."""
+    """The preview's database, fresh: started from the database image on the disk when
+    it fits, else a new server filled from its dump and sanitized."""
     report("/v1/agent/phase", {"phase": "restoring_db"})
+    began = time.monotonic()
+    recipe = recipe_of(db)
+    have = image_on_disk()
+    status, answer = ask_dump(recipe, have["id"] if have else None)
+    if status == 200 and answer.get("use_image") and have is not None:
+        db_from_image(db, have)
+        made(recipe, answer["id"], have["id"], "snapshot", began)
+        log(f"database started from the image {have['id']} on this disk")
+        return
+    # data another recipe or dump made is no use
+    shutil.rmtree(IMAGE, ignore_errors=True)
     f = db_init(db)
     db_start(f, "restoring_db")
     db_create(f)
-    dump = db_import(f)
-    if dump is None:
+    if status == 204:
+        log("the project has no dump: the database starts empty")
         return
+    if db["sanitize"] is not None and not os.path.isfile(os.path.join(SRC, db["sanitize"])):
+        raise Failed("restoring_db", f"{db['sanitize']} is not in the repository: add the SQL that sanitizes an "
+                                     "imported dump, or set `sanitize = false` under [database] in wakegate.toml")
+    db_import(f, answer)
     if db["sanitize"] is None:
         log("sanitize = false: the dump is used as it is")
     else:
-        path = os.path.join(SRC, db["sanitize"])
-        if not os.path.isfile(path):
-            raise Failed("restoring_db", f"{db['sanitize']} is not in the repository: add the SQL that sanitizes an "
-                                         "imported dump, or set `sanitize = false` under [database] in wakegate.toml")
+        db_sanitize(f, os.path.join(SRC, db["sanitize"]))
+    made(recipe, answer["id"], None, "import", began)
+    log(f"database restored from {answer['id']}")
+
+
+def made(recipe, dump, image, method, began):
+    took = int((time.monotonic() - began) * 1000)
+    if report("/v1/agent/db", {"recipe": recipe, "dump": dump, "image": image, "method": method,
+                               "took_ms": took}) != 204:
+        log("recording how the database was made failed")
+
+
+def db_from_image(db, img):
+    """The image's data directory becomes the preview's (a rename: the same disk), and
+    its server starts with passwords of its own: the image's are every clone's."""
+    drop_db()
+    os.rename(IMAGE, DB)
+    os.remove(os.path.join(DB, "image.json"))
+    f = {"engine": img["engine"], "name": db["name"], "env": db["env"], "user": img["user"],
+         "port": int(CFG.get("db_port") or DEFAULT_DB_PORTS[img["engine"]]),
+         "password": img["password"], "admin_password": img.get("admin_password", "")}
+    write_db_file(f)
+    db_start(f, "restoring_db")
+    password, admin = secrets.token_hex(18), secrets.token_hex(18)
+    if f["engine"] == "postgres":
+        db_admin(f, f"ALTER ROLE \"{f['user']}\" PASSWORD '{password}'")
+        db_admin(f, f"ALTER ROLE \"{ADMIN}\" PASSWORD '{admin}'")
+    else:
+        # the superuser answers on the socket to this account only: it has no password
+        db_admin(f, f"ALTER USER '{f['user']}'@'%' IDENTIFIED BY '{password}'; FLUSH PRIVILEGES;")
+    f["password"], f["admin_password"] = password, admin
+    write_db_file(f)
+
+
+def engine_version(engine):
+    prog = need(engine, "postgres" if engine == "postgres" else "mariadbd")
+    return db_run([prog, "--version"], "restoring_db", "asking the engine's version").strip()[:200]
+
+
+def disk_usage(path):
+    total = 0
+    for top, _, files in os.walk(path):
+        for n in files:
+            try:
+                total += os.lstat(os.path.join(top, n)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def bake(order):
+    """A builder's work: the image's data directory, whole and stopped cleanly, in
+    db-image/ (the control plane snapshots the disk once this reports)."""
+    r = order["recipe"]
+    db = {"engine": r["engine"], "name": r["name"], "env": "url"}
+    shutil.rmtree(IMAGE, ignore_errors=True)
+    f = db_init(db)
+    db_start(f, "restoring_db")
+    db_create(f)
+    db_import(f, order["dump"], report_progress=False)
+    if r.get("sanitize") is not None:
+        path = os.path.join(ROOT, "sanitize.sql")
+        with open(path, "w") as w:
+            w.write(r["sanitize"])
         db_sanitize(f, path)
-    log(f"database restored from {dump}")
+        os.remove(path)
+    version = engine_version(f["engine"])
+    if not db_stop():
+        raise Failed("restoring_db", "the database server did not stop cleanly:\n" + tail(os.path.join(ROOT, "db.log")))
+    size = disk_usage(os.path.join(DB, "data"))
+    img = {"id": order["image"], "engine": f["engine"], "name": f["name"], "user": f["user"],
+           "password": f["password"], "admin_password": f["admin_password"], "version": version}
+    with open(os.open(os.path.join(DB, "image.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as w:
+        json.dump(img, w)
+    os.rename(DB, IMAGE)
+    os.remove(DB_FILE)
+    # the snapshot carries the data, not this machine's logs
+    for name in ("db.log", "import.log"):
+        try:
+            os.remove(os.path.join(ROOT, name))
+        except OSError:
+            pass
+    return size, version
+
+
+def builder(order):
+    log(f"baking the database image {order['image']}")
+    try:
+        size, version = bake(order)
+        body = {"image": order["image"], "size": size, "version": version}
+        log(f"baked {order['image']}: {size >> 20} MiB, {version}")
+    except Failed as e:
+        body = {"image": order["image"], "reason": e.reason}
+        log(f"the bake failed: {e.reason}")
+    except Exception as e:  # a bug or the machine (a full disk): said, not a restart loop
+        body = {"image": order["image"], "reason": f"the builder failed: {e!r}"}
+        log(f"the bake failed: {e!r}")
+    db_stop()
+    report("/v1/agent/baked", body)
+    # the control plane shuts the machine down and snapshots it
+    while True:
+        time.sleep(3600)
 
 
 def drop_db():
@@ -800,6 +959,8 @@ def main():
             while True:
                 time.sleep(3600)
         time.sleep(float(headers.get("Retry-After", "1")) if headers else 1)
+    if "bake" in work:
+        builder(work["bake"])
     log(f"work: {work['preview']} at {work['git_ref']}")
     threading.Thread(target=ship_logs, daemon=True).start()
     try:

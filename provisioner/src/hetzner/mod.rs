@@ -18,6 +18,7 @@
 //! one `pool:<key>` table per pool (ready machines; taking one is an atomic remove).
 
 pub mod api;
+pub mod bake;
 pub mod userdata;
 
 use crate::cloud::{Cloud, CloudError, DeploySpec, Listing, MachineInfo, Outcome, Progress};
@@ -99,7 +100,9 @@ pub const CLOUDFLARE_RANGES: &[&str] = &[
     "2c0f:f248::/32",
 ];
 
-/// A pool of ready machines for one (image, server type, location).
+/// A pool of ready machines for one (image, server type, location), or for one
+/// project's previews: those are made from the project's database image once one is
+/// ready, so a preview taking one finds its database on the disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolSpec {
@@ -108,6 +111,9 @@ pub struct PoolSpec {
     /// `None`: the backend's image.
     #[serde(default)]
     pub image: Option<String>,
+    /// The project (by name) whose previews this pool serves.
+    #[serde(default)]
+    pub project: Option<String>,
     pub min_ready: usize,
     pub max: usize,
     /// Ready machines older than this are replaced (fresh packages, no drift).
@@ -179,9 +185,26 @@ fn address_of(s: &models::Server) -> (Option<String>, Option<String>) {
 /// Snapshot storage: EUR 0.0119 per GB and month (gross), per hour of a 730-hour month.
 pub const SNAPSHOT_EUR_PER_GB_HOUR: f64 = 0.0119 / 730.0;
 
-/// The store table of one pool's ready machines (machine → created_at).
+/// The store table of one pool's ready machines (machine → [`PoolEntry`]).
 pub fn pool_table(key: &str) -> String {
     format!("hetzner-pool:{key}")
+}
+
+/// A ready machine of a pool: when it was made, and the database image it was made
+/// from (a project's pool).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolEntry {
+    pub born: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_image: Option<String>,
+}
+
+impl PoolEntry {
+    /// Reads an entry; one written before entries were records is its birth time.
+    pub fn parse(raw: &str) -> PoolEntry {
+        serde_json::from_str(raw)
+            .unwrap_or_else(|_| PoolEntry { born: raw.trim().parse().unwrap_or(0), db_image: None })
+    }
 }
 
 /// A label-safe key for a pool: `<image>.<type>.<location>`.
@@ -261,11 +284,25 @@ impl HetznerCloud {
         self.store.table_put(MACHINES, machine, &raw).await.map_err(backend)
     }
 
-    /// A pool's image and its key.
-    fn pool_of(&self, spec: &PoolSpec) -> (String, String) {
-        let image = spec.image.clone().unwrap_or_else(|| self.settings.image.clone());
-        let key = pool_key(&image, &spec.server_type, &spec.location);
-        (image, key)
+    /// A pool's key: its project's name or its image, with the type and location.
+    fn pool_key_of(&self, spec: &PoolSpec) -> String {
+        match &spec.project {
+            Some(p) => pool_key(&format!("project-{p}"), &spec.server_type, &spec.location),
+            None => pool_key(spec.image.as_deref().unwrap_or(&self.settings.image), &spec.server_type, &spec.location),
+        }
+    }
+
+    /// What a pool's machines are made from now: a project's current database image
+    /// (its snapshot, and the image's id) once one is ready, else the pool's image.
+    /// `None` when the store cannot say (nothing is made this round).
+    async fn pool_source(&self, spec: &PoolSpec) -> Option<(String, Option<String>)> {
+        let plain = spec.image.clone().unwrap_or_else(|| self.settings.image.clone());
+        let Some(name) = &spec.project else { return Some((plain, None)) };
+        let Some(project) = self.store.project_by_name(name).await.ok()? else { return Some((plain, None)) };
+        match wakegate_db::Images::new(self.store.clone()).current(&project.id).await.ok()? {
+            Some(i) if !i.location.is_empty() => Some((i.location, Some(i.id))),
+            _ => Some((plain, None)),
+        }
     }
 
     fn spec_of(&self, project: &Project) -> (String, String, String) {
@@ -368,7 +405,7 @@ impl HetznerCloud {
         server_type: &str,
         location: &str,
         record: &mut MachineRecord,
-        project: Option<&str>,
+        labels: HashMap<String, String>,
     ) -> Result<models::Server, CloudError> {
         let firewall = self.ensure_firewall().await?;
         let user_data = userdata::cloud_config(&userdata::AgentConfig {
@@ -380,7 +417,7 @@ impl HetznerCloud {
         });
         let req = models::CreateServerRequest {
             firewalls: Some(vec![models::CreateServerRequestFirewalls { firewall }]),
-            labels: Some(self.labels(machine, record, project)),
+            labels: Some(labels),
             location: Some(location.to_string()),
             start_after_create: Some(true),
             user_data: Some(user_data),
@@ -442,11 +479,20 @@ impl HetznerCloud {
     }
 
     /// Takes a ready machine from the pool for `key`, if any; exactly one caller gets it.
-    async fn take_from_pool(&self, key: &str, preview: &Preview, project: &Project) -> Option<MachineId> {
+    /// Machines made from `db_image` come first, then the youngest (the oldest get
+    /// recycled).
+    async fn take_from_pool(
+        &self,
+        key: &str,
+        preview: &Preview,
+        project: &Project,
+        db_image: Option<&str>,
+    ) -> Option<MachineId> {
         let table = pool_table(key);
-        let mut ready = self.store.table_list(&table).await.ok()?;
-        ready.sort_by(|a, b| b.1.cmp(&a.1)); // the youngest first: the oldest get recycled
-        for (machine, _) in ready {
+        let mut ready: Vec<(String, PoolEntry)> =
+            self.store.table_list(&table).await.ok()?.into_iter().map(|(m, raw)| (m, PoolEntry::parse(&raw))).collect();
+        ready.sort_by_key(|(_, e)| (std::cmp::Reverse(e.db_image.as_deref() == db_image), std::cmp::Reverse(e.born)));
+        for (machine, entry) in ready {
             if !self.store.table_remove(&table, &machine).await.unwrap_or(false) {
                 continue; // another build took it
             }
@@ -456,36 +502,43 @@ impl HetznerCloud {
                 continue;
             }
             if let Some(id) = record.server_id {
-                let labels = self.labels(&machine, &record, Some(&project.name));
+                let mut labels = self.labels(&machine, &record, Some(&project.name));
+                if let Some(i) = &entry.db_image {
+                    labels.insert("db-image".into(), i.clone());
+                }
                 if let Err(e) = self.client.set_server_labels(id, labels).await {
                     warn!(%machine, error = %e, "labelling a pool machine failed");
                 }
             }
-            info!(%machine, pool = key, preview = %preview.id, "took a ready machine from the pool");
+            info!(%machine, pool = key, preview = %preview.id, db_image = ?entry.db_image, "took a ready machine from the pool");
             return Some(machine);
         }
         None
     }
 
-    /// One round of the pool keeper: recycle old ready machines, refill to `min_ready`
-    /// without passing `max`. Returns how many machines it created.
+    /// One round of the pool keeper: recycle ready machines that are old or made from a
+    /// database image the project has moved on from, refill to `min_ready` without
+    /// passing `max`. Returns how many machines it created.
     pub async fn keep_pools(&self) -> usize {
         let mut created = 0;
         for spec in &self.settings.pools {
-            let (image, key) = self.pool_of(spec);
+            let key = self.pool_key_of(spec);
+            let Some((image, db_image)) = self.pool_source(spec).await else { continue };
             let table = pool_table(&key);
             let Ok(mut ready) = self.store.table_list(&table).await else { continue };
             let now = now_ms();
-            let max_age = spec.max_age_secs * 1000;
-            for (machine, born) in ready.clone() {
-                let born: u64 = born.parse().unwrap_or(0);
-                if now.saturating_sub(born) >= max_age
-                    && self.store.table_remove(&table, &machine).await.unwrap_or(false)
-                {
-                    info!(%machine, pool = %key, "recycling an old pool machine");
+            let max_age = spec.max_age_secs.saturating_mul(1000);
+            for (machine, raw) in ready.clone() {
+                let entry = PoolEntry::parse(&raw);
+                let old = now.saturating_sub(entry.born) >= max_age;
+                // a project's new base: machines with the old data on their disks go
+                let stale = spec.project.is_some() && entry.db_image != db_image;
+                if (old || stale) && self.store.table_remove(&table, &machine).await.unwrap_or(false) {
+                    let why = if old { "old" } else { "made from an older database image" };
+                    info!(%machine, pool = %key, why, "recycling a pool machine");
                     ready.retain(|(m, _)| *m != machine);
                     if let Err(e) = self.delete(&machine).await {
-                        warn!(%machine, error = %e, "deleting an old pool machine failed; the reaper will");
+                        warn!(%machine, error = %e, "deleting a recycled pool machine failed; the reaper will");
                     }
                 }
             }
@@ -499,22 +552,27 @@ impl HetznerCloud {
             let Ok(existing) = self.client.servers(&sel).await else { continue };
             let room = spec.max.saturating_sub(existing.len());
             let want = (spec.min_ready - ready.len()).min(room);
-            let jobs = (0..want).map(|_| self.add_to_pool(&key, &image, spec));
+            let jobs = (0..want).map(|_| self.add_to_pool(&key, &image, db_image.as_deref(), spec));
             created += futures_util::future::join_all(jobs).await.into_iter().filter(|ok| *ok).count();
         }
         created
     }
 
-    async fn add_to_pool(&self, key: &str, image: &str, spec: &PoolSpec) -> bool {
+    async fn add_to_pool(&self, key: &str, image: &str, db_image: Option<&str>, spec: &PoolSpec) -> bool {
         let machine = Self::new_name();
         let mut record = MachineRecord { pool: Some(key.to_string()), created_at: now_ms(), ..Default::default() };
         if self.put_record(&machine, &record).await.is_err() {
             return false;
         }
-        match self.ensure_server(&machine, image, &spec.server_type, &spec.location, &mut record, None).await {
+        let mut labels = self.labels(&machine, &record, spec.project.as_deref());
+        if let Some(i) = db_image {
+            labels.insert("db-image".into(), i.to_string());
+        }
+        match self.ensure_server(&machine, image, &spec.server_type, &spec.location, &mut record, labels).await {
             Ok(_) => {
-                let born = record.created_at.to_string();
-                self.store.table_put(&pool_table(key), &machine, &born).await.is_ok()
+                let entry = PoolEntry { born: record.created_at, db_image: db_image.map(str::to_string) };
+                let raw = serde_json::to_string(&entry).unwrap_or_default();
+                self.store.table_put(&pool_table(key), &machine, &raw).await.is_ok()
             }
             Err(e) => {
                 warn!(%machine, error = %e, "creating a pool machine failed");
@@ -569,9 +627,19 @@ impl HetznerCloud {
 impl Cloud for HetznerCloud {
     async fn create(&self, preview: &Preview, project: &Project) -> Result<MachineId, CloudError> {
         let (image, server_type, location) = self.spec_of(project);
+        let fits = |p: &&PoolSpec| p.server_type == server_type && p.location == location;
+        // the project's own pool first (its machines may hold its database), then the
+        // pool of its image, type and location
+        if let Some(spec) = self.settings.pools.iter().filter(fits).find(|p| p.project.as_ref() == Some(&project.name))
+        {
+            let db_image = self.pool_source(spec).await.and_then(|(_, i)| i);
+            if let Some(m) = self.take_from_pool(&self.pool_key_of(spec), preview, project, db_image.as_deref()).await {
+                return Ok(m);
+            }
+        }
         let key = pool_key(&image, &server_type, &location);
-        if self.settings.pools.iter().any(|p| self.pool_of(p).1 == key) {
-            if let Some(m) = self.take_from_pool(&key, preview, project).await {
+        if self.settings.pools.iter().any(|p| p.project.is_none() && self.pool_key_of(p) == key) {
+            if let Some(m) = self.take_from_pool(&key, preview, project, None).await {
                 return Ok(m);
             }
         }
@@ -598,8 +666,26 @@ impl Cloud for HetznerCloud {
             self.put_record(machine, &record).await?;
         }
         let (image, server_type, location) = self.spec_of(&spec.project);
-        let project = spec.project.name.clone();
-        self.ensure_server(machine, &image, &server_type, &location, &mut record, Some(&project)).await?;
+        let labels = self.labels(machine, &record, Some(&spec.project.name));
+        // a new server starts from the project's newest database image: its data is on
+        // the disk (the agent checks that it fits the branch's recipe, else imports)
+        let made = match spec.images.first() {
+            Some(db) => {
+                let mut labels = labels.clone();
+                labels.insert("db-image".into(), db.id.clone());
+                let made =
+                    self.ensure_server(machine, &db.location, &server_type, &location, &mut record, labels).await;
+                if let Err(e) = &made {
+                    warn!(%machine, image = %db.id, error = %e, "creating the server from the database image failed; \
+                        creating it from the plain image (the dump is imported)");
+                }
+                made.ok()
+            }
+            None => None,
+        };
+        if made.is_none() {
+            self.ensure_server(machine, &image, &server_type, &location, &mut record, labels).await?;
+        }
         self.await_report(&spec.preview_id, machine).await
     }
 
@@ -628,7 +714,8 @@ impl Cloud for HetznerCloud {
                 };
                 let (_, server_type, location) = self.spec_of(project);
                 let image = snap.id.to_string();
-                self.ensure_server(machine, &image, &server_type, &location, &mut record, Some(&project.name)).await?;
+                let labels = self.labels(machine, &record, Some(&project.name));
+                self.ensure_server(machine, &image, &server_type, &location, &mut record, labels).await?;
             }
         }
         let outcome = self.await_report(&preview, machine).await?;
@@ -700,6 +787,20 @@ impl Cloud for HetznerCloud {
         Ok(())
     }
 
+    async fn bake_image(&self, order: &crate::cloud::BakeOrder) -> Result<crate::cloud::Baked, CloudError> {
+        self.bake(order).await
+    }
+
+    /// Removes the image's snapshot and whatever a bake of it left. Servers made from
+    /// the snapshot are their own disks: they are not touched.
+    async fn drop_image(&self, id: &str, _location: &str) -> Result<bool, CloudError> {
+        self.remove_image(id).await.map(|()| true)
+    }
+
+    async fn images(&self) -> Result<Vec<String>, CloudError> {
+        self.image_ids().await
+    }
+
     async fn pull_db(
         &self,
         machine: &MachineId,
@@ -754,8 +855,13 @@ impl Cloud for HetznerCloud {
         let before = self.client.counters().requests;
         let sel = format!("{MANAGED_BY}={MANAGED_BY_VALUE}");
         let mut by_machine: BTreeMap<String, MachineInfo> = BTreeMap::new();
+        let mut images_keep = std::collections::HashSet::new();
         let mut add = |labels: &HashMap<String, String>, fallback: &str, created: &str, status: &str, cost: f64| {
             let id = labels.get("machine").cloned().unwrap_or_else(|| fallback.to_string());
+            // builders and database images are the image keeper's, not the reaper's
+            if matches!(labels.get("role").map(String::as_str), Some(bake::ROLE_BAKE | bake::ROLE_IMAGE)) {
+                images_keep.insert(id.clone());
+            }
             let created_at = api::parse_time(created).unwrap_or(0);
             let e = by_machine.entry(id.clone()).or_insert(MachineInfo {
                 id,
@@ -788,14 +894,14 @@ impl Cloud for HetznerCloud {
         // ready pool machines belong to the backend
         let mut held = std::collections::HashSet::new();
         for spec in &self.settings.pools {
-            let table = pool_table(&self.pool_of(spec).1);
+            let table = pool_table(&self.pool_key_of(spec));
             for (m, _) in self.store.table_list(&table).await.map_err(backend)? {
                 held.insert(m);
             }
         }
         let mut out: Vec<MachineInfo> = by_machine.into_values().collect();
         for m in &mut out {
-            m.held = held.contains(&m.id);
+            m.held = held.contains(&m.id) || images_keep.contains(&m.id);
         }
         let requests = self.client.counters().requests.saturating_sub(before);
         Ok(Listing { machines: out, requests: u32::try_from(requests).unwrap_or(u32::MAX) })
