@@ -39,6 +39,8 @@ struct Rig {
     _tasks: Vec<tokio::task::JoinHandle<()>>,
     repo: wakegate_testkit::git::Repo,
     rounds: std::sync::atomic::AtomicU32,
+    /// The dumps' bucket, when the rig bakes database images.
+    dumps: Option<wakegate_db::s3::Bucket>,
 }
 
 fn settings(fake: &FakeHetzner, agent: SocketAddr) -> HetznerSettings {
@@ -65,6 +67,10 @@ fn settings(fake: &FakeHetzner, agent: SocketAddr) -> HetznerSettings {
 
 impl Rig {
     async fn start(store: SharedStore) -> Rig {
+        Rig::start_with(store, None).await
+    }
+
+    async fn start_with(store: SharedStore, dumps: Option<wakegate_db::s3::Bucket>) -> Rig {
         let vms = AgentVms::new(wakegate_testkit::tempdir("crash-vms"));
         let fake = FakeHetzner::start(Durations::fast(), vms.clone()).await;
         let key = Key::new(b"machine-key-for-the-crash-test".to_vec());
@@ -91,8 +97,8 @@ impl Rig {
             key: key.clone(),
             retry_after: "0.1".into(),
             preview_url_template: "http://{label}.localhost:1".into(),
-            dumps: None,
-            db_images: false,
+            dumps: dumps.clone(),
+            db_images: true,
         });
         let tasks = vec![
             tokio::spawn(wakegate_waker::serve(wl, waker)),
@@ -110,6 +116,7 @@ impl Rig {
             _tasks: tasks,
             repo,
             rounds: Default::default(),
+            dumps,
         }
     }
 
@@ -118,7 +125,7 @@ impl Rig {
     }
 
     fn replica(&self) -> Replica {
-        Replica::start(self.store.clone(), settings(&self.fake, self.agent), self.key.clone())
+        Replica::start(self.store.clone(), settings(&self.fake, self.agent), self.key.clone(), self.dumps.clone())
     }
 
     async fn state(&self, id: &str) -> State {
@@ -197,13 +204,18 @@ struct Replica {
 }
 
 impl Replica {
-    fn start(store: SharedStore, settings: HetznerSettings, key: Key) -> Replica {
+    fn start(
+        store: SharedStore,
+        settings: HetznerSettings,
+        key: Key,
+        dumps: Option<wakegate_db::s3::Bucket>,
+    ) -> Replica {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             rt.spawn(async move {
                 let cloud = Arc::new(HetznerCloud::new(settings, store.clone(), key).unwrap());
-                let p = Arc::new(Provisioner::new(
+                let mut p = Provisioner::new(
                     store,
                     cloud,
                     wakegate_provisioner::Settings {
@@ -217,9 +229,12 @@ impl Replica {
                         list_every: Duration::from_millis(200),
                         ..Default::default()
                     },
-                ));
+                );
+                p.dumps = dumps;
+                let p = Arc::new(p);
                 let (keep, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(p.clone().run_sweeps(rx.clone()));
+                tokio::spawn(p.clone().run_images(rx.clone()));
                 p.run_jobs(rx).await;
                 drop(keep);
             });
@@ -392,4 +407,102 @@ async fn replicas_on_one_redis_do_each_job_once() {
     let shutdowns = rig.fake.with(|s| s.calls().filter(|c| c.ends_with("/actions/shutdown")).count());
     assert_eq!(shutdowns, 6, "each sleep ran once");
     drop(replicas);
+}
+
+/// Crash safety of a database image's bake on Hetzner. For every mutating step of a
+/// bake (the builder's create, its shutdown, the snapshot, the builder's delete), the
+/// provisioner crashes there, once before the step took effect and once after; a fresh
+/// one takes the bake over when its heartbeat is stale. The image ends ready with one
+/// snapshot, and no builder server or bake order is left. Each round changes the
+/// recipe, so the round before's image is no longer wanted: its snapshot is collected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_at_any_step_of_a_bake_leaves_one_snapshot_and_no_builder() {
+    use wakegate_db::{Dump, DumpState, Dumps, Engine, ImageState, Images, Recipe};
+    let s3 = wakegate_testkit::s3::S3Server::start().await.unwrap();
+    let bucket = common::bucket_of(&s3, "dumps");
+    bucket.ensure().await.unwrap();
+    let store: SharedStore = Arc::new(wakegate_store::EmbeddedStore::in_memory());
+    let rig = Rig::start_with(store.clone(), Some(bucket.clone())).await;
+    let body = json!({"name": "baker", "git_url": rig.repo.url()});
+    assert_eq!(rig.op("POST", "/v1/projects", Some(body)).await.0, 201);
+    let project = store.project_by_name("baker").await.unwrap().unwrap();
+    // the project's base dump, in S3
+    let mut sql = Vec::new();
+    wakegate_testkit::dump::write_sql(&mut sql, 256 * 1024, "baked through crashes").unwrap();
+    let mut dump = Dump::new(&project.id, Engine::Postgres, "base.sql", "wakegate/", wakegate_provisioner::now_ms());
+    bucket.upload_reader(&dump.key, &sql[..], 5 << 20).await.unwrap();
+    dump.sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&sql));
+    (dump.state, dump.size, dump.sql_bytes) = (DumpState::Ready, sql.len() as u64, sql.len() as u64);
+    let dumps = Dumps::new(store.clone());
+    dumps.create(&dump).await.unwrap();
+    dumps.set_base(&project.id, None, &dump.id).await.unwrap();
+    let images = Images::new(store.clone());
+
+    let mut crashes = 0;
+    let mut round = 0;
+    for before in [true, false] {
+        for k in 1.. {
+            round += 1;
+            let recipe = Recipe {
+                engine: Engine::Postgres,
+                name: "app".into(),
+                sanitize: Some(format!("-- round {round}\nSELECT 1;\n")),
+            };
+            images.set_recipe(&project.id, &recipe).await.unwrap();
+            let id = recipe.image_id(&dump.sha256);
+            let first = rig.replica();
+            rig.fake.with(|s| {
+                s.faults.crashed = false;
+                if before {
+                    s.faults.crash_before_mutations = Some(k);
+                } else {
+                    s.faults.crash_after_mutations = Some(k);
+                }
+            });
+            let crashed = eventually(WAIT, "the crash point or the image", || async {
+                if rig.fake.with(|s| s.faults.crashed) {
+                    return Some(true);
+                }
+                let i = images.get(&project.id, &id).await.unwrap();
+                i.is_some_and(|i| i.state == ImageState::Ready).then_some(false)
+            })
+            .await;
+            first.kill();
+            rig.fake.with(|s| {
+                s.faults.crash_after_mutations = None;
+                s.faults.crash_before_mutations = None;
+            });
+            let second = rig.replica();
+            let image = eventually(Duration::from_secs(90), "the image, baked by the next provisioner", || async {
+                let i = images.get(&project.id, &id).await.unwrap()?;
+                assert_ne!(i.state, ImageState::Failed, "the bake failed: {i:?}");
+                (i.state == ImageState::Ready).then_some(i)
+            })
+            .await;
+            // one snapshot (this image's), no builder, no order: the round before's
+            // image collected too
+            eventually(WAIT, "nothing but the image's snapshot", || async {
+                let (snapshots, builders) = rig.fake.with(|s| {
+                    let snaps: Vec<(i64, BTreeMap<String, String>)> = s.images();
+                    let builders = s.servers().into_iter().filter(|x| x.3.contains_key("role")).count();
+                    (snaps, builders)
+                });
+                let orders = store.table_list(wakegate_provisioner::hetzner::bake::BAKES).await.unwrap();
+                let one = snapshots.len() == 1
+                    && snapshots[0].0.to_string() == image.location
+                    && snapshots[0].1.get("image") == Some(&id);
+                (one && builders == 0 && orders.is_empty()).then_some(())
+            })
+            .await;
+            second.kill();
+            if crashed {
+                crashes += 1;
+                eprintln!("bake: crash {} step {k}: repaired", if before { "before" } else { "after" });
+            } else {
+                break;
+            }
+            assert!(k < 10, "a bake has more mutating steps than expected");
+        }
+    }
+    assert!(crashes >= 6, "only {crashes} crash points of a bake were exercised");
 }
