@@ -6,9 +6,10 @@
 //! local backend, embedded store) with a real S3-compatible server, PostgreSQL and
 //! MariaDB; on an XFS filesystem with reflink made in a file when the machine allows it.
 //!
-//! `cargo bench --bench db_images` (`scripts/bench-db`); `WAKEGATE_BENCH_DB_MB=200,2000`
-//! and `WAKEGATE_BENCH_DB_RUNS=3` change the sizes and runs. Writes its section of
-//! BENCHMARKS.md.
+//! `cargo bench --bench db_images` (`scripts/bench-db`); `WAKEGATE_BENCH_DB_MB=200,2000`,
+//! `WAKEGATE_BENCH_DB_ENGINES=postgres,mariadb` and `WAKEGATE_BENCH_DB_RUNS=3` change the
+//! sizes, engines and runs. A run of every engine at both default sizes writes its
+//! section of BENCHMARKS.md; a partial one only prints its rows.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -95,6 +96,13 @@ fn main() {
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect();
+    let engines: Vec<String> = std::env::var("WAKEGATE_BENCH_DB_ENGINES")
+        .unwrap_or_else(|_| "postgres,mariadb".into())
+        .split(',')
+        .map(|e| e.trim().to_string())
+        .filter(|e| e == "postgres" || e == "mariadb")
+        .collect();
+    let whole = sizes == [200, 2000] && engines == ["postgres", "mariadb"];
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let xfs = wakegate_testkit::xfs::Xfs::make(16 << 30);
     let (root, fs) = match &xfs {
@@ -105,7 +113,7 @@ fn main() {
         }
     };
     let mut rows = Vec::new();
-    for engine in ["postgres", "mariadb"] {
+    for engine in &engines {
         for &mb in &sizes {
             rows.push(rt.block_on(measure(&root, engine, mb, runs)));
         }
@@ -119,8 +127,12 @@ fn main() {
         md.push_str(r);
     }
     println!("\n{md}");
-    wakegate_testkit::write_benchmarks_section("db-images", &md);
-    println!("written to BENCHMARKS.md");
+    if whole {
+        wakegate_testkit::write_benchmarks_section("db-images", &md);
+        println!("written to BENCHMARKS.md");
+    } else {
+        println!("a partial run (engines {engines:?}, sizes {sizes:?}): BENCHMARKS.md left as it was");
+    }
 }
 
 /// One row: an engine and a dump size.

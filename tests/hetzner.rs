@@ -347,6 +347,26 @@ async fn the_agent_endpoint_refuses_forged_and_foreign_reports() {
     assert_eq!(r.status, 413);
     let r = call(machine.clone(), good.clone(), "GET", "/v1/agent/ready", String::new()).await;
     assert_eq!(r.status, 405, "an undeclared method");
+    // database calls: a running machine is no builder, and builds no database now
+    let baked = r#"{"image":"i-0011223344556677","size":1,"version":"postgres 15"}"#;
+    let r = call(machine.clone(), good.clone(), "POST", "/v1/agent/baked", baked.into()).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    let both = r#"{"image":"i-0011223344556677","size":1,"version":"v","reason":"no"}"#;
+    let r = call(machine.clone(), good.clone(), "POST", "/v1/agent/baked", both.into()).await;
+    assert_eq!(r.status, 400, "size and a reason: {}", r.body);
+    let ask = r#"{"recipe":{"engine":"postgres","name":"app","sanitize":null},"image":"i-0011223344556677"}"#;
+    let r = call(machine.clone(), good.clone(), "POST", "/v1/agent/dump", ask.into()).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    let made = r#"{"recipe":null,"dump":"d-1","image":null,"method":"import","took_ms":5}"#;
+    let r = call(machine.clone(), good.clone(), "POST", "/v1/agent/db", made.into()).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    let r = call(machine.clone(), good.clone(), "POST", "/v1/agent/db", r#"{"method":"teleport","took_ms":1}"#.into())
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    // a recipe's sanitize SQL may be long, up to a limit
+    let huge = format!(r#"{{"recipe":{{"engine":"postgres","name":"app","sanitize":"{}"}}}}"#, "x".repeat(1 << 21));
+    let r = call(machine.clone(), good.clone(), "POST", "/v1/agent/dump", huge).await;
+    assert_eq!(r.status, 413, "{}", r.body);
     // none of that changed the preview
     let v = w.show(id).await;
     assert_eq!(v["state"], "running");

@@ -326,7 +326,7 @@ pub async fn start(dir: &Path, f: &DbFile) -> Result<(), CloudError> {
                 crate::local::log_tail(dir, "db.log").await
             )));
         }
-        if admin(dir, f, "SELECT 1").await.is_ok() {
+        if accepting(dir, f).await {
             tokio::spawn(async move {
                 let _ = child.wait().await;
             });
@@ -339,7 +339,22 @@ pub async fn start(dir: &Path, f: &DbFile) -> Result<(), CloudError> {
                 crate::local::log_tail(dir, "db.log").await
             )));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // a file read or a connect a round: cheap enough to ask often
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Whether the server accepts connections: PostgreSQL says so in its pid file (the
+/// postmaster's status line turns `ready`), MariaDB once its socket takes a connection
+/// and a query is answered on it.
+async fn accepting(dir: &Path, f: &DbFile) -> bool {
+    match f.engine {
+        Engine::Postgres => tokio::fs::read_to_string(data(dir).join("data/postmaster.pid"))
+            .await
+            .is_ok_and(|pid| pid.lines().nth(7).is_some_and(|status| status.trim() == "ready")),
+        Engine::Mariadb => {
+            tokio::net::UnixStream::connect(socket(dir)).await.is_ok() && admin(dir, f, "SELECT 1").await.is_ok()
+        }
     }
 }
 

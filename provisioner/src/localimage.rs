@@ -33,17 +33,26 @@ const BLOCK: usize = 64 * 1024;
 
 /// The engine's version line (`postgres (PostgreSQL) 15.8`).
 pub async fn version(engine: Engine) -> Result<String, CloudError> {
+    type Seen = std::collections::BTreeMap<(std::path::PathBuf, Option<std::time::SystemTime>), String>;
+    static SEEN: std::sync::Mutex<Seen> = std::sync::Mutex::new(std::collections::BTreeMap::new());
     let program = match engine {
         Engine::Postgres => "postgres",
         Engine::Mariadb => "mariadbd",
     };
-    let mut cmd = tokio::process::Command::new(crate::localdb::program(program)?);
+    let path = crate::localdb::program(program)?;
+    // asked once per binary: an upgrade replaces the file (a new modification time)
+    let key = (path.clone(), tokio::fs::metadata(&path).await.and_then(|m| m.modified()).ok());
+    if let Some(v) = SEEN.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(v.clone());
+    }
+    let mut cmd = tokio::process::Command::new(&path);
     cmd.arg("--version").stdin(std::process::Stdio::null()).kill_on_drop(true);
     let out = cmd.output().await.map_err(|e| failed(format!("{program} --version: {e}")))?;
     let line = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().trim().to_string();
     if !out.status.success() || line.is_empty() {
         return Err(failed(format!("{program} --version said nothing ({})", out.status)));
     }
+    SEEN.lock().unwrap_or_else(|e| e.into_inner()).insert(key, line.clone());
     Ok(line)
 }
 

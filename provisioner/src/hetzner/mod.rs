@@ -801,6 +801,21 @@ impl Cloud for HetznerCloud {
         self.image_ids().await
     }
 
+    async fn refresh_db(
+        &self,
+        _machine: &MachineId,
+        _images: &[crate::cloud::ImageSource],
+        _dump: Option<&crate::cloud::DumpSource>,
+    ) -> Result<crate::cloud::DbMade, CloudError> {
+        // the image's directory became the preview's (renamed, not cloned: ext4 has no
+        // reflink), so nothing on the machine is left to refresh from
+        Err(CloudError::Failed(
+            "refreshing a preview's data is not offered on Hetzner yet: rebuild the preview (its new server \
+             starts from the current database image)"
+                .into(),
+        ))
+    }
+
     async fn pull_db(
         &self,
         machine: &MachineId,
