@@ -363,8 +363,8 @@ async fn the_agent_endpoint_refuses_forged_and_foreign_reports() {
     let r = call(machine.clone(), good.clone(), "POST", "/v1/agent/db", r#"{"method":"teleport","took_ms":1}"#.into())
         .await;
     assert_eq!(r.status, 400, "{}", r.body);
-    // a recipe's sanitize SQL may be long, up to a limit
-    let huge = format!(r#"{{"recipe":{{"engine":"postgres","name":"app","sanitize":"{}"}}}}"#, "x".repeat(1 << 21));
+    // a recipe's sanitize SQL may be long (JSON may write each byte as six), up to a limit
+    let huge = format!(r#"{{"recipe":{{"engine":"postgres","name":"app","sanitize":"{}"}}}}"#, "x".repeat(7 << 20));
     let r = call(machine.clone(), good.clone(), "POST", "/v1/agent/dump", huge).await;
     assert_eq!(r.status, 413, "{}", r.body);
     // none of that changed the preview

@@ -49,8 +49,22 @@ pub struct AgentApi {
     pub db_images: bool,
 }
 
-/// Longest body carrying a recipe (its sanitize SQL).
-const MAX_RECIPE_BODY: usize = wakegate_db::image::MAX_SANITIZE + 16 * 1024;
+/// Longest body carrying a recipe: its sanitize SQL, each byte of which JSON may write
+/// as six (`\u00e9`).
+const MAX_RECIPE_BODY: usize = 6 * wakegate_db::image::MAX_SANITIZE + 16 * 1024;
+
+/// A recipe an agent sends is branch input: its name goes into SQL the builder runs as
+/// the superuser, and the project's image is baked with it.
+fn check_recipe(r: &wakegate_db::Recipe, engine: wakegate_db::Engine) -> Result<(), Resp> {
+    crate::manifest::check_db_name(&r.name).map_err(|e| error(400, &e))?;
+    if r.engine != engine {
+        return Err(error(400, "the recipe's engine is not its dump's"));
+    }
+    if r.sanitize.as_ref().is_some_and(|s| s.len() > wakegate_db::image::MAX_SANITIZE) {
+        return Err(error(400, "the recipe's sanitize SQL is longer than an image is baked with"));
+    }
+    Ok(())
+}
 
 /// How long an agent's upload URL for a pulled database works: it asks just before.
 const PULL_PUT_TTL: std::time::Duration = std::time::Duration::from_secs(900);
@@ -439,6 +453,11 @@ impl AgentApi {
             Ok(None) => return reply(204, json!(null)),
             Err(reason) => return error(409, &reason),
         };
+        if let Some(r) = &ask.recipe {
+            if let Err(resp) = check_recipe(r, dump.engine) {
+                return resp;
+            }
+        }
         let (offered, baking) = crate::images::offered(&self.store, &preview, self.db_images).await;
         let fits = match (&ask.image, &ask.recipe) {
             (Some(have), Some(recipe)) => {
@@ -463,6 +482,35 @@ impl AgentApi {
             Ok(p) => p,
             Err(r) => return r,
         };
+        // only what this build was given: its own dump, an image it was offered
+        let dumps = wakegate_db::Dumps::new(self.store.clone());
+        let dump_id = match &preview.dump {
+            Some(id) => Ok(Some(id.clone())),
+            None => dumps.base_id(&preview.project_id).await,
+        };
+        let dump = match dump_id {
+            Ok(Some(id)) => dumps.get(&preview.project_id, &id).await,
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let dump = match dump {
+            Ok(d) => d,
+            Err(e) => return error(503, &e.to_string()),
+        };
+        if r.dump.as_deref() != dump.as_ref().map(|d| d.id.as_str()) {
+            return error(400, "that is not the dump this build was given");
+        }
+        if let (Some(recipe), Some(d)) = (&r.recipe, &dump) {
+            if let Err(resp) = check_recipe(recipe, d.engine) {
+                return resp;
+            }
+        }
+        if let Some(image) = &r.image {
+            let (offered, _) = crate::images::offered(&self.store, &preview, self.db_images).await;
+            if !offered.iter().any(|i| &i.id == image) {
+                return error(400, "that is not an image this build was offered");
+            }
+        }
         let made = crate::cloud::DbMade {
             recipe: r.recipe,
             dump_id: r.dump,

@@ -149,6 +149,11 @@ impl Provisioner {
                     (failed.state, failed.reason, failed.heartbeat) = (ImageState::Failed, Some(why), now);
                     if images.update(i, &failed).await.is_ok() {
                         warn!(image = %i.id, "giving up baking the image: builds import");
+                        // what the dead attempts left goes now: a failed image is kept
+                        // until its project moves on
+                        if let Err(e) = self.cloud.drop_image(&i.id, &i.location).await {
+                            warn!(image = %i.id, error = %e, "removing what the bakes left failed");
+                        }
                     }
                 }
                 Some(i) if free && self.due(i, now) => {

@@ -326,7 +326,7 @@ pub async fn start(dir: &Path, f: &DbFile) -> Result<(), CloudError> {
                 crate::local::log_tail(dir, "db.log").await
             )));
         }
-        if accepting(dir, f).await {
+        if accepting(dir, f, pid).await {
             tokio::spawn(async move {
                 let _ = child.wait().await;
             });
@@ -344,14 +344,16 @@ pub async fn start(dir: &Path, f: &DbFile) -> Result<(), CloudError> {
     }
 }
 
-/// Whether the server accepts connections: PostgreSQL says so in its pid file (the
-/// postmaster's status line turns `ready`), MariaDB once its socket takes a connection
-/// and a query is answered on it.
-async fn accepting(dir: &Path, f: &DbFile) -> bool {
+/// Whether the server `pid` accepts connections: PostgreSQL says so in its pid file (the
+/// postmaster's status line turns `ready`; a file a killed server left names another
+/// process), MariaDB once its socket takes a connection and a query is answered on it.
+async fn accepting(dir: &Path, f: &DbFile, pid: u32) -> bool {
     match f.engine {
-        Engine::Postgres => tokio::fs::read_to_string(data(dir).join("data/postmaster.pid"))
-            .await
-            .is_ok_and(|pid| pid.lines().nth(7).is_some_and(|status| status.trim() == "ready")),
+        Engine::Postgres => tokio::fs::read_to_string(data(dir).join("data/postmaster.pid")).await.is_ok_and(|file| {
+            let lines: Vec<&str> = file.lines().collect();
+            lines.first().is_some_and(|p| p.trim() == pid.to_string())
+                && lines.get(7).is_some_and(|status| status.trim() == "ready")
+        }),
         Engine::Mariadb => {
             tokio::net::UnixStream::connect(socket(dir)).await.is_ok() && admin(dir, f, "SELECT 1").await.is_ok()
         }

@@ -79,6 +79,24 @@ pub const DEFAULT_SANITIZE: &str = "db/sanitize.sql";
 pub const RESERVED_DB_NAMES: &[&str] =
     &["postgres", "template0", "template1", "mysql", "information_schema", "performance_schema", "sys"];
 
+/// A database name the agents and the local backend take (the same rule as
+/// `wakegate.toml`'s `database.name`).
+pub fn check_db_name(n: &str) -> Result<(), String> {
+    // lower case only: PostgreSQL folds unquoted names, and clients name the database
+    // as written
+    if n.is_empty()
+        || n.len() > 63
+        || !n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        || n.as_bytes()[0].is_ascii_digit()
+    {
+        return Err("database.name must be 1–63 characters of a-z, 0-9 and '_', not starting with a digit".into());
+    }
+    if RESERVED_DB_NAMES.contains(&n) {
+        return Err(format!("database.name cannot be {n}: the server keeps that name for itself"));
+    }
+    Ok(())
+}
+
 fn default_db_name() -> String {
     "app".into()
 }
@@ -95,21 +113,7 @@ impl Database {
     }
 
     fn check(&self) -> Result<(), String> {
-        let n = &self.name;
-        // lower case only: PostgreSQL folds unquoted names, and clients name the database
-        // as written
-        if n.is_empty()
-            || n.len() > 63
-            || !n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            || n.as_bytes()[0].is_ascii_digit()
-        {
-            return Err(format!(
-                "{FILE}: database.name must be 1–63 characters of a-z, 0-9 and '_', not starting with a digit"
-            ));
-        }
-        if RESERVED_DB_NAMES.contains(&n.as_str()) {
-            return Err(format!("{FILE}: database.name cannot be {n}: the server keeps that name for itself"));
-        }
+        check_db_name(&self.name).map_err(|e| format!("{FILE}: {e}"))?;
         if let Some(Sanitize::Path(p)) = &self.sanitize {
             if p.is_empty() || p.starts_with('/') || p.split('/').any(|s| s == "..") {
                 return Err(format!("{FILE}: database.sanitize must be a path inside the repository"));

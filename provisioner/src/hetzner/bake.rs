@@ -89,10 +89,15 @@ impl HetznerCloud {
         };
         let raw = serde_json::to_string(&work).map_err(backend)?;
         self.store.table_put(BAKES, &builder, &raw).await.map_err(backend)?;
-        let baked = self.bake_on(&builder, order).await;
-        // the builder goes whatever happened; its snapshot stays only if it is the image
+        let mut baked = self.bake_on(&builder, order).await;
+        // the builder goes whatever happened; its snapshot stays only if it is the image.
+        // A builder that cannot be deleted fails the bake: the next attempt starts by
+        // removing it (a ready image would keep it for ever)
         if let Err(e) = self.delete(&builder).await {
-            warn!(%builder, error = %e, "deleting the builder failed; the next bake or collection removes it");
+            warn!(%builder, error = %e, "deleting the builder failed; the next attempt removes it");
+            if baked.is_ok() {
+                baked = Err(CloudError::Backend(format!("deleting the builder {builder}: {e}")));
+            }
         }
         if let Err(e) = self.store.table_remove(BAKES, &builder).await {
             warn!(%builder, error = %e, "forgetting the bake order failed");
@@ -118,8 +123,11 @@ impl HetznerCloud {
         let server = self.ensure_server(builder, &image, &server_type, &location, &mut record, labels).await?;
         info!(%builder, image = %order.image_id, server = server.id, "builder server up; baking");
         let (size, version) = self.await_bake(builder).await?;
-        // the agent stopped the database cleanly; the machine stops before its snapshot
+        // the agent stopped the database cleanly and synced; the machine is off before
+        // its snapshot (a shutdown action ends when the request is sent, not when the
+        // machine is off)
         self.shutdown(server.id).await?;
+        self.await_off(builder, server.id).await?;
         let mut labels = HashMap::from([
             (MANAGED_BY.to_string(), MANAGED_BY_VALUE.to_string()),
             ("role".to_string(), ROLE_IMAGE.to_string()),
@@ -143,13 +151,37 @@ impl HetznerCloud {
         dumps.get(&order.project.id, &order.dump.id).await.ok().flatten().map(|d| d.sha256)
     }
 
+    /// Waits until the server says it is off; powers it off after the shutdown timeout.
+    async fn await_off(&self, builder: &str, server: i64) -> Result<(), CloudError> {
+        let deadline = tokio::time::Instant::now() + self.settings.shutdown_timeout;
+        loop {
+            let s = self.client.server_by_name(builder).await.map_err(api_err)?;
+            match s {
+                Some(s) if s.status != hcloud::models::server::Status::Off => {}
+                _ => return Ok(()),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(%builder, "the builder did not power off after its shutdown; powering it off");
+                return self.client.server_action(server, "poweroff").await.map_err(api_err);
+            }
+            tokio::time::sleep(self.settings.api.action_poll).await;
+        }
+    }
+
     /// Waits for the builder's agent to report its bake.
     async fn await_bake(&self, builder: &str) -> Result<(u64, String), CloudError> {
         let started = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.settings.api.action_poll.min(Duration::from_millis(250))).await;
-            let Some(raw) = self.store.table_get(BAKES, builder).await.map_err(backend)? else {
-                return Err(CloudError::Failed("the bake's order vanished".into()));
+            let raw = match self.store.table_get(BAKES, builder).await {
+                Ok(Some(raw)) => raw,
+                Ok(None) => return Err(CloudError::Failed("the bake's order vanished".into())),
+                // the store is down a while: the bake goes on
+                Err(e) if started.elapsed() < BAKE_TIMEOUT => {
+                    warn!(%builder, error = %e, "reading the bake's order failed; asking again");
+                    continue;
+                }
+                Err(e) => return Err(backend(e)),
             };
             let w: BakeWork = serde_json::from_str(&raw).map_err(backend)?;
             match w.outcome {
