@@ -55,13 +55,13 @@ const MAX_RECIPE_BODY: usize = 6 * wakegate_db::image::MAX_SANITIZE + 16 * 1024;
 
 /// A recipe an agent sends is branch input: its name goes into SQL the builder runs as
 /// the superuser, and the project's image is baked with it.
-fn check_recipe(r: &wakegate_db::Recipe, engine: wakegate_db::Engine) -> Result<(), Resp> {
-    crate::manifest::check_db_name(&r.name).map_err(|e| error(400, &e))?;
+fn check_recipe(r: &wakegate_db::Recipe, engine: wakegate_db::Engine) -> Result<(), String> {
+    crate::manifest::check_db_name(&r.name)?;
     if r.engine != engine {
-        return Err(error(400, "the recipe's engine is not its dump's"));
+        return Err("the recipe's engine is not its dump's".into());
     }
     if r.sanitize.as_ref().is_some_and(|s| s.len() > wakegate_db::image::MAX_SANITIZE) {
-        return Err(error(400, "the recipe's sanitize SQL is longer than an image is baked with"));
+        return Err("the recipe's sanitize SQL is longer than an image is baked with".into());
     }
     Ok(())
 }
@@ -454,8 +454,8 @@ impl AgentApi {
             Err(reason) => return error(409, &reason),
         };
         if let Some(r) = &ask.recipe {
-            if let Err(resp) = check_recipe(r, dump.engine) {
-                return resp;
+            if let Err(why) = check_recipe(r, dump.engine) {
+                return error(400, &why);
             }
         }
         let (offered, baking) = crate::images::offered(&self.store, &preview, self.db_images).await;
@@ -501,8 +501,8 @@ impl AgentApi {
             return error(400, "that is not the dump this build was given");
         }
         if let (Some(recipe), Some(d)) = (&r.recipe, &dump) {
-            if let Err(resp) = check_recipe(recipe, d.engine) {
-                return resp;
+            if let Err(why) = check_recipe(recipe, d.engine) {
+                return error(400, &why);
             }
         }
         if let Some(image) = &r.image {
