@@ -235,6 +235,13 @@ fn small_dump(message: &str) -> Vec<u8> {
     dump_sql(1, message)
 }
 
+/// A preview of `git_ref` in `project`, once running.
+async fn running(w: &World, project: &str, git_ref: &str) -> Value {
+    let (s, p) = w.op("POST", &format!("/v1/projects/{project}/previews"), Some(json!({ "ref": git_ref }))).await;
+    assert!(s == 201 || s == 200, "{p}");
+    w.wait_state(p["id"].as_str().unwrap(), "running").await
+}
+
 async fn text(w: &World, p: &Value, path: &str) -> String {
     let r = w.visit(p, path).await;
     if r.status != 200 {
@@ -263,18 +270,8 @@ async fn each_preview_gets_its_own_database_on_both_engines() {
         let (_, err, ok) = cli(&w, &state, &["push", &project, f.to_str().unwrap(), "--engine", engine]);
         assert!(ok, "{err}");
 
-        let create = |git_ref: &'static str| {
-            let project = project.clone();
-            let w = &w;
-            async move {
-                let (s, p) =
-                    w.op("POST", &format!("/v1/projects/{project}/previews"), Some(json!({"ref": git_ref}))).await;
-                assert!(s == 201 || s == 200, "{p}");
-                w.wait_state(p["id"].as_str().unwrap(), "running").await
-            }
-        };
-        let a = create("main").await;
-        let b = create("feature/other").await;
+        let a = running(&w, &project, "main").await;
+        let b = running(&w, &project, "feature/other").await;
         // the app reads the dump's row through the edge; sanitize ran
         assert_eq!(text(&w, &a, "/").await, format!("message: hello from {engine}"));
         assert_eq!(text(&w, &a, "/email").await, "email: user1@example.invalid", "{engine}: sanitize ran");
@@ -529,16 +526,6 @@ async fn on_hetzner_the_image_is_a_snapshot_pools_are_made_from() {
         std::fs::write(&f, gzip(&dump_sql(2, &format!("baked on hetzner for {engine}")))).unwrap();
         let (_, err, ok) = cli(&w, &state, &["push", &project, f.to_str().unwrap(), "--engine", engine]);
         assert!(ok, "{err}");
-        let create = |git_ref: &'static str| {
-            let project = project.clone();
-            let w = &w;
-            async move {
-                let body = Some(json!({ "ref": git_ref }));
-                let (s, p) = w.op("POST", &format!("/v1/projects/{project}/previews"), body).await;
-                assert!(s == 201 || s == 200, "{p}");
-                w.wait_state(p["id"].as_str().unwrap(), "running").await
-            }
-        };
         // the project's pool machines, ready, as (server, the snapshot it came from)
         let pool = |project: String| {
             let c = &c;
@@ -556,7 +543,7 @@ async fn on_hetzner_the_image_is_a_snapshot_pools_are_made_from() {
         };
 
         // the first build imports and records the recipe; a builder bakes beside it
-        let a = create("main").await;
+        let a = running(&w, &project, "main").await;
         let a_id = a["id"].as_str().unwrap();
         assert_eq!(database_of(&w, a_id).await["method"], "import");
         let image = ready_image(&w, &project).await;
@@ -594,7 +581,7 @@ async fn on_hetzner_the_image_is_a_snapshot_pools_are_made_from() {
 
         // a preview takes it: its database was on the disk, sanitized, with passwords
         // of its own
-        let b = create("feature/other").await;
+        let b = running(&w, &project, "feature/other").await;
         let b_id = b["id"].as_str().unwrap();
         assert_eq!(w.machine_of(b_id).await, ready_from_image, "b took the pool's machine");
         let made = database_of(&w, b_id).await;
@@ -603,7 +590,7 @@ async fn on_hetzner_the_image_is_a_snapshot_pools_are_made_from() {
         assert_eq!(text(&w, &b, "/email").await, "email: user1@example.invalid", "{engine}: baked sanitized");
         // writes stay on b's disk: not in the image, not in a preview made after them
         assert_eq!(text(&w, &b, "/write?note=only-in-b").await, "written");
-        let c_preview = create("feature/third").await;
+        let c_preview = running(&w, &project, "feature/third").await;
         let c_id = c_preview["id"].as_str().unwrap();
         assert_eq!(database_of(&w, c_id).await["method"], "snapshot");
         assert_eq!(text(&w, &c_preview, "/notes").await, "notes: ");
@@ -625,7 +612,7 @@ async fn on_hetzner_the_image_is_a_snapshot_pools_are_made_from() {
             (!p.is_empty() && p.iter().all(|(_, i)| *i == Some(second_snapshot))).then_some(())
         })
         .await;
-        let d = create("feature/fourth").await;
+        let d = running(&w, &project, "feature/fourth").await;
         assert_eq!(database_of(&w, d["id"].as_str().unwrap()).await["image"], second["id"]);
         assert_eq!(text(&w, &d, "/").await, "message: the second base");
         // the old snapshot stays while b and c use it, and goes once they are erased
@@ -688,18 +675,10 @@ async fn bake_and_clone(w: &World, engine: &str, method: Option<&str>) {
     std::fs::write(&f, gzip(&dump_sql(2, &format!("baked for {engine}")))).unwrap();
     let (_, err, ok) = cli(w, &state, &["push", &project, f.to_str().unwrap(), "--engine", engine]);
     assert!(ok, "{err}");
-    let create = |git_ref: &'static str| {
-        let project = project.clone();
-        async move {
-            let (s, p) = w.op("POST", &format!("/v1/projects/{project}/previews"), Some(json!({"ref": git_ref}))).await;
-            assert!(s == 201 || s == 200, "{p}");
-            w.wait_state(p["id"].as_str().unwrap(), "running").await
-        }
-    };
 
     // the first build imports (there is no image yet) and records the recipe; the
     // provisioner bakes the image beside it
-    let a = create("main").await;
+    let a = running(w, &project, "main").await;
     let a_id = a["id"].as_str().unwrap();
     assert_eq!(database_of(w, a_id).await["method"], "import");
     let image = ready_image(w, &project).await;
@@ -711,7 +690,7 @@ async fn bake_and_clone(w: &World, engine: &str, method: Option<&str>) {
     assert!(image_dir.join("db/data").is_dir(), "the image's data directory");
 
     // the next preview clones it: the app reads the baked, sanitized data
-    let b = create("feature/other").await;
+    let b = running(w, &project, "feature/other").await;
     let b_id = b["id"].as_str().unwrap();
     let made = database_of(w, b_id).await;
     assert_eq!(made["image"], image_id.as_str(), "{made}");
@@ -731,7 +710,7 @@ async fn bake_and_clone(w: &World, engine: &str, method: Option<&str>) {
 
     // writes stay in the clone: not in the image, not in a clone made after them
     assert_eq!(text(w, &b, "/write?note=only-in-b").await, "written");
-    let c = create("feature/third").await;
+    let c = running(w, &project, "feature/third").await;
     let c_id = c["id"].as_str().unwrap();
     assert_eq!(database_of(w, c_id).await["image"], image_id.as_str());
     assert_eq!(text(w, &c, "/notes").await, "notes: ");

@@ -124,6 +124,25 @@ impl Rig {
         wakegate::operator::call(self.waker, TOKEN, method, path, body).await.unwrap()
     }
 
+    /// The fake API crashes at mutating call `k`, before or after it takes effect.
+    fn arm_crash(&self, k: u32, before: bool) {
+        self.fake.with(|s| {
+            s.faults.crashed = false;
+            if before {
+                s.faults.crash_before_mutations = Some(k);
+            } else {
+                s.faults.crash_after_mutations = Some(k);
+            }
+        });
+    }
+
+    fn disarm_crash(&self) {
+        self.fake.with(|s| {
+            s.faults.crash_after_mutations = None;
+            s.faults.crash_before_mutations = None;
+        });
+    }
+
     fn replica(&self) -> Replica {
         Replica::start(self.store.clone(), settings(&self.fake, self.agent), self.key.clone(), self.dumps.clone())
     }
@@ -299,14 +318,7 @@ impl Rig {
     /// Returns false when the flow has fewer than `k` steps (nothing crashed).
     async fn crash_during(&self, flow: Flow, id: &mut String, project: &str, k: u32, before: bool) -> bool {
         let first = self.replica();
-        self.fake.with(|s| {
-            s.faults.crashed = false;
-            if before {
-                s.faults.crash_before_mutations = Some(k);
-            } else {
-                s.faults.crash_after_mutations = Some(k);
-            }
-        });
+        self.arm_crash(k, before);
         self.begin(flow, id, project).await;
         let crashed = eventually(WAIT, "the crash point or the end of the flow", || async {
             if self.fake.with(|s| s.faults.crashed) {
@@ -323,10 +335,7 @@ impl Rig {
         })
         .await;
         first.kill();
-        self.fake.with(|s| {
-            s.faults.crash_after_mutations = None;
-            s.faults.crash_before_mutations = None;
-        });
+        self.disarm_crash();
         let second = self.replica();
         self.finish(flow, id).await;
         self.assert_consistent(id).await;
@@ -451,14 +460,7 @@ async fn a_crash_at_any_step_of_a_bake_leaves_one_snapshot_and_no_builder() {
             images.set_recipe(&project.id, &recipe).await.unwrap();
             let id = recipe.image_id(&dump.sha256);
             let first = rig.replica();
-            rig.fake.with(|s| {
-                s.faults.crashed = false;
-                if before {
-                    s.faults.crash_before_mutations = Some(k);
-                } else {
-                    s.faults.crash_after_mutations = Some(k);
-                }
-            });
+            rig.arm_crash(k, before);
             let crashed = eventually(WAIT, "the crash point or the image", || async {
                 if rig.fake.with(|s| s.faults.crashed) {
                     return Some(true);
@@ -468,10 +470,7 @@ async fn a_crash_at_any_step_of_a_bake_leaves_one_snapshot_and_no_builder() {
             })
             .await;
             first.kill();
-            rig.fake.with(|s| {
-                s.faults.crash_after_mutations = None;
-                s.faults.crash_before_mutations = None;
-            });
+            rig.disarm_crash();
             let second = rig.replica();
             let image = eventually(Duration::from_secs(90), "the image, baked by the next provisioner", || async {
                 let i = images.get(&project.id, &id).await.unwrap()?;

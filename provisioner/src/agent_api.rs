@@ -164,6 +164,16 @@ struct DbMadeReport {
     took_ms: u64,
 }
 
+/// The answer to an order's outcome: recorded (204), not this machine's to report
+/// (409), or the store failed (503).
+fn outcome_recorded<T, E: std::fmt::Display>(edited: Result<Option<T>, E>, unknown: &str) -> Resp {
+    match edited {
+        Ok(Some(_)) => reply(204, json!(null)),
+        Ok(None) => error(409, unknown),
+        Err(e) => error(503, &e.to_string()),
+    }
+}
+
 /// The machine a call proved it is.
 #[derive(Clone)]
 struct Machine(String);
@@ -483,19 +493,9 @@ impl AgentApi {
             Err(r) => return r,
         };
         // only what this build was given: its own dump, an image it was offered
-        let dumps = wakegate_db::Dumps::new(self.store.clone());
-        let dump_id = match &preview.dump {
-            Some(id) => Ok(Some(id.clone())),
-            None => dumps.base_id(&preview.project_id).await,
-        };
-        let dump = match dump_id {
-            Ok(Some(id)) => dumps.get(&preview.project_id, &id).await,
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        };
-        let dump = match dump {
+        let dump = match crate::runner::preview_dump(&self.store, &preview).await {
             Ok(d) => d,
-            Err(e) => return error(503, &e.to_string()),
+            Err(e) => return error(503, &e),
         };
         if r.dump.as_deref() != dump.as_ref().map(|d| d.id.as_str()) {
             return error(400, "that is not the dump this build was given");
@@ -557,11 +557,7 @@ impl AgentApi {
             (w.image == r.image && w.outcome.is_none()).then(|| BakeWork { outcome: Some(outcome.clone()), ..w })
         })
         .await;
-        match edited {
-            Ok(Some(_)) => reply(204, json!(null)),
-            Ok(None) => error(409, "no such bake is asked of this machine"),
-            Err(e) => error(503, &e.to_string()),
-        }
+        outcome_recorded(edited, "no such bake is asked of this machine")
     }
 
     /// Where this machine's log file is shipped to, after adding `chunk` (its offset and
@@ -663,11 +659,7 @@ impl AgentApi {
             (o.key == r.key && o.outcome.is_none()).then(|| PullOrder { outcome: Some(outcome.clone()), ..o })
         })
         .await;
-        match edited {
-            Ok(Some(_)) => reply(204, json!(null)),
-            Ok(None) => error(409, "no such dump is asked of this machine"),
-            Err(e) => error(503, &e.to_string()),
-        }
+        outcome_recorded(edited, "no such dump is asked of this machine")
     }
 
     async fn report(&self, machine: &str, report: Report) -> Resp {

@@ -67,13 +67,22 @@ pub async fn dump_source(
     preview: &wakegate_core::route::Preview,
     ttl: std::time::Duration,
 ) -> Result<Option<crate::cloud::DumpSource>, String> {
+    let Some(d) = preview_dump(store, preview).await? else { return Ok(None) };
+    presigned(bucket, d, ttl).await.map(Some)
+}
+
+/// The dump a preview's database is made from, once ready: its own (`push --target`),
+/// else its project's base.
+pub(crate) async fn preview_dump(
+    store: &SharedStore,
+    preview: &wakegate_core::route::Preview,
+) -> Result<Option<wakegate_db::Dump>, String> {
     let dumps = wakegate_db::Dumps::new(store.clone());
     let dump = match &preview.dump {
         Some(id) => dumps.get(&preview.project_id, id).await.map_err(|e| e.to_string())?,
         None => dumps.base(&preview.project_id).await.map_err(|e| e.to_string())?,
     };
-    let Some(d) = dump.filter(|d| d.state == wakegate_db::DumpState::Ready) else { return Ok(None) };
-    presigned(bucket, d, ttl).await.map(Some)
+    Ok(dump.filter(|d| d.state == wakegate_db::DumpState::Ready))
 }
 
 /// Where a build or a bake downloads `d` from, for `ttl`.

@@ -541,10 +541,14 @@ def db_sanitize(f, path, as_nobody=False):
                      + tail(os.path.join(ROOT, "import.log")))
 
 
+def write_private(path, obj):
+    # credentials stay on this machine only, readable by root
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as w:
+        json.dump(obj, w)
+
+
 def write_db_file(f):
-    # the credentials stay on this machine only, readable by root
-    with open(os.open(DB_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as w:
-        json.dump(f, w)
+    write_private(DB_FILE, f)
 
 
 def restore_db(db):
@@ -647,8 +651,7 @@ def bake(order):
     size = disk_usage(os.path.join(DB, "data"))
     img = {"id": order["image"], "engine": f["engine"], "name": f["name"], "user": f["user"],
            "password": f["password"], "admin_password": f["admin_password"], "version": version}
-    with open(os.open(os.path.join(DB, "image.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as w:
-        json.dump(img, w)
+    write_private(os.path.join(DB, "image.json"), img)
     os.rename(DB, IMAGE)
     os.remove(DB_FILE)
     # the snapshot carries the data, not this machine's logs

@@ -103,10 +103,9 @@ impl HetznerCloud {
             warn!(%builder, error = %e, "forgetting the bake order failed");
         }
         if baked.is_err() {
-            for s in self.client.snapshots(&selector(ROLE_IMAGE, Some(&order.image_id))).await.map_err(api_err)? {
-                if s.labels.get("builder") == Some(&builder) {
-                    self.client.delete_image(s.id).await.map_err(api_err)?;
-                }
+            let this_attempt = format!("{},builder={builder}", selector(ROLE_IMAGE, Some(&order.image_id)));
+            for s in self.client.snapshots(&this_attempt).await.map_err(api_err)? {
+                self.client.delete_image(s.id).await.map_err(api_err)?;
             }
         }
         baked
@@ -170,38 +169,15 @@ impl HetznerCloud {
 
     /// Waits for the builder's agent to report its bake.
     async fn await_bake(&self, builder: &str) -> Result<(u64, String), CloudError> {
-        let started = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(self.settings.api.action_poll.min(Duration::from_millis(250))).await;
-            let raw = match self.store.table_get(BAKES, builder).await {
-                Ok(Some(raw)) => raw,
-                Ok(None) => return Err(CloudError::Failed("the bake's order vanished".into())),
-                // the store is down a while: the bake goes on
-                Err(e) if started.elapsed() < BAKE_TIMEOUT => {
-                    warn!(%builder, error = %e, "reading the bake's order failed; asking again");
-                    continue;
-                }
-                Err(e) => return Err(backend(e)),
-            };
-            let w: BakeWork = serde_json::from_str(&raw).map_err(backend)?;
-            match w.outcome {
-                Some(BakeOutcome::Baked { size, version }) => return Ok((size, version)),
-                Some(BakeOutcome::Failed { reason }) => return Err(CloudError::Failed(reason)),
-                None if !w.fetched && started.elapsed() >= UNASKED.min(self.settings.ready_timeout * 4) => {
-                    return Err(CloudError::Failed(format!(
-                        "the builder {builder}'s agent did not ask for its order within {} s",
-                        started.elapsed().as_secs()
-                    )))
-                }
-                None if started.elapsed() >= BAKE_TIMEOUT => {
-                    return Err(CloudError::Failed(format!(
-                        "the builder {builder} did not finish within {} h",
-                        BAKE_TIMEOUT.as_secs() / 3600
-                    )))
-                }
-                None => {}
-            }
-        }
+        let unasked = UNASKED.min(self.settings.ready_timeout * 4);
+        self.await_order(BAKES, builder, "the bake order", unasked, BAKE_TIMEOUT, |w: BakeWork| {
+            let done = w.outcome.map(|out| match out {
+                BakeOutcome::Baked { size, version } => Ok((size, version)),
+                BakeOutcome::Failed { reason } => Err(CloudError::Failed(reason)),
+            });
+            (w.fetched, done)
+        })
+        .await
     }
 
     /// Removes every builder and snapshot of image `id`, and their bookkeeping.

@@ -607,6 +607,51 @@ impl HetznerCloud {
         Ok(imgs)
     }
 
+    /// Waits for `machine`'s agent to carry out the order `table` holds for it:
+    /// `read` says whether the agent has asked for it, and its outcome once there is one.
+    /// Fails when the order goes, when the agent does not ask within `unasked`, or when
+    /// it is not done within `timeout`; a store that fails a while is asked again.
+    async fn await_order<O: serde::de::DeserializeOwned, T>(
+        &self,
+        table: &str,
+        machine: &str,
+        what: &str,
+        unasked: Duration,
+        timeout: Duration,
+        read: impl Fn(O) -> (bool, Option<Result<T, CloudError>>),
+    ) -> Result<T, CloudError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(self.settings.api.action_poll.min(Duration::from_millis(250))).await;
+            let raw = match self.store.table_get(table, machine).await {
+                Ok(Some(raw)) => raw,
+                Ok(None) => return Err(CloudError::Failed(format!("{what} for {machine} vanished"))),
+                Err(e) if started.elapsed() < timeout => {
+                    warn!(%machine, error = %e, "reading {what} failed; asking again");
+                    continue;
+                }
+                Err(e) => return Err(backend(e)),
+            };
+            let (fetched, done) = read(serde_json::from_str(&raw).map_err(backend)?);
+            if let Some(done) = done {
+                return done;
+            }
+            if !fetched && started.elapsed() >= unasked {
+                return Err(CloudError::Failed(format!(
+                    "machine {machine}'s agent did not ask for {what} within {} s (an agent from an older \
+                     release, or a machine that stopped answering)",
+                    unasked.as_secs()
+                )));
+            }
+            if started.elapsed() >= timeout {
+                return Err(CloudError::Failed(format!(
+                    "machine {machine} did not carry out {what} within {} min",
+                    timeout.as_secs() / 60
+                )));
+            }
+        }
+    }
+
     async fn shutdown(&self, server: i64) -> Result<(), CloudError> {
         match tokio::time::timeout(self.settings.shutdown_timeout, self.client.server_action(server, "shutdown")).await
         {
@@ -825,35 +870,18 @@ impl Cloud for HetznerCloud {
         let order = PullOrder { key: key.to_string(), fetched: false, outcome: None };
         let raw = serde_json::to_string(&order).map_err(backend)?;
         self.store.table_put(PULL_ORDERS, machine, &raw).await.map_err(backend)?;
-        let asked = tokio::time::Instant::now();
-        let outcome = loop {
-            tokio::time::sleep(self.settings.api.action_poll.min(Duration::from_millis(250))).await;
-            let Some(raw) = self.store.table_get(PULL_ORDERS, machine).await.map_err(backend)? else {
-                break Err(CloudError::Failed("the machine's dump order vanished".into()));
-            };
-            let now: PullOrder = serde_json::from_str(&raw).map_err(backend)?;
-            if now.key != key {
-                break Err(CloudError::Failed("another pull replaced this one".into()));
-            }
-            match now.outcome {
-                Some(PullOutcome::Uploaded { size }) => break Ok(size),
-                Some(PullOutcome::Failed { reason }) => break Err(CloudError::Failed(reason)),
-                None if !now.fetched && asked.elapsed() >= PULL_UNASKED => {
-                    break Err(CloudError::Failed(format!(
-                        "machine {machine}'s agent did not ask for the dump order within {} s (an agent from \
-                         before pulls, or a machine that stopped answering)",
-                        PULL_UNASKED.as_secs()
-                    )))
+        let outcome = self
+            .await_order(PULL_ORDERS, machine, "the dump order", PULL_UNASKED, PULL_TIMEOUT, |o: PullOrder| {
+                if o.key != key {
+                    return (true, Some(Err(CloudError::Failed("another pull replaced this one".into()))));
                 }
-                None if asked.elapsed() >= PULL_TIMEOUT => {
-                    break Err(CloudError::Failed(format!(
-                        "machine {machine} did not dump its database within {} min",
-                        PULL_TIMEOUT.as_secs() / 60
-                    )))
-                }
-                None => {}
-            }
-        };
+                let done = o.outcome.map(|out| match out {
+                    PullOutcome::Uploaded { size } => Ok(size),
+                    PullOutcome::Failed { reason } => Err(CloudError::Failed(reason)),
+                });
+                (o.fetched, done)
+            })
+            .await;
         if let Err(e) = self.store.table_remove(PULL_ORDERS, machine).await {
             warn!(%machine, error = %e, "forgetting a dump order failed");
         }
