@@ -2,7 +2,8 @@
 //! machine, printed as a table and written to BENCHMARKS.md (`scripts/bench`).
 //!
 //! * proxy overhead: one fast origin (nginx serving static files) measured direct,
-//!   through nginx as a reverse proxy, and through the native edge with a cached running
+//!   through nginx as a reverse proxy (a second nginx, in processes of its own as the
+//!   edge is), and through the native edge with a cached running
 //!   route (wrk on loopback): small file under load and one connection at a time, a
 //!   1 MiB response, and a WebSocket echo round trip;
 //! * lookups at scale: 100k previews in the embedded store and in Redis, p50/p99 of a
@@ -169,14 +170,9 @@ async fn hooks_ack(md: &mut String) {
     w.stop().await;
 }
 
-/// nginx: static files on one port, a keep-alive reverse proxy to it on another.
-/// nginx: static files on one port, keep-alive reverse proxies to it on two more: one
-/// with `proxy_buffering off` (streams like the edge), one with nginx's default buffering.
-fn nginx(dir: &std::path::Path, static_port: u16, proxy_port: u16, buffered_port: u16) -> Proc {
-    let www = dir.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("hello.txt"), "hello from the origin\n").unwrap();
-    std::fs::write(www.join("1mib.bin"), vec![7u8; 1 << 20]).unwrap();
+/// An nginx of its own in `dir`, serving `servers` (an `http` block's server lines).
+fn nginx(dir: &std::path::Path, servers: &str) -> Proc {
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
     let conf = format!(
         r#"worker_processes 2;
 pid {d}/nginx.pid;
@@ -186,22 +182,11 @@ http {{
   access_log off;
   client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
   sendfile on; tcp_nodelay on; keepalive_requests 1000000;
-  upstream origin {{ server 127.0.0.1:{static_port}; keepalive 128; }}
-  server {{ listen 127.0.0.1:{static_port}; root {w}; }}
-  server {{
-    listen 127.0.0.1:{proxy_port};
-    location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }}
-  }}
-  server {{
-    listen 127.0.0.1:{buffered_port};
-    location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-  }}
+{servers}
 }}
 "#,
         d = dir.display(),
-        w = www.display()
     );
-    std::fs::create_dir_all(dir.join("tmp")).unwrap();
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
     Proc(
         Command::new("nginx")
@@ -214,6 +199,32 @@ http {{
             .stderr(Stdio::null())
             .spawn()
             .expect("nginx (apt-get install nginx)"),
+    )
+}
+
+/// The origin: an nginx serving static files on `port`.
+fn nginx_origin(dir: &std::path::Path, port: u16) -> Proc {
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello from the origin\n").unwrap();
+    std::fs::write(www.join("1mib.bin"), vec![7u8; 1 << 20]).unwrap();
+    nginx(dir, &format!("  server {{ listen 127.0.0.1:{port}; root {}; }}", www.display()))
+}
+
+/// The reference proxy: another nginx (a process of its own, as the edge is: an nginx
+/// proxying to a server of the same nginx may answer both sides in one worker, a hop no
+/// real deployment has), keep-alive reverse proxies to the origin on two ports: one
+/// with `proxy_buffering off` (streams like the edge), one with nginx's default
+/// buffering.
+fn nginx_proxy(dir: &std::path::Path, origin_port: u16, proxy_port: u16, buffered_port: u16) -> Proc {
+    let to = "proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\";";
+    nginx(
+        dir,
+        &format!(
+            r#"  upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 128; }}
+  server {{ listen 127.0.0.1:{proxy_port}; location / {{ {to} proxy_buffering off; }} }}
+  server {{ listen 127.0.0.1:{buffered_port}; location / {{ {to} }} }}"#
+        ),
     )
 }
 
@@ -561,14 +572,17 @@ async fn main() {
     };
 
     // ---------- proxy overhead ----------
-    let dir = tempdir("bench-nginx");
     let (sp, pp, bp) = (free_port(), free_port(), free_port());
-    let _nginx = nginx(&dir, sp, pp, bp);
-    for _ in 0..100 {
-        if http::send(SocketAddr::from(([127, 0, 0, 1], sp)), "GET", "x", "/hello.txt", &[], "").await.is_ok() {
-            break;
+    let _origin = nginx_origin(&tempdir("bench-origin"), sp);
+    let _nginx = nginx_proxy(&tempdir("bench-nginx"), sp, pp, bp);
+    for port in [sp, pp, bp] {
+        for _ in 0..100 {
+            let answer = http::send(SocketAddr::from(([127, 0, 0, 1], port)), "GET", "x", "/hello.txt", &[], "").await;
+            if answer.is_ok_and(|r| r.status == 200) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let origin = format!("http://127.0.0.1:{sp}");
     let ws = ws_origin().await;

@@ -29,7 +29,11 @@ pub mod xfs;
 
 use std::path::PathBuf;
 
-/// A fresh directory under the system temp dir (not removed, so failures can be read).
+/// A fresh directory under the system temp dir, removed when the test that made it has
+/// passed: when the thread that asked for it ends (libtest runs each test on a thread of
+/// its own, and its locals, the servers using the directory among them, are dropped by
+/// then) without a panic on it. A failed test's directories are kept, and named on
+/// stderr, so the failure can be read; `WAKEGATE_KEEP_TEMP=1` keeps every one.
 pub fn tempdir(tag: &str) -> PathBuf {
     // the clock alone repeats for two calls close enough together (seen once): a
     // counter makes each name of this process its own
@@ -38,7 +42,60 @@ pub fn tempdir(tag: &str) -> PathBuf {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let dir = std::env::temp_dir().join(format!("wakegate-{tag}-{}-{nanos}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    scratch::remove_when_passed(dir.clone());
     dir
+}
+
+/// The directories [`tempdir`] made on this thread, and whether a panic happened on it.
+mod scratch {
+    use std::cell::{Cell, RefCell};
+    use std::path::PathBuf;
+
+    #[derive(Default)]
+    struct Made {
+        dirs: RefCell<Vec<PathBuf>>,
+        panicked: Cell<bool>,
+    }
+
+    thread_local! {
+        static MADE: Made = Made::default();
+    }
+
+    impl Drop for Made {
+        fn drop(&mut self) {
+            let dirs = self.dirs.take();
+            if self.panicked.get() || std::env::var_os("WAKEGATE_KEEP_TEMP").is_some() {
+                for dir in &dirs {
+                    eprintln!("kept for reading: {}", dir.display());
+                }
+                return;
+            }
+            for dir in dirs {
+                // a server the test leaked may still be writing: what it adds is gone
+                // with the next try, and a directory that will not go is only disk
+                for _ in 0..3 {
+                    if std::fs::remove_dir_all(&dir).is_ok() || !dir.exists() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn remove_when_passed(dir: PathBuf) {
+        // libtest catches a failed test's panic, so the thread ends normally: a hook
+        // (wrapping the one that prints the message) marks the thread it happened on
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            let print = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                let _ = MADE.try_with(|m| m.panicked.set(true));
+                print(info);
+            }));
+        });
+        // a thread past its locals (a destructor making a directory) keeps it
+        let _ = MADE.try_with(|m| m.dirs.borrow_mut().push(dir));
+    }
 }
 
 /// A port that was free a moment ago on 127.0.0.1.

@@ -169,7 +169,7 @@ pub(crate) fn cookie(headers: &HeaderMap) -> Option<&str> {
 ///
 /// Always `Secure`: browsers keep such a cookie from `https://` and from loopback, a
 /// secure context even over plain HTTP (Chromium does for `http://127.0.0.1`, which
-/// `tests/dashboard.rs` checks), and drop it over plain HTTP elsewhere. The waker cannot know the scheme the browser used (TLS usually ends
+/// `tests/it/dashboard.rs` checks), and drop it over plain HTTP elsewhere. The waker cannot know the scheme the browser used (TLS usually ends
 /// at a proxy in front of it), so it does not guess; a login whose cookie does not come
 /// back says why (see `page` in `dashboard.rs`).
 pub(crate) fn set_cookie(id: &str) -> String {

@@ -2,7 +2,7 @@
 //! waker, its table in a pseudo-terminal, every preview command, logs followed, the
 //! config file, completions, and the errors people make.
 
-mod common;
+use crate::common;
 
 use common::{run_in_pty, OnPty, World, APP, MAIN};
 use serde_json::Value;

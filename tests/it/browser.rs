@@ -1,7 +1,7 @@
 //! Headless Chromium: a person opens an erased preview, clicks the button once, and the
 //! same tab ends up showing the app with no further action.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::time::Duration;

@@ -6,7 +6,7 @@
 //! headers the client cannot forge, header-read and idle timeouts, per-IP connection
 //! caps, and the negative route cache with single-flight lookups.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::net::SocketAddr;

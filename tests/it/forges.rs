@@ -3,7 +3,7 @@
 //! stateful fake of the forge's REST API; builds run on the local backend from a real
 //! git repository, and visitors come through the edge.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

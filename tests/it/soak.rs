@@ -9,7 +9,7 @@
 //!
 //! Bounded: at most 4,500 events and 6 minutes of them, then at most 3 minutes to settle.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

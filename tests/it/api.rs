@@ -3,7 +3,7 @@
 //! its body must match the schema. Forged signatures, replays, clock skew, missing
 //! tokens and oversized bodies are refused.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

@@ -9,7 +9,7 @@
 //!   with their outcome (a refusal in words) on the next page, the live endpoint,
 //!   logout, and the login rate limit.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

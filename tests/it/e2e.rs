@@ -1,7 +1,7 @@
 //! A preview's life, driven over HTTP as a user and an operator would, against the
 //! composition `wakegate dev` runs (embedded store, local backend, real git, real apps).
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

@@ -4,7 +4,7 @@
 //! agent its cloud-init user data carries, which pulls its work from the agent
 //! endpoint and reports there. Visits go through the edge as a visitor's would.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

@@ -4,7 +4,7 @@
 //! PostgreSQL or MariaDB server the provisioner started for them, visited through the
 //! edge.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};
@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 use wakegate_db::s3::Bucket;
 use wakegate_testkit::s3::S3Server;
 
-const DB_APP: &str = include_str!("../examples/db-app/app.py");
-const SANITIZE: &str = include_str!("../examples/db-app/db/sanitize.sql");
+const DB_APP: &str = include_str!("../../examples/db-app/app.py");
+const SANITIZE: &str = include_str!("../../examples/db-app/db/sanitize.sql");
 const BUCKET: &str = "dumps";
 
 async fn world_with_s3() -> (World, S3Server, Bucket) {

@@ -4,7 +4,7 @@
 //! build output shown to anonymous visitors. Each test drives the real waker,
 //! provisioner and edge.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

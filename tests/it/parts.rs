@@ -3,7 +3,7 @@
 //! edge, see the app; put it to sleep and visit again; restart Redis under them and
 //! see every part carry on without a restart of its own.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

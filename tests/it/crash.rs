@@ -2,7 +2,7 @@
 //! build and start it again: the build completes, and no process or checkout is left
 //! that no record references.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

@@ -9,7 +9,7 @@
 //! lost, no preview ever has two servers, and once the reaper has run no server or
 //! image exists that no record references.
 
-mod common;
+use crate::common;
 
 use common::{APP, MAIN, MANIFEST};
 use serde_json::json;

@@ -2,7 +2,7 @@
 //! a real DNS server on 127.0.0.1 serves the org's zone (the test writes its records),
 //! hickory's resolver looks the challenge up, and previews answer under the org's base.
 
-mod common;
+use crate::common;
 
 use common::World;
 use serde_json::{json, Value};

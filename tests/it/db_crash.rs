@@ -3,7 +3,7 @@
 //! data directory, the preview is never ready with a half-imported database, and nothing
 //! the killed run started is left.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;
@@ -16,7 +16,7 @@ use wakegate_testkit::redis::RedisServer;
 use wakegate_testkit::s3::S3Server;
 use wakegate_testkit::Proc;
 
-const DB_APP: &str = include_str!("../examples/db-app/app.py");
+const DB_APP: &str = include_str!("../../examples/db-app/app.py");
 
 fn provisioner(redis: &str, data: &std::path::Path, s3: &S3Server) -> Proc {
     provisioner_process(redis, data, &s3.settings("dumps"))
