@@ -85,7 +85,7 @@ pub(super) fn pool() -> Rc<Pool> {
     Pool::new(Duration::from_secs(5), Duration::from_secs(60), 256)
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -97,7 +97,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Headers that say who the client is, which only the edge (or a trusted proxy) sets.
-const CLIENT_IDENTITY: [HeaderName; 5] = [
+static CLIENT_IDENTITY: [HeaderName; 5] = [
     HeaderName::from_static("x-forwarded-for"),
     HeaderName::from_static("x-forwarded-proto"),
     HeaderName::from_static("x-forwarded-host"),
@@ -105,32 +105,75 @@ const CLIENT_IDENTITY: [HeaderName; 5] = [
     HeaderName::from_static("x-real-ip"),
 ];
 
+/// The names the pipeline looks up on every request (the bot check's among them), made
+/// once: a lookup by `&str` parses the name first, each time.
+fn known_name(name: &str) -> Option<&'static HeaderName> {
+    static SEC_PURPOSE: HeaderName = HeaderName::from_static("sec-purpose");
+    static PURPOSE: HeaderName = HeaderName::from_static("purpose");
+    static X_MOZ: HeaderName = HeaderName::from_static("x-moz");
+    static X_PURPOSE: HeaderName = HeaderName::from_static("x-purpose");
+    Some(match name {
+        "user-agent" => &header::USER_AGENT,
+        "accept" => &header::ACCEPT,
+        "origin" => &header::ORIGIN,
+        "sec-purpose" => &SEC_PURPOSE,
+        "purpose" => &PURPOSE,
+        "x-moz" => &X_MOZ,
+        "x-purpose" => &X_PURPOSE,
+        "x-forwarded-for" => &CLIENT_IDENTITY[0],
+        _ => return None,
+    })
+}
+
 fn is_protected(n: &HeaderName) -> bool {
     n == header::HOST || n.as_str().starts_with("x-wakegate") || CLIENT_IDENTITY.contains(n)
 }
 
 /// Removes hop-by-hop headers, including any named by `Connection` (but never `Host`,
 /// the forwarding headers or the edge's own). `Upgrade` stays only for upgrades.
+///
+/// One look over the names finds which are there (most messages carry none, or only
+/// `Connection: keep-alive`), and only those are removed: a removal by name hashes and
+/// probes the map, and this runs twice on every proxied request.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(is_protected(n) || (upgrade && n == header::UPGRADE)))
-            .collect();
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut has_upgrade = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        } else if name == header::UPGRADE {
+            has_upgrade = true;
+        }
+    }
+    if present[0] {
+        // `Connection` may name other headers; those it names that are removed anyway
+        // (or are the upgrade's own) need no parsing
+        let mut named: Vec<HeaderName> = Vec::new();
+        for token in
+            headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','))
+        {
+            let token = token.trim();
+            if token.eq_ignore_ascii_case("upgrade")
+                || HOP_BY_HOP.iter().any(|h| token.eq_ignore_ascii_case(h.as_str()))
+            {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                if !is_protected(&n) {
+                    named.push(n);
+                }
+            }
+        }
         for n in named {
             headers.remove(n);
         }
     }
-    for h in &HOP_BY_HOP {
+    for (h, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, there)| *there) {
         headers.remove(h);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if has_upgrade {
         headers.remove(header::UPGRADE);
     }
 }
@@ -146,33 +189,33 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 impl Native {
     /// Sets the forwarding headers: the edge's own, or appended to a trusted proxy's.
     fn forwarding(&self, headers: &mut HeaderMap, conn: &ConnInfo, route_host: &HeaderValue) {
+        let [xff, proto, xfh, forwarded, _] = &CLIENT_IDENTITY;
         if conn.trusted {
-            let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            let appended = match headers.get(xff).and_then(|v| v.to_str().ok()) {
                 Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
                 None => Some(conn.ip_value.clone()),
             };
-            if let Some(v) = xff {
-                headers.insert("x-forwarded-for", v);
+            if let Some(v) = appended {
+                headers.insert(xff, v);
             }
-            if !headers.contains_key("x-forwarded-proto") {
-                headers.insert("x-forwarded-proto", HeaderValue::from_static(self.cfg.scheme));
+            if !headers.contains_key(proto) {
+                headers.insert(proto, HeaderValue::from_static(self.cfg.scheme));
             }
-            if !headers.contains_key("x-forwarded-host") {
-                headers.insert("x-forwarded-host", route_host.clone());
+            if !headers.contains_key(xfh) {
+                headers.insert(xfh, route_host.clone());
             }
-            if !headers.contains_key(header::FORWARDED) {
-                headers.insert(header::FORWARDED, conn.forwarded.clone());
+            if !headers.contains_key(forwarded) {
+                headers.insert(forwarded, conn.forwarded.clone());
             }
             return;
         }
-        for h in &CLIENT_IDENTITY {
-            headers.remove(h);
-        }
-        headers.insert("x-forwarded-for", conn.ip_value.clone());
-        headers.insert("x-real-ip", conn.ip_value.clone());
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(self.cfg.scheme));
-        headers.insert("x-forwarded-host", route_host.clone());
-        headers.insert(header::FORWARDED, conn.forwarded.clone());
+        // each insert replaces every value the client sent under that name
+        let real_ip = &CLIENT_IDENTITY[4];
+        headers.insert(xff, conn.ip_value.clone());
+        headers.insert(real_ip, conn.ip_value.clone());
+        headers.insert(proto, HeaderValue::from_static(self.cfg.scheme));
+        headers.insert(xfh, route_host.clone());
+        headers.insert(forwarded, conn.forwarded.clone());
     }
 
     fn finish(
@@ -251,13 +294,17 @@ impl Platform for Native {
     }
 
     fn header<'r>(&self, req: &'r Request<Incoming>, name: &str) -> Option<&'r str> {
-        req.headers().get(name).and_then(|v| v.to_str().ok())
+        let value = match known_name(name) {
+            Some(known) => req.headers().get(known),
+            None => req.headers().get(name),
+        };
+        value.and_then(|v| v.to_str().ok())
     }
 
     fn client_ip(&self, cx: &ConnInfo, req: &Request<Incoming>) -> Option<String> {
         if cx.trusted {
             // the first address a trusted proxy reports is the visitor's
-            if let Some(first) = self.header(req, "x-forwarded-for").and_then(|v| v.split(',').next()) {
+            if let Some(first) = self.header(req, CLIENT_IDENTITY[0].as_str()).and_then(|v| v.split(',').next()) {
                 if let Ok(ip) = first.trim().parse::<std::net::IpAddr>() {
                     return Some(ip.to_string());
                 }
@@ -431,5 +478,51 @@ mod tests {
         assert!(h.contains_key("x-forwarded-for"));
         assert!(!h.contains_key("x-custom"));
         assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_upgrade_stays_only_for_upgrades() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("connection", "close, x-gone, keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x-t"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "websocket"),
+            ("x-gone", "1"),
+            ("close", "1"),
+            ("x-stays", "1"),
+        ] {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        let mut upgrading = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-stays"]);
+        strip_hop_by_hop(&mut upgrading, true);
+        let mut left: Vec<_> = upgrading.iter().map(|(k, v)| (k.as_str(), v.to_str().unwrap())).collect();
+        left.sort();
+        assert_eq!(left, [("connection", "upgrade"), ("upgrade", "websocket"), ("x-stays", "1")]);
+        // nothing hop-by-hop: nothing changes
+        let mut plain = HeaderMap::new();
+        plain.insert(header::HOST, HeaderValue::from_static("a.localhost"));
+        plain.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        let before = plain.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain, before);
+    }
+
+    #[test]
+    fn names_made_once_are_the_names_asked_for() {
+        for name in
+            ["user-agent", "accept", "origin", "sec-purpose", "purpose", "x-moz", "x-purpose", "x-forwarded-for"]
+        {
+            assert_eq!(known_name(name).map(HeaderName::as_str), Some(name));
+        }
+        assert!(known_name("x-other").is_none());
+        // every header the bot check reads is one of them
+        for (name, _, _) in crate::bots::PURPOSE_HEADERS {
+            assert!(known_name(name).is_some(), "{name}");
+        }
     }
 }

@@ -92,7 +92,9 @@ struct Host {
 /// overflow the app's accept backlog, and wait out the kernel's SYN retries (seconds
 /// each).
 pub struct Pool {
-    hosts: RefCell<HashMap<Authority, Host>>,
+    /// Keyed by route origins (the control plane's, not a client's), so a fast hash
+    /// without SipHash's flooding resistance; `Authority` hashes byte by byte.
+    hosts: RefCell<HashMap<Authority, Host, foldhash::fast::RandomState>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_host: usize,
@@ -102,7 +104,7 @@ pub struct Pool {
 impl Pool {
     pub fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle_per_host: usize) -> Rc<Pool> {
         Rc::new(Pool {
-            hosts: RefCell::new(HashMap::new()),
+            hosts: RefCell::new(HashMap::default()),
             connect_timeout,
             idle_timeout,
             max_idle_per_host,
