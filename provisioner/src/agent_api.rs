@@ -482,7 +482,10 @@ impl AgentApi {
         }
         let how = if baking { Restore::ImportWhileBaking } else { Restore::Import };
         crate::runner::record_progress(&self.store, &preview.id, 0, dump.size, Some(how)).await;
-        reply(200, serde_json::to_value(&dump).expect("serializable"))
+        match serde_json::to_value(&dump) {
+            Ok(order) => reply(200, order),
+            Err(e) => error(500, &format!("the dump order could not be written: {e}")),
+        }
     }
 
     /// Records how the build's database was made (and, from the base dump, the

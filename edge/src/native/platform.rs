@@ -120,7 +120,6 @@ fn known_name(name: &str) -> Option<&'static HeaderName> {
         "purpose" => &PURPOSE,
         "x-moz" => &X_MOZ,
         "x-purpose" => &X_PURPOSE,
-        "x-forwarded-for" => &CLIENT_IDENTITY[0],
         _ => return None,
     })
 }
@@ -145,6 +144,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             has_upgrade = true;
         }
     }
+    // HOP_BY_HOP[0] is `Connection`
     if present[0] {
         // `Connection` may name other headers; those it names that are removed anyway
         // (or are the upgrade's own) need no parsing
@@ -189,7 +189,7 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 impl Native {
     /// Sets the forwarding headers: the edge's own, or appended to a trusted proxy's.
     fn forwarding(&self, headers: &mut HeaderMap, conn: &ConnInfo, route_host: &HeaderValue) {
-        let [xff, proto, xfh, forwarded, _] = &CLIENT_IDENTITY;
+        let [xff, proto, xfh, forwarded, real_ip] = &CLIENT_IDENTITY;
         if conn.trusted {
             let appended = match headers.get(xff).and_then(|v| v.to_str().ok()) {
                 Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
@@ -210,7 +210,6 @@ impl Native {
             return;
         }
         // each insert replaces every value the client sent under that name
-        let real_ip = &CLIENT_IDENTITY[4];
         headers.insert(xff, conn.ip_value.clone());
         headers.insert(real_ip, conn.ip_value.clone());
         headers.insert(proto, HeaderValue::from_static(self.cfg.scheme));
@@ -304,7 +303,8 @@ impl Platform for Native {
     fn client_ip(&self, cx: &ConnInfo, req: &Request<Incoming>) -> Option<String> {
         if cx.trusted {
             // the first address a trusted proxy reports is the visitor's
-            if let Some(first) = self.header(req, CLIENT_IDENTITY[0].as_str()).and_then(|v| v.split(',').next()) {
+            let xff = req.headers().get(&CLIENT_IDENTITY[0]).and_then(|v| v.to_str().ok());
+            if let Some(first) = xff.and_then(|v| v.split(',').next()) {
                 if let Ok(ip) = first.trim().parse::<std::net::IpAddr>() {
                     return Some(ip.to_string());
                 }
@@ -514,9 +514,7 @@ mod tests {
 
     #[test]
     fn names_made_once_are_the_names_asked_for() {
-        for name in
-            ["user-agent", "accept", "origin", "sec-purpose", "purpose", "x-moz", "x-purpose", "x-forwarded-for"]
-        {
+        for name in ["user-agent", "accept", "origin", "sec-purpose", "purpose", "x-moz", "x-purpose"] {
             assert_eq!(known_name(name).map(HeaderName::as_str), Some(name));
         }
         assert!(known_name("x-other").is_none());
