@@ -602,15 +602,20 @@ async fn main() {
     edge_cfg.max_per_ip = 100_000;
     // as `wakegate edge` serves: a single-threaded runtime per core
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    // and the same with busy-polling off, to show what it brings
+    let mut still_cfg = edge_cfg.clone();
+    still_cfg.busy_poll = Duration::ZERO;
     let edge = EdgeServer::start("127.0.0.1:0".parse().unwrap(), edge_cfg, threads).unwrap();
     let edge_addr = edge.addr;
+    let still = EdgeServer::start("127.0.0.1:0".parse().unwrap(), still_cfg, threads).unwrap();
     let host = "bench-0.localhost";
     let r = http::send(edge_addr, "GET", host, "/hello.txt", &[("user-agent", "bench")], "").await.unwrap();
     assert_eq!(r.body, "hello from the origin\n");
     if let Ok(secs) = std::env::var("WAKEGATE_BENCH_SERVE_SECS") {
         // for profiling: keep the edge and origins up, print where, do nothing else
         println!(
-            "edge http://{edge_addr} origin {origin} nginx-proxy 127.0.0.1:{pp} host {host} pid {}",
+            "edge http://{edge_addr} (busy-polling off: {}) origin {origin} nginx-proxy 127.0.0.1:{pp} host {host} pid {}",
+            still.addr,
             std::process::id()
         );
         tokio::time::sleep(Duration::from_secs(secs.parse().unwrap_or(60))).await;
@@ -624,7 +629,7 @@ async fn main() {
         return hooks_ack(&mut md).await;
     }
     row(&mut md, "## Proxy overhead (wrk, loopback)\n".into());
-    row(&mut md, format!("Each row: the median of {RUNS} wrk runs of {LOAD_SECS} s (by req/s) after a 1 s warm-up; *spread* is the lowest and highest req/s of those runs. Ratios are against nginx with `proxy_buffering off` (it streams, as the edge does) and with nginx's default buffering, both measured in the same run.\n"));
+    row(&mut md, format!("Each row: the median of {RUNS} wrk runs of {LOAD_SECS} s (by req/s) after a 1 s warm-up; *spread* is the lowest and highest req/s of those runs. Ratios are against nginx with `proxy_buffering off` (it streams, as the edge does) and with nginx's default buffering, both measured in the same run. The edge runs with its defaults, which include busy-polling: for 100 µs after a request or an origin response, an edge thread polls for the next event instead of sleeping, while the machine has at least 20% idle CPU (a halted vCPU takes tens of microseconds to wake; `WAKEGATE_EDGE_BUSY_POLL_US`). The row under it is the same edge with busy-polling off.\n"));
     row(&mut md, "| scenario | path | req/s (spread) | p50 ms | p99 ms | vs nginx unbuffered | vs nginx buffered | p99 added over direct |".into());
     row(&mut md, "|---|---|---:|---:|---:|---:|---:|---:|".into());
     let cases = [
@@ -637,11 +642,13 @@ async fn main() {
         let nginx_off = wrk(&format!("http://127.0.0.1:{pp}{path}"), host, t, c, LOAD_SECS);
         let nginx_buf = wrk(&format!("http://127.0.0.1:{bp}{path}"), host, t, c, LOAD_SECS);
         let via_edge = wrk(&format!("http://{edge_addr}{path}"), host, t, c, LOAD_SECS);
+        let via_still = wrk(&format!("http://{}{path}", still.addr), host, t, c, LOAD_SECS);
         for (label, w) in [
             ("direct", &direct),
             ("nginx, proxy_buffering off", &nginx_off),
             ("nginx, default buffering", &nginx_buf),
             ("wakegate edge", &via_edge),
+            ("wakegate edge, busy-polling off", &via_still),
         ] {
             row(
                 &mut md,

@@ -113,6 +113,7 @@ pub struct EdgeSettings {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_per_ip: usize,
+    pub busy_poll: Duration,
 }
 
 impl EdgeSettings {
@@ -154,6 +155,12 @@ impl EdgeSettings {
             idle_timeout: secs(src, "WAKEGATE_IDLE_SECS", secs_default(native::DEFAULT_IDLE_TIMEOUT))?,
             max_connections: count(src, "WAKEGATE_MAX_CONNECTIONS", native::DEFAULT_MAX_CONNECTIONS, 1..=10_000_000)?,
             max_per_ip: count(src, "WAKEGATE_MAX_CONNECTIONS_PER_IP", native::DEFAULT_MAX_PER_IP, 1..=10_000_000)?,
+            busy_poll: Duration::from_micros(count(
+                src,
+                "WAKEGATE_EDGE_BUSY_POLL_US",
+                native::DEFAULT_BUSY_POLL.as_micros() as usize,
+                0..=10_000,
+            )? as u64),
         })
     }
 }
@@ -481,6 +488,7 @@ impl Config {
         c.idle_timeout = e.idle_timeout;
         c.max_connections = e.max_connections;
         c.max_per_ip = e.max_per_ip;
+        c.busy_poll = e.busy_poll;
         c
     }
 
@@ -536,6 +544,15 @@ mod tests {
         assert!(e.to_string().contains("WAKEGATE_EDGE_ADDR"));
         let e = Config::from_source(&src(&[("WAKEGATE_BACKEND", "aws")])).unwrap_err();
         assert!(e.to_string().contains("WAKEGATE_BACKEND"));
+        // busy-polling: on by default, off with 0, an absurd window refused by name
+        assert_eq!(c.edge.busy_poll, Duration::from_micros(100));
+        let off = Config::from_source(&src(&[("WAKEGATE_EDGE_BUSY_POLL_US", "0")])).unwrap();
+        let key = || Key::new(vec![7; 32]);
+        assert!(off.edge_config("http://w".into(), key(), key(), key()).busy_poll.is_zero());
+        for bad in ["-1", "10001", "1e9", "soon"] {
+            let e = Config::from_source(&src(&[("WAKEGATE_EDGE_BUSY_POLL_US", bad)])).unwrap_err();
+            assert!(e.to_string().starts_with("WAKEGATE_EDGE_BUSY_POLL_US"), "{bad}: {e}");
+        }
     }
 
     #[test]

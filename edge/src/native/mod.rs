@@ -15,6 +15,7 @@
 mod body;
 mod platform;
 mod pool;
+mod spin;
 
 use crate::cache::{CachePolicy, DEFAULT_CAPACITY, DEFAULT_NEGATIVE_TTL_MS};
 use crate::pipeline::{Limits, Pipeline, Settings, State};
@@ -45,6 +46,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default cap on open connections from one IP address.
 pub const DEFAULT_MAX_PER_IP: usize = 256;
 
+/// Default busy-poll window after an edge thread's last event.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(100);
+
 /// How the native edge serves.
 #[derive(Clone, Debug)]
 pub struct EdgeConfig {
@@ -74,6 +78,9 @@ pub struct EdgeConfig {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_per_ip: usize,
+    /// How long an edge thread polls for work instead of sleeping after its last
+    /// request or origin response ([`spin`]); zero never spins.
+    pub busy_poll: Duration,
 }
 
 impl EdgeConfig {
@@ -96,6 +103,7 @@ impl EdgeConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_per_ip: DEFAULT_MAX_PER_IP,
+            busy_poll: DEFAULT_BUSY_POLL,
         }
     }
 
@@ -179,6 +187,7 @@ impl EdgeServer {
         let conns = Connections::new(cfg.max_connections, cfg.max_per_ip);
         let waker = platform::WakerAddr::parse(&cfg.waker_url)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let gate = spin::Gate::new();
         let mut bound = addr;
         let mut cached = Vec::new();
         let mut handles = Vec::new();
@@ -200,7 +209,7 @@ impl EdgeServer {
             let listener = bind()?;
             bound = listener.local_addr()?;
             let (count, handle) =
-                spawn_thread(i, listener, cfg.clone(), waker.clone(), conns.clone(), stop_rx.clone())?;
+                spawn_thread(i, listener, cfg.clone(), waker.clone(), conns.clone(), gate.clone(), stop_rx.clone())?;
             cached.push(count);
             handles.push(handle);
         }
@@ -256,6 +265,7 @@ fn spawn_thread(
     cfg: Arc<EdgeConfig>,
     waker: platform::WakerAddr,
     conns: Arc<Connections>,
+    gate: Arc<spin::Gate>,
     mut stop: tokio::sync::watch::Receiver<Option<Duration>>,
 ) -> std::io::Result<(Arc<AtomicUsize>, std::thread::JoinHandle<()>)> {
     let cached = Arc::new(AtomicUsize::new(0));
@@ -273,7 +283,11 @@ fn spawn_thread(
                 prefix = (std::process::id() as u64 ^ ((i as u64) << 40)).to_le_bytes();
             }
             let settings = cfg.settings();
+            let spins = !cfg.busy_poll.is_zero();
+            let spin = spin::Spin::new(cfg.busy_poll, gate.clone());
+            tokio::task::spawn_local(spin.clone().run());
             let native = Native {
+                spin,
                 cfg: cfg.clone(),
                 pool: platform::pool(),
                 waker,
@@ -290,6 +304,9 @@ fn spawn_thread(
                         tokio::time::sleep(every).await;
                         pipeline.flush_activity().await;
                         pipeline.platform.pool.sweep();
+                        if spins {
+                            gate.sample();
+                        }
                         report.store(pipeline.platform.state.cached_routes(), Ordering::Relaxed);
                     }
                 }
@@ -347,6 +364,7 @@ async fn serve_connection(
     let ticks = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(Watched::new(stream, ticks.clone()));
     let svc = service_fn(move |req| {
+        pipeline.platform.spin.touch();
         let pipeline = pipeline.clone();
         let conn = conn.clone();
         async move { Ok::<_, std::convert::Infallible>(pipeline.handle(&conn, req).await) }

@@ -37,6 +37,7 @@ pub struct Native {
     pub(super) waker: WakerAddr,
     pub(super) state: State,
     pub(super) metrics: Metrics,
+    pub(super) spin: Rc<super::spin::Spin>,
 }
 
 /// The native edge's metric handles, looked up once per thread (the recorder is
@@ -223,6 +224,7 @@ impl Native {
         to: &Forward<'_>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<ResponseBody> {
+        self.spin.touch();
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let origin_upgrade = hyper::upgrade::on(&mut resp);
