@@ -629,7 +629,7 @@ async fn main() {
         return hooks_ack(&mut md).await;
     }
     row(&mut md, "## Proxy overhead (wrk, loopback)\n".into());
-    row(&mut md, format!("Each row: the median of {RUNS} wrk runs of {LOAD_SECS} s (by req/s) after a 1 s warm-up; *spread* is the lowest and highest req/s of those runs. Ratios are against nginx with `proxy_buffering off` (it streams, as the edge does) and with nginx's default buffering, both measured in the same run. The edge runs with its defaults, which include busy-polling: for 100 µs after a request or an origin response, an edge thread polls for the next event instead of sleeping, while the machine has at least 20% idle CPU (a halted vCPU takes tens of microseconds to wake; `WAKEGATE_EDGE_BUSY_POLL_US`). The row under it is the same edge with busy-polling off.\n"));
+    row(&mut md, format!("Each row: the median of {RUNS} wrk runs of {LOAD_SECS} s (by req/s) after a 1 s warm-up; *spread* is the lowest and highest req/s of those runs. Ratios are against nginx with `proxy_buffering off` (it streams, as the edge does) and with nginx's default buffering, both measured in the same run. The edge runs with its defaults, which include busy-polling: for 100 µs after a request or an origin response, an edge thread polls for the next event instead of sleeping, while the machine has idle CPU (a halted vCPU takes tens of microseconds to wake; `WAKEGATE_EDGE_BUSY_POLL_US`). The row under it is the same edge with busy-polling off.\n"));
     row(&mut md, "| scenario | path | req/s (spread) | p50 ms | p99 ms | vs nginx unbuffered | vs nginx buffered | p99 added over direct |".into());
     row(&mut md, "|---|---|---:|---:|---:|---:|---:|---:|".into());
     let cases = [

@@ -283,9 +283,12 @@ fn spawn_thread(
                 prefix = (std::process::id() as u64 ^ ((i as u64) << 40)).to_le_bytes();
             }
             let settings = cfg.settings();
-            let spins = !cfg.busy_poll.is_zero();
             let spin = spin::Spin::new(cfg.busy_poll, gate.clone());
             tokio::task::spawn_local(spin.clone().run());
+            if i == 0 && !cfg.busy_poll.is_zero() {
+                // one sampler for all the threads
+                tokio::task::spawn_local(gate.sampler());
+            }
             let native = Native {
                 spin,
                 cfg: cfg.clone(),
@@ -304,9 +307,6 @@ fn spawn_thread(
                         tokio::time::sleep(every).await;
                         pipeline.flush_activity().await;
                         pipeline.platform.pool.sweep();
-                        if spins {
-                            gate.sample();
-                        }
                         report.store(pipeline.platform.state.cached_routes(), Ordering::Relaxed);
                     }
                 }

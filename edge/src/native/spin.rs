@@ -10,12 +10,15 @@
 //! of sleeping, so a packet that arrives meanwhile is picked up at once (HAProxy's
 //! `busy-polling` does this always).
 //!
-//! Spinning spends CPU that is idle anyway only while the machine has some: under
-//! load, a spinning thread would take the CPU from the processes it waits for (the
-//! origin, other edge threads). [`Gate`] samples the machine's idle time every second
-//! from `/proc/stat`, counting the spinners' own time as idle, and lets the spinners
-//! run only while at least [`MIN_IDLE`] of it was idle. An idle edge does not spin at
-//! all (there is no last event within the window).
+//! Spinning spends CPU that is idle anyway, and only while the machine has some:
+//! under load, a spinning thread would take the CPU from the processes it waits for
+//! (the origin, other edge threads). [`Gate`] samples the machine's idle time once a
+//! second from `/proc/stat` (one sampler task, on the first edge thread), counting the
+//! spinners' own empty turns as idle. It opens at [`OPEN_IDLE`] idle and closes below
+//! [`CLOSE_IDLE`] (the gap keeps it from flapping). In a cgroup with a CPU quota
+//! (v2 `cpu.max`, v1 `cpu.cfs_quota_us`), the gate never opens: the host's idle time says nothing about the
+//! quota, and spinning would spend it. An idle edge does not spin at all (there is no
+//! last event within the window).
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -24,15 +27,29 @@ use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// Spinning is allowed while at least this share of the machine's CPU time (spinning
-/// counted as idle) was idle over the last sample.
-pub const MIN_IDLE: f64 = 0.2;
+/// The gate opens when at least this share of the machine's CPU time (empty spinning
+/// turns counted as idle) was idle over the last sample...
+pub const OPEN_IDLE: f64 = 0.3;
+/// ...and closes when less than this was.
+pub const CLOSE_IDLE: f64 = 0.2;
 
-/// Samples shorter than this are not taken (`/proc/stat` counts in 10 ms ticks).
+/// How often the gate is sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Samples closer than this are not taken (`/proc/stat` counts in 10 ms ticks).
 const MIN_SAMPLE: Duration = Duration::from_millis(500);
+
+/// A turn of the spinner longer than this did something else than poll (the thread
+/// was preempted, or other tasks worked): it is not counted as idle.
+const MAX_EMPTY_TURN: Duration = Duration::from_micros(50);
+
+/// Spinning time is added to the gate's count once this much has gathered.
+const REPORT_SPUN: Duration = Duration::from_millis(1);
 
 /// Whether the machine has idle CPU for spinning; shared by the edge threads.
 pub struct Gate {
+    /// In a cgroup with a CPU quota: never open.
+    quota: bool,
     open: AtomicBool,
     /// Nanoseconds spent spinning, all threads together.
     spun_ns: AtomicU64,
@@ -51,7 +68,25 @@ struct Sample {
 impl Gate {
     /// Closed until the first two samples say otherwise.
     pub fn new() -> Arc<Gate> {
-        Arc::new(Gate { open: AtomicBool::new(false), spun_ns: AtomicU64::new(0), last: Mutex::new(None) })
+        Arc::new(Gate {
+            quota: cpu_quota(),
+            open: AtomicBool::new(false),
+            spun_ns: AtomicU64::new(0),
+            last: Mutex::new(None),
+        })
+    }
+
+    /// Samples every [`SAMPLE_EVERY`] until dropped (run on one edge thread).
+    pub async fn sampler(self: Arc<Self>) {
+        if self.quota {
+            return tracing::info!("busy-polling off: this process runs under a CPU quota (cgroup cpu.max)");
+        }
+        let mut every = tokio::time::interval(SAMPLE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.sample();
+        }
     }
 
     pub fn open(&self) -> bool {
@@ -62,16 +97,16 @@ impl Gate {
     /// closes the gate by the idle share since then. Without `/proc/stat` (not Linux)
     /// the gate stays closed.
     pub fn sample(&self) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|prev| prev.at.elapsed() < MIN_SAMPLE) {
+            return;
+        }
         let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return };
         let Some((total, idle)) = cpu_ticks(&stat) else { return };
         let now = Sample { at: Instant::now(), total, idle, spun_ns: self.spun_ns.load(Ordering::Relaxed) };
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(prev) = *last {
-            if now.at.duration_since(prev.at) < MIN_SAMPLE {
-                return;
-            }
-            let open = idle_share(prev, now).is_some_and(|idle| idle >= MIN_IDLE);
-            self.open.store(open, Ordering::Relaxed);
+            let open = self.open.load(Ordering::Relaxed);
+            self.open.store(next_open(open, idle_share(prev, now)), Ordering::Relaxed);
         }
         *last = Some(now);
     }
@@ -87,6 +122,46 @@ fn idle_share(prev: Sample, now: Sample) -> Option<f64> {
     // a tick is 10 ms (USER_HZ is 100 on Linux)
     let spun = now.spun_ns.saturating_sub(prev.spun_ns) / 10_000_000;
     Some(((idle + spun) as f64 / total as f64).min(1.0))
+}
+
+/// Whether the gate is open after a sample: it opens at [`OPEN_IDLE`] and closes below
+/// [`CLOSE_IDLE`]; a sample with no verdict closes it.
+fn next_open(open: bool, idle: Option<f64>) -> bool {
+    match idle {
+        None => false,
+        Some(idle) if open => idle >= CLOSE_IDLE,
+        Some(idle) => idle >= OPEN_IDLE,
+    }
+}
+
+/// Whether this process's cgroup caps its CPU time: v2 `cpu.max` not `max`, or v1
+/// `cpu.cfs_quota_us` not -1.
+fn cpu_quota() -> bool {
+    let Ok(cgroups) = std::fs::read_to_string("/proc/self/cgroup") else { return false };
+    cgroups.lines().any(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            return false;
+        };
+        let path = path.trim_end_matches('/');
+        let read = |file: String| std::fs::read_to_string(file).ok();
+        if controllers.is_empty() {
+            read(format!("/sys/fs/cgroup{path}/cpu.max")).is_some_and(|max| quota_set(&max))
+        } else if controllers.split(',').any(|c| c == "cpu") {
+            [format!("/sys/fs/cgroup/{controllers}{path}"), format!("/sys/fs/cgroup/cpu{path}")]
+                .into_iter()
+                .find_map(|dir| read(format!("{dir}/cpu.cfs_quota_us")))
+                .is_some_and(|q| quota_set(&q))
+        } else {
+            false
+        }
+    })
+}
+
+/// `cpu.max` reads `max 100000` without a quota and `50000 100000` with one;
+/// `cpu.cfs_quota_us` reads `-1` without one.
+fn quota_set(value: &str) -> bool {
+    value.split_ascii_whitespace().next().is_some_and(|q| q != "max" && q != "-1")
 }
 
 /// All and idle ticks from the `cpu` line of `/proc/stat`: user, nice, system, idle,
@@ -113,7 +188,9 @@ pub struct Spin {
 
 impl Spin {
     pub fn new(window: Duration, gate: Arc<Gate>) -> Rc<Spin> {
-        Rc::new(Spin { window, gate, last: Cell::new(Instant::now()), events: Cell::new(0), parked: Cell::new(None) })
+        // no event yet: as if the last was a window ago
+        let last = Instant::now().checked_sub(window).unwrap_or_else(Instant::now);
+        Rc::new(Spin { window, gate, last: Cell::new(last), events: Cell::new(0), parked: Cell::new(None) })
     }
 
     /// Work happened now: spin for the window from here.
@@ -132,6 +209,11 @@ impl Spin {
 
     fn hot(&self, now: Instant) -> bool {
         now.saturating_duration_since(self.last.get()) < self.window && self.gate.open()
+    }
+
+    fn report(&self, spun: &mut Duration) {
+        self.gate.spun_ns.fetch_add(spun.as_nanos() as u64, Ordering::Relaxed);
+        *spun = Duration::ZERO;
     }
 
     /// Runs on the edge thread until the thread ends (with a zero window it returns at
@@ -156,16 +238,22 @@ impl Spin {
                 // yielded task again
                 tokio::task::yield_now().await;
                 let now = Instant::now();
-                // a turn in which no event came was spent spinning
-                if self.events.get() == seen {
-                    spun += now.saturating_duration_since(before);
+                // a short turn in which no event came was spent spinning
+                let turn = now.saturating_duration_since(before);
+                if self.events.get() == seen && turn <= MAX_EMPTY_TURN {
+                    spun += turn;
                 }
                 (before, seen) = (now, self.events.get());
+                // reported as it gathers, so a long stretch of spinning reads as idle
+                // in the sample it falls in
+                if spun >= REPORT_SPUN {
+                    self.report(&mut spun);
+                }
                 if !self.hot(now) {
                     break;
                 }
             }
-            self.gate.spun_ns.fetch_add(spun.as_nanos() as u64, Ordering::Relaxed);
+            self.report(&mut spun);
         }
     }
 }
@@ -192,23 +280,79 @@ mod tests {
         assert_eq!(idle_share(prev, now), Some(0.5));
         // saturated
         let now = Sample { at, total: 1200, idle: 505, spun_ns: 0 };
-        assert!(idle_share(prev, now).unwrap() < MIN_IDLE);
+        assert!(idle_share(prev, now).unwrap() < CLOSE_IDLE);
         // counters that went back (a container moved) or no time passed: no verdict
         assert_eq!(idle_share(prev, Sample { at, total: 900, idle: 400, spun_ns: 0 }), None);
         assert_eq!(idle_share(prev, prev), None);
     }
 
     #[test]
-    fn a_closed_gate_or_zero_window_never_spins() {
+    fn the_gate_opens_and_closes_at_different_shares() {
+        assert!(!next_open(false, Some(0.25)), "not open below OPEN_IDLE");
+        assert!(next_open(false, Some(0.3)));
+        assert!(next_open(true, Some(0.25)), "stays open down to CLOSE_IDLE");
+        assert!(!next_open(true, Some(0.1)));
+        assert!(!next_open(true, None), "no verdict closes it");
+    }
+
+    #[test]
+    fn a_cpu_quota_is_read_from_cpu_max() {
+        assert!(!quota_set("max 100000\n"));
+        assert!(quota_set("50000 100000\n"));
+        assert!(!quota_set(""));
+        assert!(!quota_set("-1\n"));
+        assert!(quota_set("200000\n"));
+        // whatever this machine's cgroups say, reading them does not fail
+        let _ = cpu_quota();
+    }
+
+    #[test]
+    fn spins_only_after_an_event_and_while_the_gate_is_open() {
         let gate = Gate::new();
-        let spin = Spin::new(Duration::from_secs(60), gate.clone());
-        spin.touch();
-        assert!(!spin.hot(Instant::now()), "closed until sampled");
+        let window = Duration::from_secs(60);
+        let spin = Spin::new(window, gate.clone());
         gate.open.store(true, Ordering::Relaxed);
+        assert!(!spin.hot(Instant::now()), "no event yet");
+        gate.open.store(false, Ordering::Relaxed);
+        spin.touch();
+        gate.open.store(true, Ordering::Relaxed);
+        assert!(!spin.hot(Instant::now()), "an event while the gate was shut is not counted");
+        spin.touch();
         assert!(spin.hot(Instant::now()));
-        assert!(!spin.hot(Instant::now() + Duration::from_secs(61)), "window over");
-        let off = Spin::new(Duration::ZERO, gate);
+        assert!(!spin.hot(Instant::now() + window + Duration::from_secs(1)), "window over");
+        gate.open.store(false, Ordering::Relaxed);
+        assert!(!spin.hot(Instant::now()), "the gate shut");
+        let off = Spin::new(Duration::ZERO, gate.clone());
+        gate.open.store(true, Ordering::Relaxed);
         off.touch();
         assert!(!off.hot(Instant::now()));
+    }
+
+    fn parked(spin: &Spin) -> bool {
+        let w = spin.parked.take();
+        let parked = w.is_some();
+        spin.parked.set(w);
+        parked
+    }
+
+    /// The spinner on a real runtime: parked until an event, spinning (its empty turns
+    /// counted) for the window, parked again after it.
+    #[test]
+    fn the_spinner_runs_for_the_window_and_parks() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let gate = Gate::new();
+            gate.open.store(true, Ordering::Relaxed);
+            let spin = Spin::new(Duration::from_millis(20), gate.clone());
+            tokio::task::spawn_local(spin.clone().run());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert!(parked(&spin), "parked before any event");
+            spin.touch();
+            tokio::task::yield_now().await;
+            assert!(!parked(&spin), "spinning after an event");
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            assert!(gate.spun_ns.load(Ordering::Relaxed) > 0, "empty turns were counted");
+            assert!(parked(&spin), "parked again after the window");
+        })
     }
 }
