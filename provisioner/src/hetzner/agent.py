@@ -247,15 +247,21 @@ def need(engine, name):
     return p
 
 
-def as_postgres():
-    """PostgreSQL refuses to run as root: its server runs as `postgres`, which owns the data."""
+def run_as(account, missing):
+    """Popen arguments that drop root to `account` (none when not root); `missing` says
+    why the account is needed, if it does not exist."""
     if os.geteuid() != 0:
         return {}
     try:
-        pw = pwd.getpwnam("postgres")
+        pw = pwd.getpwnam(account)
     except KeyError:
-        raise Failed("restoring_db", "running as root, PostgreSQL needs a `postgres` account to run as; none exists")
+        raise Failed("restoring_db", missing)
     return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "cwd": "/"}
+
+
+def as_postgres():
+    """PostgreSQL refuses to run as root: its server runs as `postgres`, which owns the data."""
+    return run_as("postgres", "running as root, PostgreSQL needs a `postgres` account to run as; none exists")
 
 
 def chown_to_postgres(path, recursive=False):
@@ -522,13 +528,7 @@ def db_import(f, dump, report_progress=True):
 def unprivileged():
     """Who runs a client on SQL a branch wrote, on a machine other previews start from:
     nobody (the clients' shell escapes, psql's `\\!` and MariaDB's `system`, get no root)."""
-    if os.geteuid() != 0:
-        return {}
-    try:
-        pw = pwd.getpwnam("nobody")
-    except KeyError:
-        raise Failed("restoring_db", "running as root, the builder needs a `nobody` account to run sanitize SQL as")
-    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "cwd": "/"}
+    return run_as("nobody", "running as root, the builder needs a `nobody` account to run sanitize SQL as")
 
 
 def db_sanitize(f, path, as_nobody=False):
